@@ -1,0 +1,93 @@
+"""router_losses(model): an explicit collector of router losses and routing statistics."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import MoeifyError
+from .losses import load_balancing_loss, router_z_loss
+
+
+@dataclass
+class LayerRouting:
+    """What one SwitchFFN's router did in one forward call."""
+
+    name: str
+    aux_loss: torch.Tensor  # unscaled load-balancing loss (differentiable)
+    z_loss: torch.Tensor  # unscaled router z-loss (differentiable)
+    aux_loss_coef: float
+    z_loss_coef: float
+    tokens_per_expert: torch.Tensor  # (E,) argmax counts before capacity
+    capacity: int
+    dropped: int  # tokens over capacity: their layer output is zero
+
+    @property
+    def tokens(self) -> int:
+        return int(self.tokens_per_expert.sum())
+
+
+@dataclass
+class RouterLosses:
+    """Router losses and statistics gathered by `router_losses(model)`."""
+
+    layers: list[LayerRouting] = field(default_factory=list)
+
+    def total(self) -> torch.Tensor:
+        """Sum over layers of aux_loss_coef * load balancing + z_loss_coef * z-loss."""
+        terms = [r.aux_loss_coef * r.aux_loss + r.z_loss_coef * r.z_loss for r in self.layers]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def aux_loss(self) -> torch.Tensor:
+        return torch.stack([r.aux_loss for r in self.layers]).sum() if self.layers else torch.zeros(())
+
+    def z_loss(self) -> torch.Tensor:
+        return torch.stack([r.z_loss for r in self.layers]).sum() if self.layers else torch.zeros(())
+
+    def dropped_fraction(self) -> float:
+        tokens = sum(r.tokens for r in self.layers)
+        return sum(r.dropped for r in self.layers) / tokens if tokens else 0.0
+
+    def clear(self) -> None:
+        self.layers.clear()
+
+
+@contextlib.contextmanager
+def router_losses(model: nn.Module) -> Iterator[RouterLosses]:
+    """Collect every Switch layer's router losses during forward calls inside the block.
+
+    Forward passes return plain outputs; this explicit collector observes the routers
+    through forward hooks, so no loss is ever stashed on a module.
+    """
+    from .switch import SwitchFFN
+
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, SwitchFFN)]
+    if not layers:
+        raise MoeifyError("the model has no SwitchFFN layers: convert it first with moeify.convert")
+    collected = RouterLosses()
+
+    def make_hook(name: str, layer: SwitchFFN):
+        def hook(_router, _inputs, out) -> None:
+            routed = torch.bincount(out.expert_index.detach(), minlength=layer.num_experts)
+            capacity = layer.capacity(out.expert_index.numel())
+            collected.layers.append(LayerRouting(
+                name=name,
+                aux_loss=load_balancing_loss(out.probs, out.expert_index),
+                z_loss=router_z_loss(out.logits),
+                aux_loss_coef=layer.routing.aux_loss_coef,
+                z_loss_coef=layer.routing.z_loss_coef,
+                tokens_per_expert=routed,
+                capacity=capacity,
+                dropped=int((routed - routed.clamp(max=capacity)).sum()),
+            ))
+        return hook
+
+    handles = [m.router.register_forward_hook(make_hook(n, m)) for n, m in layers]
+    try:
+        yield collected
+    finally:
+        for h in handles:
+            h.remove()

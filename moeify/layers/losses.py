@@ -1,0 +1,17 @@
+"""Router auxiliary losses: load balancing (Switch) and z-loss (ST-MoE)."""
+from __future__ import annotations
+
+import torch
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+    """E * sum_i f_i * P_i: f_i = fraction of tokens whose argmax is i, P_i = mean router prob."""
+    num_tokens, num_experts = probs.shape
+    f = torch.bincount(expert_index, minlength=num_experts).to(probs.dtype) / num_tokens  # (E,)
+    p = probs.mean(dim=0)  # (E,)
+    return num_experts * torch.sum(f * p)
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean squared log-partition: keeps router logits small, which keeps fp32 routing stable."""
+    return torch.logsumexp(logits, dim=-1).square().mean()

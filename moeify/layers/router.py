@@ -1,0 +1,49 @@
+"""Top-1 router: a bias-free linear d_model -> E computed in float32, softmax, argmax."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class RouterOutput(NamedTuple):
+    logits: torch.Tensor  # (T, E) in the router dtype
+    probs: torch.Tensor  # (T, E) softmax of logits
+    expert_index: torch.Tensor  # (T,) argmax expert
+    gate: torch.Tensor  # (T,) probability of the chosen expert
+
+
+class Router(nn.Module):
+    """Switch router. The weight is in nn.Linear layout: (num_experts, d_model)."""
+
+    def __init__(self, d_model: int, num_experts: int, *, jitter: float = 0.0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.jitter = jitter
+        self.router_dtype = dtype
+        # Kept in float32 whatever the model dtype: "selective precision" in the paper.
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=dtype, device=device))
+
+    def reset_parameters(self, scale: float = 0.1, generator: torch.Generator | None = None) -> None:
+        """Paper init: truncated normal with std sqrt(scale / fan_in), cut at two std."""
+        truncated_normal_(self.weight, math.sqrt(scale / self.weight.shape[1]), generator)
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:  # x: (T, d_model)
+        x = x.to(self.router_dtype)
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = F.linear(x, self.weight.to(self.router_dtype))  # (T, E)
+        probs = torch.softmax(logits, dim=-1)  # (T, E)
+        gate, expert_index = probs.max(dim=-1)  # (T,), (T,)
+        return RouterOutput(logits, probs, expert_index, gate)
+
+
+def truncated_normal_(t: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    if t.is_meta:
+        return t  # structure-only models carry no values
+    with torch.no_grad():
+        return nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std, generator=generator)

@@ -1,0 +1,54 @@
+"""SwitchFFN: route each token to one expert, under a capacity limit; dropped tokens output 0."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import RoutingConfig
+from .dispatch import dispatch, expert_capacity
+from .experts import Experts
+from .router import Router
+
+
+class SwitchFFN(nn.Module):
+    """Drop-in replacement for a dense FFN: (..., d_model) -> (..., d_model).
+
+    Kept tokens give gate * expert(x); dropped tokens give exactly zero, so the residual
+    connection around the FFN carries them unchanged (paper, Section 2.2).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, routing: RoutingConfig, activation: nn.Module, *,
+                 gated: bool = False, bias: bool = False, out_bias: bool | None = None,
+                 dropout: float = 0.0, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.routing = routing
+        self.router = Router(d_model, routing.num_experts, jitter=routing.jitter,
+                             dtype=getattr(torch, routing.router_dtype), device=device)
+        self.experts = Experts(routing.num_experts, d_model, d_ff, activation, gated=gated, bias=bias,
+                               out_bias=out_bias, dropout=dropout, dtype=dtype, device=device)
+
+    @property
+    def num_experts(self) -> int:
+        return self.routing.num_experts
+
+    def capacity(self, num_tokens: int) -> int:
+        """Slots per expert for a batch of `num_tokens` (train or eval capacity factor)."""
+        r = self.routing
+        factor = r.capacity_factor if self.training else r.eval_capacity_factor
+        return expert_capacity(num_tokens, r.num_experts, factor, r.min_capacity)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # (T, d_model), flattened (batch, position) order
+        route = self.router(x)
+        plan = dispatch(route.expert_index, self.num_experts, self.capacity(x.shape[0]))
+        y = self.experts(x.index_select(0, plan.token_index), plan.counts)  # (K, d_model)
+        gate = route.gate.index_select(0, plan.token_index).to(y.dtype)  # (K,)
+        y = y * gate.unsqueeze(-1)  # the gate is how the router learns
+        out = y.new_zeros(x.shape[0], y.shape[-1]).index_copy(0, plan.token_index, y)  # (T, d_model)
+        return out.view(*shape[:-1], y.shape[-1])
+
+    def extra_repr(self) -> str:
+        r = self.routing
+        return f"capacity_factor={r.capacity_factor}, eval_capacity_factor={r.eval_capacity_factor}"

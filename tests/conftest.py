@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny models and a local Hugging Face directory."""
+import pytest
+
+from tiny import tiny_t5
+
+
+@pytest.fixture
+def t5_v1_0():
+    return tiny_t5("relu")
+
+
+@pytest.fixture
+def t5_v1_1():
+    return tiny_t5("gated-gelu")
+
+
+@pytest.fixture
+def hf_t5_dir(tmp_path):
+    """A local Hugging Face T5 directory: config.json + model.safetensors."""
+    model = tiny_t5("relu", seed=3)
+    path = tmp_path / "hf-t5"
+    model.save_pretrained(path)
+    return path

@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from moeify.config import RoutingConfig
+from moeify.layers import SwitchFFN
+
+
+def make(num_experts=4, d=8, f=16, gated=False, bias=False, act=None, **routing):
+    layer = SwitchFFN(d, f, RoutingConfig(num_experts=num_experts, **routing), act or nn.GELU(),
+                      gated=gated, bias=bias)
+    g = torch.Generator().manual_seed(0)
+    layer.router.reset_parameters(1.0, g)
+    layer.experts.reset_parameters(1.0, g)
+    for b in (layer.experts.b_in, layer.experts.b_gate, layer.experts.b_out):
+        if b is not None:
+            nn.init.normal_(b, generator=g)
+    return layer
+
+
+def reference(layer: SwitchFFN, x: torch.Tensor) -> torch.Tensor:
+    """Token by token, in flattened order, exactly as the paper describes."""
+    ex, flat = layer.experts, x.reshape(-1, x.shape[-1])
+    logits = flat.float() @ layer.router.weight.float().t()
+    probs = torch.softmax(logits, -1)
+    capacity = layer.capacity(flat.shape[0])
+    used = [0] * layer.num_experts
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        e = int(probs[t].argmax())
+        if used[e] == capacity:
+            continue  # dropped: output exactly zero
+        used[e] += 1
+        h = flat[t] @ ex.w_in[e].t() + (ex.b_in[e] if ex.b_in is not None else 0)
+        if ex.gated:
+            h = ex.act(flat[t] @ ex.w_gate[e].t() + (ex.b_gate[e] if ex.b_gate is not None else 0)) * h
+        else:
+            h = ex.act(h)
+        y = h @ ex.w_out[e].t() + (ex.b_out[e] if ex.b_out is not None else 0)
+        out[t] = probs[t, e] * y
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("gated,bias", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("training", [False, True])
+def test_matches_token_by_token_reference(gated, bias, training):
+    layer = make(gated=gated, bias=bias, capacity_factor=0.75, eval_capacity_factor=1.0, min_capacity=1)
+    layer.train(training)
+    x = torch.randn(3, 9, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_dropped_tokens_output_exactly_zero():
+    layer = make(num_experts=2, capacity_factor=0.25, min_capacity=1).train()
+    x = torch.randn(1, 16, 8)
+    with torch.no_grad():
+        y = layer(x).reshape(16, 8)
+    capacity = layer.capacity(16)
+    assert capacity == 2
+    routed = torch.bincount(layer.router(x.reshape(16, 8)).expert_index, minlength=2)
+    dropped = int((routed - routed.clamp(max=capacity)).sum())
+    assert dropped >= 12
+    assert int((y == 0).all(-1).sum()) == dropped  # kept tokens are never all-zero here
+
+
+def test_train_and_eval_capacity_factors():
+    layer = make(num_experts=4, capacity_factor=1.0, eval_capacity_factor=2.0, min_capacity=0)
+    layer.train()
+    assert layer.capacity(100) == 25
+    layer.eval()
+    assert layer.capacity(100) == 50
+
+
+def test_bfloat16_model_keeps_a_float32_router():
+    layer = make().to(torch.bfloat16)
+    layer.router.float()
+    x = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.router.weight.dtype == torch.float32
+    assert layer.router(x.reshape(-1, 8)).logits.dtype == torch.float32
+
+
+def test_backward_reaches_router_and_experts():
+    layer = make(gated=True, bias=True).train()
+    layer(torch.randn(4, 6, 8)).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape, name
+    assert layer.router.weight.grad.abs().sum() > 0  # through the gate
+
+
+def test_expert_dropout_only_in_training():
+    layer = SwitchFFN(8, 16, RoutingConfig(num_experts=2), nn.ReLU(), dropout=0.9)
+    layer.router.reset_parameters(1.0)
+    layer.experts.reset_parameters(1.0)
+    x = torch.randn(20, 8)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+    assert math.isclose(layer.experts.dropout.p, 0.9)

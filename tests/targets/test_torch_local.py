@@ -1,0 +1,109 @@
+import json
+
+import pytest
+import torch
+
+import moeify
+from moeify.sources import load_dense
+from tiny import t5_batch, tiny_net, tiny_t5
+
+
+def converted(ff="relu", **kw):
+    return moeify.convert(tiny_t5(ff), moeify.MoEConfig(num_experts=4, **kw)).eval()
+
+
+@pytest.mark.parametrize("ff", ["relu", "gated-gelu"])
+def test_round_trip_gives_identical_outputs(tmp_path, ff):
+    sparse = converted(ff)
+    moeify.save(sparse, tmp_path / "out")
+    again = moeify.load(tmp_path / "out").eval()
+    batch = t5_batch()
+    assert torch.equal(sparse(**batch).logits, again(**batch).logits)
+    assert again.moeify_record.config == sparse.moeify_record.config
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"config.json", "moeify.json", "model.safetensors"}
+
+
+def test_tied_embeddings_are_stored_once_and_stay_tied(tmp_path):
+    sparse = converted()  # T5 v1.0 ties the input embeddings and the LM head
+    moeify.save(sparse, tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "moeify.json").read_text())
+    assert meta["aliases"] == {"encoder.embed_tokens.weight": "shared.weight",
+                               "decoder.embed_tokens.weight": "shared.weight",
+                               "lm_head.weight": "shared.weight"}
+    again = moeify.load(tmp_path / "out")
+    assert again.lm_head.weight is again.shared.weight
+
+
+def test_large_models_are_sharded_with_an_index(tmp_path):
+    sparse = converted()
+    moeify.save(sparse, tmp_path / "out", max_shard_bytes=20_000)
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files)
+    batch = t5_batch()
+    assert torch.equal(moeify.load(tmp_path / "out").eval()(**batch).logits, sparse(**batch).logits)
+
+
+def test_custom_modules_load_into_a_given_structure(tmp_path):
+    sparse = moeify.convert(tiny_net(), moeify.MoEConfig(num_experts=3, every=1)).eval()
+    moeify.save(sparse, tmp_path / "net")
+    with pytest.raises(moeify.MoeifyError, match=r"pass a fresh dense instance with moeify.load\(path, model=...\)"):
+        moeify.load(tmp_path / "net")
+    again = moeify.load(tmp_path / "net", model=tiny_net(seed=5)).eval()
+    x = torch.randn(2, 4, 8)
+    assert torch.equal(again(x), sparse(x))
+
+
+def test_structure_only_output_loads_on_meta(tmp_path):
+    dense, _ = load_dense("t5-small", device="meta")
+    sparse = moeify.convert(dense, moeify.MoEConfig(num_experts=16))
+    moeify.save(sparse, tmp_path / "meta")
+    assert not list((tmp_path / "meta").glob("*.safetensors"))
+    again = moeify.load(tmp_path / "meta")
+    assert again.shared.weight.is_meta
+    assert moeify.summarize(again).total_params == moeify.summarize(sparse).total_params
+
+
+def test_existing_output_needs_force_and_is_replaced_whole(tmp_path):
+    out = tmp_path / "out"
+    moeify.save(converted(), out)
+    with pytest.raises(moeify.MoeifyError, match="already exists: pass --force"):
+        moeify.save(converted(), out)
+    (out / "stale.txt").write_text("old")
+    moeify.save(converted(init="random"), out, force=True)
+    assert not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old directories left
+
+
+def test_a_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def explode(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", explode)
+    with pytest.raises(OSError, match="disk full"):
+        moeify.save(converted(), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_weights_are_refused(tmp_path):
+    moeify.save(converted(), tmp_path / "out")
+    f = tmp_path / "out" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(moeify.MoeifyError, match="is corrupt or truncated.*re-download or re-save"):
+        moeify.load(tmp_path / "out")
+
+
+def test_saving_an_unconverted_model_is_refused(tmp_path):
+    with pytest.raises(moeify.MoeifyError, match="not produced by moeify.convert"):
+        moeify.save(tiny_t5(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_loading_a_non_moeify_directory(tmp_path):
+    with pytest.raises(moeify.MoeifyError, match="does not exist"):
+        moeify.load(tmp_path / "nope")
+    with pytest.raises(moeify.MoeifyError, match="is not a moeify output"):
+        moeify.load(tmp_path)
