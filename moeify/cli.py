@@ -203,29 +203,36 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
     origin = meta["source"].get("name") or meta["source"].get("path") or meta["source"].get("class")
     console.print(f"[bold]{path}[/]: {s.model} from {origin}, {s.dtype}"
                   f"{'' if meta['weights'] else ', structure only (no weights)'}")
-    console.print(f"parameters: {s.total_params:,} total ({_human(s.total_params)}), "
-                  f"{s.active_params:,} active per token ({_human(s.active_params)}), "
-                  f"{len(layers)} Switch layers x {s.num_experts} experts")
+    console.print(f"parameters: {_human(s.total_params)} total, {_human(s.active_params)} active per token, "
+                  f"{len(layers)} Switch layers x {s.num_experts} experts (exact counts: --json)")
     table = Table()
-    for col in ("layer", "experts", "d_model", "d_ff", "gated", "capacity (train/eval)", "expert params"):
-        table.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
+    width = max((len(row["name"]) for row in layers), default=5)
+    table.add_column("layer", min_width=min(width, 48), overflow="fold")
+    for col in ("experts", "d_model", "d_ff", "gated", "capacity", "params"):
+        table.add_column(col, justify="right")
     for row in layers:
         table.add_row(row["name"], str(row["num_experts"]), str(row["d_model"]), str(row["d_ff"]),
                       "yes" if row["gated"] else "no",
-                      f"{row['capacity_factor']} / {row['eval_capacity_factor']}", _human(row["expert_params"]))
+                      f"{row['capacity_factor']}/{row['eval_capacity_factor']}", _human(row["expert_params"]))
     console.print(table)
 
 
 @main.command("presets")
 def presets_cmd() -> None:
-    """List the built-in model presets (random init, seeded by --seed)."""
+    """List the built-in model presets (random init, seeded by --seed).
+
+    Switch presets also set the MoE options of the paper; flags given to convert override them.
+    """
     table = Table()
-    for col in ("name", "description", "d_model", "d_ff", "layers", "ffn", "MoE defaults"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True)
+    for col in ("d_model", "d_ff", "layers"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("ffn", no_wrap=True)
+    table.add_column("experts", no_wrap=True)
     for p in PRESETS.values():
-        moe = ", ".join(f"{k}={v}" for k, v in p.moe.items()) or "-"
-        table.add_row(p.name, p.description, str(p.t5["d_model"]), str(p.t5["d_ff"]),
-                      str(p.t5["num_layers"]), p.t5["feed_forward_proj"], moe)
+        moe = f"{p.moe['num_experts']}, every {p.moe['every']}" if p.moe else "-"
+        table.add_row(p.name, str(p.t5["d_model"]), str(p.t5["d_ff"]),
+                      f"{p.t5['num_layers']}+{p.t5['num_layers']}", p.t5["feed_forward_proj"], moe)
     console.print(table)
 
 

@@ -137,3 +137,10 @@ def test_help_teaches_with_examples():
     result = run("convert", "--help")
     assert "moeify convert t5-small --experts 8 -o out/switch-t5-small" in result.output
     assert "--capacity-factor" in result.output and "--device" in result.output
+
+
+def test_presets_lists_the_paper_models():
+    result = run("presets")
+    assert result.exit_code == 0
+    assert "switch-c-2048" in result.stdout and "2048, every 1" in result.stdout
+    assert "t5-v1_1-xxl" in result.stdout

@@ -110,3 +110,18 @@ def test_a_model_without_ffn_is_refused_with_reasons():
         moeify.convert(NoFFN())
     with pytest.raises(moeify.NoMatchError, match="no module has two Linear children"):
         moeify.convert(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+
+
+def test_one_expert_conversion_preserves_gpt2_and_llama():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=50)).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    for dense in (gpt2, llama):
+        sparse = moeify.convert(dense, moeify.MoEConfig(**EXACT)).eval()
+        assert len(sparse.moeify_record.sites) == 2
+        torch.testing.assert_close(sparse(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
