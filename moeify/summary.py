@@ -33,6 +33,7 @@ class ModelSummary:
     dense_params: int  # everything outside the experts
     num_experts: int  # experts per Switch layer (the largest, if layers differ)
     moe_layers: list[LayerSummary] = field(default_factory=list)
+    ffn_layers: int = 0  # FFNs found, converted or not: the transformer depth, for activation memory
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,7 +55,9 @@ def summarize(model: nn.Module) -> ModelSummary:
     expert_total = sum(s.expert_params for s in layers)
     active = total - sum(s.expert_params - s.expert_params // s.num_experts for s in layers)
     first = next(iter(params.values()), None)
+    record = getattr(model, "moeify_record", None)
+    ffn_layers = len(record.sites) + len(record.skipped) if record is not None else len(layers)
     return ModelSummary(
         model=type(model).__name__, dtype=str(first.dtype).removeprefix("torch.") if first is not None else "-",
         total_params=total, active_params=active, dense_params=total - expert_total,
-        num_experts=max((s.num_experts for s in layers), default=0), moe_layers=layers)
+        num_experts=max((s.num_experts for s in layers), default=0), moe_layers=layers, ffn_layers=ffn_layers)

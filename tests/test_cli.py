@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from moeify import cli
+from moeify.cli import convert as convert_cli
 
 
 @pytest.fixture(autouse=True)
@@ -103,8 +104,8 @@ def test_model_without_ffn(monkeypatch, tmp_path):
         def forward(self, x):
             return self.q(x) * self.k(x)
 
-    monkeypatch.setattr(cli, "load_dense", lambda *a, **k: (Attention(), None))
-    monkeypatch.setattr(cli, "_check_memory", lambda *a: None)
+    monkeypatch.setattr(convert_cli, "load_dense", lambda *a, **k: (Attention(), None))
+    monkeypatch.setattr(convert_cli, "_check_memory", lambda *a: None)
     assert_user_error(run("convert", "anything", "-o", tmp_path / "out"), tmp_path, "no dense FFN found in Attention")
 
 
@@ -114,7 +115,7 @@ def test_inspect_refuses_a_non_moeify_directory(tmp_path):
 
 
 def test_memory_check_points_to_meta(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "_available_bytes", lambda: 10**9)
+    monkeypatch.setattr(convert_cli, "_available_bytes", lambda: 10**9)
     result = run("convert", "t5-base", "--experts", 128, "-o", tmp_path / "out")
     assert_user_error(result, tmp_path, "use --device meta")
 

@@ -1,0 +1,39 @@
+"""The `moeify` command line: a thin click layer over the public API."""
+from __future__ import annotations
+
+import click
+
+from ..errors import MoeifyError
+from .common import console
+from .convert import convert_cmd
+from .inspect import inspect_cmd
+from .presets import presets_cmd
+
+
+class _Group(click.Group):
+    """Turns user mistakes (MoeifyError) into one line on stderr and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MoeifyError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moeify")
+def main() -> None:
+    """Compile dense transformers into Switch Transformer mixture-of-experts models.
+
+    \b
+    moeify convert t5-small --experts 8 -o out/switch-t5-small   # preset -> Switch model
+    moeify inspect out/switch-t5-small                           # layers, experts, params
+    moeify presets                                               # built-in model configs
+    """
+
+
+for command in (convert_cmd, inspect_cmd, presets_cmd):
+    main.add_command(command)
+
+__all__ = ["main", "console"]

@@ -1,0 +1,130 @@
+"""`moeify convert`: a preset or a local Hugging Face directory -> a saved Switch model."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import click
+import torch
+from rich.table import Table
+
+from ..atomic import check_writable
+from ..config import MoEConfig
+from ..errors import MoeifyError
+from ..layers.collector import router_losses
+from ..pipeline import convert
+from ..progress import progress_bars
+from ..sample import sample_inputs
+from ..sources import load_dense
+from ..summary import summarize
+from ..targets.torch_local import save
+from .common import console, human, moe_config, moe_options
+
+
+def _available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(source: str, config: MoEConfig, seed: int) -> None:
+    """Convert on the meta device first: cheap, and it fails fast when weights cannot fit."""
+    skeleton, _ = load_dense(source, device="meta", seed=seed)
+    summary = summarize(convert(skeleton, config, inplace=True))
+    need = summary.total_params * torch.finfo(getattr(torch, summary.dtype)).bits // 8
+    available = _available_bytes()
+    if available is not None and need > 0.8 * available:
+        raise MoeifyError(
+            f"the converted model needs {need / 2**30:.1f} GiB for its weights but {available / 2**30:.1f} GiB "
+            f"of memory is available: use --device meta for a structure-only conversion, or fewer --experts")
+
+
+@click.command("convert")
+@click.argument("source")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output directory [default: out/switch-<source name>].")
+@moe_options
+@click.option("--device", type=click.Choice(["cpu", "meta", "cuda"]), default="cpu", show_default=True,
+              help="meta builds the structure only (no weights): instant, even for Switch-C.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Run one forward pass on a synthetic batch and report routing.")
+def convert_cmd(source: str, output: Path | None, device: str, force: bool, check: bool, **flags) -> None:
+    """Convert SOURCE (a preset name or a local Hugging Face directory) into a Switch model.
+
+    Every matched dense FFN (Linear -> activation -> Linear, or its gated form) in the
+    selected layers becomes a SwitchFFN: a float32 top-1 router and stacked experts,
+    upcycled from the dense weights by default.
+
+    \b
+    Examples:
+      moeify convert t5-small --experts 8 -o out/switch-t5-small
+      moeify convert path/to/hf-t5 --experts 16 --every 2 --capacity-factor 1.25 -o out/x
+      moeify convert t5-base --experts 128 --device meta -o out/plan-only
+      moeify convert switch-c-2048 --device meta -o out/switch-c   # the paper's 1.6T model
+    """
+    config = moe_config(source, flags)
+    seed = config.seed
+    output = output or Path("out") / f"switch-{Path(source).name}"
+    check_writable(output, force)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MoeifyError("--device cuda but torch sees no CUDA device: use --device cpu or meta")
+    if device != "meta":
+        _check_memory(source, config, seed)
+    t0 = time.perf_counter()
+    dense, _ = load_dense(source, device=device, seed=seed)
+    with progress_bars(console) as progress:
+        sparse = convert(dense, config, inplace=True, progress=progress)
+    elapsed = time.perf_counter() - t0
+    _print_conversion(sparse, source, elapsed)
+    if check and device != "meta":
+        _forward_check(sparse, seed)
+    with progress_bars(console) as progress:
+        out = save(sparse, output, force=force, progress=progress)
+    kind = "structure only (meta device, no weights)" if device == "meta" else "weights + configs"
+    console.print(f"saved {kind} to [bold]{out}[/]")
+
+
+def _print_conversion(model, source: str, elapsed: float) -> None:
+    record = model.moeify_record
+    summary = summarize(model)
+    c = record.config
+    table = Table(title=f"{source}: {len(record.sites)} FFNs -> SwitchFFN ({c.init}) in {elapsed:.1f}s")
+    for col in ("site", "experts", "d_model", "d_ff", "ffn"):
+        table.add_column(col, justify="left" if col in ("site", "ffn") else "right", overflow="fold")
+    for s in record.sites:
+        kind = ("gated " if s.gated else "") + s.activation + (" +bias" if s.bias else "")
+        table.add_row(s.name, str(c.num_experts), str(s.d_model), str(s.d_ff), kind)
+    console.print(table)
+    if record.skipped:
+        console.print(f"left dense by --every {c.every} --offset {c.offset}"
+                      f"{' --layers' if c.layers else ''}: {len(record.skipped)} FFNs")
+    for why, n in Counter(record.rejected.values()).items():
+        console.print(f"[dim]not an FFN: {n} x {why}[/]")
+    console.print(f"parameters: {human(summary.total_params)} total, {human(summary.active_params)} "
+                  f"active per token, {human(summary.dense_params)} outside the experts")
+
+
+def _forward_check(model, seed: int) -> None:
+    inputs = sample_inputs(model, seed=seed)
+    if inputs is None:
+        console.print("[dim]forward check skipped: unknown input format[/]")
+        return
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad(), router_losses(model) as losses:
+        out = model(**inputs)
+    ms = (time.perf_counter() - t0) * 1e3
+    logits = getattr(out, "logits", None)
+    shape = tuple(logits.shape) if logits is not None else "-"
+    counts = torch.stack([r.tokens_per_expert for r in losses.layers]).float()  # (layers, E)
+    balance = (counts.max(dim=1).values / counts.mean(dim=1)).mean().item()
+    console.print(f"forward check: {dict((k, tuple(v.shape)) for k, v in inputs.items())} -> logits {shape} "
+                  f"in {ms:.0f} ms; dropped {losses.dropped_fraction():.1%} of tokens "
+                  f"(eval capacity factor {model.moeify_record.config.eval_capacity_factor}), "
+                  f"busiest expert {balance:.2f}x the mean load")
