@@ -1,15 +1,25 @@
-"""Allocation of large expert-gradient buffers backed by transparent huge pages on Linux."""
+"""Large CPU buffers (expert gradients, activations): huge-page backed and recycled on Linux."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
+import mmap
+import os
 import sys
+import threading
+import weakref
 
 import torch
 
 _HUGE = 2 << 20  # x86-64 and aarch64 transparent huge page size
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
 _MADV_HUGEPAGE = 14
-_MIN_BYTES = 4 * _HUGE
+_MIN_BYTES = 2 * _HUGE  # below this glibc recycles memory well enough
+
+# Freed buffers kept for reuse, at most this many bytes in all (0 disables the cache).
+cache_limit_bytes = int(os.environ.get("MOEIFY_BUFFER_CACHE_BYTES", 2 << 30))
 
 
 def _load_madvise():
@@ -28,17 +38,106 @@ def _load_madvise():
 _madvise = _load_madvise()
 
 
-def empty_like_hugepages(t: torch.Tensor) -> torch.Tensor:
-    """torch.empty_like(t), hinting the kernel to back a large CPU buffer with huge pages.
+def _advise_huge(ptr: int, nbytes: int) -> None:
+    start = -(-ptr // _HUGE) * _HUGE
+    end = (ptr + nbytes) // _HUGE * _HUGE
+    if end > start:
+        _madvise(start, end - start, _MADV_HUGEPAGE)  # a failure only means no speed-up
 
-    A fresh stacked expert gradient is hundreds of MB. Each backward allocates a new one, and
-    first-touch faults on 4 KiB pages cost ~5x the writes themselves (measured: 151 ms vs
-    28 ms for 512 MB). The hint changes nothing but speed, and is skipped where unsupported.
+
+class _Block:
+    """One anonymous private mapping of `nbytes`, 2 MiB aligned so that each huge page is whole."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        # Private: Python's default for anonymous maps is MAP_SHARED, which is shmem, where
+        # MADV_DONTNEED does not zero and huge pages follow a different setting.
+        self.map = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self.offset = -base % _HUGE
+        _advise_huge(base + self.offset, nbytes)
+
+
+_free: list[_Block] = []  # blocks whose tensors have died, oldest first
+_live: dict[int, _Block] = {}  # data address -> block, for blocks handed out
+_cached = [0]  # bytes held in _free; a list so the finalizer can update it without `global`
+_lock = threading.RLock()  # tensors may die on any thread, even inside _take (cyclic GC)
+
+
+def _give_back(ptr: int, block: _Block) -> None:  # runs when the last view of a buffer dies
+    with _lock:
+        _live.pop(ptr, None)
+        _free.append(block)
+        _cached[0] += block.nbytes
+        while _cached[0] > cache_limit_bytes and _free:
+            _cached[0] -= _free.pop(0).nbytes  # dropping the last reference unmaps it
+
+
+def empty_cache() -> None:
+    """Return every cached buffer to the operating system."""
+    with _lock:
+        _free.clear()
+        _cached[0] = 0
+
+
+def _take(nbytes: int) -> tuple[_Block, bool]:
+    # The most recently freed block that fits without wasting over a quarter: its pages are warm.
+    with _lock:
+        for i in range(len(_free) - 1, -1, -1):
+            if nbytes <= _free[i].nbytes <= nbytes + nbytes // 4 + _HUGE:
+                block = _free.pop(i)
+                _cached[0] -= block.nbytes
+                return block, False
+    return _Block(-(-nbytes // _HUGE) * _HUGE), True
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """(tensor, is_zero): an uninitialised contiguous tensor, and whether it reads as all zeros.
+
+    Large CPU buffers come from huge-page backed anonymous mappings that are recycled when the
+    tensor dies. glibc hands each big tensor a fresh mapping and unmaps it on free, so every
+    step pays first-touch page faults again (~30 ms per 512 MB even with huge pages), while the
+    per-expert 4 MB tensors of an nn.ModuleList of experts are recycled by malloc for free.
+    A fresh mapping reads as zeros, so callers can skip writing zeros. Release parts that must
+    read as zero with `zero_pages_`, which only works on these buffers.
     """
-    out = torch.empty_like(t, memory_format=torch.contiguous_format)
-    if _madvise is not None and out.device.type == "cpu" and out.nbytes >= _MIN_BYTES:
-        start = -(-out.data_ptr() // _HUGE) * _HUGE
-        end = (out.data_ptr() + out.nbytes) // _HUGE * _HUGE
-        if end > start:
-            _madvise(start, end - start, _MADV_HUGEPAGE)  # a failure only means no speed-up
-    return out
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
+    if _madvise is None or torch.device(device).type != "cpu" or nbytes < max(_MIN_BYTES, 1):
+        return torch.empty(shape, dtype=dtype, device=device), False
+    block, is_zero = _take(nbytes)
+    view = memoryview(block.map)
+    out = torch.frombuffer(view, dtype=dtype, count=numel, offset=block.offset).view(shape)
+    with _lock:
+        _live[out.data_ptr()] = block
+    # The tensor's storage holds `view` until it dies; then the block goes back to the cache.
+    weakref.finalize(view, _give_back, out.data_ptr(), block).atexit = False
+    return out, is_zero
+
+
+def gradient_buffer(like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """`empty` shaped like `like`: (buffer, is_zero)."""
+    return empty(tuple(like.shape), like.dtype, like.device)
+
+
+def zero_pages_(t: torch.Tensor) -> None:
+    """t.zero_() for a contiguous tensor, cheaper on a slice of an `empty` buffer.
+
+    There whole pages go back to the kernel (MADV_DONTNEED), which maps zero pages on the next
+    touch: far cheaper than writing zeros over pages nobody may read before the next free.
+    That is only valid on private anonymous memory, hence only on our own mappings.
+    """
+    if not t.numel():
+        return
+    assert t.is_contiguous()
+    ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    start = -(-ptr // _PAGE) * _PAGE
+    end = (ptr + nbytes) // _PAGE * _PAGE
+    if t.device.type != "cpu" or t.untyped_storage().data_ptr() not in _live or end - start < _HUGE or \
+            _madvise(start, end - start, _MADV_DONTNEED) != 0:
+        t.zero_()
+        return
+    flat = t.view(-1)
+    size = t.element_size()
+    flat[: (start - ptr) // size].zero_()  # partial pages at both ends
+    flat[(end - ptr) // size:].zero_()

@@ -1,0 +1,146 @@
+import pytest
+import torch
+from torch import nn
+
+from moeify.layers import Experts, experts as experts_mod, grouped_linear
+from moeify.layers import memory
+
+COUNTS = [3, 0, 1, 0, 0, 4, 2, 0]  # zero-count experts at the ends of runs and inside them
+
+
+@pytest.fixture(params=["span", "pairs", "auto", "pairs-dnnl-pooled"])
+def layout(request, monkeypatch):
+    """Each way of batching experts; the last also takes the oneDNN forward and pools every buffer."""
+    plan, *extra = request.param.split("-")
+    monkeypatch.setattr(experts_mod, "PLAN", plan)
+    if extra:
+        monkeypatch.setattr(experts_mod, "DNNL_MIN_ROWS", 1)
+        monkeypatch.setattr(memory, "_MIN_BYTES", 1)
+    return request.param
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("counts", [COUNTS, [0, 2, 0], [2, 2, 2], [0, 0, 0]])
+def test_grouped_linear_gradcheck(layout, bias, counts):
+    g = torch.Generator().manual_seed(0)
+    e, d_in, d_out = len(counts), 3, 4
+    x = torch.randn(sum(counts), d_in, dtype=torch.double, generator=g, requires_grad=True)
+    w = torch.randn(e, d_out, d_in, dtype=torch.double, generator=g, requires_grad=True)
+    b = torch.randn(e, d_out, dtype=torch.double, generator=g, requires_grad=True) if bias else None
+    inputs = (x, w, b) if bias else (x, w)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b=None: grouped_linear(x, w, b, counts), inputs)
+
+
+def reference(ex: Experts, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Per-expert loop with ordinary autograd."""
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        xe = x[start:start + n]
+        start += n
+        h = xe @ ex.w_in[e].t() + (ex.b_in[e] if ex.b_in is not None else 0)
+        if ex.gated:
+            h = ex.act(xe @ ex.w_gate[e].t() + (ex.b_gate[e] if ex.b_gate is not None else 0)) * h
+        else:
+            h = ex.act(h)
+        out.append(h @ ex.w_out[e].t() + (ex.b_out[e] if ex.b_out is not None else 0))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("gated,bias", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("counts", [COUNTS, [0, 0, 5, 0, 0, 0, 0, 0], [2] * 8])
+def test_experts_match_per_expert_loop(layout, gated, bias, counts):
+    g = torch.Generator().manual_seed(1)
+    ex = Experts(len(counts), 6, 10, nn.GELU(), gated=gated, bias=bias)
+    ex.reset_parameters(1.0, g)
+    params = [p for p in ex.parameters()]
+    for b in (ex.b_in, ex.b_gate, ex.b_out):
+        if b is not None:
+            nn.init.normal_(b, generator=g)
+    x = torch.randn(sum(counts), 6, generator=g, requires_grad=True)
+    gy = torch.randn(sum(counts), 6, generator=g)
+
+    y = ex(x, counts)
+    grads = torch.autograd.grad(y, [x, *params], gy)
+    y_ref = reference(ex, x, counts)
+    grads_ref = torch.autograd.grad(y_ref, [x, *params], gy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for p, got, want in zip([x, *params], grads, grads_ref):
+        assert got.shape == p.shape and got.is_contiguous() and not got.is_sparse
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for w, got in zip(params, grads[1:]):  # experts without rows get exactly zero
+        for e, n in enumerate(counts):
+            if n == 0:
+                assert not got[e].any()
+
+
+def test_backward_fills_param_grad(layout):
+    ex = Experts(4, 4, 8, nn.ReLU())
+    ex.reset_parameters(1.0, torch.Generator().manual_seed(2))
+    counts = [0, 3, 0, 1]
+    for _ in range(2):  # accumulate
+        ex(torch.randn(4, 4), counts).sum().backward()
+    for p in ex.parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and p.grad.layout == torch.strided
+
+
+@pytest.fixture
+def big(monkeypatch):
+    """Shapes large enough for the huge-page gradient buffers (>= 8 MiB)."""
+    monkeypatch.setattr(memory, "cache_limit_bytes", 1 << 30)
+    memory.empty_cache()
+    yield
+    memory.empty_cache()
+
+
+def test_recycled_gradient_buffers_are_zeroed(layout, big):
+    # 8 experts x 256 x 2048 floats = 16 MiB per weight: pooled buffers, 2 MiB per expert.
+    ex = Experts(8, 256, 2048, nn.ReLU())
+    ex.reset_parameters(1.0, torch.Generator().manual_seed(3))
+    x = torch.randn(6, 256)
+    for counts in ([1, 0, 2, 0, 0, 0, 3, 0], [0, 3, 0, 0, 3, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 6]):
+        ex.zero_grad(set_to_none=True)  # frees the last gradients into the cache
+        ex(x, counts).sum().backward()
+        ex.w_in.grad.add_(1.0)  # a caller may write into the buffer before it is recycled
+        for e, n in enumerate(counts):
+            assert bool(ex.w_in.grad[e].eq(1.0).all()) == (n == 0)
+            assert bool(ex.w_out.grad[e].eq(0).all()) == (n == 0)
+
+
+def test_plan_pairs_similar_counts():
+    batches = experts_mod._plan([5, 0, 1, 4, 0, 2, 0, 0], 1 << 20)
+    assert [(b.first, b.step, b.k, b.slots) for b in batches] == [(0, 3, 2, 5), (2, 3, 2, 2)]
+    assert [b.row for b in batches] == [0, 10]
+    (b,) = experts_mod._plan([3, 3, 2, 3], 1 << 20)  # even counts: one bmm over the span
+    assert (b.first, b.step, b.k, b.slots) == (0, 1, 4, 3)
+
+
+def test_zero_pages_only_releases_own_buffers(monkeypatch):
+    calls = []
+    real = memory._madvise
+    monkeypatch.setattr(memory, "_madvise", lambda *a: calls.append(a[2]) or real(*a))
+    ordinary = torch.ones(4, 1 << 20)
+    memory.zero_pages_(ordinary[1:3])
+    assert memory._MADV_DONTNEED not in calls and not ordinary[1:3].any() and ordinary[0].eq(1).all()
+    own, _ = memory.empty((4, 1 << 20), torch.float32, "cpu")
+    own.fill_(1.0)
+    memory.zero_pages_(own[1:3])
+    assert calls.count(memory._MADV_DONTNEED) == 1 and not own[1:3].any() and own[3].eq(1).all()
+
+
+def test_gradient_buffer_cache():
+    like = torch.empty(4, 1 << 20)  # 16 MiB
+    memory.empty_cache()
+    a, fresh = memory.gradient_buffer(like)
+    assert fresh and a.shape == like.shape and a.is_contiguous() and not a.any()
+    ptr = a.data_ptr()
+    a.fill_(3.0)
+    del a
+    b, fresh = memory.gradient_buffer(like)
+    assert not fresh and b.data_ptr() == ptr  # recycled
+    memory.zero_pages_(b[1:3])
+    assert b[0].eq(3).all() and not b[1:3].any() and b[3].eq(3).all()
+    memory.zero_pages_(b.view(-1)[5:-7])  # unaligned ends are written
+    assert b.view(-1)[:5].eq(3).all() and not b.view(-1)[5:-7].any() and b.view(-1)[-7:].eq(3).all()
+    del b
+    memory.empty_cache()
