@@ -7,7 +7,8 @@ from typing import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-LABELS = {"switchify": "converting FFNs", "save": "writing shards", "load": "reading shards"}
+LABELS = {"switchify": "converting FFNs", "save": "writing shards", "load": "reading shards",
+          "plan": "evaluating layouts", "calibrate": "routing batches"}
 
 
 @contextlib.contextmanager

@@ -4,9 +4,12 @@ from __future__ import annotations
 import click
 
 from ..errors import MoeifyError
+from .calibrate import calibrate_cmd
 from .common import console
 from .convert import convert_cmd
+from .export import export_cmd
 from .inspect import inspect_cmd
+from .plan import plan_cmd
 from .presets import presets_cmd
 
 
@@ -29,11 +32,12 @@ def main() -> None:
     \b
     moeify convert t5-small --experts 8 -o out/switch-t5-small   # preset -> Switch model
     moeify inspect out/switch-t5-small                           # layers, experts, params
+    moeify plan out/switch-t5-small --topology dgx-h100 --nodes 2  # sharding plan
     moeify presets                                               # built-in model configs
     """
 
 
-for command in (convert_cmd, inspect_cmd, presets_cmd):
+for command in (convert_cmd, plan_cmd, calibrate_cmd, export_cmd, inspect_cmd, presets_cmd):
     main.add_command(command)
 
 __all__ = ["main", "console"]

@@ -1,0 +1,128 @@
+"""`moeify plan`: lay a Switch model out on a GPU cluster and estimate what all-to-all costs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich import box
+from rich.table import Table
+
+from ..errors import MoeifyError
+from ..pipeline import convert
+from ..planner.cost import OPTIMIZER_BYTES_PER_PARAM
+from ..planner.hardware import DEFAULT_GPU, GPUS
+from ..planner.search import ALGORITHMS, LAYOUTS, Planner, SearchOptions
+from ..planner.topology import load_topology
+from ..planner.workload import DTYPE_BYTES, read_load, workload_from_summary
+from ..progress import progress_bars
+from ..sources import MOEIFY_FILE, load_dense
+from ..summary import summarize
+from ..targets.torch_local import read_manifest
+from .common import console, moe_config, moe_options
+
+
+def model_summary(source: str, flags: dict) -> dict:
+    """A converted directory's saved summary, or a preset / HF directory converted on meta."""
+    if (Path(source) / MOEIFY_FILE).is_file():
+        return read_manifest(source)["summary"]
+    config = moe_config(source, flags)
+    dense, _ = load_dense(source, device="meta", seed=config.seed)
+    return summarize(convert(dense, config, inplace=True)).to_dict()
+
+
+@click.command("plan")
+@click.argument("source")
+@click.option("--topology", "topology_spec", required=True, metavar="SPEC",
+              help="A preset (dgx-a100, dgx-h100, hgx-a100-4, pcie-gen4-8, pcie-gen5-8, localhost-gloo), "
+                   "`nvidia-smi topo -m` output (.txt), or a networkx graph (.json node-link, .graphml).")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Hosts, joined by InfiniBand through a switch.")
+@click.option("--gpu", type=click.Choice(sorted(GPUS)), default=DEFAULT_GPU, show_default=True,
+              help="GPU model of an `nvidia-smi topo -m` file, which does not name it (sets NVLink, PCIe "
+                   "and InfiniBand generations too).")
+@click.option("--tokens-per-rank", type=int, default=8192, show_default=True, help="Tokens each GPU processes per step.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPE_BYTES)), default="bfloat16", show_default=True,
+              help="Training precision planned for.")
+@click.option("--load", "load_file", type=click.Path(path_type=Path), default=None,
+              help="Per-expert token loads from `moeify calibrate`: placement balances them.")
+@click.option("--replicate-hot", type=int, default=0, show_default=True,
+              help="With --load: give the N hottest experts of each layer a second copy.")
+@click.option("--allow-uneven", is_flag=True, help="Allow ranks to hold different numbers of experts.")
+@click.option("--expert-parallel", type=int, default=None, help="Force this expert-parallel size.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default=None, help="Force a rank layout [default: search].")
+@click.option("--all-to-all", "algorithm", type=click.Choice(ALGORITHMS), default=None,
+              help="Force an all-to-all algorithm [default: search].")
+@click.option("--optimizer", type=click.Choice(sorted(OPTIMIZER_BYTES_PER_PARAM)), default="adam", show_default=True,
+              help="Sets training memory per parameter: adam 16 bytes (mixed precision), adafactor 8 "
+                   "(as Switch Transformers trained).")
+@click.option("--efficiency", type=float, default=0.5, show_default=True, help="Fraction of peak FLOPs reached.")
+@moe_options
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("plan.json"), show_default=True)
+@click.option("--draw", type=click.Path(path_type=Path), default=None, help="Also draw the placement as a PNG.")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+def plan_cmd(source: str, topology_spec: str, nodes: int, gpu: str, tokens_per_rank: int, dtype: str, load_file: Path | None,
+             replicate_hot: int, allow_uneven: bool, expert_parallel: int | None, layout: str | None,
+             algorithm: str | None, optimizer: str, efficiency: float, output: Path, draw: Path | None, force: bool,
+             **flags) -> None:
+    """Plan expert sharding of SOURCE over a GPU topology and write the plan as JSON.
+
+    SOURCE is a `moeify convert` output, or a preset / Hugging Face directory that is converted
+    on the meta device with the MoE flags. The search covers data x expert parallel meshes,
+    contiguous or strided rank layouts, flat or hierarchical (2D) all-to-all, and expert
+    placement; it keeps the fastest plan that fits in GPU memory. Every all-to-all estimate is
+    shown beside a lower bound (GPU injection and host NIC bandwidth) that no schedule beats.
+
+    \b
+    Examples:
+      moeify plan out/switch-t5-base --topology dgx-h100 --nodes 4 --tokens-per-rank 8192 -o plan.json
+      moeify plan switch-c-2048 --topology dgx-h100 --nodes 32 -o c.json
+      moeify plan out/x --topology topo.txt --nodes 2 --draw plan.png
+      moeify inspect plan.json
+    """
+    for path in (output, draw):
+        if path is not None and path.exists() and not force:
+            raise MoeifyError(f"{path} already exists: pass --force to replace it, or choose another path")
+    if efficiency <= 0 or efficiency > 1:
+        raise MoeifyError(f"--efficiency must be in (0, 1], got {efficiency}")
+    if replicate_hot < 0:
+        raise MoeifyError(f"--replicate-hot must be >= 0, got {replicate_hot}")
+    topology = load_topology(topology_spec, nodes, gpu)
+    summary = model_summary(source, flags)
+    load = read_load(load_file) if load_file else None
+    workload = workload_from_summary(summary, dtype=dtype, tokens_per_rank=tokens_per_rank, load=load,
+                                     capacity_factor=flags.get("capacity_factor"))
+    options = SearchOptions(
+        layouts=(layout,) if layout else LAYOUTS, algorithms=(algorithm,) if algorithm else ALGORITHMS,
+        allow_uneven=allow_uneven, replicate_hot=replicate_hot, efficiency=efficiency,
+        expert_parallel=expert_parallel, optimizer=optimizer)
+    with progress_bars(console) as progress:
+        planner = Planner(topology, workload, options)
+        plan = planner.plan(progress)
+    plan.save(output)
+    print_plan_summary(plan)
+    if draw is not None:
+        from ..planner.draw import draw_plan
+
+        draw_plan(plan, topology, draw)
+        console.print(f"drew {draw}")
+    console.print(f"wrote {output}")
+
+
+def print_plan_summary(plan) -> None:
+    t, e = plan.topology, plan.estimate
+    console.print(f"{plan.model.get('name', 'model')} on {t.get('name')} "
+                  f"({plan.world_size} GPUs, {t.get('device')}), {plan.model.get('tokens_per_rank')} tokens per GPU")
+    table = Table(title="candidates (fastest first; * = chosen)", box=box.SIMPLE_HEAD)
+    for col in ("", "dp x ep", "layout", "all-to-all", "step ms", "a2a ms", "bound ms", "mem/GPU", "fits"):
+        table.add_column(col, justify="right" if "ms" in col or col == "mem/GPU" else "left", no_wrap=True)
+    chosen = (plan.mesh.shape[1], plan.layout)
+    for c in plan.alternatives:
+        mark = "*" if (c["expert_parallel"], c["layout"]) == chosen else ""
+        table.add_row(mark, f"{c['data_parallel']} x {c['expert_parallel']}", c["layout"], "+".join(c["all_to_all"]),
+                      f"{c['step_ms']:.1f}", f"{c['all_to_all_ms']:.1f}", f"{c['lower_bound_ms']:.1f}",
+                      f"{c['memory_per_rank_bytes'] / 1e9:.1f} GB", "yes" if c["fits"] else "no")
+    console.print(table)
+    console.print(f"step {e.step_ms:.1f} ms = compute {e.compute_ms:.1f} + all-to-all {e.all_to_all_ms:.1f} "
+                  f"(bound {e.lower_bound_ms:.1f}) + gradient all-reduce {e.allreduce_ms:.1f}; "
+                  f"memory {e.memory_per_rank_bytes / 1e9:.1f} of {e.memory_limit_bytes / 1e9:.1f} GB per GPU")
+    if e.busiest_link:
+        console.print(f"busiest link: {' -> '.join(e.busiest_link)}")

@@ -1,0 +1,110 @@
+"""ShardingPlan: plain data with a versioned JSON form; the runtime and targets consume it."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import MoeifyError
+
+SCHEMA = "moeify.plan"
+VERSION = 1
+
+
+@dataclass
+class Mesh:
+    shape: list[int]  # [data_parallel, expert_parallel]
+    dim_names: list[str]  # ["dp", "ep"]
+    ranks: list[list[int]]  # ranks[d][e]: the global rank at mesh position (d, e)
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    num_experts: int
+    placement: list[int]  # expert id -> rank within its expert-parallel group (its home copy)
+    all_to_all: str  # "flat" or "hierarchical"
+    replicas: dict[str, list[int]] = field(default_factory=dict)  # expert id -> all group ranks holding it
+    all_to_all_ms: float = 0.0  # the layer's four exchanges (dispatch and combine, forward and backward)
+    lower_bound_ms: float = 0.0
+    compute_ms: float = 0.0
+
+
+@dataclass
+class Estimate:
+    step_ms: float  # compute + all-to-all + gradient all-reduce, not overlapped
+    all_to_all_ms: float
+    lower_bound_ms: float  # of the all-to-all time: no schedule on this topology beats it
+    compute_ms: float
+    allreduce_ms: float
+    memory_per_rank_bytes: int
+    memory_limit_bytes: int
+    busiest_link: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ShardingPlan:
+    world_size: int
+    mesh: Mesh
+    layout: str  # "contiguous": expert-parallel groups are consecutive ranks; "strided"
+    expert_parallel_groups: list[list[int]]
+    data_parallel_groups: list[list[int]]
+    layers: list[LayerPlan]
+    estimate: Estimate
+    model: dict = field(default_factory=dict)  # what was planned: name, dtype, tokens per rank, ...
+    topology: dict = field(default_factory=dict)  # name, hosts, gpus per host, device
+    alternatives: list[dict] = field(default_factory=list)  # the next best candidates, for the record
+
+    @property
+    def expert_parallel_size(self) -> int:
+        return self.mesh.shape[1]
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "version": VERSION, **asdict(self)}
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)  # never a half-written plan
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ShardingPlan":
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise MoeifyError('not a moeify sharding plan (no "schema": "moeify.plan"): make one with `moeify plan`')
+        if data.get("version") != VERSION:
+            raise MoeifyError(f"plan version {data.get('version')} is not {VERSION}: re-run `moeify plan`")
+        try:
+            plan = cls(
+                world_size=data["world_size"], mesh=Mesh(**data["mesh"]), layout=data["layout"],
+                expert_parallel_groups=data["expert_parallel_groups"],
+                data_parallel_groups=data["data_parallel_groups"],
+                layers=[LayerPlan(**layer) for layer in data["layers"]], estimate=Estimate(**data["estimate"]),
+                model=data.get("model", {}), topology=data.get("topology", {}),
+                alternatives=data.get("alternatives", []))
+        except (KeyError, TypeError) as e:
+            raise MoeifyError(f"the plan is incomplete or malformed ({e}): re-run `moeify plan`") from None
+        plan.check()
+        return plan
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ShardingPlan":
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise MoeifyError(f"plan {path} does not exist: make one with `moeify plan ... -o {path}`") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MoeifyError(f"{path} is not valid JSON ({e}): re-run `moeify plan`") from None
+
+    def check(self) -> None:
+        """Internal consistency: every rank once per group kind, placements inside the groups."""
+        ranks = sorted(r for g in self.expert_parallel_groups for r in g)
+        if ranks != list(range(self.world_size)) or \
+                sorted(r for g in self.data_parallel_groups for r in g) != ranks:
+            raise MoeifyError("the plan's groups do not cover every rank exactly once: re-run `moeify plan`")
+        ep = self.expert_parallel_size
+        for layer in self.layers:
+            if len(layer.placement) != layer.num_experts or not all(0 <= r < ep for r in layer.placement):
+                raise MoeifyError(f"the plan places {layer.name}'s experts outside its groups: re-run `moeify plan`")
