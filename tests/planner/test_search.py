@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+from hypothesis import given, settings, strategies as st
 import pytest
 
 from moeify.errors import MoeifyError
@@ -103,3 +104,33 @@ def test_optimizer_sets_the_training_state_per_parameter():
     saved = adam.estimate.memory_per_rank_bytes - adafactor.estimate.memory_per_rank_bytes
     assert saved == held * (16 - 8)
     assert adafactor.model["optimizer"] == "adafactor"
+
+
+@settings(max_examples=25, deadline=None)
+@given(preset=st.sampled_from(["dgx-a100", "hgx-a100-4", "pcie-gen5-8", "localhost-gloo"]), nodes=st.integers(1, 3),
+       experts=st.sampled_from([3, 4, 6, 8, 16, 64]), layers=st.integers(1, 3), uneven=st.booleans(),
+       hot=st.integers(0, 2), skew=st.floats(0.0, 3.0), tokens=st.sampled_from([256, 4096]))
+def test_plan_invariants(preset, nodes, experts, layers, uneven, hot, skew, tokens):
+    topo = load_topology(f"localhost-gloo:{nodes + 1}" if preset == "localhost-gloo" else preset, nodes=1
+                         if preset == "localhost-gloo" else nodes)
+    raw = np.exp(-skew * np.arange(experts))
+    w = workload(experts=experts, layers=layers, d_model=64, d_ff=256, dense=1_000_000, tokens=tokens,
+                 load=tuple(raw / raw.sum()))
+    try:
+        plan = Planner(topo, w, SearchOptions(allow_uneven=uneven, replicate_hot=hot)).plan()
+    except MoeifyError as e:
+        assert "--allow-uneven" in str(e) and not uneven
+        return
+    world, ep = plan.world_size, plan.expert_parallel_size
+    assert world == len(topo.gpus)
+    assert sorted(r for g in plan.expert_parallel_groups for r in g) == list(range(world))  # partition
+    assert sorted(r for g in plan.data_parallel_groups for r in g) == list(range(world))
+    for layer in plan.layers:
+        assert len(layer.placement) == experts and all(0 <= r < ep for r in layer.placement)  # once each
+        for e, ranks in layer.replicas.items():
+            assert layer.placement[int(e)] in ranks and len(set(ranks)) == len(ranks) > 1
+        assert len(layer.replicas) <= hot
+        assert layer.all_to_all_ms >= layer.lower_bound_ms * (1 - 1e-9)
+    e = plan.estimate
+    assert e.all_to_all_ms >= e.lower_bound_ms * (1 - 1e-9)
+    assert e.memory_per_rank_bytes <= e.memory_limit_bytes
