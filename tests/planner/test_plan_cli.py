@@ -98,3 +98,23 @@ def test_plan_from_nvidia_smi_output_names_the_gpu_model(tmp_path):
     plan = json.loads(out.read_text())
     assert plan["world_size"] == 8 and plan["topology"]["device"] == "H100-PCIE-80GB"
     assert plan["topology"]["name"] == "2 x pcie-4gpu-2numa"
+
+
+def test_bad_load_and_calibrate_input(tmp_path, hf_t5_dir):
+    model = tmp_path / "m"
+    assert run("convert", hf_t5_dir, "--experts", 4, "--no-check", "-o", model).exit_code == 0
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"schema": "moeify.load", "layers": {"nope": {"fraction": [1.0]}}}))
+    cases = [
+        (["plan", model, "--topology", "hgx-a100-4", "--load", tmp_path / "none.json"], "does not exist"),
+        (["plan", model, "--topology", "hgx-a100-4", "--load", wrong], "names layers this model lacks"),
+        (["calibrate", hf_t5_dir, "-o", tmp_path / "l.json"], "moeify"),
+        (["calibrate", model, "--seq-len", 4096, "--batch-size", 64, "--text", wrong, "-o", tmp_path / "l.json"],
+         "fewer than one batch"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, result.stderr)
+    assert not (tmp_path / "l.json").exists()
