@@ -7,7 +7,6 @@ from ..errors import MoeifyError
 from .calibrate import calibrate_cmd
 from .common import console
 from .convert import convert_cmd
-from .export import export_cmd
 from .inspect import inspect_cmd
 from .plan import plan_cmd
 from .presets import presets_cmd
@@ -37,7 +36,7 @@ def main() -> None:
     """
 
 
-for command in (convert_cmd, plan_cmd, calibrate_cmd, export_cmd, inspect_cmd, presets_cmd):
+for command in (convert_cmd, plan_cmd, calibrate_cmd, inspect_cmd, presets_cmd):
     main.add_command(command)
 
 __all__ = ["main", "console"]
