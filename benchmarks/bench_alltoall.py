@@ -3,7 +3,7 @@ planner's cost model against it.
 
 It fits the `localhost-gloo` link model (per-hop latency, per-message overhead, bandwidth) by
 least squares over all points, then reports predicted / measured for each world size and message
-size. Usage: python benchmarks/bench_alltoall.py [--reps 15] [--out FILE]
+size. Usage: python benchmarks/bench_alltoall.py [--reps 40] [--out FILE]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _worker(rank: int, world: int, port: int, reps: int, result_file: str) -> No
     for size in SIZES:
         send = torch.full((size // 4,), float(rank))
         recv = torch.empty_like(send)
-        for _ in range(3):
+        for _ in range(10):  # warm up: connections, buffers, the scheduler's view of the processes
             dist.all_to_all_single(recv, send)
         times = []
         for _ in range(reps):
@@ -64,16 +64,29 @@ def measure(world: int, reps: int) -> list[tuple[int, float]]:
 
 
 def fit(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
-    """Least squares for T = 2 * latency + (world - 1) * overhead + bytes_moved / bandwidth.
+    """(latency us, overhead us, bandwidth GB/s) minimising the worst predicted / measured ratio of
+    T = 2 * latency + (world - 1) * overhead * stretch + bytes_moved / bandwidth,
+    the `localhost-gloo` model in moeify/planner/hardware.py.
 
     The ranks share the machine's copy bandwidth, so all bytes moved count: each rank sends
-    (world - 1) / world of its `s` bytes to others, (world - 1) * s in all.
+    (world - 1) / world of its `s` bytes to others, (world - 1) * s in all. With more ranks than
+    cores, processes time-share the cores: stretch = max(1, world / cores). Oversubscribed gloo
+    is erratic for small messages, so the fit is minimax over a grid rather than least squares,
+    which would let a few slow points dominate.
     """
-    a = np.array([[2.0, w - 1.0, (w - 1) * s / 1e3] for w, s, _ in points])  # bandwidth in GB/s
-    t = np.array([m for *_, m in points])
-    # Relative errors matter at every size, so weight each point by 1 / measured time.
-    (lat, overhead, inv_bw), *_ = np.linalg.lstsq(a / t[:, None], np.ones_like(t), rcond=None)
-    return max(lat, 0.0), max(overhead, 0.0), 1.0 / max(inv_bw, 1e-9)
+    cores = os.cpu_count() or 1
+    w = np.array([p[0] for p in points], dtype=float)
+    terms = np.stack([np.full_like(w, 2.0), (w - 1) * np.maximum(1.0, w / cores),
+                      np.array([(p[0] - 1) * p[1] / 1e3 for p in points])])  # (3, points)
+    measured = np.array([p[2] for p in points])
+    latency = np.concatenate([[0.0], np.geomspace(1, 2000, 40)])
+    overhead = np.concatenate([[0.0], np.geomspace(1, 5000, 60)])
+    inv_bw = 1 / np.geomspace(0.05, 200, 80)
+    grid = np.stack(np.meshgrid(latency, overhead, inv_bw, indexing="ij"), -1).reshape(-1, 3)  # (G, 3)
+    ratio = (grid @ terms) / measured  # (G, points)
+    worst = np.maximum(ratio, 1 / np.maximum(ratio, 1e-12)).max(1)
+    lat, over, inv = grid[worst.argmin()]
+    return float(lat), float(over), float(1 / inv)
 
 
 def predict(world: int, size: int, latency: float, overhead: float, bw: float) -> float:
@@ -87,7 +100,7 @@ def predict(world: int, size: int, latency: float, overhead: float, bw: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_alltoall.md")
     args = parser.parse_args()
     points = [(w, s, t) for w in (2, 4) for s, t in measure(w, args.reps)]

@@ -59,10 +59,11 @@ DEFAULT_GPU = "A100-SXM4-80GB"
 # gloo all_to_all_single between local processes, fitted by benchmarks/bench_alltoall.py on the
 # 2-core development machine: per-hop latency, per-peer message overhead, and the machine's
 # aggregate copy bandwidth. Loopback traffic is copied by the CPU cores, so the ranks share that
-# bandwidth: each rank's link gets 1/ranks of it.
-GLOO_LATENCY_US = 60.0
-GLOO_MESSAGE_OVERHEAD_US = 40.0
-GLOO_BW_GBPS = 1.5
+# bandwidth: each rank's link gets 1/ranks of it. With more ranks than cores the processes
+# time-share the cores, which stretches each message's software cost by ranks / cores.
+GLOO_LATENCY_US = 33.4
+GLOO_MESSAGE_OVERHEAD_US = 241.2
+GLOO_BW_GBPS = 5.07
 # One process's share of a 2-core machine (~150 GFLOP/s float32 GEMM in all).
 GLOO_RANK_TFLOPS = 0.075
 
@@ -167,7 +168,8 @@ def loopback_host(ranks: int, bw_GBps: float = GLOO_BW_GBPS, latency_us: float =
                    message_overhead_us: float = GLOO_MESSAGE_OVERHEAD_US) -> nx.Graph:
     """`ranks` CPU processes on this machine, talking gloo over loopback (planned as "GPUs").
     `bw_GBps` is the aggregate bandwidth all ranks share."""
-    g = nx.Graph(message_overhead_us=message_overhead_us)
+    cores = os.cpu_count() or 1
+    g = nx.Graph(message_overhead_us=message_overhead_us * max(1.0, ranks / cores))
     host = "localhost"
     hub = f"{host}/loopback"
     g.add_node(hub, kind="switch", host=host, local_index=0, numa=0)
