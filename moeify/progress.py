@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 LABELS = {"switchify": "converting FFNs", "save": "writing shards", "load": "reading shards",
-          "plan": "evaluating layouts", "calibrate": "routing batches"}
+          "plan": "evaluating layouts", "calibrate": "routing batches", "emit": "writing rank shards",
+          "export": "exporting graphs"}
 
 
 @contextlib.contextmanager

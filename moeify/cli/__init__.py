@@ -7,9 +7,11 @@ from ..errors import MoeifyError
 from .calibrate import calibrate_cmd
 from .common import console
 from .convert import convert_cmd
+from .export import export_cmd
 from .inspect import inspect_cmd
 from .plan import plan_cmd
 from .presets import presets_cmd
+from .run import run_cmd
 
 
 class _Group(click.Group):
@@ -32,11 +34,14 @@ def main() -> None:
     moeify convert t5-small --experts 8 -o out/switch-t5-small   # preset -> Switch model
     moeify inspect out/switch-t5-small                           # layers, experts, params
     moeify plan out/switch-t5-small --topology dgx-h100 --nodes 2  # sharding plan
+    moeify export out/switch-t5-small --target onnx -o out/onnx  # onnxruntime graphs
+    moeify export out/switch-t5-small --target torch-distributed --world-size 4 -o out/dist4
+    moeify run out/dist4 --steps 10 --train                      # torchrun, one process per rank
     moeify presets                                               # built-in model configs
     """
 
 
-for command in (convert_cmd, plan_cmd, calibrate_cmd, inspect_cmd, presets_cmd):
+for command in (convert_cmd, plan_cmd, calibrate_cmd, export_cmd, run_cmd, inspect_cmd, presets_cmd):
     main.add_command(command)
 
 __all__ = ["main", "console"]

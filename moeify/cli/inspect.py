@@ -8,9 +8,10 @@ import click
 from rich import box
 from rich.table import Table
 
-from ..planner.draw import expert_ranges, experts_by_rank
-from ..planner.plan import ShardingPlan
+from ..planner.draw import experts_by_rank
+from ..planner.plan import ShardingPlan, expert_ranges
 from ..summary import ModelSummary
+from ..targets.onnx.inspect import inspect_onnx
 from ..targets.torch_local import read_manifest
 from .common import console, human
 from .plan import print_plan_summary
@@ -29,6 +30,8 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
       moeify inspect out/switch-t5-small --json | jq .active_params
       moeify inspect plan.json
     """
+    if path.suffix == ".onnx":
+        return inspect_onnx(path, as_json, console)
     if path.suffix == ".json" and not path.is_dir():
         return _inspect_plan(path, as_json)
     _inspect_model(path, as_json)

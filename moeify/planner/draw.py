@@ -4,28 +4,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .plan import ShardingPlan
+from .plan import ShardingPlan, expert_ranges
 from .topology import Topology
 
 LINK_COLOURS = {"nvlink3": "#2ca02c", "nvlink4": "#2ca02c", "pcie4": "#1f77b4", "pcie5": "#1f77b4",
                 "upi": "#7f7f7f", "ib-hdr": "#ff7f0e", "ib-ndr": "#ff7f0e", "loopback": "#9467bd"}
 ROW = {"nvswitch": 1.2, "gpu": 0.0, "pcie": -1.0, "nic": -1.8, "cpu": -2.6}
 MAX_HOSTS = 8  # beyond this a picture stops being readable: draw the first hosts, say how many more
-
-
-def expert_ranges(experts: list[int]) -> str:
-    """[0, 1, 2, 5] -> 'E0-2,5'."""
-    if not experts:
-        return "-"
-    parts, start, prev = [], experts[0], experts[0]
-    for e in experts[1:] + [None]:
-        if e is not None and e == prev + 1:
-            prev = e
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if e is not None:
-            start = prev = e
-    return "E" + ",".join(parts)
 
 
 def experts_by_rank(plan: ShardingPlan, layer: int = 0) -> dict[int, list[int]]:

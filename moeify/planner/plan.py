@@ -108,3 +108,18 @@ class ShardingPlan:
         for layer in self.layers:
             if len(layer.placement) != layer.num_experts or not all(0 <= r < ep for r in layer.placement):
                 raise MoeifyError(f"the plan places {layer.name}'s experts outside its groups: re-run `moeify plan`")
+
+
+def expert_ranges(experts: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'E0-2,5'."""
+    if not experts:
+        return "-"
+    parts, start, prev = [], experts[0], experts[0]
+    for e in experts[1:] + [None]:
+        if e is not None and e == prev + 1:
+            prev = e
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if e is not None:
+            start = prev = e
+    return "E" + ",".join(parts)

@@ -74,6 +74,27 @@ def read_manifest(path: str | Path) -> dict:
     return meta
 
 
+def dense_skeleton(path: Path, meta: dict, device: str) -> nn.Module:
+    """The dense transformers model a saved conversion started from, built from its config.json."""
+    architecture = meta["source"].get("architecture")
+    if architecture is None:
+        raise MoeifyError(f"{path} holds a converted {meta['source'].get('class', 'custom module')}: "
+                          "pass a fresh dense instance as model=..., e.g. moeify.load(path, model=YourModel())")
+    return build_hf(hf_config(path), device, architecture=architecture)
+
+
+def replay(path: Path, meta: dict, model: nn.Module) -> nn.Module:
+    """Convert `model` (dense) the way the saved one was, without initialising the experts."""
+    sparse = convert(model, MoEConfig.from_dict(meta["moe_config"]), inplace=True, _skip_init=True)
+    names = [s.name for s in sparse.moeify_record.sites]
+    saved = [s["name"] for s in meta["sites"]]
+    if names != saved:
+        raise MoeifyError(f"{path} was converted at {saved[:2]}..., but the rebuilt model converts at "
+                          f"{names[:2]}...: load it with the moeify and model code that wrote it")
+    sparse.moeify_record.source = meta["source"]
+    return sparse
+
+
 def load(path: str | Path, *, model: nn.Module | None = None, device: str | None = None,
          progress: Progress | None = None) -> nn.Module:
     """Rebuild a saved model: dense structure from its config, conversion replayed, weights loaded.
@@ -85,22 +106,10 @@ def load(path: str | Path, *, model: nn.Module | None = None, device: str | None
     meta = read_manifest(path)
     has_weights = bool(meta["weights"])
     device = device or ("cpu" if has_weights else "meta")
-    if model is None:
-        architecture = meta["source"].get("architecture")
-        if architecture is None:
-            raise MoeifyError(f"{path} holds a converted {meta['source'].get('class', 'custom module')}: "
-                              "pass a fresh dense instance with moeify.load(path, model=...)")
-        model = build_hf(hf_config(path), "cpu" if has_weights else "meta", architecture=architecture)
-    config = MoEConfig.from_dict(meta["moe_config"])
-    sparse = convert(model, config, inplace=True, _skip_init=True)
-    names = [s.name for s in sparse.moeify_record.sites]
-    saved = [s["name"] for s in meta["sites"]]
-    if names != saved:
-        raise MoeifyError(f"{path} was converted at {saved[:2]}..., but the rebuilt model converts at "
-                          f"{names[:2]}...: load it with the moeify and model code that wrote it")
+    sparse = replay(path, meta, model if model is not None else
+                    dense_skeleton(path, meta, "cpu" if has_weights else "meta"))
     if has_weights:
         load_weights(sparse, weight_files(path), progress=progress)
-    sparse.moeify_record.source = meta["source"]
     return sparse.to(device) if device not in ("cpu", "meta") else sparse
 
 

@@ -48,7 +48,7 @@ def test_large_models_are_sharded_with_an_index(tmp_path):
 def test_custom_modules_load_into_a_given_structure(tmp_path):
     sparse = moeify.convert(tiny_net(), moeify.MoEConfig(num_experts=3, every=1)).eval()
     moeify.save(sparse, tmp_path / "net")
-    with pytest.raises(moeify.MoeifyError, match=r"pass a fresh dense instance with moeify.load\(path, model=...\)"):
+    with pytest.raises(moeify.MoeifyError, match=r"pass a fresh dense instance as model=..., e.g. moeify.load\(path, model=YourModel\(\)\)"):
         moeify.load(tmp_path / "net")
     again = moeify.load(tmp_path / "net", model=tiny_net(seed=5)).eval()
     x = torch.randn(2, 4, 8)

@@ -1,0 +1,40 @@
+"""`moeify export --target torch-distributed`: per-rank shards, the plan and a sha256 manifest."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..planner.plan import expert_ranges
+from ..progress import progress_bars
+from ..targets.torch_distributed import DistributedExport, export_distributed
+from .common import console
+
+
+def print_export(export: DistributedExport, console: Console) -> None:
+    """What `moeify export --target torch-distributed` shows: one row per rank's shard."""
+    plan, manifest = export.plan, export.manifest
+    dp, ep = plan.mesh.shape
+    estimated = "" if plan.model.get("estimated", True) else ", default plan (not estimated)"
+    console.print(f"{export.path}: {plan.world_size} ranks, mesh dp={dp} x ep={ep}{estimated}", soft_wrap=True)
+    table = Table()
+    for col in ("rank", "file", "MiB", "experts per layer"):
+        table.add_column(col, justify="left" if col in ("file", "experts per layer") else "right")
+    for r in manifest.ranks:
+        held = {expert_ranges(ids) for ids in r.experts.values()}
+        what = f"{held.pop()} in each of {len(r.experts)} layers" if len(held) == 1 else "varies (see manifest.json)"
+        table.add_row(str(r.rank), r.file, f"{manifest.files[r.file]['bytes'] / 2**20:.1f}", what)
+    console.print(table)
+    sizes = [manifest.files[r.file]["bytes"] for r in manifest.ranks]
+    console.print(f"manifest.json: {len(manifest.files)} files with sha256; largest shard "
+                  f"{max(sizes) / 2**20:.1f} MiB, all shards {sum(sizes) / 2**20:.1f} MiB "
+                  "(dense weights are in every shard)", soft_wrap=True)
+
+
+def export_distributed_target(source: Path, output: Path, force: bool, flags: dict) -> None:
+    """Reads `plan` (a path), `world_size` and `allow_uneven` from `flags`."""
+    with progress_bars(console) as progress:
+        export = export_distributed(source, output, flags.get("plan"), world_size=flags.get("world_size"),
+                                    allow_uneven=bool(flags.get("allow_uneven")), force=force, progress=progress)
+    print_export(export, console)

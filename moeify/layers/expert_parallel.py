@@ -1,0 +1,170 @@
+"""ExpertParallelFFN: a SwitchFFN whose experts live on several ranks, reached by all-to-all."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .dispatch import dispatch
+from .experts import Experts
+from .switch import SwitchFFN
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """This rank's expert-parallel group: its size, this rank's index in it, the process group.
+
+    `group` is None only for structure work (emission, a group of one): forward then refuses
+    to run with more than one member instead of silently skipping the exchange.
+    """
+
+    rank: int  # index of this rank within the group (what the plan's placement refers to)
+    size: int
+    group: Any = None  # torch.distributed ProcessGroup
+
+
+def local_experts(full: Experts, ids: list[int]) -> Experts:
+    """An Experts module holding only experts `ids` of `full` (values copied; meta stays meta)."""
+    local = Experts(len(ids), full.d_model, full.d_ff, full.act, gated=full.gated, bias=full.b_in is not None,
+                    out_bias=full.b_out is not None, dropout=full.dropout.p, dtype=full.w_in.dtype, device="meta")
+    index = torch.tensor(ids, dtype=torch.long, device=full.w_in.device)
+    for name, p in full.named_parameters(recurse=False):
+        setattr(local, name, nn.Parameter(p.detach().index_select(0, index), requires_grad=p.requires_grad))
+    return local
+
+
+class AllToAll(torch.autograd.Function):
+    """dist.all_to_all_single along dim 0 with split sizes; backward is the same exchange with the
+    splits swapped (the gradient of a row goes back to the rank that sent the row).
+
+    Written here over the public collective because torch.distributed.nn.functional's version is
+    deprecated in torch 2.13 and the functional-collectives one is private.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, receive: list[int], send: list[int], group) -> torch.Tensor:
+        ctx.receive, ctx.send, ctx.group = receive, send, group
+        out = x.new_empty(sum(receive), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=receive, input_split_sizes=send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return AllToAll.apply(grad.contiguous(), ctx.send, ctx.receive, ctx.group), None, None, None
+
+
+class ExpertParallelFFN(SwitchFFN):
+    """Router -> local capacity dispatch into a [E, C, d_model] buffer -> all-to-all -> this rank's
+    experts -> all-to-all back -> gate and combine (Fedus et al. 2021, Section 2.2 and Figure 13).
+
+    Computes, on this rank's tokens, exactly what the single-process SwitchFFN computes on them:
+    capacity comes from the local token count, and within each expert earlier local tokens win.
+    It subclasses SwitchFFN so that router_losses(), summarize() and capacity() apply unchanged;
+    `experts` holds only this rank's experts, in ascending expert id (`expert_ids`).
+    """
+
+    def __init__(self, switch: SwitchFFN, placement: list[int], group: ExpertGroup) -> None:
+        # SwitchFFN.__init__ would allocate all E experts: take the parts from `switch` instead.
+        nn.Module.__init__(self)
+        if len(placement) != switch.num_experts or not all(0 <= r < group.size for r in placement):
+            raise ValueError(f"placement {placement} does not fit {switch.num_experts} experts on {group.size} ranks")
+        self.routing = switch.routing
+        self.router = switch.router
+        self.placement = list(placement)
+        self.group = group
+        self.expert_ids = [e for e, r in enumerate(placement) if r == group.rank]
+        self.experts = local_experts(switch.experts, self.expert_ids)
+        # The buffer lists experts grouped by owning rank (ascending id inside a rank), so each
+        # rank's part is one contiguous split of the all-to-all, whatever the placement.
+        order = sorted(range(switch.num_experts), key=lambda e: (placement[e], e))
+        self._block = [0] * switch.num_experts  # expert id -> its block in the buffer
+        for block, e in enumerate(order):
+            self._block[e] = block
+        self._per_rank = [placement.count(r) for r in range(group.size)]  # experts each rank holds
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # (T, d_model), flattened (batch, position) order
+        route = self.router(x)
+        capacity = self.capacity(x.shape[0])  # from this rank's tokens only, as in the paper
+        plan = dispatch(route.expert_index, self.num_experts, capacity)
+        row = self._buffer_rows(route.expert_index, plan.token_index, plan.counts, capacity)  # (K,)
+        send = x.new_zeros(self.num_experts * capacity, x.shape[-1])  # [E * C, d_model], empty slots 0
+        send = send.index_copy(0, row, x.index_select(0, plan.token_index))
+        capacities = self._capacities(capacity, x.device)  # every member's C: batches may differ
+        to_experts = [n * capacity for n in self._per_rank]  # rows this rank sends to each member
+        from_members = [len(self.expert_ids) * c for c in capacities]  # rows each member sends here
+        received = self._exchange(send, from_members, to_experts)
+        computed = self._run_experts(received, capacities)
+        back = self._exchange(computed, to_experts, from_members)  # (E * C, d_model), same rows as send
+        y = back.index_select(0, row)  # (K, d_model)
+        gate = route.gate.index_select(0, plan.token_index).to(y.dtype)  # the gate is how the router learns
+        out = y.new_zeros(x.shape[0], y.shape[-1]).index_copy(0, plan.token_index, y * gate.unsqueeze(-1))
+        return out.view(*shape[:-1], y.shape[-1])
+
+    def _buffer_rows(self, expert_index: torch.Tensor, token_index: torch.Tensor, counts: list[int],
+                     capacity: int) -> torch.Tensor:
+        """Buffer row of each kept token: its expert's block * C + its rank among that expert's tokens."""
+        kept_expert = expert_index.index_select(0, token_index)  # (K,), grouped by expert
+        counts_t = torch.tensor(counts, device=token_index.device)
+        starts = torch.cumsum(counts_t, 0) - counts_t  # (E,) first kept token of each expert
+        slot = torch.arange(token_index.numel(), device=token_index.device) - starts[kept_expert]
+        block = torch.tensor(self._block, device=token_index.device)
+        return block[kept_expert] * capacity + slot
+
+    def _capacities(self, capacity: int, device: torch.device) -> list[int]:
+        """Each group member's capacity, in group order (one tiny all-gather per call)."""
+        if self.group.size == 1:
+            return [capacity]
+        self._check_group()
+        mine = torch.tensor([capacity], dtype=torch.long, device=device)
+        gathered = torch.empty(self.group.size, dtype=torch.long, device=device)
+        dist.all_gather_single(gathered, mine, group=self.group.group)
+        return gathered.tolist()
+
+    def _exchange(self, x: torch.Tensor, receive: list[int], send: list[int]) -> torch.Tensor:
+        """all_to_all_single with uneven splits; its backward runs the same exchange reversed."""
+        if self.group.size == 1:
+            return x
+        self._check_group()
+        return AllToAll.apply(x, receive, send, self.group.group)
+
+    def _run_experts(self, received: torch.Tensor, capacities: list[int]) -> torch.Tensor:
+        """Rows arrive as [member][local expert][C_member]; experts want them grouped by expert."""
+        n, d = len(self.expert_ids), received.shape[-1]
+        if n == 0:
+            return received.new_zeros(0, self.experts.d_model)
+        parts = [p.view(n, c, d) for p, c in zip(received.split([n * c for c in capacities]), capacities)]
+        grouped = torch.cat(parts, dim=1)  # (n, sum C, d): padding rows are zeros; their outputs are unused
+        total = grouped.shape[1]
+        y = self.experts(grouped.reshape(n * total, d), [total] * n).view(n, total, -1)
+        return torch.cat([p.reshape(-1, y.shape[-1]) for p in y.split(capacities, dim=1)])
+
+    def _check_group(self) -> None:
+        if self.group.group is None:
+            raise RuntimeError("this ExpertParallelFFN was built for structure only (no process group): "
+                               "load it with moeify.distributed.load_rank to run it")
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, experts={self.expert_ids} of {self.num_experts}, "
+                f"group_rank={self.group.rank}/{self.group.size}")
+
+
+def _expert_weights(model: nn.Module) -> Iterator[tuple[str, ExpertParallelFFN, nn.Parameter]]:
+    for name, m in model.named_modules():
+        if isinstance(m, ExpertParallelFFN):
+            for p, w in m.experts.named_parameters():
+                yield (f"{name}.experts.{p}" if name else f"experts.{p}"), m, w
+
+
+def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """This rank's expert weights by state-dict name; everything else in a lowered model is dense."""
+    return {name: w for name, _, w in _expert_weights(model)}
+
+
+def expert_rows(model: nn.Module) -> dict[str, list[int]]:
+    """For each expert weight: the global expert id of each of its rows."""
+    return {name: m.expert_ids for name, m, _ in _expert_weights(model)}

@@ -1,0 +1,50 @@
+"""LayerSpec: what a Switch layer's lowering needs to know, read once from the PyTorch layer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ...errors import MoeifyError
+from ...layers.switch import SwitchFFN
+from .activations import Activation, identify
+from .emit import ONNX_DTYPES
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    num_experts: int
+    d_model: int
+    d_ff: int
+    eval_capacity_factor: float
+    min_capacity: int
+    activation: Activation
+    gated: bool
+    dtype: int  # ONNX element type of hidden states and expert weights
+    router_dtype: int  # ONNX element type the router computes in (float32 unless configured)
+
+    @classmethod
+    def of(cls, name: str, layer: SwitchFFN) -> "LayerSpec":
+        e, r = layer.experts, layer.routing
+        if e.w_in.dtype not in ONNX_DTYPES:
+            raise MoeifyError(f"{name or 'the model'} holds {e.w_in.dtype} experts: moeify exports float32 "
+                              "and float16 models; call model.float() first (--dtype fp16 halves it for you)")
+        return cls(name, r.num_experts, e.d_model, e.d_ff, r.eval_capacity_factor, r.min_capacity,
+                   identify(e.act), e.gated, ONNX_DTYPES[e.w_in.dtype], ONNX_DTYPES[layer.router.router_dtype])
+
+
+class Weights(NamedTuple):
+    """Graph values of one layer's parameters; None where the layer has no such tensor."""
+
+    router: Any  # (E, d_model)
+    w_in: Any  # (E, d_ff, d_model)
+    w_gate: Any  # (E, d_ff, d_model) or None
+    w_out: Any  # (E, d_model, d_ff)
+    b_in: Any  # (E, d_ff) or None
+    b_gate: Any  # (E, d_ff) or None
+    b_out: Any  # (E, d_model) or None
+
+    @classmethod
+    def of(cls, layer: SwitchFFN) -> "Weights":
+        e = layer.experts
+        return cls(layer.router.weight, e.w_in, e.w_gate, e.w_out, e.b_in, e.b_gate, e.b_out)

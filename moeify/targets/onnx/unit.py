@@ -1,0 +1,94 @@
+"""The Switch layer as one export unit: an autograd.Function whose symbolic writes our lowering.
+
+While exporting, each SwitchFFN's forward is replaced by a call to `SwitchUnit`; the tracer
+records one opaque node per layer and the exporter asks `symbolic` for its ONNX. The routing is
+therefore exactly the ops in lower.py / fused.py, never whatever the tracer saw of dispatch().
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ...layers.switch import SwitchFFN
+from .emit import Emit, LegacyEmit
+from .fused import fused_activation, lower_fused
+from .lower import lower_portable
+from .spec import LayerSpec, Weights
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one Switch layer is lowered; `reason` says why a fused-mode layer stayed portable."""
+
+    spec: LayerSpec
+    lowering: str  # "fused" or "portable"
+    activation_type: str | None = None  # com.microsoft.MoE activation_type when fused
+    reason: str | None = None
+
+    def lower(self, op: Emit, x: Any, w: Weights) -> Any:
+        if self.lowering == "fused":
+            return lower_fused(op, self.spec, x, w, self.activation_type)
+        return lower_portable(op, self.spec, x, w)
+
+
+def switch_layers(model: nn.Module) -> list[tuple[str, SwitchFFN]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SwitchFFN)]
+
+
+def plan_layers(model: nn.Module, mode: str) -> list[LayerPlan]:
+    plans = []
+    for name, layer in switch_layers(model):
+        spec = LayerSpec.of(name, layer)
+        if mode == "portable":
+            plans.append(LayerPlan(spec, "portable"))
+            continue
+        activation_type, reason = fused_activation(spec)
+        plans.append(LayerPlan(spec, "fused", activation_type) if activation_type
+                     else LayerPlan(spec, "portable", reason=reason))
+    return plans
+
+
+class SwitchUnit(torch.autograd.Function):
+    """symbolic: our ONNX lowering. forward only stands in for the tracer, which needs the output's
+    shape and dtype; it cannot run the layer, because the tracer refuses tensors inside a Function
+    that are not its inputs (the layer's buffers and modules). Values after a Switch layer are
+    therefore placeholders during tracing, which only matters to Python control flow on hidden
+    values, which tracing cannot capture anyway; the parity check runs the real layers.
+    """
+
+    @staticmethod
+    def forward(ctx, x, router, w_in, w_gate, w_out, b_in, b_gate, b_out, plan, opset):
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g, x, router, w_in, w_gate, w_out, b_in, b_gate, b_out, plan, opset):
+        y = plan.lower(LegacyEmit(g, opset), x, Weights(router, w_in, w_gate, w_out, b_in, b_gate, b_out))
+        y.setType(x.type())  # same shape and dtype as the input: keeps shape inference going
+        return y
+
+
+def _unit_forward(layer: SwitchFFN, plan: LayerPlan, opset: int, called: list[str], x: torch.Tensor) -> torch.Tensor:
+    called.append(plan.spec.name)
+    return SwitchUnit.apply(x, *Weights.of(layer), plan, opset)
+
+
+@contextlib.contextmanager
+def export_units(model: nn.Module, plans: list[LayerPlan], opset: int,
+                 forward=_unit_forward) -> Iterator[list[str]]:
+    """Route every planned layer through `forward` (SwitchUnit by default); parameter names stay
+    those of the model. Yields the names of the layers the traced graph called, in order."""
+    modules = dict(model.named_modules())
+    called: list[str] = []
+    try:
+        for plan in plans:
+            layer = modules[plan.spec.name]
+            layer.forward = functools.partial(forward, layer, plan, opset, called)
+        yield called
+    finally:
+        for plan in plans:
+            modules[plan.spec.name].__dict__.pop("forward", None)

@@ -1,0 +1,51 @@
+"""The proof at export time: run the exported graph and PyTorch on a fresh batch and compare."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from .graphs import Graph
+from .unit import switch_layers
+
+# Another batch and sequence length than the trace's (2, 7): the dynamic axes get exercised.
+CHECK_BATCH, CHECK_SEQUENCE = 3, 11
+
+
+@contextlib.contextmanager
+def dropless(model: nn.Module, names: set[str]) -> Iterator[None]:
+    """Give the named layers room for every token: the fused kernel never drops one."""
+    saved = {}
+    try:
+        for name, layer in switch_layers(model):
+            if name in names:
+                saved[name] = layer.routing
+                layer.routing = dataclasses.replace(layer.routing, eval_capacity_factor=float(layer.num_experts))
+        yield
+    finally:
+        for name, layer in switch_layers(model):
+            if name in saved:
+                layer.routing = saved[name]
+
+
+def feed(session: ort.InferenceSession, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+    """Inputs as the session wants them (fp16 graphs take fp16 hidden states)."""
+    types = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64}
+    return {i.name: t.numpy().astype(types.get(i.type, t.numpy().dtype)) for i, t in zip(session.get_inputs(), inputs)}
+
+
+def max_abs_diff(graph: Graph, model: nn.Module, session: ort.InferenceSession, dropless_layers: set[str]) -> float:
+    """max |onnxruntime - PyTorch eval| on one batch; `graph` must compute with `model`."""
+    inputs = graph.sample(CHECK_BATCH, CHECK_SEQUENCE, 1)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), dropless(model, dropless_layers):
+        expected = graph.module(*inputs).float().numpy()
+    model.train(was_training)
+    got = session.run(None, feed(session, inputs))[0].astype(np.float32)
+    return float(np.abs(got - expected).max())
