@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import report  # noqa: E402
@@ -63,7 +64,33 @@ def run_ort(sessions, x) -> tuple[float, float, np.ndarray]:
     return t1 - t0, time.perf_counter() - t1, logits
 
 
-def measure(num_experts: int, batches: list[int], reps: int, threads: int, scratch: Path) -> list[tuple[str, ...]]:
+def gemm_flops_per_second(size: int = 2048, reps: int = 5) -> float:
+    """This machine's float32 GEMM rate with the benchmark's threads: the compute roofline."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    return 2 * size**3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def forward_flops(model, x) -> tuple[float, float]:
+    """Matmul FLOPs of the encoder and of the decoder forward, as PyTorch runs them."""
+    counts = []
+    for part in (0, 1):
+        with FlopCounterMode(display=False) as counter:
+            run_torch(model, x) if part else model.get_encoder()(input_ids=torch.from_numpy(x["input_ids"]),
+                                                                 attention_mask=torch.from_numpy(x["attention_mask"]))
+        counts.append(counter.get_total_flops())
+    return counts[0], counts[1] - counts[0]
+
+
+def measure(num_experts: int, batches: list[int], reps: int, threads: int, scratch: Path,
+            peak: float) -> list[tuple[str, ...]]:
     model = build(num_experts)
     runners = {"pytorch": lambda x: run_torch(model, x)}
     for mode in ("portable", "fused"):
@@ -85,10 +112,14 @@ def measure(num_experts: int, batches: list[int], reps: int, threads: int, scrat
             names = list(runners)
             for name in names[r % 3:] + names[:r % 3]:  # rotate the order each repetition
                 times[name].append(runners[name](x)[:2])
+        with torch.no_grad():
+            flops = forward_flops(model, x)
         for part, pick in (("encoder", lambda t: t[0]), ("encoder + decoder", lambda t: t[0] + t[1])):
             t, p, f = (statistics.median(pick(v) for v in times[n]) * 1e3 for n in ("pytorch", "portable", "fused"))
+            bound = pick(flops) / peak * 1e3
             rows.append((str(num_experts), str(batch), part, f"{t:.1f}", f"{p:.1f}", f"{f:.1f}",
-                         f"{t / p:.2f}x", f"{t / f:.2f}x", f"{portable_diff:.1e}"))
+                         f"{t / p:.2f}x", f"{t / f:.2f}x", f"{bound:.1f}", f"{t / bound:.2f}x", f"{f / bound:.2f}x",
+                         f"{portable_diff:.1e}"))
     return rows
 
 
@@ -101,20 +132,24 @@ def main() -> None:
     args = parser.parse_args()
     threads = torch.get_num_threads()
     rows = []
+    peak = gemm_flops_per_second()
     with tempfile.TemporaryDirectory() as scratch:
         for e in args.experts:
-            rows += measure(e, args.batch, args.reps, threads, Path(scratch))
+            rows += measure(e, args.batch, args.reps, threads, Path(scratch), peak)
     import onnxruntime
 
     title = (f"Switch t5-small, encoder + decoder forward, sequence {SEQUENCE}, median of {args.reps}, "
              f"{threads} threads; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
     header = ["experts", "batch", "graph", "PyTorch ms", "ORT portable ms", "ORT fused ms",
-              "portable speed-up", "fused speed-up", "portable max |Δ|"]
+              "portable speed-up", "fused speed-up", "roofline ms", "PyTorch / roofline", "fused / roofline",
+              "portable max |Δ|"]
     notes = ["Speed-up = PyTorch eager time / onnxruntime time (higher is better). The decoder is teacher-forced over",
              "all 128 positions and includes the LM head (128 x 512 x 32128), a dense GEMM both runtimes share.",
              "Fused graphs are dropless (com.microsoft.MoE); PyTorch and the portable graph use eval capacity "
              "factor 2.0;",
-             "portable max |Δ| compares the portable graph's logits with PyTorch's."]
+             "portable max |Δ| compares the portable graph's logits with PyTorch's.",
+             f"roofline = the forward's matmul FLOPs (torch's FlopCounterMode) at this machine's float32 GEMM rate "
+             f"({peak / 1e9:.0f} GFLOP/s, {threads} threads, measured in this run): no runtime can beat it."]
     report(title, header, rows, args.out, notes)
 
 
