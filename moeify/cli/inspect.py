@@ -21,14 +21,16 @@ from .plan import print_plan_summary
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the same data as JSON.")
 def inspect_cmd(path: Path, as_json: bool) -> None:
-    """Show a converted model (parameters, active parameters per token, Switch layers)
-    or a sharding plan (mesh, groups, placement, costs).
+    """Show a converted model (parameters, active parameters per token, Switch layers),
+    a sharding plan (mesh, groups, placement, costs) or an exported ONNX graph (inputs and
+    outputs, op histogram, Switch layers and their lowering, MoE nodes, sizes).
 
     \b
     Examples:
       moeify inspect out/switch-t5-small
       moeify inspect out/switch-t5-small --json | jq .active_params
       moeify inspect plan.json
+      moeify inspect out/onnx/encoder_model.onnx
     """
     if path.suffix == ".onnx":
         return inspect_onnx(path, as_json, console)
