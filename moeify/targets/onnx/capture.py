@@ -17,12 +17,12 @@ from torch import nn
 
 from .graphs import Graph
 from .options import OnnxOptions
-from .unit import LayerPlan, export_units
+from .unit import LayerLowering, export_units
 
 CONTRIB_OPSETS = {"com.microsoft": 1}
 
 
-def capture(graph: Graph, model: nn.Module, plans: list[LayerPlan], options: OnnxOptions, path: Path) -> list[str]:
+def capture(graph: Graph, model: nn.Module, plans: list[LayerLowering], options: OnnxOptions, path: Path) -> list[str]:
     """Write `graph` to `path` with each Switch layer lowered as planned; returns the layers it holds."""
     if options.dynamo:
         from .dynamo import capture_dynamo

@@ -22,9 +22,9 @@ from ...layers.switch import SwitchFFN
 from .graphs import Graph
 from .options import OnnxOptions
 from .spec import Weights
-from .unit import LayerPlan, export_units
+from .unit import LayerLowering, export_units
 
-_PLANS: dict[int, tuple[SwitchFFN, LayerPlan, int]] = {}  # key carried by the op -> layer, plan, opset
+_PLANS: dict[int, tuple[SwitchFFN, LayerLowering, int]] = {}  # key carried by the op -> layer, plan, opset
 
 
 @torch.library.custom_op("moeify::switch_ffn", mutates_args=())
@@ -91,14 +91,14 @@ def _translate(x, router, w_in, w_gate, w_out, b_in, b_gate, b_out, key):
     return plan.lower(ScriptEmit(opset), x, Weights(router, w_in, w_gate, w_out, b_in, b_gate, b_out))
 
 
-def _op_forward(layer: SwitchFFN, plan: LayerPlan, opset: int, called: list[str], x: torch.Tensor) -> torch.Tensor:
+def _op_forward(layer: SwitchFFN, plan: LayerLowering, opset: int, called: list[str], x: torch.Tensor) -> torch.Tensor:
     called.append(plan.spec.name)
     key = id(layer)
     _PLANS[key] = (layer, plan, opset)
     return torch.ops.moeify.switch_ffn(x, *Weights.of(layer), key)
 
 
-def capture_dynamo(graph: Graph, model: nn.Module, plans: list[LayerPlan], options: OnnxOptions,
+def capture_dynamo(graph: Graph, model: nn.Module, plans: list[LayerLowering], options: OnnxOptions,
                    path: Path) -> list[str]:
     try:
         import onnxscript  # noqa: F401

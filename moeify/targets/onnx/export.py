@@ -22,7 +22,7 @@ from .fold import fold_constants
 from .graphs import Graph, graphs_for, static_sizes
 from .options import OnnxOptions
 from .runtime import execution_providers, session
-from .unit import LayerPlan, plan_layers
+from .unit import LayerLowering, plan_layers
 from .verify import max_abs_diff
 
 REPORT_FILE = "moeify_onnx.json"
@@ -44,11 +44,11 @@ class GraphReport:
 class ExportReport:
     out: Path
     options: OnnxOptions
-    layers: list[LayerPlan]
+    layers: list[LayerLowering]
     graphs: list[GraphReport] = field(default_factory=list)
 
     @property
-    def fallbacks(self) -> list[LayerPlan]:
+    def fallbacks(self) -> list[LayerLowering]:
         """Layers that fused mode left portable, each with its reason."""
         return [p for p in self.layers if p.reason]
 
@@ -58,7 +58,7 @@ class ExportReport:
                 "graphs": [asdict(g) for g in self.graphs]}
 
 
-def _layer_dict(plan: LayerPlan) -> dict:
+def _layer_dict(plan: LayerLowering) -> dict:
     s = plan.spec
     return {"name": s.name, "lowering": plan.lowering, "activation": s.activation.name, "gated": s.gated,
             "num_experts": s.num_experts, "eval_capacity_factor": s.eval_capacity_factor,
@@ -127,7 +127,7 @@ class _Job:
     options: OnnxOptions
     exported: nn.Module
     reference: nn.Module
-    plans: list[LayerPlan]
+    plans: list[LayerLowering]
     out: Path
     scratch: Path
 

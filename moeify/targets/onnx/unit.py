@@ -22,7 +22,7 @@ from .spec import LayerSpec, Weights
 
 
 @dataclass(frozen=True)
-class LayerPlan:
+class LayerLowering:
     """How one Switch layer is lowered; `reason` says why a fused-mode layer stayed portable."""
 
     spec: LayerSpec
@@ -40,16 +40,16 @@ def switch_layers(model: nn.Module) -> list[tuple[str, SwitchFFN]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SwitchFFN)]
 
 
-def plan_layers(model: nn.Module, mode: str) -> list[LayerPlan]:
+def plan_layers(model: nn.Module, mode: str) -> list[LayerLowering]:
     plans = []
     for name, layer in switch_layers(model):
         spec = LayerSpec.of(name, layer)
         if mode == "portable":
-            plans.append(LayerPlan(spec, "portable"))
+            plans.append(LayerLowering(spec, "portable"))
             continue
         activation_type, reason = fused_activation(spec)
-        plans.append(LayerPlan(spec, "fused", activation_type) if activation_type
-                     else LayerPlan(spec, "portable", reason=reason))
+        plans.append(LayerLowering(spec, "fused", activation_type) if activation_type
+                     else LayerLowering(spec, "portable", reason=reason))
     return plans
 
 
@@ -72,13 +72,13 @@ class SwitchUnit(torch.autograd.Function):
         return y
 
 
-def _unit_forward(layer: SwitchFFN, plan: LayerPlan, opset: int, called: list[str], x: torch.Tensor) -> torch.Tensor:
+def _unit_forward(layer: SwitchFFN, plan: LayerLowering, opset: int, called: list[str], x: torch.Tensor) -> torch.Tensor:
     called.append(plan.spec.name)
     return SwitchUnit.apply(x, *Weights.of(layer), plan, opset)
 
 
 @contextlib.contextmanager
-def export_units(model: nn.Module, plans: list[LayerPlan], opset: int,
+def export_units(model: nn.Module, plans: list[LayerLowering], opset: int,
                  forward=_unit_forward) -> Iterator[list[str]]:
     """Route every planned layer through `forward` (SwitchUnit by default); parameter names stay
     those of the model. Yields the names of the layers the traced graph called, in order."""
