@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -81,15 +82,23 @@ def main(ctx: click.Context, directory: Path, **options) -> None:
     from .runtime.failures import RankFailure
     from .runtime.loop import RunConfig, run
 
+    def fail(message: str, code: int) -> None:
+        click.echo(f"error: {message}", err=True)
+        if dist.is_initialized():
+            # A normal exit would run gloo's destructors with peers gone or mid-collective, which
+            # can abort the process (SIGABRT) and lose the exit status: leave at once instead.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        ctx.exit(code)
+
     try:
         report = run(RunConfig(path=directory, **options), log=functools.partial(print, flush=True))
     except RankFailure as e:
-        click.echo(f"error: {e}", err=True)
-        ctx.exit(3)
+        fail(str(e), 3)
     except MoeifyError as e:
         rank = dist.get_rank() if dist.is_initialized() else None
-        click.echo(f"error: {'' if rank is None else f'rank {rank}: '}{e}", err=True)
-        ctx.exit(2)
+        fail(f"{'' if rank is None else f'rank {rank}: '}{e}", 2)
     if dist.get_rank() == 0:
         # Under torchrun stdout is a pipe, where rich would wrap at 80 columns: let rows be one line.
         print_report(report, Console(highlight=False, width=None if sys.stdout.isatty() else 200))

@@ -63,27 +63,41 @@ class ExpertParallelFFN(SwitchFFN):
     Computes, on this rank's tokens, exactly what the single-process SwitchFFN computes on them:
     capacity comes from the local token count, and within each expert earlier local tokens win.
     It subclasses SwitchFFN so that router_losses(), summarize() and capacity() apply unchanged;
-    `experts` holds only this rank's experts, in ascending expert id (`expert_ids`).
+    `experts` holds only this rank's experts (copies of replicated ones too), in ascending id (`expert_ids`).
     """
 
-    def __init__(self, switch: SwitchFFN, placement: list[int], group: ExpertGroup) -> None:
+    def __init__(self, switch: SwitchFFN, placement: list[int], group: ExpertGroup,
+                 replicas: dict[str, list[int]] | None = None) -> None:
         # SwitchFFN.__init__ would allocate all E experts: take the parts from `switch` instead.
         nn.Module.__init__(self)
         if len(placement) != switch.num_experts or not all(0 <= r < group.size for r in placement):
             raise ValueError(f"placement {placement} does not fit {switch.num_experts} experts on {group.size} ranks")
+        holders = [sorted((replicas or {}).get(str(e), [r])) for e, r in enumerate(placement)]
+        if any(placement[e] not in h or len(set(h)) != len(h) or not all(0 <= r < group.size for r in h)
+               for e, h in enumerate(holders)):
+            raise ValueError(f"replicas {replicas} do not fit placement {placement} on {group.size} ranks")
         self.routing = switch.routing
         self.router = switch.router
         self.placement = list(placement)
+        self.holders = holders  # expert id -> the group ranks holding a copy, sorted
+        self.replicated = [e for e, h in enumerate(holders) if len(h) > 1]
         self.group = group
-        self.expert_ids = [e for e, r in enumerate(placement) if r == group.rank]
+        self.expert_ids = [e for e, h in enumerate(holders) if group.rank in h]  # home copies and replicas
         self.experts = local_experts(switch.experts, self.expert_ids)
-        # The buffer lists experts grouped by owning rank (ascending id inside a rank), so each
-        # rank's part is one contiguous split of the all-to-all, whatever the placement.
-        order = sorted(range(switch.num_experts), key=lambda e: (placement[e], e))
-        self._block = [0] * switch.num_experts  # expert id -> its block in the buffer
+        # Source s sends expert e's tokens to copy holders[e][s % len]: fixed, so no extra exchange,
+        # and the senders spread over the copies.
+        target = [[h[s % len(h)] for h in holders] for s in range(group.size)]
+        mine = target[group.rank]
+        # Each source sends every expert to exactly one rank, so its buffer is still [E * C] rows,
+        # in blocks ordered by (destination rank, expert id): each destination's part is one split.
+        order = sorted(range(switch.num_experts), key=lambda e: (mine[e], e))
+        self._block = [0] * switch.num_experts  # expert id -> its block in this rank's send buffer
         for block, e in enumerate(order):
             self._block[e] = block
-        self._per_rank = [placement.count(r) for r in range(group.size)]  # experts each rank holds
+        self._per_rank = [mine.count(r) for r in range(group.size)]  # experts this rank sends to each member
+        # What each member sends here: its blocks for this rank, as indices into self.expert_ids.
+        self._from = [[i for i, e in enumerate(self.expert_ids) if target[s][e] == group.rank]
+                      for s in range(group.size)]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -96,7 +110,7 @@ class ExpertParallelFFN(SwitchFFN):
         send = send.index_copy(0, row, x.index_select(0, plan.token_index))
         capacities = self._capacities(capacity, x.device)  # every member's C: batches may differ
         to_experts = [n * capacity for n in self._per_rank]  # rows this rank sends to each member
-        from_members = [len(self.expert_ids) * c for c in capacities]  # rows each member sends here
+        from_members = [len(f) * c for f, c in zip(self._from, capacities)]  # rows each member sends here
         received = self._exchange(send, from_members, to_experts)
         computed = self._run_experts(received, capacities)
         back = self._exchange(computed, to_experts, from_members)  # (E * C, d_model), same rows as send
@@ -133,15 +147,29 @@ class ExpertParallelFFN(SwitchFFN):
         return AllToAll.apply(x, receive, send, self.group.group)
 
     def _run_experts(self, received: torch.Tensor, capacities: list[int]) -> torch.Tensor:
-        """Rows arrive as [member][local expert][C_member]; experts want them grouped by expert."""
-        n, d = len(self.expert_ids), received.shape[-1]
-        if n == 0:
+        """Rows arrive as [member][its experts for this rank][C_member]; experts want them grouped by expert."""
+        if not self.expert_ids:
             return received.new_zeros(0, self.experts.d_model)
-        parts = [p.view(n, c, d) for p, c in zip(received.split([n * c for c in capacities]), capacities)]
-        grouped = torch.cat(parts, dim=1)  # (n, sum C, d): padding rows are zeros; their outputs are unused
-        total = grouped.shape[1]
-        y = self.experts(grouped.reshape(n * total, d), [total] * n).view(n, total, -1)
-        return torch.cat([p.reshape(-1, y.shape[-1]) for p in y.split(capacities, dim=1)])
+        order, counts = self._grouping(capacities, received.device)
+        y = self.experts(received.index_select(0, order), counts)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)
+        return y.index_select(0, back)  # in arrival order again, for the return exchange
+
+    def _grouping(self, capacities: list[int], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+        """Arrival rows reordered to [local expert][member, ascending][C_member], and rows per local expert.
+
+        A replicated copy only gets the members that chose it, so counts may differ between experts.
+        """
+        pieces: list[list[torch.Tensor]] = [[] for _ in self.expert_ids]
+        start = 0
+        for member, c in enumerate(capacities):
+            for i in self._from[member]:
+                pieces[i].append(torch.arange(start, start + c, device=device))
+                start += c
+        counts = [sum(p.numel() for p in ps) for ps in pieces]
+        order = torch.cat([p for ps in pieces for p in ps])  # every copy has at least one member
+        return order, counts
 
     def _check_group(self) -> None:
         if self.group.group is None:

@@ -7,12 +7,12 @@ from ..config import MoEConfig
 from ..errors import MoeifyError
 from ..layers.expert_parallel import ExpertGroup, ExpertParallelFFN
 from ..layers.switch import SwitchFFN
-from ..planner.plan import ShardingPlan
+from ..planner.plan import LayerPlan, ShardingPlan
 from .base import Pass, PassContext, PassManager, PassResult, Program
 
 
 def check_plan_fits(model: nn.Module, plan: ShardingPlan) -> None:
-    """The plan must name exactly the model's Switch layers, with their expert counts."""
+    """The plan must name exactly the model's Switch layers, with their expert counts and well-formed replicas."""
     layers = {name: m.num_experts for name, m in model.named_modules() if isinstance(m, SwitchFFN)}
     planned = {layer.name: layer.num_experts for layer in plan.layers}
     if layers != planned:
@@ -23,10 +23,23 @@ def check_plan_fits(model: nn.Module, plan: ShardingPlan) -> None:
             wrong = sorted(n for n in layers if layers[n] != planned[n])[0]
             what = f"{wrong} has {layers[wrong]} experts, the plan {planned[wrong]}"
         raise MoeifyError(f"the plan was made for another model: {what}: re-run `moeify plan` on this model")
-    replicated = [layer.name for layer in plan.layers if any(len(r) > 1 for r in layer.replicas.values())]
-    if replicated:
-        raise MoeifyError(f"replicated experts are not supported by the torch-distributed target yet "
-                          f"({replicated[0]}): make the plan without --replicate-hot")
+    for layer in plan.layers:
+        _check_replicas(layer, plan.expert_parallel_size)
+
+
+def _check_replicas(layer: LayerPlan, ep: int) -> None:
+    """Each replicated expert: a list of distinct group ranks that includes its home rank."""
+    for key, ranks in layer.replicas.items():
+        where = f"the plan's replicas of {layer.name} expert {key}"
+        if not (key.isdigit() and int(key) < layer.num_experts):
+            raise MoeifyError(f"{where}: no such expert (the layer has {layer.num_experts}): re-run `moeify plan`")
+        if not isinstance(ranks, list) or not all(isinstance(r, int) and 0 <= r < ep for r in ranks):
+            raise MoeifyError(f"{where} ({ranks}) must be group ranks in 0..{ep - 1}: re-run `moeify plan`")
+        if len(set(ranks)) != len(ranks):
+            raise MoeifyError(f"{where} ({ranks}) name a rank twice: re-run `moeify plan`")
+        if layer.placement[int(key)] not in ranks:
+            raise MoeifyError(f"{where} ({ranks}) lack its home rank {layer.placement[int(key)]}: "
+                              "re-run `moeify plan`")
 
 
 class LowerExpertParallel(Pass):
@@ -49,11 +62,11 @@ class LowerExpertParallel(Pass):
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         model = program.model
         check_plan_fits(model, self.plan)
-        placements = {layer.name: layer.placement for layer in self.plan.layers}
+        layers = {layer.name: layer for layer in self.plan.layers}
         jobs = [(name, m) for name, m in model.named_modules()
                 if isinstance(m, SwitchFFN) and not isinstance(m, ExpertParallelFFN)]
         for done, (name, switch) in enumerate(jobs):
-            lowered = ExpertParallelFFN(switch, placements[name], self.group)
+            lowered = ExpertParallelFFN(switch, layers[name].placement, self.group, layers[name].replicas)
             if name:
                 model.set_submodule(name, lowered)
             else:

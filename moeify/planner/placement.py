@@ -32,7 +32,9 @@ def load_aware(loads: tuple[float, ...], ep: int) -> list[int]:
 def replicate_hot(placement: list[int], loads: tuple[float, ...], ep: int, count: int) -> dict[int, list[int]]:
     """Give the `count` hottest experts a second copy on the least loaded other rank.
 
-    Tokens of a replicated expert split evenly between its copies.
+    Each expert's ranks come sorted, home included. The runtime sends the tokens of source rank s
+    to copy ranks[s % len(ranks)], so the copies split the senders: evenly when len(ranks)
+    divides ep, which the estimate assumes.
     """
     replicas = {e: [r] for e, r in enumerate(placement)}
     rank_load = np.zeros(ep)
@@ -47,4 +49,4 @@ def replicate_hot(placement: list[int], loads: tuple[float, ...], ep: int, count
         replicas[e].append(extra)
         rank_load[home] -= loads[e] / 2
         rank_load[extra] += loads[e] / 2
-    return replicas
+    return {e: sorted(r) for e, r in replicas.items()}

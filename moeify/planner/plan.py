@@ -24,7 +24,7 @@ class LayerPlan:
     num_experts: int
     placement: list[int]  # expert id -> rank within its expert-parallel group (its home copy)
     all_to_all: str  # "flat" or "hierarchical"
-    replicas: dict[str, list[int]] = field(default_factory=dict)  # expert id -> all group ranks holding it
+    replicas: dict[str, list[int]] = field(default_factory=dict)  # expert id -> group ranks holding it, home too
     all_to_all_ms: float = 0.0  # the layer's four exchanges (dispatch and combine, forward and backward)
     lower_bound_ms: float = 0.0
     compute_ms: float = 0.0

@@ -16,7 +16,7 @@ from ..planner.plan import ShardingPlan
 class ParallelGroups:
     """This rank's view of the plan's groups.
 
-    expert_parallel: the ranks that exchange tokens (a mesh row); together they hold every expert once.
+    expert_parallel: the ranks that exchange tokens (a mesh row); together they hold every expert (replicated ones more than once).
     expert_data_parallel: the ranks holding the same experts (a mesh column, the plan's data-parallel
         group); expert gradients are reduced over it.
     data_parallel: every rank; dense weights are replicated on all, so their gradients average over it.

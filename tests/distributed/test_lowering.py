@@ -82,15 +82,6 @@ def test_plans_for_another_model_are_refused():
         check_plan_fits(model, plan)
 
 
-def test_replicated_experts_are_refused():
-    model = converted_t5()
-    plan = plan_for(model, 2)
-    plan.layers[1].replicas = {"0": [0, 1]}
-    with pytest.raises(moeify.MoeifyError, match="replicated experts are not supported by the torch-distributed "
-                                                 "target yet"):
-        check_plan_fits(model, plan)
-
-
 @pytest.mark.parametrize("world, experts, kw, ep, placement", [
     (4, 4, {}, 4, [0, 1, 2, 3]),
     (6, 4, {}, 2, [0, 0, 1, 1]),  # the largest divisor of 6 that divides 4
