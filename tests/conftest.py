@@ -1,6 +1,8 @@
 """Shared fixtures: tiny models and a local Hugging Face directory."""
 import pytest
 
+from moeify import cli
+
 from tiny import tiny_t5
 
 
@@ -21,3 +23,9 @@ def hf_t5_dir(tmp_path):
     path = tmp_path / "hf-t5"
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """The CLI's console at 200 columns: long layer names stay on one line in captured output."""
+    monkeypatch.setattr(cli.console, "width", 200)

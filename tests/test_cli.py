@@ -3,28 +3,9 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
-from moeify import cli
+from clitools import assert_user_error, run
 from moeify.cli import convert as convert_cli
-
-
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch):
-    monkeypatch.setattr(cli.console, "width", 200)  # keep long layer names on one line
-
-
-def run(*args):
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
-
-
-def assert_user_error(result, tmp_path, message):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert message in lines[0]
-    assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
 def test_convert_and_inspect_a_local_hf_directory(hf_t5_dir, tmp_path):

@@ -3,18 +3,8 @@ from pathlib import Path
 
 import networkx as nx
 import pytest
-from click.testing import CliRunner
 
-from moeify import cli
-
-
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch):
-    monkeypatch.setattr(cli.console, "width", 200)
-
-
-def run(*args):
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
+from clitools import run
 
 
 def test_plan_a_preset_on_meta_then_inspect_and_draw(tmp_path):

@@ -4,16 +4,10 @@ import json
 import onnx
 import onnxruntime
 import pytest
-from click.testing import CliRunner
 
 import moeify
-from moeify import cli
+from clitools import assert_user_error, run
 from tiny import tiny_net, tiny_t5
-
-
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch):
-    monkeypatch.setattr(cli.console, "width", 200)
 
 
 @pytest.fixture(scope="module")
@@ -21,19 +15,6 @@ def converted(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "switch"
     moeify.save(moeify.convert(tiny_t5("relu"), moeify.MoEConfig(num_experts=4)), path)
     return path
-
-
-def run(*args):
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
-
-
-def assert_user_error(result, tmp_path, message):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert message in lines[0]
-    assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
 def test_fused_export_then_inspect(converted, tmp_path):
