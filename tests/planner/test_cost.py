@@ -144,3 +144,28 @@ def test_every_estimate_is_at_least_its_lower_bound(case):
         assert t.time_us >= t.bound_us * (1 - 1e-9)
     r = ring_all_reduce(routes, groups, float(send.sum()))
     assert r.time_us >= r.bound_us * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("spec,nodes", [("dgx-h100", 3), ("hgx-a100-4", 2), ("pcie-gen4-8", 2)])
+def test_routes_are_shortest_paths(spec, nodes):
+    from moeify.planner.topology import load_topology
+
+    topo = load_topology(spec, nodes)
+    routes, g = Routes(topo), topo.graph
+
+    def weight(u, v, d):
+        return d["latency_us"] + 1e3 / d["bw_GBps"]
+
+    per_link = np.array([weight(u, v, d) for u, v, d in g.edges(data=True) for _ in (0, 1)])
+    length = np.bincount(np.repeat(np.arange(routes.n ** 2), np.diff(routes.offsets)),
+                         weights=per_link[routes.link_ids], minlength=routes.n ** 2)
+    expected = [nx.dijkstra_path_length(g, a, b, weight=weight) for a in topo.gpus for b in topo.gpus]
+    np.testing.assert_allclose(length, expected)
+    # each pair's directed links chain from its source to its destination
+    for i, j in [(0, 1), (0, routes.n - 1), (routes.n - 1, 2)]:
+        pair = i * routes.n + j
+        step = dict(routes.link_names[k] for k in routes.link_ids[routes.offsets[pair]:routes.offsets[pair + 1]])
+        node, hops = topo.gpus[i], 0
+        while node != topo.gpus[j]:
+            node, hops = step[node], hops + 1
+        assert hops == len(step)
