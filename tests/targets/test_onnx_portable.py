@@ -12,6 +12,7 @@ import moeify
 from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN
 from moeify.targets.onnx import OnnxOptions, export_onnx
+from onnxtools import assert_t5_graphs_match, run
 from tiny import tiny_net, tiny_t5
 
 PORTABLE = OnnxOptions(mode="portable")
@@ -20,11 +21,6 @@ SWITCH_OPS = {"Add": 3, "ArgMax": 1, "Cast": 2, "Ceil": 1, "Concat": 1, "CumSum"
               "Gather": 2, "GatherElements": 2, "Gemm": 1, "Less": 1, "MatMul": 2, "Max": 1, "Mul": 4,
               "OneHot": 1, "Range": 1, "Relu": 1, "Reshape": 4, "ScatterND": 1, "Shape": 2, "Slice": 1,
               "Softmax": 1, "Squeeze": 3, "Sub": 1, "Unsqueeze": 1, "Where": 3}
-
-
-def run(path, inputs: dict) -> np.ndarray:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
 
 
 def switch_layer(num_experts=4, factor=1.0, min_capacity=1, d=16, seed=0) -> SwitchFFN:
@@ -105,11 +101,7 @@ def test_t5_encoder_and_decoder_match_pytorch(tmp_path, ff):
     mask[2, 5:] = 0
     with torch.no_grad():
         out = sparse(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids, use_cache=False)
-    hidden = run(tmp_path / "o" / "encoder_model.onnx", {"input_ids": ids, "attention_mask": mask})
-    np.testing.assert_allclose(hidden, out.encoder_last_hidden_state.numpy(), atol=1e-4, rtol=0)
-    logits = run(tmp_path / "o" / "decoder_model.onnx", {
-        "input_ids": dec_ids, "encoder_hidden_states": torch.from_numpy(hidden), "encoder_attention_mask": mask})
-    np.testing.assert_allclose(logits, out.logits.numpy(), atol=1e-4, rtol=0)
+    assert_t5_graphs_match(tmp_path / "o", out, ids, mask, dec_ids)
 
 
 def test_custom_mlp_module_exports_as_one_model(tmp_path):
