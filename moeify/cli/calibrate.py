@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..calibrate import calibrate, stdlib_text, text_batches, token_ids
+from ..atomic import check_file_writable, write_text_atomically
 from ..errors import MoeifyError
 from ..progress import progress_bars
 from ..targets.torch_local import load, read_manifest
@@ -45,8 +46,7 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
     Example:
       moeify calibrate out/switch-t5-small --batches 16 -o load.json
     """
-    if output.exists() and not force:
-        raise MoeifyError(f"{output} already exists: pass --force to replace it")
+    check_file_writable(output, force)
     if min(batches, batch_size, seq_len) < 1:
         raise MoeifyError("--batches, --batch-size and --seq-len must be >= 1")
     meta = read_manifest(path)
@@ -68,9 +68,7 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
     with progress_bars(console) as progress:
         result = calibrate(model, stream, total=batches, progress=progress)
     result["tokenizer"] = type(tokenizer).__name__ if tokenizer else "utf-8 bytes"
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(output)
+    write_text_atomically(output, json.dumps(result, indent=1))
     for name, layer in result["layers"].items():
         f = layer["fraction"]
         console.print(f"{name}: busiest expert {max(f) * len(f):.2f}x the mean, "

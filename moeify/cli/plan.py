@@ -7,6 +7,7 @@ import click
 from rich import box
 from rich.table import Table
 
+from ..atomic import check_file_writable
 from ..errors import MoeifyError
 from ..pipeline import convert
 from ..planner.cost import OPTIMIZER_BYTES_PER_PARAM
@@ -79,8 +80,7 @@ def plan_cmd(source: str, topology_spec: str, nodes: int, gpu: str, tokens_per_r
       moeify inspect plan.json
     """
     for path in (output, draw):
-        if path is not None and path.exists() and not force:
-            raise MoeifyError(f"{path} already exists: pass --force to replace it, or choose another path")
+        check_file_writable(path, force)
     if efficiency <= 0 or efficiency > 1:
         raise MoeifyError(f"--efficiency must be in (0, 1], got {efficiency}")
     if replicate_hot < 0:

@@ -5,6 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..atomic import write_text_atomically
 from ..errors import MoeifyError
 
 SCHEMA = "moeify.plan"
@@ -63,11 +64,7 @@ class ShardingPlan:
         return {"schema": SCHEMA, "version": VERSION, **asdict(self)}
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)  # never a half-written plan
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=1))  # never a half-written plan
 
     @classmethod
     def from_dict(cls, data: dict) -> "ShardingPlan":
@@ -110,16 +107,19 @@ class ShardingPlan:
                 raise MoeifyError(f"the plan places {layer.name}'s experts outside its groups: re-run `moeify plan`")
 
 
+def id_runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Ascending ids as half-open runs of consecutive ids: [0, 1, 2, 5] -> [(0, 3), (5, 6)]."""
+    runs: list[list[int]] = []
+    for e in ids:
+        if runs and runs[-1][1] == e:
+            runs[-1][1] = e + 1
+        else:
+            runs.append([e, e + 1])
+    return [(a, b) for a, b in runs]
+
+
 def expert_ranges(experts: list[int]) -> str:
     """[0, 1, 2, 5] -> 'E0-2,5'."""
     if not experts:
         return "-"
-    parts, start, prev = [], experts[0], experts[0]
-    for e in experts[1:] + [None]:
-        if e is not None and e == prev + 1:
-            prev = e
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if e is not None:
-            start = prev = e
-    return "E" + ",".join(parts)
+    return "E" + ",".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in id_runs(experts))

@@ -17,8 +17,9 @@ from xml.etree.ElementTree import ParseError
 
 import networkx as nx
 
+from ..atomic import write_text_atomically
 from ..errors import MoeifyError
-from .hardware import DEFAULT_GPU, HOSTS, LINKS, build_host, loopback_host
+from .hardware import DEFAULT_GPU, HOSTS, add_link, build_host, loopback_host
 from .nvidia_smi import parse_nvidia_smi
 
 GLOO_PRESET = "localhost-gloo"
@@ -96,10 +97,7 @@ def replicate(host: nx.Graph, nodes: int) -> nx.Graph:
             copy.nodes[n]["host"] = new
         g.update(copy)
         for nic in nics:
-            port = host.nodes[nic].get("port", "ib-hdr")
-            spec = LINKS[port]
-            g.add_edge(nic.replace(f"{name}/", f"{new}/", 1), IB_SWITCH, bw_GBps=spec.bw_GBps,
-                       latency_us=spec.latency_us, link=port)
+            add_link(g, nic.replace(f"{name}/", f"{new}/", 1), IB_SWITCH, host.nodes[nic].get("port", "ib-hdr"))
     return g
 
 
@@ -140,7 +138,7 @@ def write_topology(topology: Topology, path: Path) -> None:
     if path.suffix == ".graphml":
         nx.write_graphml(topology.graph, path)
     else:
-        path.write_text(json.dumps(nx.node_link_data(topology.graph, edges="edges"), indent=1))
+        write_text_atomically(path, json.dumps(nx.node_link_data(topology.graph, edges="edges"), indent=1))
 
 
 def load_topology(spec: str, nodes: int = 1, gpu: str = DEFAULT_GPU) -> Topology:

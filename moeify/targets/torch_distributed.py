@@ -17,7 +17,7 @@ from ..layers.expert_parallel import ExpertGroup, ExpertParallelFFN, expert_rows
 from ..layers.switch import SwitchFFN
 from ..passes.lower_expert_parallel import check_plan_fits, lower_expert_parallel
 from ..planner.placement import balanced
-from ..planner.plan import Estimate, LayerPlan, Mesh, ShardingPlan
+from ..planner.plan import Estimate, LayerPlan, Mesh, ShardingPlan, id_runs
 from ..runtime.manifest import PLAN_FILE, Manifest, RankShard, describe, write_manifest
 from ..sources import MOEIFY_FILE, check_safetensors, tied_aliases, weight_files
 from .torch_local import dense_skeleton, read_manifest, replay
@@ -196,12 +196,7 @@ def _write_shard(part: nn.Module, where: dict[str, Path], out: Path, metadata: d
 
 def _rows(f, name: str, ids: list[int], like: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of a stacked expert tensor, read as runs of consecutive ids (never the whole stack)."""
-    runs: list[list[int]] = []
-    for e in ids:
-        if runs and runs[-1][1] == e:
-            runs[-1][1] = e + 1
-        else:
-            runs.append([e, e + 1])
+    runs = id_runs(ids)
     if not runs:
         return torch.empty(like.shape, dtype=like.dtype)
     view = f.get_slice(name)
