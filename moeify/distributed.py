@@ -15,10 +15,10 @@ from .runtime.grads import data_parallel, reduce_expert_gradients
 from .runtime.groups import ParallelGroups, build_groups
 from .runtime.loader import load_rank
 from .runtime.loop import RunConfig, RunReport, run
-from .runtime.manifest import read_manifest, verify
+from .runtime.manifest import read_export_manifest, verify
 from .targets.torch_distributed import DistributedExport, default_plan, export_distributed
 
 __all__ = ["init", "load_rank", "data_parallel", "reduce_expert_gradients", "expert_parameters", "export_distributed",
            "default_plan", "DistributedExport", "ExpertGroup", "ExpertParallelFFN", "LowerExpertParallel",
            "lower_expert_parallel", "ParallelGroups", "build_groups", "RankFailure", "RunConfig", "RunReport", "run",
-           "read_manifest", "verify"]
+           "read_export_manifest", "verify"]

@@ -9,7 +9,7 @@ import click
 
 from ..errors import MoeifyError
 from ..run import option_args, run_options
-from ..runtime.manifest import read_manifest
+from ..runtime.manifest import read_export_manifest
 
 
 def torchrun_command(directory: Path, nproc: int, options: dict) -> list[str]:
@@ -33,7 +33,7 @@ def run_cmd(ctx: click.Context, directory: Path, nproc: int | None, **options) -
       moeify run out/dist4 --steps 3 --batch 4 --seq 128     # forward only
     Exit status: torchrun's (0 when every rank finished).
     """
-    manifest = read_manifest(directory)  # fail here, before starting processes
+    manifest = read_export_manifest(directory)  # fail here, before starting processes
     nproc = nproc or manifest.world_size
     if nproc != manifest.world_size:
         raise MoeifyError(f"{directory} was exported for {manifest.world_size} ranks: pass --nproc "

@@ -17,7 +17,7 @@ from ..targets.torch_distributed import local_expert_ids, skeleton
 from .env import LAUNCH_HINT, default_device
 from .failures import communication
 from .groups import ParallelGroups, build_groups
-from .manifest import PLAN_FILE, read_manifest, verify
+from .manifest import PLAN_FILE, read_export_manifest, verify
 
 
 def load_rank(path: str | Path, *, model: nn.Module | None = None, device: str | torch.device | None = None,
@@ -35,7 +35,7 @@ def load_rank(path: str | Path, *, model: nn.Module | None = None, device: str |
         raise MoeifyError(f"load_rank needs an initialised process group: {LAUNCH_HINT}, "
                           "or call moeify.distributed.init() first")
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_export_manifest(path)
     rank, world = dist.get_rank(), dist.get_world_size()
     if manifest.world_size != world:
         raise MoeifyError(f"{path} was exported for {manifest.world_size} ranks but {world} are running: "

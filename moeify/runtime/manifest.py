@@ -63,7 +63,7 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=1))
 
 
-def read_manifest(directory: str | Path) -> Manifest:
+def read_export_manifest(directory: str | Path) -> Manifest:
     directory = Path(directory)
     path = directory / MANIFEST_FILE
     if not directory.is_dir():

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import moeify
-from moeify.runtime.manifest import read_manifest, verify
+from moeify.runtime.manifest import read_export_manifest, verify
 from moeify.targets.torch_distributed import export_distributed
 
 from dist_helpers import converted_t5
@@ -57,7 +57,7 @@ def test_a_corrupt_shard_is_refused(t5_source, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in the last weight: still a valid safetensors file
     shard.write_bytes(bytes(data))
-    manifest = read_manifest(out)
+    manifest = read_export_manifest(out)
     verify(out, manifest, ["rank-00000-of-00002.safetensors"])  # the intact shard passes
     with pytest.raises(moeify.MoeifyError, match=r"rank-00001-of-00002.safetensors is corrupt: its sha256 is "
                                                  r"[0-9a-f]{16}\.\.\., the manifest says [0-9a-f]{16}\.\.\.: copy it "
