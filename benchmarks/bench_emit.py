@@ -40,7 +40,7 @@ def _child(args: argparse.Namespace) -> None:
     import torch
 
     import moeify
-    from moeify.targets.torch_distributed import export_distributed
+    from moeify.targets.distributed.export import export_distributed
 
     torch.set_num_threads(1)
     baseline = _rss()

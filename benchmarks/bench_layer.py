@@ -16,7 +16,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 from transformers import SwitchTransformersConfig
-from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+from transformers.models.switch_transformers.modeling_switch_transformers import (
+    SwitchTransformersSparseMLP,
+)
 
 from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import report  # noqa: E402
 
 import moeify  # noqa: E402
-from moeify.sources import load_dense  # noqa: E402
+from moeify.checkpoint.sources import load_dense  # noqa: E402
 from moeify.targets.onnx import OnnxOptions, export_onnx, session  # noqa: E402
 
 SEQUENCE = 128

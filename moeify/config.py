@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MoeifyError
+from moeify.errors import MoeifyError
 
 INIT_METHODS = ("upcycle", "random")
 ROUTER_DTYPES = ("float32", "float64")

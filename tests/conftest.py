@@ -1,9 +1,8 @@
 """Shared fixtures: tiny models and a local Hugging Face directory."""
 import pytest
+from tiny import tiny_t5
 
 from moeify import cli
-
-from tiny import tiny_t5
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
-
 from clitools import assert_user_error, run
+
 from moeify.cli import convert as convert_cli
 
 

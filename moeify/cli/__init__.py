@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import click
 
-from ..errors import MoeifyError
-from .calibrate import calibrate_cmd
-from .common import console
-from .convert import convert_cmd
-from .export import export_cmd
-from .inspect import inspect_cmd
-from .plan import plan_cmd
-from .presets import presets_cmd
-from .run import run_cmd
+from moeify.cli.calibrate import calibrate_cmd
+from moeify.cli.common import console
+from moeify.cli.convert import convert_cmd
+from moeify.cli.export import export_cmd
+from moeify.cli.inspect import inspect_cmd
+from moeify.cli.plan import plan_cmd
+from moeify.cli.presets import presets_cmd
+from moeify.cli.run import run_cmd
+from moeify.errors import MoeifyError
 
 
 class _Group(click.Group):

@@ -1,6 +1,6 @@
 """`python -m moeify.cli`: the same as the `moeify` console script."""
 import sys
 
-from . import main
+from moeify.cli import main
 
 sys.exit(main())

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
-from ..calibrate import calibrate, stdlib_text, text_batches, token_ids
-from ..atomic import check_file_writable, write_text_atomically
-from ..errors import MoeifyError
-from ..progress import progress_bars
-from ..targets.torch_local import load, read_manifest
-from .common import console
+from moeify.checkpoint.files import check_file_writable, write_text_atomically
+from moeify.checkpoint.metadata import read_metadata
+from moeify.checkpoint.store import load
+from moeify.cli.common import console
+from moeify.cli.progress import progress_bars
+from moeify.errors import MoeifyError
+from moeify.planner.calibration import calibrate, stdlib_text, text_batches, token_ids
 
 
 def _tokenizer(directories: list[Path]):
@@ -49,7 +50,7 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
     check_file_writable(output, force)
     if min(batches, batch_size, seq_len) < 1:
         raise MoeifyError("--batches, --batch-size and --seq-len must be >= 1")
-    meta = read_manifest(path)
+    meta = read_metadata(path)
     if not meta["weights"]:
         raise MoeifyError(f"{path} is structure only (converted on meta): calibration needs weights")
     model = load(path)
@@ -57,7 +58,7 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
     vocab = getattr(config, "vocab_size", None)
     if vocab is None:
         raise MoeifyError(f"{path} is not a language model with a vocabulary: calibrate it from Python "
-                          "with moeify.calibrate.calibrate(model, batches)")
+                          "with moeify.planner.calibration.calibrate(model, batches)")
     source = Path(meta["source"]["path"]) if meta["source"].get("path") else None
     tokenizer = _tokenizer([path] + ([source] if source else []))
     text = text_file.read_text(errors="replace") if text_file else stdlib_text()

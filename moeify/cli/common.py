@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from ..config import INIT_METHODS, MoEConfig
-from ..presets import PRESETS
+from moeify.checkpoint.model_presets import PRESETS
+from moeify.config import INIT_METHODS, MoEConfig
 
 console = Console(highlight=False)
 

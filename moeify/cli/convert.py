@@ -9,17 +9,17 @@ import click
 import torch
 from rich.table import Table
 
-from ..atomic import check_writable
-from ..config import MoEConfig
-from ..errors import MoeifyError
-from ..layers.collector import router_losses
-from ..pipeline import convert
-from ..progress import progress_bars
-from ..sample import sample_inputs
-from ..sources import load_dense
-from ..summary import summarize
-from ..targets.torch_local import save
-from .common import console, human, moe_config, moe_options
+from moeify.checkpoint.files import check_writable
+from moeify.checkpoint.sample import sample_inputs
+from moeify.checkpoint.sources import load_dense
+from moeify.checkpoint.store import save
+from moeify.checkpoint.summary import summarize
+from moeify.cli.common import console, human, moe_config, moe_options
+from moeify.cli.progress import progress_bars
+from moeify.config import MoEConfig
+from moeify.conversion.pipeline import convert
+from moeify.errors import MoeifyError
+from moeify.layers.collector import router_losses
 
 
 def _available_bytes() -> int | None:

@@ -7,11 +7,10 @@ from typing import Callable
 import click
 from click.core import ParameterSource
 
-from ..errors import MoeifyError
-from ..targets.onnx.options import DTYPES, MODES, PROVIDERS
-from .export_distributed import export_distributed_target
-from .export_onnx import export_onnx_target
-
+from moeify.cli.export_distributed import export_distributed_target
+from moeify.cli.export_onnx import export_onnx_target
+from moeify.errors import MoeifyError
+from moeify.targets.onnx.options import DTYPES, MODES, PROVIDERS
 
 # One entry per target: the function, taking (source, output, force, its flags), and its options.
 TARGETS: dict[str, tuple[Callable[[Path, Path, bool, dict], None], tuple[str, ...]]] = {

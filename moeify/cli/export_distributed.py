@@ -6,10 +6,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..planner.plan import expert_ranges
-from ..progress import progress_bars
-from ..targets.torch_distributed import DistributedExport, export_distributed
-from .common import console
+from moeify.cli.common import console
+from moeify.cli.progress import progress_bars
+from moeify.planner.plan import expert_ranges
+from moeify.targets.distributed.export import DistributedExport, export_distributed
 
 
 def print_export(export: DistributedExport, console: Console) -> None:

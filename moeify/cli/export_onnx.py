@@ -6,9 +6,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..progress import progress_bars
-from ..targets.onnx import OnnxOptions, export_onnx
-from .common import console
+from moeify.cli.common import console
+from moeify.cli.progress import progress_bars
+from moeify.targets.onnx import OnnxOptions, export_onnx
 
 
 def export_onnx_target(source: Path, output: Path, force: bool, flags: dict) -> None:

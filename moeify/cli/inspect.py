@@ -8,13 +8,13 @@ import click
 from rich import box
 from rich.table import Table
 
-from ..planner.draw import experts_by_rank
-from ..planner.plan import ShardingPlan, expert_ranges
-from ..summary import ModelSummary
-from ..targets.onnx.inspect import inspect_onnx
-from ..targets.torch_local import read_manifest
-from .common import console, human
-from .plan import print_plan_summary
+from moeify.checkpoint.metadata import read_metadata
+from moeify.checkpoint.summary import ModelSummary
+from moeify.cli.common import console, human
+from moeify.cli.plan import print_plan_summary
+from moeify.planner.draw import experts_by_rank
+from moeify.planner.plan import ShardingPlan, expert_ranges
+from moeify.targets.onnx.report import inspect_onnx
 
 
 @click.command("inspect")
@@ -40,7 +40,7 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 
 
 def _inspect_model(path: Path, as_json: bool) -> None:
-    meta = read_manifest(path)
+    meta = read_metadata(path)
     data = {**meta["summary"], "source": meta["source"], "moe_config": meta["moe_config"],
             "weights": meta["weights"]}
     if as_json:

@@ -7,25 +7,25 @@ import click
 from rich import box
 from rich.table import Table
 
-from ..atomic import check_file_writable
-from ..errors import MoeifyError
-from ..pipeline import convert
-from ..planner.cost import OPTIMIZER_BYTES_PER_PARAM
-from ..planner.hardware import DEFAULT_GPU, GPUS
-from ..planner.search import ALGORITHMS, LAYOUTS, Planner, SearchOptions
-from ..planner.topology import load_topology
-from ..planner.workload import DTYPE_BYTES, read_load, workload_from_summary
-from ..progress import progress_bars
-from ..sources import MOEIFY_FILE, load_dense
-from ..summary import summarize
-from ..targets.torch_local import read_manifest
-from .common import console, moe_config, moe_options
+from moeify.checkpoint.files import check_file_writable
+from moeify.checkpoint.metadata import MOEIFY_FILE, read_metadata
+from moeify.checkpoint.sources import load_dense
+from moeify.checkpoint.summary import summarize
+from moeify.cli.common import console, moe_config, moe_options
+from moeify.cli.progress import progress_bars
+from moeify.conversion.pipeline import convert
+from moeify.errors import MoeifyError
+from moeify.planner.cost import OPTIMIZER_BYTES_PER_PARAM
+from moeify.planner.hardware import DEFAULT_GPU, GPUS
+from moeify.planner.search import ALGORITHMS, LAYOUTS, Planner, SearchOptions
+from moeify.planner.topology import load_topology
+from moeify.planner.workload import DTYPE_BYTES, read_load, workload_from_summary
 
 
 def model_summary(source: str, flags: dict) -> dict:
     """A converted directory's saved summary, or a preset / HF directory converted on meta."""
     if (Path(source) / MOEIFY_FILE).is_file():
-        return read_manifest(source)["summary"]
+        return read_metadata(source)["summary"]
     config = moe_config(source, flags)
     dense, _ = load_dense(source, device="meta", seed=config.seed)
     return summarize(convert(dense, config, inplace=True)).to_dict()
@@ -100,7 +100,7 @@ def plan_cmd(source: str, topology_spec: str, nodes: int, gpu: str, tokens_per_r
     plan.save(output)
     print_plan_summary(plan)
     if draw is not None:
-        from ..planner.draw import draw_plan
+        from moeify.planner.draw import draw_plan
 
         draw_plan(plan, topology, draw)
         console.print(f"drew {draw}")

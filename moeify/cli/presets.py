@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from ..presets import PRESETS
-from .common import console
+from moeify.checkpoint.model_presets import PRESETS
+from moeify.cli.common import console
 
 
 @click.command("presets")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from ..errors import MoeifyError
-from ..run import option_args, run_options
-from ..runtime.manifest import read_export_manifest
+from moeify.errors import MoeifyError
+from moeify.targets.distributed.entry import option_args, run_options
+from moeify.targets.distributed.manifest import read_export_manifest
 
 
 def torchrun_command(directory: Path, nproc: int, options: dict) -> list[str]:

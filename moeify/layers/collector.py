@@ -8,8 +8,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..errors import MoeifyError
-from .losses import load_balancing_loss, router_z_loss
+from moeify.errors import MoeifyError
+from moeify.layers.losses import load_balancing_loss, router_z_loss
 
 
 @dataclass
@@ -62,7 +62,7 @@ def router_losses(model: nn.Module) -> Iterator[RouterLosses]:
     Forward passes return plain outputs; this explicit collector observes the routers
     through forward hooks, so no loss is ever stashed on a module.
     """
-    from .switch import SwitchFFN
+    from moeify.layers.switch import SwitchFFN
 
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, SwitchFFN)]
     if not layers:

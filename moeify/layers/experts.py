@@ -7,9 +7,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import memory
-from .memory import gradient_buffer, zero_pages_
-from .router import truncated_normal_
+from moeify.layers import memory
+from moeify.layers.memory import gradient_buffer, zero_pages_
+from moeify.layers.router import truncated_normal_
 
 # Cost model for choosing how to batch experts into bmm calls, in units of "one padded row".
 # Reading an expert's weight costs as much as ~10 rows of GEMM (2 * 150 GFLOP/s / 30 GB/s for

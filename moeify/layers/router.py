@@ -5,8 +5,8 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class RouterOutput(NamedTuple):

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import RoutingConfig
-from .dispatch import dispatch, expert_capacity
-from .experts import Experts
-from .router import Router
+from moeify.config import RoutingConfig
+from moeify.layers.dispatch import dispatch, expert_capacity
+from moeify.layers.experts import Experts
+from moeify.layers.router import Router
 
 
 class SwitchFFN(nn.Module):

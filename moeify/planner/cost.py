@@ -13,7 +13,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 
-from .topology import Topology
+from moeify.planner.topology import Topology
 
 # Per-message software cost of a collective step (NCCL launches and proxies are ~a few us).
 DEFAULT_MESSAGE_OVERHEAD_US = 2.0

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .plan import ShardingPlan, expert_ranges
-from .topology import Topology
+from moeify.planner.plan import ShardingPlan, expert_ranges
+from moeify.planner.topology import Topology
 
 LINK_COLOURS = {"nvlink3": "#2ca02c", "nvlink4": "#2ca02c", "pcie4": "#1f77b4", "pcie5": "#1f77b4",
                 "upi": "#7f7f7f", "ib-hdr": "#ff7f0e", "ib-ndr": "#ff7f0e", "loopback": "#9467bd"}

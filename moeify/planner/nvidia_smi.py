@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from ..errors import MoeifyError
-from .hardware import DEFAULT_GPU, GPUS, add_device, add_gpu, add_link, connect_sockets
+from moeify.errors import MoeifyError
+from moeify.planner.hardware import (
+    DEFAULT_GPU,
+    GPUS,
+    add_device,
+    add_gpu,
+    add_link,
+    connect_sockets,
+)
 
 CODES = "X, NV#, PIX, PXB, PHB, NODE or SYS"
 _SAME_SWITCH = {"PIX", "PXB"}

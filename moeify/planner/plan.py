@@ -5,8 +5,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..atomic import write_text_atomically
-from ..errors import MoeifyError
+from moeify.checkpoint.files import read_json, write_text_atomically
+from moeify.errors import MoeifyError
 
 SCHEMA = "moeify.plan"
 VERSION = 1
@@ -87,13 +87,7 @@ class ShardingPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "ShardingPlan":
-        path = Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise MoeifyError(f"plan {path} does not exist: make one with `moeify plan ... -o {path}`") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MoeifyError(f"{path} is not valid JSON ({e}): re-run `moeify plan`") from None
+        return cls.from_dict(read_json(path, what="plan", fix=f"make one with `moeify plan ... -o {path}`"))
 
     def check(self) -> None:
         """Internal consistency: every rank once per group kind, placements inside the groups."""

@@ -8,14 +8,23 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import MoeifyError
-from . import placement as place
-from .cost import (ACTIVATION_BYTES_PER_TOKEN_DIM, DEFAULT_EFFICIENCY, MEMORY_USABLE_FRACTION,
-                   OPTIMIZER_BYTES_PER_PARAM, Routes, Transfer, all_to_all, compute_us,
-                   hierarchical_applies, ring_all_reduce)
-from .plan import Estimate, LayerPlan, Mesh, ShardingPlan
-from .topology import Topology
-from .workload import LayerWork, Workload
+from moeify.errors import MoeifyError
+from moeify.planner import placement as place
+from moeify.planner.cost import (
+    ACTIVATION_BYTES_PER_TOKEN_DIM,
+    DEFAULT_EFFICIENCY,
+    MEMORY_USABLE_FRACTION,
+    OPTIMIZER_BYTES_PER_PARAM,
+    Routes,
+    Transfer,
+    all_to_all,
+    compute_us,
+    hierarchical_applies,
+    ring_all_reduce,
+)
+from moeify.planner.plan import Estimate, LayerPlan, Mesh, ShardingPlan
+from moeify.planner.topology import Topology
+from moeify.planner.workload import LayerWork, Workload
 
 LAYOUTS = ("contiguous", "strided")
 ALGORITHMS = ("flat", "hierarchical")

@@ -17,10 +17,16 @@ from xml.etree.ElementTree import ParseError
 
 import networkx as nx
 
-from ..atomic import write_text_atomically
-from ..errors import MoeifyError
-from .hardware import DEFAULT_GPU, HOSTS, add_link, build_host, loopback_host
-from .nvidia_smi import parse_nvidia_smi
+from moeify.checkpoint.files import write_text_atomically
+from moeify.errors import MoeifyError
+from moeify.planner.hardware import (
+    DEFAULT_GPU,
+    HOSTS,
+    add_link,
+    build_host,
+    loopback_host,
+)
+from moeify.planner.nvidia_smi import parse_nvidia_smi
 
 GLOO_PRESET = "localhost-gloo"
 PRESETS = {**{name: spec.description for name, spec in HOSTS.items()},

@@ -1,11 +1,11 @@
 """The planner's view of a model: Switch layers, bytes and tokens, read from a model summary."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MoeifyError
+from moeify.checkpoint.files import read_json
+from moeify.errors import MoeifyError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -90,12 +90,8 @@ def workload_from_summary(summary: dict, *, dtype: str = "bfloat16", tokens_per_
 
 def read_load(path: str | Path) -> dict[str, list[float]]:
     """Per-layer token fractions from `moeify calibrate` output."""
-    path = Path(path)
+    data = read_json(path, what="load file", fix="create it with `moeify calibrate`")
     try:
-        data = json.loads(path.read_text())
-        layers = data["layers"]
-        return {name: [float(x) for x in entry["fraction"]] for name, entry in layers.items()}
-    except FileNotFoundError:
-        raise MoeifyError(f"load file {path} does not exist: create it with `moeify calibrate`") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        return {name: [float(x) for x in entry["fraction"]] for name, entry in data["layers"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise MoeifyError(f"{path} is not a `moeify calibrate` load file ({e}): create it again") from None

@@ -6,9 +6,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import moeify  # noqa: E402
 from dist_helpers import converted_t5  # noqa: E402
-from moeify.targets.torch_distributed import export_distributed  # noqa: E402
+
+import moeify  # noqa: E402
+from moeify.targets.distributed.export import export_distributed  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tiny import tiny_t5
 from torch import nn
 
 import moeify
-from tiny import tiny_t5
 
 TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent

@@ -11,11 +11,11 @@ import torch
 torch.set_num_threads(1)
 
 from safetensors.torch import save_file  # noqa: E402
+from tiny import t5_batch  # noqa: E402
 
 import moeify.distributed as md  # noqa: E402
 from moeify.layers.collector import router_losses  # noqa: E402
-from moeify.layers.expert_parallel import expert_parameters  # noqa: E402
-from tiny import t5_batch  # noqa: E402
+from moeify.targets.distributed.layer import expert_parameters  # noqa: E402
 
 LR = 0.5
 

@@ -5,14 +5,13 @@ import re
 
 import pytest
 import torch
+from dist_helpers import converted_t5
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import moeify
-from moeify.runtime.manifest import read_export_manifest, verify
-from moeify.targets.torch_distributed import export_distributed
-
-from dist_helpers import converted_t5
+from moeify.targets.distributed.export import export_distributed
+from moeify.targets.distributed.manifest import read_export_manifest, verify
 
 FFN = "encoder.block.1.layer.1.DenseReluDense"
 

@@ -4,15 +4,24 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-
-import moeify
-from moeify.distributed import ExpertGroup, ExpertParallelFFN, LowerExpertParallel, load_rank, lower_expert_parallel
-from moeify.layers.collector import router_losses
-from moeify.passes.lower_expert_parallel import check_plan_fits
-from moeify.targets.torch_distributed import default_plan, export_distributed, switch_layers
+from dist_helpers import converted_t5
 from tiny import t5_batch
 
-from dist_helpers import converted_t5
+import moeify
+from moeify.distributed import (
+    ExpertGroup,
+    ExpertParallelFFN,
+    LowerExpertParallel,
+    load_rank,
+    lower_expert_parallel,
+)
+from moeify.layers.collector import router_losses
+from moeify.targets.distributed.export import (
+    default_plan,
+    export_distributed,
+    switch_layers,
+)
+from moeify.targets.distributed.lower import check_plan_fits
 
 
 def plan_for(model, world=1, **kw):

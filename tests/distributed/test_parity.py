@@ -5,13 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import WORKER, converted_t5, finish, start_ranks
 from safetensors.torch import load_file
 
 import moeify
 from moeify.layers.collector import router_losses
-from moeify.targets.torch_distributed import default_plan, export_distributed, skeleton, switch_layers
-
-from dist_helpers import WORKER, converted_t5, finish, start_ranks
+from moeify.targets.distributed.export import (
+    default_plan,
+    export_distributed,
+    skeleton,
+    switch_layers,
+)
 
 pytestmark = pytest.mark.slow
 LR = 0.5  # as in rank_worker.py

@@ -4,14 +4,18 @@ import json
 
 import pytest
 import torch
+from dist_helpers import converted_t5
 from safetensors.torch import load_file
 
 import moeify
 from moeify.distributed import ExpertGroup, lower_expert_parallel
-from moeify.passes.lower_expert_parallel import check_plan_fits
-from moeify.targets.torch_distributed import default_plan, export_distributed, skeleton, switch_layers
-
-from dist_helpers import converted_t5
+from moeify.targets.distributed.export import (
+    default_plan,
+    export_distributed,
+    skeleton,
+    switch_layers,
+)
+from moeify.targets.distributed.lower import check_plan_fits
 
 
 @pytest.mark.parametrize("replicas, message", [

@@ -10,11 +10,10 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from dist_helpers import ROOT, finish, start_ranks
 
 from moeify import cli
 from moeify.cli.run import run_cmd
-
-from dist_helpers import ROOT, finish, start_ranks
 
 pytestmark = pytest.mark.slow
 SMALL = ["--batch", "2", "--seq", "16"]

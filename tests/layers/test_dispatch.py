@@ -1,7 +1,8 @@
 import math
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moeify.layers.dispatch import dispatch, expert_capacity
 

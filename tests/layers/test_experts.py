@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from moeify.layers import Experts, experts as experts_mod, grouped_linear
-from moeify.layers import memory
+from moeify.layers import Experts, grouped_linear, memory
+from moeify.layers import experts as experts_mod
 
 COUNTS = [3, 0, 1, 0, 0, 4, 2, 0]  # zero-count experts at the ends of runs and inside them
 

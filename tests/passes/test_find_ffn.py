@@ -1,12 +1,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import MLP, tiny_net, tiny_t5
 from torch import nn
 from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
-from moeify.capture import capture, trace_region
-from moeify.passes.find_ffn import META_KEY, find_in_region
-from tiny import MLP, tiny_net, tiny_t5
+from moeify.conversion.find_ffn import META_KEY, find_in_region
+from moeify.conversion.regions import capture, trace_region
 
 
 def sites_by_region(model):

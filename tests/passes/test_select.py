@@ -1,9 +1,9 @@
 import pytest
+from tiny import tiny_net, tiny_t5
 from torch import nn
 
 import moeify
-from moeify.passes.select import select_sites, stack_key
-from tiny import tiny_net, tiny_t5
+from moeify.conversion.select import select_sites, stack_key
 
 
 class S:

@@ -2,12 +2,12 @@ import copy
 
 import pytest
 import torch
+from tiny import MLP, t5_batch, tiny_net, tiny_t5
 from torch import nn
 
 import moeify
+from moeify.conversion.switchify import ORIGIN_KEY
 from moeify.layers import SwitchFFN
-from moeify.passes.switchify import ORIGIN_KEY
-from tiny import MLP, t5_batch, tiny_net, tiny_t5
 
 EXACT = dict(num_experts=1, every=1, capacity_factor=64.0, eval_capacity_factor=64.0)
 

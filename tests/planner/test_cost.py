@@ -1,9 +1,15 @@
 import networkx as nx
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from moeify.planner.cost import Routes, all_to_all, hierarchical_applies, ring_all_reduce
+from moeify.planner.cost import (
+    Routes,
+    all_to_all,
+    hierarchical_applies,
+    ring_all_reduce,
+)
 from moeify.planner.topology import Topology
 
 

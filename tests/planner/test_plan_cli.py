@@ -3,7 +3,6 @@ from pathlib import Path
 
 import networkx as nx
 import pytest
-
 from clitools import run
 
 

@@ -1,8 +1,9 @@
 import json
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moeify.errors import MoeifyError
 from moeify.planner.plan import ShardingPlan

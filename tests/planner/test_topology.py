@@ -6,7 +6,13 @@ import pytest
 
 from moeify.errors import MoeifyError
 from moeify.planner.nvidia_smi import parse_nvidia_smi, read_matrix
-from moeify.planner.topology import PRESETS, load_topology, localhost_gloo, read_topology, write_topology
+from moeify.planner.topology import (
+    PRESETS,
+    load_topology,
+    localhost_gloo,
+    read_topology,
+    write_topology,
+)
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "topo"
 HGX = (FIXTURES / "hgx-a100-4gpu.txt").read_text()

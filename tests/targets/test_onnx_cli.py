@@ -4,10 +4,10 @@ import json
 import onnx
 import onnxruntime
 import pytest
-
-import moeify
 from clitools import assert_user_error, run
 from tiny import tiny_net, tiny_t5
+
+import moeify
 
 
 @pytest.fixture(scope="module")

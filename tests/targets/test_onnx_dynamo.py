@@ -5,10 +5,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from tiny import tiny_net, tiny_t5
 
 import moeify
 from moeify.targets.onnx import OnnxOptions, export_onnx
-from tiny import tiny_net, tiny_t5
 
 
 def net():

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
+from onnxtools import assert_t5_graphs_match, run
+from tiny import tiny_net, tiny_t5
 from torch import nn
 
 import moeify
 from moeify.targets.onnx import OnnxOptions, export_onnx
 from moeify.targets.onnx.verify import dropless
-from onnxtools import assert_t5_graphs_match, run
-from tiny import tiny_net, tiny_t5
 
 FUSED = OnnxOptions(mode="fused")
 

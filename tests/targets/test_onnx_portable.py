@@ -6,14 +6,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnxtools import assert_t5_graphs_match, run
+from tiny import tiny_net, tiny_t5
 from torch import nn
 
 import moeify
 from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN
 from moeify.targets.onnx import OnnxOptions, export_onnx
-from onnxtools import assert_t5_graphs_match, run
-from tiny import tiny_net, tiny_t5
 
 PORTABLE = OnnxOptions(mode="portable")
 # The Switch layer lowered on its own, after constant folding: nothing else, nothing hidden.

@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
+from tiny import t5_batch, tiny_net, tiny_t5
 
 import moeify
-from moeify.sources import load_dense
-from tiny import t5_batch, tiny_net, tiny_t5
+from moeify.checkpoint.sources import load_dense
 
 
 def converted(ff="relu", **kw):

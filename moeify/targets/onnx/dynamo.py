@@ -17,12 +17,12 @@ import onnx
 import torch
 from torch import nn
 
-from ...errors import MoeifyError
-from ...layers.switch import SwitchFFN
-from .graphs import Graph
-from .options import OnnxOptions
-from .spec import Weights
-from .unit import LayerLowering, export_units
+from moeify.errors import MoeifyError
+from moeify.layers.switch import SwitchFFN
+from moeify.targets.onnx.graphs import Graph
+from moeify.targets.onnx.options import OnnxOptions
+from moeify.targets.onnx.spec import Weights
+from moeify.targets.onnx.unit import LayerLowering, export_units
 
 _PLANS: dict[int, tuple[SwitchFFN, LayerLowering, int]] = {}  # key carried by the op -> layer, plan, opset
 

@@ -12,18 +12,19 @@ import onnx
 import torch
 from torch import nn
 
-from ...atomic import atomic_directory, check_writable
-from ...errors import MoeifyError
-from ...layers.router import Router
-from ..torch_local import load, read_manifest
-from . import optimize
-from .capture import capture
-from .fold import fold_constants
-from .graphs import Graph, graphs_for, static_sizes
-from .options import OnnxOptions
-from .runtime import execution_providers, session
-from .unit import LayerLowering, plan_layers
-from .verify import max_abs_diff
+from moeify.checkpoint.files import atomic_directory, check_writable
+from moeify.checkpoint.metadata import read_metadata
+from moeify.checkpoint.store import load
+from moeify.errors import MoeifyError
+from moeify.layers.router import Router
+from moeify.targets.onnx import optimize
+from moeify.targets.onnx.fold import fold_constants
+from moeify.targets.onnx.graphs import Graph, graphs_for, static_sizes
+from moeify.targets.onnx.options import OnnxOptions
+from moeify.targets.onnx.session import execution_providers, session
+from moeify.targets.onnx.trace import capture
+from moeify.targets.onnx.unit import LayerLowering, plan_layers
+from moeify.targets.onnx.verify import max_abs_diff
 
 REPORT_FILE = "moeify_onnx.json"
 Progress = Callable[[str, int, int], None]
@@ -67,7 +68,7 @@ def _layer_dict(plan: LayerLowering) -> dict:
 
 def load_for_export(path: Path) -> nn.Module:
     """A moeify output directory as an eval-mode model, or a one-line reason it cannot be exported."""
-    meta = read_manifest(path)
+    meta = read_metadata(path)
     if not meta["weights"]:
         raise MoeifyError(f"{path} is structure only (converted on meta): exporting needs weights")
     if meta["source"].get("architecture") is None:

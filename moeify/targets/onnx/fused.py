@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .emit import INT64, Emit
-from .lower import router_logits
-from .spec import LayerSpec, Weights
+from moeify.targets.onnx.emit import INT64, Emit
+from moeify.targets.onnx.lower import router_logits
+from moeify.targets.onnx.spec import LayerSpec, Weights
 
 DOMAIN = "com.microsoft"
 

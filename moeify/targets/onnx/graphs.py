@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ...errors import MoeifyError
+from moeify.errors import MoeifyError
 
 Sample = Callable[[int, int, int], tuple[torch.Tensor, ...]]  # (batch, sequence, seed) -> inputs
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .emit import DOUBLE, INT64, Emit
-from .spec import LayerSpec, Weights
+from moeify.targets.onnx.emit import DOUBLE, INT64, Emit
+from moeify.targets.onnx.spec import LayerSpec, Weights
 
 
 def router_logits(op: Emit, spec: LayerSpec, x2: Any, router_weight: Any) -> Any:

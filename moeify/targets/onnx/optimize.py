@@ -7,8 +7,8 @@ from pathlib import Path
 
 import onnx
 
-from .fold import nbytes
-from .runtime import EXTERNAL_DATA_BYTES
+from moeify.targets.onnx.fold import nbytes
+from moeify.targets.onnx.session import EXTERNAL_DATA_BYTES
 
 
 def node_count(model: onnx.ModelProto) -> int:

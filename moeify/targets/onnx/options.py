@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...errors import MoeifyError
+from moeify.errors import MoeifyError
 
 MODES = ("fused", "portable")
 DTYPES = ("fp32", "fp16")

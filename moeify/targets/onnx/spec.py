@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ...errors import MoeifyError
-from ...layers.switch import SwitchFFN
-from .activations import Activation, identify
-from .emit import ONNX_DTYPES
+from moeify.errors import MoeifyError
+from moeify.layers.switch import SwitchFFN
+from moeify.targets.onnx.activation_ops import Activation, identify
+from moeify.targets.onnx.emit import ONNX_DTYPES
 
 
 @dataclass(frozen=True)

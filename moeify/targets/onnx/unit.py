@@ -14,11 +14,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ...layers.switch import SwitchFFN
-from .emit import Emit, LegacyEmit
-from .fused import fused_activation, lower_fused
-from .lower import lower_portable
-from .spec import LayerSpec, Weights
+from moeify.layers.switch import SwitchFFN
+from moeify.targets.onnx.emit import Emit, LegacyEmit
+from moeify.targets.onnx.fused import fused_activation, lower_fused
+from moeify.targets.onnx.lower import lower_portable
+from moeify.targets.onnx.spec import LayerSpec, Weights
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,81 @@
+"""File I/O with clean refusals: the one JSON reader, and atomic writes (a temporary sibling renamed into place)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from moeify.errors import MoeifyError
+
+
+def read_json(path: str | Path, *, fix: str, what: str = "", expect: type = dict) -> Any:
+    """JSON from `path`, or a MoeifyError naming `fix` when it is missing, unreadable or of the wrong type.
+
+    `what` names the file for the missing case ("plan", "load file"); `expect` is the top-level type.
+    """
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    if path.is_dir():
+        raise MoeifyError(f"{label} is a directory, not a JSON file: {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MoeifyError(f"{label} does not exist: {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoeifyError(f"{path} is not valid JSON ({e}): {fix}") from None
+    except OSError as e:
+        raise MoeifyError(f"{path} cannot be read ({e.strerror}): {fix}") from None
+    if not isinstance(data, expect):
+        kinds = {dict: "an object", list: "an array"}
+        raise MoeifyError(f"{path} holds {kinds.get(type(data), type(data).__name__)}, "
+                          f"not {kinds.get(expect, expect.__name__)}: {fix}")
+    return data
+
+
+def check_file_writable(path: Path | None, force: bool) -> None:
+    """Fail early, before any work, when output `path` exists and --force was not given."""
+    if path is not None and path.exists() and not force:
+        raise MoeifyError(f"{path} already exists: pass --force to replace it, or choose another path")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """The whole file or nothing: write a temporary sibling, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def check_writable(out: Path, force: bool) -> None:
+    """Fail early, before any work, when directory `out` exists and --force was not given."""
+    check_file_writable(out, force)
+    if out.exists() and not out.is_dir():
+        raise MoeifyError(f"{out} exists and is not a directory: remove it or choose another -o")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` only if the block succeeds.
+
+    On any failure the temporary directory is removed, so no half-written output remains.
+    """
+    out = Path(out)
+    check_writable(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{tmp.name}")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,26 @@
+"""moeify.json: the metadata file of a converted model's directory, and its one reader."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from moeify.checkpoint.files import read_json
+from moeify.errors import MoeifyError
+
+MOEIFY_FILE = "moeify.json"
+FORMAT_VERSION = 1
+
+
+def read_metadata(path: str | Path) -> dict:
+    """moeify.json of an output directory, validated."""
+    path = Path(path)
+    if not path.exists():
+        raise MoeifyError(f"{path} does not exist: convert a model first with `moeify convert ... -o {path}`")
+    if not (path / MOEIFY_FILE).is_file():
+        raise MoeifyError(f"{path} is not a moeify output (no {MOEIFY_FILE}): convert it with `moeify convert`")
+    meta = read_json(path / MOEIFY_FILE, fix="re-run `moeify convert`")
+    if meta.get("format") != "moeify":
+        raise MoeifyError(f"{path / MOEIFY_FILE} is not a moeify manifest: re-run `moeify convert`")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise MoeifyError(f"{path} has format version {meta.get('format_version')}, this moeify reads "
+                          f"{FORMAT_VERSION}: convert the model again with this version")
+    return meta

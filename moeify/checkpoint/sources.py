@@ -1,0 +1,155 @@
+"""Dense model sources: a built-in preset (random init) or a local Hugging Face directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeify.checkpoint.files import read_json
+from moeify.checkpoint.metadata import MOEIFY_FILE
+from moeify.checkpoint.model_presets import Preset, get_preset
+from moeify.errors import MoeifyError
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a missing, corrupt or truncated safetensors file with a one-line fix."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise MoeifyError(f"weights file {path} is missing: re-save the model or restore the file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise MoeifyError(f"{path} is corrupt or truncated ({e}): re-download or re-save it") from None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a directory, single-file or sharded with an index."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = read_json(index, fix="re-save the model")["weight_map"]
+        except (KeyError, TypeError, AttributeError):
+            raise MoeifyError(f"{index} has no weight_map: re-save the model") from None
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise MoeifyError(f"{directory} only has pickle weights (.bin/.pt), which moeify never loads: "
+                          "save the model with safetensors (save_pretrained(..., safe_serialization=True))")
+    return []
+
+
+def hf_config(directory: Path):
+    """A transformers config read from directory/config.json, never from the network."""
+    import transformers
+
+    data = read_json(directory / "config.json", fix=f"is {directory} a complete model directory?")
+    model_type = data.get("model_type")
+    if not model_type:
+        raise MoeifyError(f"{directory / 'config.json'} has no model_type: it is not a transformers config")
+    try:
+        return transformers.AutoConfig.for_model(**data)
+    except (ValueError, KeyError, TypeError) as e:
+        raise MoeifyError(f"{directory / 'config.json'}: transformers cannot read it ({e})") from None
+
+
+def hf_model_class(config, architecture: str | None = None) -> type[nn.Module]:
+    """The built-in transformers class named `architecture` or by config.architectures.
+
+    Only classes that ship with transformers: remote code is never run.
+    """
+    import transformers
+
+    names = [architecture] if architecture else list(getattr(config, "architectures", None) or [])
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls
+    if config.model_type == "t5":
+        return transformers.T5ForConditionalGeneration
+    raise MoeifyError(f"config architectures {names or '(none)'} are not transformers classes: "
+                      "moeify only builds models that ship with transformers (no remote code)")
+
+
+def build_hf(config, device: str, seed: int = 0, architecture: str | None = None) -> nn.Module:
+    """A randomly initialised model of `config`; on meta, structure only."""
+    cls = hf_model_class(config, architecture)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return cls(config)
+
+
+def load_dense(source: str, *, device: str = "cpu", seed: int = 0) -> tuple[nn.Module, Preset | None]:
+    """The dense model named by `source` (a path or a preset), and its preset if any."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return _load_directory(path, device), None
+    if "/" in source or source.startswith((".", "~")):
+        raise MoeifyError(f"{source} does not exist: pass a local Hugging Face model directory "
+                          "or a preset name (see `moeify presets`)")
+    preset = get_preset(source)
+    from transformers import T5Config
+
+    model = build_hf(T5Config(**preset.t5, architectures=["T5ForConditionalGeneration"]), device, seed)
+    model.moeify_source = {"kind": "preset", "name": preset.name, "seed": seed,
+                           "architecture": type(model).__name__}
+    return model, preset
+
+
+def _load_directory(path: Path, device: str) -> nn.Module:
+    if not path.is_dir():
+        raise MoeifyError(f"{path} is a file: pass a Hugging Face model directory (config.json + safetensors)")
+    if (path / MOEIFY_FILE).is_file():
+        raise MoeifyError(f"{path} is already a moeify output: inspect it with `moeify inspect {path}`")
+    if not (path / "config.json").is_file():
+        raise MoeifyError(f"{path} has no config.json: pass a Hugging Face model directory")
+    config = hf_config(path)
+    files = weight_files(path)
+    if device != "meta" and not files:
+        raise MoeifyError(f"{path} has no model.safetensors: add the weights, or use --device meta "
+                          "for a structure-only conversion")
+    model = build_hf(config, "meta" if device == "meta" else "cpu")
+    if device != "meta":
+        load_weights(model, files)
+        model.to(device)
+    model.moeify_source = {"kind": "hf", "path": str(path.resolve()), "architecture": type(model).__name__}
+    return model
+
+
+def load_weights(model: nn.Module, files: list[Path], *, progress=None) -> None:
+    """Copy safetensors weights into `model`, which must expect exactly these names."""
+    from safetensors.torch import load_file
+
+    expected = set(model.state_dict())
+    seen: set[str] = set()
+    for i, f in enumerate(files):
+        check_safetensors(f)
+        tensors = load_file(str(f))
+        unexpected = sorted(set(tensors) - expected)
+        if unexpected:
+            raise MoeifyError(f"{f} holds weights the model does not have ({unexpected[:3]}): "
+                              "it belongs to a different model or configuration")
+        model.load_state_dict(tensors, strict=False)
+        seen |= set(tensors)
+        if progress:
+            progress("load", i + 1, len(files))
+    missing = expected - seen - set(tied_aliases(model))
+    if missing:
+        raise MoeifyError(f"the weights lack {len(missing)} tensors ({sorted(missing)[:3]}): "
+                          "the checkpoint is incomplete or for another configuration")
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{name: earlier name} for tensors reachable under two names (tied weights), stored once."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return aliases

@@ -1,0 +1,108 @@
+"""Single-process target: save a converted model as safetensors + configs, and load it back."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from moeify.checkpoint.files import atomic_directory
+from moeify.checkpoint.metadata import FORMAT_VERSION, MOEIFY_FILE, read_metadata
+from moeify.checkpoint.skeleton import dense_skeleton, replay
+from moeify.checkpoint.sources import (
+    load_weights,
+    tied_aliases,
+    weight_files,
+)
+from moeify.checkpoint.summary import summarize
+from moeify.conversion.pipeline import ConversionRecord
+from moeify.errors import MoeifyError
+
+DEFAULT_SHARD_BYTES = 2 << 30  # like transformers: shards that are easy to move and mmap
+
+Progress = Callable[[str, int, int], None]
+
+
+def save(model: nn.Module, path: str | Path, *, force: bool = False,
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None) -> Path:
+    """Write `model` (from moeify.convert) to a directory; atomically, never half-written."""
+    from safetensors.torch import save_file
+
+    record = _record_of(model)
+    out = Path(path)
+    state = model.state_dict()
+    aliases = tied_aliases(model)  # tied weights are stored once
+    tensors = {k: v for k, v in state.items() if k not in aliases}
+    structure_only = any(t.is_meta for t in tensors.values())
+    shards = [] if structure_only else _shard(tensors, max_shard_bytes)
+    with atomic_directory(out, force=force) as tmp:
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "to_json_string"):
+            (tmp / "config.json").write_text(config.to_json_string())
+        files = []
+        for i, names in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: tensors[k].contiguous() for k in names}, str(tmp / fname), metadata={"format": "pt"})
+            files.append((fname, names))
+            if progress:
+                progress("save", i + 1, len(shards))
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                     "weight_map": {k: f for f, names in files for k in names}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        meta = {
+            "format": "moeify", "format_version": FORMAT_VERSION, "weights": not structure_only,
+            "source": record.source, "moe_config": record.config.to_dict(),
+            "sites": [vars(s) for s in record.sites], "skipped": record.skipped, "aliases": aliases,
+            "summary": summarize(model).to_dict(),
+        }
+        (tmp / MOEIFY_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load(path: str | Path, *, model: nn.Module | None = None, device: str | None = None,
+         progress: Progress | None = None) -> nn.Module:
+    """Rebuild a saved model: dense structure from its config, conversion replayed, weights loaded.
+
+    `model` supplies the dense structure for models that are not transformers classes (pass a
+    fresh instance of the class you converted). Structure-only outputs load on the meta device.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    has_weights = bool(meta["weights"])
+    device = device or ("cpu" if has_weights else "meta")
+    sparse = replay(path, meta, model if model is not None else
+                    dense_skeleton(path, meta, "cpu" if has_weights else "meta"))
+    if has_weights:
+        load_weights(sparse, weight_files(path), progress=progress)
+    return sparse.to(device) if device not in ("cpu", "meta") else sparse
+
+
+def _record_of(model: nn.Module) -> ConversionRecord:
+    record = getattr(model, "moeify_record", None)
+    if not isinstance(record, ConversionRecord):
+        raise MoeifyError("this model was not produced by moeify.convert: convert it before saving")
+    if not record.source:
+        import transformers
+
+        cls = type(model)
+        if getattr(transformers, cls.__name__, None) is cls:  # rebuildable from config.json
+            record.source = {"kind": "transformers", "architecture": cls.__name__}
+        else:
+            record.source = {"kind": "module", "class": f"{cls.__module__}.{cls.__qualname__}"}
+    return record
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += t.nbytes
+    return shards if shards[0] else []
+

@@ -1,0 +1,33 @@
+"""Rich progress bars for long conversions, saves and loads (silent when not a terminal)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+LABELS = {"switchify": "converting FFNs", "save": "writing shards", "load": "reading shards",
+          "plan": "evaluating layouts", "calibrate": "routing batches", "emit": "writing rank shards",
+          "export": "exporting graphs"}
+
+
+@contextlib.contextmanager
+def progress_bars(console: Console) -> Iterator[Callable[[str, int, int], None]]:
+    """Yield a (stage, done, total) callback that draws one bar per stage."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(LABELS.get(stage, stage), total=total)
+            bars.update(tasks[stage], completed=done)
+
+        yield update

@@ -1,0 +1,1 @@
+"""Conversion: trace regions, find dense FFNs, select sites, rewrite them into Switch layers."""

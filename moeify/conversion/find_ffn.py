@@ -1,0 +1,180 @@
+"""find_ffn: annotate Linear -> act -> [Dropout] -> Linear (and gated) subgraphs as FFNSites."""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from moeify.conversion.activations import activation_of, dropout_rate
+from moeify.conversion.passes import Pass, PassContext, PassResult, Program
+from moeify.conversion.regions import LinearView, Region, linear_view
+
+META_KEY = "moeify.ffn"
+MUL_TARGETS = {operator.mul, torch.mul}
+
+
+@dataclass
+class FFNSite:
+    """A matched dense FFN inside a region, in the terms a SwitchFFN needs."""
+
+    name: str  # qualified name the SwitchFFN takes in the model
+    region: str  # qualified name of the traced region
+    w_in: str  # region-relative module targets of the linears
+    w_gate: str | None  # the linear feeding the activation in a gated FFN
+    w_out: str
+    d_model: int
+    d_ff: int
+    bias: bool  # input projections carry biases
+    out_bias: bool
+    dropout: float
+    activation: nn.Module
+    nodes: tuple[str, ...]  # matched node names, input order
+    whole_region: bool  # the region computes exactly this FFN
+
+    @property
+    def gated(self) -> bool:
+        return self.w_gate is not None
+
+
+class NoMatch(Exception):
+    """Why a candidate Linear did not end an FFN (shown to users when nothing matches)."""
+
+
+def _linear(node: fx.Node, modules: dict[str, nn.Module]) -> LinearView | None:
+    if node.op == "call_module":
+        return linear_view(modules[node.target])
+    return None
+
+
+def _match_at(out: fx.Node, modules: dict[str, nn.Module]) -> dict:
+    """Match an FFN ending at the linear call `out`; raise NoMatch with the reason otherwise."""
+    view_out = _linear(out, modules)
+    assert view_out is not None
+    nodes = [out]
+    h = out.args[0]
+    p = 0.0
+    if isinstance(h, fx.Node) and (rate := dropout_rate(h, modules)) is not None:
+        nodes.append(h)
+        p, h = rate, h.args[0]
+    if not isinstance(h, fx.Node):
+        raise NoMatch(f"input of {out.target!r} is not computed in the graph")
+    gate = None
+    if h.op == "call_function" and h.target in MUL_TARGETS and len(h.args) == 2:
+        a, b = h.args
+        act_node = next((n for n in (a, b) if isinstance(n, fx.Node) and activation_of(n, modules)), None)
+        if act_node is None:
+            raise NoMatch(f"{h.name} multiplies but neither factor is an activation")
+        lin_node = b if act_node is a else a
+        if not (isinstance(lin_node, fx.Node) and _linear(lin_node, modules)):
+            raise NoMatch(f"{h.name}: the other factor of the gate is not a Linear")
+        nodes += [h, act_node]
+        gate = act_node.args[0]
+        up = lin_node
+    else:
+        act_node = h
+        if activation_of(act_node, modules) is None:
+            what = act_node.target if act_node.op != "call_module" else type(modules[act_node.target]).__name__
+            raise NoMatch(f"{out.target!r} is fed by {act_node.op} {what}, not an activation")
+        nodes.append(act_node)
+        up = act_node.args[0]
+    if not (isinstance(up, fx.Node) and _linear(up, modules)):
+        raise NoMatch(f"activation {act_node.name} is not applied to a Linear")
+    if gate is not None and not (isinstance(gate, fx.Node) and _linear(gate, modules)):
+        raise NoMatch(f"gate activation {act_node.name} is not applied to a Linear")
+    nodes.append(up)
+    if gate is not None:
+        nodes.append(gate)
+        if gate.args[0] is not up.args[0]:
+            raise NoMatch("the gate and input projections read different tensors")
+    x = up.args[0]
+    view_in = _linear(up, modules)
+    d_model, d_ff = view_in.in_features, view_in.out_features
+    if (view_out.in_features, view_out.out_features) != (d_ff, d_model):
+        raise NoMatch(f"{out.target!r} maps {view_out.in_features}->{view_out.out_features}, "
+                      f"expected {d_ff}->{d_model} after {up.target!r} ({d_model}->{d_ff})")
+    view_gate = _linear(gate, modules) if gate is not None else None
+    if view_gate is not None and (view_gate.in_features, view_gate.out_features) != (d_model, d_ff):
+        raise NoMatch(f"gate {gate.target!r} is {view_gate.in_features}->{view_gate.out_features}, "
+                      f"expected {d_model}->{d_ff}")
+    if view_gate is not None and (view_gate.bias is None) != (view_in.bias is None):
+        raise NoMatch("only one of the gate and input projections has a bias")
+    inner = set(nodes) - {out}
+    for n in inner:  # self-contained: nothing outside reads an intermediate value
+        leaks = [u.name for u in n.users if u not in inner and u is not out]
+        if leaks:
+            raise NoMatch(f"{n.name} is also used by {leaks}, outside the FFN")
+    return dict(x=x, nodes=nodes, up=up, gate=gate, act=act_node, d_model=d_model, d_ff=d_ff,
+                bias=view_in.bias is not None, out_bias=view_out.bias is not None, dropout=p,
+                activation=activation_of(act_node, modules))
+
+
+def find_in_region(region: Region) -> tuple[list[FFNSite], list[str]]:
+    """Annotate and return the region's FFN sites, and the reasons other Linears did not match."""
+    gm = region.graph_module
+    assert gm is not None, "find_in_region needs a traced region"
+    modules = dict(gm.named_modules())
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and _linear(n, modules)]
+    # A linear called twice shares weights between calls: it cannot become per-token experts.
+    targets = [n.target for n in calls]
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found, reasons, consumed = [], {}, set()
+    for out in calls:
+        try:
+            m = _match_at(out, modules)
+            shared = [n.target for n in (m["up"], m["gate"], out) if n is not None and targets.count(n.target) > 1]
+            if shared:
+                raise NoMatch(f"{shared} are called more than once")
+        except NoMatch as e:
+            reasons[out] = str(e)
+            continue
+        consumed.update(m["nodes"])
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        whole = (set(body) == set(m["nodes"]) and output.args[0] is out
+                 and placeholders[:1] == [m["x"]] and all(not p.users for p in placeholders[1:]))
+        site = FFNSite(
+            name=region.name if whole else _join(region.name, "moe"),
+            region=region.name, w_in=m["up"].target,
+            w_gate=m["gate"].target if m["gate"] is not None else None, w_out=out.target,
+            d_model=m["d_model"], d_ff=m["d_ff"], bias=m["bias"], out_bias=m["out_bias"],
+            dropout=m["dropout"], activation=m["activation"],
+            nodes=tuple(n.name for n in sorted(m["nodes"], key=position.__getitem__)), whole_region=whole)
+        out.meta[META_KEY] = site
+        found.append(site)
+    if len(found) > 1:  # several FFNs inside one region get distinct names
+        for i, site in enumerate(found):
+            site.name = _join(region.name, f"moe_{i}")
+    return found, [why for n, why in reasons.items() if n not in consumed]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+class FindFFN(Pass):
+    """Analysis only: writes FFNSite records into node.meta[META_KEY] of the output Linear."""
+
+    name = "find_ffn"
+    matches = "Linear -> activation -> [Dropout] -> Linear, and act(Linear(x)) * Linear(x) -> [Dropout] -> Linear"
+    preserves_computation = True
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        rejected: dict[str, str] = {}
+        for region in program.regions:
+            if region.graph_module is None:
+                rejected[region.name] = f"{region.type_name} could not be traced ({region.error})"
+                continue
+            found, reasons = find_in_region(region)
+            if not found:
+                rejected[region.name] = f"{region.type_name}: " + ("; ".join(reasons) or "no Linear call")
+        ctx.notes["rejected"] = rejected
+        return PassResult(program, modified=False)
+
+
+def sites_of(program: Program) -> list[FFNSite]:
+    """Every FFNSite annotated in the program, in module order."""
+    return [n.meta[META_KEY] for r in program.regions if r.graph_module is not None
+            for n in r.graph_module.graph.nodes if META_KEY in n.meta]

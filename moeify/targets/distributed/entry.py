@@ -1,0 +1,109 @@
+"""`torchrun -m moeify.run DIR`: every process loads its rank's part of an export and runs steps."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from moeify.errors import MoeifyError
+
+# (flag, parameter, click options): shared with `moeify run`, which forwards them to torchrun.
+RUN_OPTIONS = [
+    ("--steps", "steps", dict(type=int, default=10, show_default=True, help="Steps to run.")),
+    ("--train", "train", dict(is_flag=True, help="Training steps (loss, backward, AdamW) instead of forward only.")),
+    ("--batch", "batch", dict(type=int, default=8, show_default=True, help="Sequences per rank per step.")),
+    ("--seq", "seq", dict(type=int, default=64, show_default=True, help="Tokens per sequence (T5 decoders: SEQ/4).")),
+    ("--lr", "lr", dict(type=float, default=1e-4, show_default=True, help="AdamW learning rate (with --train).")),
+    ("--seed", "seed", dict(type=int, default=0, show_default=True, help="Seeds the synthetic batches.")),
+    ("--data", "data", dict(type=click.Path(path_type=Path), default=None,
+                            help="safetensors file with input_ids [N, S] (optional decoder_input_ids, labels) "
+                                 "instead of synthetic batches.")),
+    ("--timeout", "timeout_s", dict(type=float, default=300.0, show_default=True,
+                                    help="Seconds before a hung or dead rank makes the others fail.")),
+    ("--log-every", "log_every", dict(type=int, default=0, show_default=True,
+                                      help="Rank 0 prints a line every N steps (0: summary only).")),
+]
+
+
+def run_options(f):
+    options = [click.option(flag, name, **kw) for flag, name, kw in RUN_OPTIONS]
+    return functools.reduce(lambda g, option: option(g), reversed(options), f)
+
+
+def option_args(values: dict) -> list[str]:
+    """The command-line form of parsed run options, to hand them on to each process."""
+    args = []
+    for flag, name, kw in RUN_OPTIONS:
+        value = values.get(name)
+        if kw.get("is_flag"):
+            args += [flag] if value else []
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def print_report(report, console) -> None:
+    from rich.table import Table
+
+    kind = "training" if report.train else "forward"
+    line = (f"{report.world_size} ranks, {report.steps} {kind} steps: {report.tokens_per_second:,.0f} tokens/s "
+            f"({report.timed_tokens:,} tokens in {report.seconds:.2f} s")
+    line += ", first step untimed)" if report.steps > 1 else ")"
+    if report.loss is not None:
+        line += f"; last loss {report.loss:.4f} (mean over ranks)"
+    console.print(line, soft_wrap=True)
+    table = Table(title=f"router statistics over all ranks: dropped {report.dropped_fraction:.1%} of tokens")
+    for col in ("layer", "tokens per expert", "dropped"):
+        table.add_column(col, justify="left" if col != "dropped" else "right", overflow="fold")
+    for s in report.layers:
+        table.add_row(s.name, " ".join(str(n) for n in s.tokens_per_expert), f"{s.dropped_fraction:.1%}")
+    console.print(table)
+
+
+@click.command("moeify.run", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("directory", type=click.Path(path_type=Path))
+@run_options
+@click.pass_context
+def main(ctx: click.Context, directory: Path, **options) -> None:
+    """Run one rank of a torch-distributed export (launched by torchrun, which sets RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT). Rank 0 prints throughput and router statistics.
+
+    \b
+    torchrun --nproc-per-node 4 -m moeify.run out/dist4 --steps 10 --train
+    moeify run out/dist4 --nproc 4 --steps 10 --train   # the same, for one machine
+    Exit status: 0 done, 2 a user error (bad directory, corrupt shard), 3 another rank failed.
+    """
+    import torch.distributed as dist
+    from rich.console import Console
+
+    from moeify.targets.distributed.failures import RankFailure
+    from moeify.targets.distributed.steps import RunConfig, run
+
+    def fail(message: str, code: int) -> None:
+        click.echo(f"error: {message}", err=True)
+        if dist.is_initialized():
+            # A normal exit would run gloo's destructors with peers gone or mid-collective, which
+            # can abort the process (SIGABRT) and lose the exit status: leave at once instead.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        ctx.exit(code)
+
+    try:
+        report = run(RunConfig(path=directory, **options), log=functools.partial(print, flush=True))
+    except RankFailure as e:
+        fail(str(e), 3)
+    except MoeifyError as e:
+        rank = dist.get_rank() if dist.is_initialized() else None
+        fail(f"{'' if rank is None else f'rank {rank}: '}{e}", 2)
+    if dist.get_rank() == 0:
+        # Under torchrun stdout is a pipe, where rich would wrap at 80 columns: let rows be one line.
+        print_report(report, Console(highlight=False, width=None if sys.stdout.isatty() else 200))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Turn a lost peer (a rank that died or hangs) into one clear error instead of a hang or a trace."""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterator
+
+import torch.distributed as dist
+
+from moeify.errors import MoeifyError
+
+# gloo reports a dead peer as a plain RuntimeError ("Connection reset by peer", "Connection closed by
+# peer", "Timed out waiting ..."); NCCL and the rendezvous store raise DistError subclasses.
+_COMMUNICATION = re.compile(r"gloo|nccl|connection|timed out|timeout|socket|broken pipe", re.IGNORECASE)
+
+
+class RankFailure(MoeifyError):
+    """Another rank died, hung past the timeout, or the network failed: this rank cannot go on."""
+
+
+def reason(error: BaseException) -> str:
+    """The useful part of a backend message: no source path, first sentence only."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", text)  # "[.../pair.cc:537] "
+    return text.split(". ")[0].rstrip(".")
+
+
+@contextlib.contextmanager
+def communication(what: str) -> Iterator[None]:
+    """Re-raise communication errors from the block as RankFailure naming what was under way."""
+    try:
+        yield
+    except RankFailure:
+        raise
+    except (dist.DistError, RuntimeError) as e:
+        if not isinstance(e, dist.DistError) and not _COMMUNICATION.search(str(e)):
+            raise  # a bug, not a lost peer: keep its traceback
+        raise RankFailure(f"{what}: lost contact with another rank ({reason(e)}); a rank died or hung, "
+                          "so this run stops: see that rank's own error") from None

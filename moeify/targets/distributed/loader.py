@@ -1,0 +1,98 @@
+"""load_rank: this rank's part of an export, built on meta, lowered, then filled from its shard only."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeify.checkpoint.skeleton import skeleton
+from moeify.checkpoint.sources import check_safetensors, tied_aliases
+from moeify.errors import MoeifyError
+from moeify.planner.plan import ShardingPlan
+from moeify.targets.distributed.env import LAUNCH_HINT, default_device
+from moeify.targets.distributed.failures import communication
+from moeify.targets.distributed.groups import ParallelGroups, build_groups
+from moeify.targets.distributed.layer import ExpertGroup, local_expert_ids
+from moeify.targets.distributed.lower import lower_expert_parallel
+from moeify.targets.distributed.manifest import PLAN_FILE, read_export_manifest, verify
+
+
+def load_rank(path: str | Path, *, model: nn.Module | None = None, device: str | torch.device | None = None,
+              groups: ParallelGroups | None = None, check: bool = True, timeout_s: float = 300.0) -> nn.Module:
+    """This rank's part of a torch-distributed export, on an initialised process group.
+
+    The part holds the dense weights and this rank's experts; its Switch layers exchange tokens
+    with the rest of its expert-parallel group, so on this rank's batch it computes what the
+    single-process model computes. `model`: a fresh dense instance, for custom-module sources.
+    `check` verifies the shared files and this rank's shard against the manifest's sha256.
+    Collectives of the part's groups fail after `timeout_s` when a peer hangs.
+    The groups are attached as `part.moeify_parallel` (see moeify.distributed.data_parallel).
+    """
+    if not dist.is_initialized():
+        raise MoeifyError(f"load_rank needs an initialised process group: {LAUNCH_HINT}, "
+                          "or call moeify.distributed.init() first")
+    path = Path(path)
+    manifest = read_export_manifest(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if manifest.world_size != world:
+        raise MoeifyError(f"{path} was exported for {manifest.world_size} ranks but {world} are running: "
+                          f"launch with --nproc {manifest.world_size}")
+    shard = manifest.ranks[rank]
+    device = torch.device(device) if device is not None else default_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if check:
+        _verify_everywhere(path, manifest, shard.file, rank, device)
+    plan = ShardingPlan.load(path / PLAN_FILE)
+    with communication(f"rank {rank}: building the plan's process groups"):
+        groups = groups or build_groups(plan, device.type, timeout_s)
+    buffers: dict[str, torch.Tensor] = {}
+    part = lower_expert_parallel(skeleton(path, model, buffers), plan,
+                                 ExpertGroup(groups.ep_rank, groups.ep_size, groups.expert_parallel))
+    if local_expert_ids(part) != shard.experts:
+        raise MoeifyError(f"{path / shard.file} holds other experts than the plan gives rank {rank}: "
+                          "re-run `moeify export`")
+    _fill(part, path / shard.file, device, buffers)
+    part.moeify_parallel = groups
+    return part
+
+
+def _verify_everywhere(path: Path, manifest, shard: str, rank: int, device: torch.device) -> None:
+    """Each rank checks the shared files and its own shard, then all agree: one refusal stops every
+    rank at once, instead of leaving the others to time out waiting for it."""
+    error = None
+    try:
+        shards = {r.file for r in manifest.ranks}
+        verify(path, manifest, [n for n in manifest.files if n not in shards] + [shard])
+    except MoeifyError as e:
+        error = e
+    refused = torch.tensor([rank if error else -1], device=device)
+    with communication(f"rank {rank}: checking the export's files"):
+        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if refused.item() >= 0:
+        raise MoeifyError(f"rank {refused.item()} refused its files (see its error), so no rank starts")
+
+
+def _fill(part: nn.Module, shard: Path, device: torch.device, buffers: dict[str, torch.Tensor]) -> None:
+    """Replace every meta tensor: shard tensors are assigned (no second copy), then ties restored."""
+    from safetensors.torch import load_file
+
+    aliases = tied_aliases(part)  # identity still tells ties apart on meta
+    check_safetensors(shard)
+    missing, unexpected = part.load_state_dict(load_file(str(shard), device=str(device)), strict=False, assign=True)
+    if unexpected or set(missing) - set(aliases):
+        raise MoeifyError(f"{shard} does not fit this model (missing {sorted(set(missing) - set(aliases))[:2]}, "
+                          f"unexpected {sorted(unexpected)[:2]}): re-run `moeify export`")
+    tensors = dict(part.named_parameters(remove_duplicate=False)) | dict(part.named_buffers())
+    for alias, target in aliases.items():
+        owner, _, leaf = alias.rpartition(".")
+        setattr(part.get_submodule(owner), leaf, tensors[target])
+    for name, value in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        part.get_submodule(owner).register_buffer(leaf, value.to(device), persistent=False)
+    left = [n for n, t in list(part.named_parameters()) + list(part.named_buffers()) if t.is_meta]
+    if left:
+        raise MoeifyError(f"{shard} leaves {left[:2]} without values: re-run `moeify export`")

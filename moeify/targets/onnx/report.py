@@ -1,0 +1,118 @@
+"""What an .onnx file holds: inputs and outputs, op histogram, Switch layers and MoE nodes, sizes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from moeify.errors import MoeifyError
+from moeify.targets.onnx.optimize import op_histogram
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[str | int]:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def _value(v: onnx.ValueInfoProto) -> dict:
+    return {"name": v.name, "dtype": _dtype(v.type.tensor_type.elem_type), "shape": _dims(v)}
+
+
+def _dtype(elem_type: int) -> str:
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def describe(path: Path) -> dict:
+    """Everything `moeify inspect` shows about an .onnx file, as plain data (weights not loaded)."""
+    if not path.is_file():
+        raise MoeifyError(f"{path} does not exist: export a model with `moeify export ... --target onnx`")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises its own DecodeError, among others
+        raise MoeifyError(f"{path} is not a readable ONNX file ({str(e).splitlines()[0]})") from None
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    by_dtype: dict[str, int] = {}
+    for t in graph.initializer:
+        by_dtype[_dtype(t.data_type)] = by_dtype.get(_dtype(t.data_type), 0) + _nbytes(t)
+    moe_nodes = []
+    for n in graph.node:
+        if n.op_type == "MoE" and n.domain == "com.microsoft":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            fc1 = weights.get(n.input[2])
+            moe_nodes.append({"name": n.name, "k": attrs.get("k", 1),
+                              "activation_type": (attrs.get("activation_type") or b"relu").decode(),
+                              "fc1_shape": list(fc1.dims) if fc1 is not None else None})
+    meta = {p.key.removeprefix("moeify."): p.value for p in model.metadata_props if p.key.startswith("moeify.")}
+    sidecars = [p for p in path.parent.glob(f"{path.name}.data")]
+    return {
+        "file": str(path), "file_bytes": path.stat().st_size + sum(p.stat().st_size for p in sidecars),
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": [_value(v) for v in graph.input],
+        "outputs": [_value(v) for v in graph.output],
+        "nodes": len(graph.node), "ops": dict(op_histogram(model).most_common()),
+        "initializers": len(graph.initializer), "weight_bytes": by_dtype,
+        "moe_nodes": moe_nodes, "mode": meta.get("mode"), "dtype": meta.get("dtype"),
+        "switch_layers": json.loads(meta["layers"]) if "layers" in meta else None,
+    }
+
+
+SHOWN_OPS = 12  # the op histogram's longest rows; --json has them all
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def inspect_onnx(path: Path, as_json: bool, console) -> None:
+    """Print describe(path) as tables on `console` (a rich Console), or as JSON."""
+    import click
+    from rich.markup import escape
+    from rich.table import Table
+
+    data = describe(path)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    opsets = ", ".join(f"{d} {v}" for d, v in data["opsets"].items())
+    weights = ", ".join(f"{_size(b)} {d}" for d, b in data["weight_bytes"].items()) or "none"
+    console.print(f"[bold]{path}[/]: {data['nodes']} nodes, {data['initializers']} initializers ({weights}), "
+                  f"{_size(data['file_bytes'])} on disk; opsets {opsets}")
+    io = Table(title="inputs and outputs")
+    for col in ("", "name", "dtype", "shape"):
+        io.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for v in data[kind]:
+            io.add_row(kind[:-1], v["name"], v["dtype"], escape("[" + ", ".join(map(str, v["shape"])) + "]"))
+    console.print(io)
+    ops = Table(title=f"op histogram ({len(data['ops'])} op types)")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in list(data["ops"].items())[:SHOWN_OPS]:
+        ops.add_row(op, str(n))
+    rest = list(data["ops"].items())[SHOWN_OPS:]
+    moe = "com.microsoft.MoE"
+    if moe in dict(rest):  # never hide the fused nodes
+        ops.add_row(moe, str(data["ops"][moe]))
+    if rest:
+        ops.add_row(f"{len(rest)} more (--json)", str(sum(n for op, n in rest if op != moe)))
+    console.print(ops)
+    if data["switch_layers"]:
+        layers = Table(title=f"Switch layers ({data['mode']} mode, {data['dtype']})")
+        for col in ("layer", "lowering", "activation", "experts", "note"):
+            layers.add_column(col, overflow="fold")
+        for row in data["switch_layers"]:
+            fused = f"com.microsoft.MoE {row['activation_type']}, dropless"
+            exact = f"capacity factor {row['eval_capacity_factor']}, min {row['min_capacity']}"
+            note = row["reason"] or (fused if row["lowering"] == "fused" else exact)
+            layers.add_row(row["name"], row["lowering"], ("gated " if row["gated"] else "") + row["activation"],
+                           str(row["num_experts"]), note)
+        console.print(layers)
+    for n in data["moe_nodes"]:
+        console.print(escape(f"MoE node {n['name']}: k={n['k']}, {n['activation_type']}, fc1 {n['fc1_shape']}"))
