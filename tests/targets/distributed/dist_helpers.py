@@ -12,7 +12,7 @@ from torch import nn
 
 import moeify
 
-TESTS = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parents[2]
 ROOT = TESTS.parent
 WORKER = Path(__file__).with_name("rank_worker.py")
 
