@@ -9,14 +9,52 @@ from moeify.checkpoint.files import read_json, write_text_atomically
 from moeify.errors import MoeifyError
 
 SCHEMA = "moeify.plan"
-VERSION = 1
+VERSION = 1  # the file still carries the derived fields, so storing the grid once did not change it
+MESH_DIMS = ("dp", "ep")
 
 
 @dataclass
 class Mesh:
-    shape: list[int]  # [data_parallel, expert_parallel]
-    dim_names: list[str]  # ["dp", "ep"]
-    ranks: list[list[int]]  # ranks[d][e]: the global rank at mesh position (d, e)
+    """The [dp, ep] rank grid, the one place a plan keeps its groups: ranks[d][e] is the global rank
+    at mesh position (d, e). An expert-parallel group is a row, a data-parallel group a column."""
+
+    ranks: list[list[int]]
+
+    @property
+    def shape(self) -> list[int]:  # [data_parallel, expert_parallel]
+        return [len(self.ranks), len(self.ranks[0]) if self.ranks else 0]
+
+    @property
+    def dim_names(self) -> list[str]:
+        return list(MESH_DIMS)
+
+    @property
+    def rows(self) -> list[list[int]]:
+        return [list(row) for row in self.ranks]
+
+    @property
+    def columns(self) -> list[list[int]]:
+        return [list(col) for col in zip(*self.ranks)]
+
+    def to_dict(self) -> dict:
+        return {"shape": self.shape, "dim_names": self.dim_names, "ranks": self.rows}
+
+
+def check_grid(ranks, world_size: int | None = None, what: str = "mesh ranks") -> None:
+    """A rank grid is a non-empty rectangle of ints holding each rank 0..N-1 exactly once (N: its
+    size, or `world_size`); else one line that says what is wrong and the fix."""
+    if not isinstance(ranks, list) or not ranks or \
+            not all(isinstance(row, list) and row and all(type(r) is int for r in row) for row in ranks):
+        raise MoeifyError(f"the plan's {what} are not a [dp, ep] grid of integer ranks: re-run `moeify plan`")
+    flat = sorted(r for row in ranks for r in row)
+    size = len(flat) if world_size is None else world_size
+    if flat != list(range(size)):
+        raise MoeifyError(f"the plan's {what} do not cover every rank exactly once (ranks 0 to {size - 1}): "
+                          "re-run `moeify plan`")
+    widths = sorted({len(row) for row in ranks})
+    if len(widths) > 1:
+        raise MoeifyError(f"the plan's {what} are ragged (rows of {' and '.join(map(str, widths))} ranks), "
+                          "not a [dp, ep] grid: re-run `moeify plan`")
 
 
 @dataclass
@@ -45,11 +83,8 @@ class Estimate:
 
 @dataclass
 class ShardingPlan:
-    world_size: int
-    mesh: Mesh
+    mesh: Mesh  # the rank grid; world size, shape and both group kinds are derived from it
     layout: str  # "contiguous": expert-parallel groups are consecutive ranks; "strided"
-    expert_parallel_groups: list[list[int]]
-    data_parallel_groups: list[list[int]]
     layers: list[LayerPlan]
     estimate: Estimate
     model: dict = field(default_factory=dict)  # what was planned: name, dtype, tokens per rank, ...
@@ -57,11 +92,38 @@ class ShardingPlan:
     alternatives: list[dict] = field(default_factory=list)  # the next best candidates, for the record
 
     @property
+    def world_size(self) -> int:
+        return sum(len(row) for row in self.mesh.ranks)
+
+    @property
     def expert_parallel_size(self) -> int:
         return self.mesh.shape[1]
 
+    @property
+    def expert_parallel_groups(self) -> list[list[int]]:
+        """The mesh rows: the ranks that exchange tokens. Assigning groups sets the rows."""
+        return self.mesh.rows
+
+    @expert_parallel_groups.setter
+    def expert_parallel_groups(self, groups: list[list[int]]) -> None:
+        self.mesh.ranks = [list(g) for g in groups]
+
+    @property
+    def data_parallel_groups(self) -> list[list[int]]:
+        """The mesh columns: the ranks holding the same experts. Assigning groups sets the columns."""
+        return self.mesh.columns
+
+    @data_parallel_groups.setter
+    def data_parallel_groups(self, groups: list[list[int]]) -> None:
+        self.mesh.ranks = [list(row) for row in zip(*groups)]
+
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA, "version": VERSION, **asdict(self)}
+        """The file keeps the derived fields (world_size, mesh shape, both group lists) for readers."""
+        d = asdict(self)
+        return {"schema": SCHEMA, "version": VERSION, "world_size": self.world_size, "mesh": self.mesh.to_dict(),
+                "layout": d["layout"], "expert_parallel_groups": self.expert_parallel_groups,
+                "data_parallel_groups": self.data_parallel_groups, "layers": d["layers"], "estimate": d["estimate"],
+                "model": d["model"], "topology": d["topology"], "alternatives": d["alternatives"]}
 
     def save(self, path: str | Path) -> None:
         write_text_atomically(path, json.dumps(self.to_dict(), indent=1))  # never a half-written plan
@@ -73,28 +135,42 @@ class ShardingPlan:
         if data.get("version") != VERSION:
             raise MoeifyError(f"plan version {data.get('version')} is not {VERSION}: re-run `moeify plan`")
         try:
+            check_grid(data["mesh"]["ranks"])
             plan = cls(
-                world_size=data["world_size"], mesh=Mesh(**data["mesh"]), layout=data["layout"],
-                expert_parallel_groups=data["expert_parallel_groups"],
-                data_parallel_groups=data["data_parallel_groups"],
+                mesh=Mesh(ranks=data["mesh"]["ranks"]), layout=data["layout"],
                 layers=[LayerPlan(**layer) for layer in data["layers"]], estimate=Estimate(**data["estimate"]),
                 model=data.get("model", {}), topology=data.get("topology", {}),
                 alternatives=data.get("alternatives", []))
         except (KeyError, TypeError) as e:
             raise MoeifyError(f"the plan is incomplete or malformed ({e}): re-run `moeify plan`") from None
+        plan._check_derived(data)
         plan.check()
         return plan
+
+    def _check_derived(self, data: dict) -> None:
+        """The file's copies of what the grid implies must say the same (a hand edit may not)."""
+        for key in ("expert_parallel_groups", "data_parallel_groups"):
+            if key in data:
+                check_grid(data[key], self.world_size, what=key)
+        mesh = data["mesh"]
+        for key, stored, derived in (("world_size", data.get("world_size"), self.world_size),
+                                     ("mesh shape", mesh.get("shape"), self.mesh.shape),
+                                     ("mesh dim_names", mesh.get("dim_names"), self.mesh.dim_names),
+                                     ("expert_parallel_groups", data.get("expert_parallel_groups"),
+                                      self.expert_parallel_groups),
+                                     ("data_parallel_groups", data.get("data_parallel_groups"),
+                                      self.data_parallel_groups)):
+            if stored is not None and stored != derived:
+                raise MoeifyError(f"the plan's {key} contradicts its mesh ranks, which define it: "
+                                  "re-run `moeify plan`")
 
     @classmethod
     def load(cls, path: str | Path) -> "ShardingPlan":
         return cls.from_dict(read_json(path, what="plan", fix=f"make one with `moeify plan ... -o {path}`"))
 
     def check(self) -> None:
-        """Internal consistency: every rank once per group kind, placements inside the groups."""
-        ranks = sorted(r for g in self.expert_parallel_groups for r in g)
-        if ranks != list(range(self.world_size)) or \
-                sorted(r for g in self.data_parallel_groups for r in g) != ranks:
-            raise MoeifyError("the plan's groups do not cover every rank exactly once: re-run `moeify plan`")
+        """Internal consistency: a rank grid holding every rank once, placements inside the groups."""
+        check_grid(self.mesh.ranks)
         ep = self.expert_parallel_size
         for layer in self.layers:
             if len(layer.placement) != layer.num_experts or not all(0 <= r < ep for r in layer.placement):

@@ -229,11 +229,7 @@ class Planner:
         w, topo = self.workload, self.topology
         first_gpu = topo.graph.nodes[topo.gpus[0]]
         return ShardingPlan(
-            world_size=self.world,
-            mesh=Mesh(shape=list(best.groups.shape), dim_names=["dp", "ep"], ranks=best.groups.tolist()),
-            layout=best.layout,
-            expert_parallel_groups=best.groups.tolist(), data_parallel_groups=best.groups.T.tolist(),
-            layers=best.layers, estimate=best.estimate,
+            mesh=Mesh(ranks=best.groups.tolist()), layout=best.layout, layers=best.layers, estimate=best.estimate,
             model={"name": w.model, "dtype": w.dtype, "tokens_per_rank": w.tokens_per_rank,
                    "capacity_factor": w.capacity_factor, "top_k": w.top_k, "moe_layers": len(w.layers),
                    "calibrated": any(layer.load for layer in w.layers), "optimizer": self.options.optimizer},

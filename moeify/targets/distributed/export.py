@@ -59,8 +59,7 @@ def default_plan(layers: dict[str, int], world_size: int, *, expert_parallel: in
     dp = world_size // ep
     ranks = [[d * ep + e for e in range(ep)] for d in range(dp)]
     return ShardingPlan(
-        world_size=world_size, mesh=Mesh(shape=[dp, ep], dim_names=["dp", "ep"], ranks=ranks), layout="contiguous",
-        expert_parallel_groups=ranks, data_parallel_groups=[list(col) for col in zip(*ranks)],
+        mesh=Mesh(ranks=ranks), layout="contiguous",
         layers=[LayerPlan(name=n, num_experts=e, placement=balanced(e, ep), all_to_all="flat")
                 for n, e in layers.items()],
         # Zeros mean "not estimated": no topology was given, so no cost model ran.

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from moeify.errors import MoeifyError
-from moeify.planner.plan import ShardingPlan
+from moeify.planner.plan import ShardingPlan, check_grid
 
 
 @dataclass
@@ -44,10 +44,8 @@ def build_groups(plan: ShardingPlan, device_type: str, timeout_s: float = 300.0)
     if plan.world_size != world:
         raise MoeifyError(f"the plan is for {plan.world_size} ranks but {world} are running: "
                           f"launch {plan.world_size} processes")
-    rows = [list(r) for r in plan.mesh.ranks]
-    if rows != [list(g) for g in plan.expert_parallel_groups] or \
-            [list(c) for c in zip(*rows)] != [list(g) for g in plan.data_parallel_groups]:
-        raise MoeifyError("the plan's groups are not the rows and columns of its mesh: re-run `moeify plan`")
+    check_grid(plan.mesh.ranks)  # the groups are its rows and columns: only the grid itself can be wrong
+    rows = plan.mesh.rows
     mesh = DeviceMesh(device_type, rows, mesh_dim_names=("dp", "ep"))
     timeout = timedelta(seconds=timeout_s)
     dense = dist.new_group(list(range(world)), timeout=timeout)
