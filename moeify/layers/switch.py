@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from moeify.config import RoutingConfig
-from moeify.layers.dispatch import dispatch, expert_capacity
+from moeify.layers.dispatch import Dispatch, dispatch, expert_capacity
 from moeify.layers.experts import Experts
-from moeify.layers.router import Router
+from moeify.layers.router import Router, RouterOutput
 
 
 class SwitchFFN(nn.Module):
@@ -20,13 +20,25 @@ class SwitchFFN(nn.Module):
     def __init__(self, d_model: int, d_ff: int, routing: RoutingConfig, activation: nn.Module, *,
                  gated: bool = False, bias: bool = False, out_bias: bool | None = None,
                  dropout: float = 0.0, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, router: Router | None = None,
+                 experts: Experts | None = None) -> None:
+        """`router` / `experts`: prebuilt parts, used as they are instead of new ones (then the
+        arguments that shape them are not used). A subclass whose `_expert_step` reaches experts
+        elsewhere passes the experts it holds, which may be fewer than routing.num_experts."""
         super().__init__()
         self.routing = routing
-        self.router = Router(d_model, routing.num_experts, jitter=routing.jitter,
-                             dtype=getattr(torch, routing.router_dtype), device=device)
-        self.experts = Experts(routing.num_experts, d_model, d_ff, activation, gated=gated, bias=bias,
-                               out_bias=out_bias, dropout=dropout, dtype=dtype, device=device)
+        if router is None:
+            router = Router(d_model, routing.num_experts, jitter=routing.jitter,
+                            dtype=getattr(torch, routing.router_dtype), device=device)
+        if experts is None:
+            experts = Experts(routing.num_experts, d_model, d_ff, activation, gated=gated, bias=bias,
+                              out_bias=out_bias, dropout=dropout, dtype=dtype, device=device)
+        if router.num_experts != routing.num_experts or d_model != router.weight.shape[1] or d_model != experts.d_model:
+            raise ValueError(f"parts do not fit {routing.num_experts} experts of width {d_model}: a router for "
+                             f"{router.num_experts} of width {router.weight.shape[1]}, "
+                             f"experts of width {experts.d_model}")
+        self.router = router
+        self.experts = experts
 
     @property
     def num_experts(self) -> int:
@@ -42,12 +54,21 @@ class SwitchFFN(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d_model), flattened (batch, position) order
         route = self.router(x)
-        plan = dispatch(route.expert_index, self.num_experts, self.capacity(x.shape[0]))
-        y = self.experts(x.index_select(0, plan.token_index), plan.counts)  # (K, d_model)
+        capacity = self.capacity(x.shape[0])
+        plan = dispatch(route.expert_index, self.num_experts, capacity)
+        y = self._expert_step(x, route, plan, capacity)  # (K, d_model)
         gate = route.gate.index_select(0, plan.token_index).to(y.dtype)  # (K,)
         y = y * gate.unsqueeze(-1)  # the gate is how the router learns
         out = y.new_zeros(x.shape[0], y.shape[-1]).index_copy(0, plan.token_index, y)  # (T, d_model)
         return out.view(*shape[:-1], y.shape[-1])
+
+    def _expert_step(self, x: torch.Tensor, route: RouterOutput, plan: Dispatch, capacity: int) -> torch.Tensor:
+        """Expert outputs of the kept tokens, ungated, in plan.token_index order: (K, d_model).
+
+        x is (T, d_model); `capacity` is the slots per expert that `plan` was made with. The one
+        step a subclass overrides to run the experts somewhere else (see ExpertParallelFFN).
+        """
+        return self.experts(x.index_select(0, plan.token_index), plan.counts)
 
     def extra_repr(self) -> str:
         r = self.routing
