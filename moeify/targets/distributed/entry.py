@@ -46,6 +46,8 @@ def option_args(values: dict) -> list[str]:
 
 
 def print_report(report, console) -> None:
+    """Rank 0's summary: throughput, then router statistics in a table that reads at 80 columns."""
+    from rich import box
     from rich.table import Table
 
     kind = "training" if report.train else "forward"
@@ -54,10 +56,11 @@ def print_report(report, console) -> None:
     line += ", first step untimed)" if report.steps > 1 else ")"
     if report.loss is not None:
         line += f"; last loss {report.loss:.4f} (mean over ranks)"
-    console.print(line, soft_wrap=True)
-    table = Table(title=f"router statistics over all ranks: dropped {report.dropped_fraction:.1%} of tokens")
+    console.print(line)
+    table = Table(title=f"router statistics over all ranks: dropped {report.dropped_fraction:.1%} of tokens",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
     for col in ("layer", "tokens per expert", "dropped"):
-        table.add_column(col, justify="left" if col != "dropped" else "right", overflow="fold")
+        table.add_column(col, justify="right" if col == "dropped" else "left", overflow="fold")
     for s in report.layers:
         table.add_row(s.name, " ".join(str(n) for n in s.tokens_per_expert), f"{s.dropped_fraction:.1%}")
     console.print(table)
@@ -76,15 +79,15 @@ def main(ctx: click.Context, directory: Path, **options) -> None:
     moeify run out/dist4 --nproc 4 --steps 10 --train   # the same, for one machine
     Exit status: 0 done, 2 a user error (bad directory, corrupt shard), 3 another rank failed.
     """
-    import torch.distributed as dist
     from rich.console import Console
 
+    from moeify.targets.distributed import comm
     from moeify.targets.distributed.failures import RankFailure
     from moeify.targets.distributed.steps import RunConfig, run
 
     def fail(message: str, code: int) -> None:
         click.echo(f"error: {message}", err=True)
-        if dist.is_initialized():
+        if comm.is_initialized():
             # A normal exit would run gloo's destructors with peers gone or mid-collective, which
             # can abort the process (SIGABRT) and lose the exit status: leave at once instead.
             sys.stdout.flush()
@@ -97,12 +100,12 @@ def main(ctx: click.Context, directory: Path, **options) -> None:
     except RankFailure as e:
         fail(str(e), 3)
     except MoeifyError as e:
-        rank = dist.get_rank() if dist.is_initialized() else None
+        rank = comm.get_rank() if comm.is_initialized() else None
         fail(f"{'' if rank is None else f'rank {rank}: '}{e}", 2)
-    if dist.get_rank() == 0:
+    if comm.get_rank() == 0:
         # Under torchrun stdout is a pipe, where rich would wrap at 80 columns: let rows be one line.
         print_report(report, Console(highlight=False, width=None if sys.stdout.isatty() else 200))
-    dist.destroy_process_group()
+    comm.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Mapping
 
 import torch
-import torch.distributed as dist
 
 from moeify.errors import MoeifyError
+from moeify.targets.distributed import comm
 from moeify.targets.distributed.failures import communication
 
 REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -50,12 +49,11 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[LaunchEnv, torch.device]
     """Join the process group (NCCL on GPUs, gloo on CPUs); collectives fail after `timeout_s`."""
     env = LaunchEnv.from_environ()
     device = default_device(env.local_rank)
-    if dist.is_initialized():
+    if comm.is_initialized():
         return env, device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     with communication(f"rank {env.rank}: joining {env.world_size} ranks at {env.master_addr}:{env.master_port}"):
-        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        comm.init_process_group(backend, env.rank, env.world_size, timeout_s)
     return env, device

@@ -75,11 +75,10 @@ def switch_layers(model: nn.Module) -> dict[str, int]:
     return {n: m.num_experts for n, m in model.named_modules() if isinstance(m, SwitchFFN)}
 
 
-def rank_part(structure: nn.Module, plan: ShardingPlan, rank: int, group=None) -> nn.Module:
-    """`structure` (not modified) lowered to `rank`'s part; `group` is None for structure work."""
+def rank_part(structure: nn.Module, plan: ShardingPlan, rank: int) -> nn.Module:
+    """`structure` (not modified) lowered to `rank`'s part, for structure work (no process group)."""
     members = next(g for g in plan.expert_parallel_groups if rank in g)
-    return lower_expert_parallel(copy.deepcopy(structure), plan,
-                                 ExpertGroup(members.index(rank), len(members), group))
+    return lower_expert_parallel(copy.deepcopy(structure), plan, ExpertGroup(members.index(rank), len(members)))
 
 
 @dataclass

@@ -5,9 +5,8 @@ import contextlib
 import re
 from typing import Iterator
 
-import torch.distributed as dist
-
 from moeify.errors import MoeifyError
+from moeify.targets.distributed import comm
 
 # gloo reports a dead peer as a plain RuntimeError ("Connection reset by peer", "Connection closed by
 # peer", "Timed out waiting ..."); NCCL and the rendezvous store raise DistError subclasses.
@@ -32,8 +31,8 @@ def communication(what: str) -> Iterator[None]:
         yield
     except RankFailure:
         raise
-    except (dist.DistError, RuntimeError) as e:
-        if not isinstance(e, dist.DistError) and not _COMMUNICATION.search(str(e)):
+    except (comm.DistError, RuntimeError) as e:
+        if not isinstance(e, comm.DistError) and not _COMMUNICATION.search(str(e)):
             raise  # a bug, not a lost peer: keep its traceback
         raise RankFailure(f"{what}: lost contact with another rank ({reason(e)}); a rank died or hung, "
                           "so this run stops: see that rank's own error") from None

@@ -16,49 +16,51 @@ L = (1/W) * sum_r L_r over the W ranks. Then:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.parallel import DistributedDataParallel as DDP  # a module wrapper: its all-reduces are its own
 
 from moeify.errors import MoeifyError
+from moeify.targets.distributed import comm
+from moeify.targets.distributed.groups import RankPart
 from moeify.targets.distributed.layer import ExpertParallelFFN, expert_parameters
 
 
-def _groups(part: nn.Module):
-    groups = getattr(part, "moeify_parallel", None)
-    if groups is None:
-        raise MoeifyError("this model was not loaded with moeify.distributed.load_rank")
-    return groups
+def _check(part: RankPart, what: str) -> None:
+    if not isinstance(part, RankPart):
+        raise MoeifyError(f"{what} takes what moeify.distributed.load_rank returns (a RankPart: the model and "
+                          f"its process groups), not a {type(part).__name__}: pass `part`, not `part.model`")
 
 
-def data_parallel(part: nn.Module, **ddp_options) -> DDP:
-    """Wrap `part` in DDP over all ranks, for its dense weights only (experts are not replicas)."""
-    groups = _groups(part)
-    DDP._set_params_and_buffers_to_ignore_for_model(part, list(expert_parameters(part)))
-    device = next(part.parameters()).device
+def data_parallel(part: RankPart, **ddp_options) -> DDP:
+    """DDP over all ranks around `part.model`, for its dense weights only (experts are not replicas)."""
+    _check(part, "data_parallel")
+    model = part.model
+    DDP._set_params_and_buffers_to_ignore_for_model(model, list(expert_parameters(model)))
+    device = next(model.parameters()).device
     options = {"forward_sync_buffers": False, **ddp_options}  # buffers are loaded identically everywhere
-    return DDP(part, process_group=groups.data_parallel,
+    return DDP(model, process_group=part.groups.data_parallel,
                device_ids=[device] if device.type == "cuda" else None, **options)
 
 
-def reduce_expert_gradients(part: nn.Module) -> None:
+def reduce_expert_gradients(part: RankPart) -> None:
     """After backward: each expert's gradient = sum over its copies and expert-data-parallel group / world size.
 
     One all-reduce for all experts of the rank (flattened), on the expert-data-parallel group, after
     one on the expert-parallel group for replicated experts only (when the plan has any);
     experts that got no token anywhere have a zero gradient rather than None.
     """
-    groups = _groups(part)
-    params = list(expert_parameters(part).values())
+    _check(part, "reduce_expert_gradients")
+    model, groups = part.model, part.groups
+    params = list(expert_parameters(model).values())
     if not params:
         return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    _sum_copies(part, groups.expert_parallel)
+    _sum_copies(model, groups.expert_parallel)
     flat = torch.cat([p.grad.reshape(-1) for p in params])
-    if dist.get_world_size(groups.expert_data_parallel) > 1:
-        dist.all_reduce(flat, group=groups.expert_data_parallel)
+    if comm.get_world_size(groups.expert_data_parallel) > 1:
+        comm.all_reduce(flat, group=groups.expert_data_parallel)
     flat /= groups.world_size
     offset = 0
     for p in params:
@@ -67,7 +69,7 @@ def reduce_expert_gradients(part: nn.Module) -> None:
         offset += n
 
 
-def _sum_copies(part: nn.Module, group) -> None:
+def _sum_copies(model: nn.Module, group) -> None:
     """Sum each replicated expert's gradient over the copies in the expert-parallel group, in place.
 
     One all-reduce of a [replicated experts] block per expert weight, flattened; a rank adds zeros
@@ -75,19 +77,16 @@ def _sum_copies(part: nn.Module, group) -> None:
     replicated ids, so all take part or none does.
     """
     work = []  # (weight, its local rows that are copies, their slots in the block, the block)
-    for m in part.modules():
+    for m in model.modules():
         if isinstance(m, ExpertParallelFFN) and m.replicated:
-            local = [i for i, e in enumerate(m.expert_ids) if e in m.replicated]
-            device = m.experts.w_in.device
-            rows = torch.tensor(local, dtype=torch.long, device=device)
-            slots = torch.tensor([m.replicated.index(m.expert_ids[i]) for i in local], dtype=torch.long, device=device)
+            rows, slots = m.replica_rows(m.experts.w_in.device)
             for w in m.experts.parameters():
                 block = w.grad.new_zeros(len(m.replicated), *w.shape[1:]).index_copy(0, slots, w.grad[rows])
                 work.append((w, rows, slots, block))
     if not work:
         return
     flat = torch.cat([block.reshape(-1) for *_, block in work])
-    dist.all_reduce(flat, group=group)
+    comm.all_reduce(flat, group=group)
     offset = 0
     for w, rows, slots, block in work:
         summed = flat[offset:offset + block.numel()].view_as(block)

@@ -1,16 +1,17 @@
-"""ExpertParallelFFN: a SwitchFFN whose experts live on several ranks, reached by all-to-all."""
+"""ExpertParallelFFN: a SwitchFFN whose expert step reaches experts on several ranks by all-to-all."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from moeify.layers.dispatch import dispatch
+from moeify.layers.dispatch import Dispatch
 from moeify.layers.experts import Experts
+from moeify.layers.router import RouterOutput
 from moeify.layers.switch import SwitchFFN
+from moeify.targets.distributed import comm
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class ExpertGroup:
 
     rank: int  # index of this rank within the group (what the plan's placement refers to)
     size: int
-    group: Any = None  # torch.distributed ProcessGroup
+    group: Any = None  # its process group (comm.ProcessGroup)
 
 
 def local_experts(full: Experts, ids: list[int]) -> Experts:
@@ -36,75 +37,54 @@ def local_experts(full: Experts, ids: list[int]) -> Experts:
     return local
 
 
-class AllToAll(torch.autograd.Function):
-    """dist.all_to_all_single along dim 0 with split sizes; backward is the same exchange with the
-    splits swapped (the gradient of a row goes back to the rank that sent the row).
-
-    Written here over the public collective because torch.distributed.nn.functional's version is
-    deprecated in torch 2.13 and the functional-collectives one is private.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, receive: list[int], send: list[int], group) -> torch.Tensor:
-        ctx.receive, ctx.send, ctx.group = receive, send, group
-        out = x.new_empty(sum(receive), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=receive, input_split_sizes=send, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return AllToAll.apply(grad.contiguous(), ctx.send, ctx.receive, ctx.group), None, None, None
-
-
 class ExpertParallelFFN(SwitchFFN):
-    """Router -> local capacity dispatch into a [E, C, d_model] buffer -> all-to-all -> this rank's
-    experts -> all-to-all back -> gate and combine (Fedus et al. 2021, Section 2.2 and Figure 13).
+    """SwitchFFN.forward with an expert step that crosses ranks: kept tokens go into a [E, C, d_model]
+    buffer -> all-to-all -> this rank's experts -> all-to-all back (Fedus et al. 2021, Section 2.2
+    and Figure 13); routing, dispatch, gating and combining are SwitchFFN's own.
 
     Computes, on this rank's tokens, exactly what the single-process SwitchFFN computes on them:
     capacity comes from the local token count, and within each expert earlier local tokens win.
-    It subclasses SwitchFFN so that router_losses(), summarize() and capacity() apply unchanged;
-    `experts` holds only this rank's experts (copies of replicated ones too), in ascending id (`expert_ids`).
+    router_losses(), summarize() and capacity() apply unchanged; `experts` holds only this rank's
+    experts (copies of replicated ones too), in ascending id (`expert_ids`).
     """
 
     def __init__(self, switch: SwitchFFN, placement: list[int], group: ExpertGroup,
                  replicas: dict[str, list[int]] | None = None) -> None:
-        # SwitchFFN.__init__ would allocate all E experts: take the parts from `switch` instead.
-        nn.Module.__init__(self)
-        if len(placement) != switch.num_experts or not all(0 <= r < group.size for r in placement):
-            raise ValueError(f"placement {placement} does not fit {switch.num_experts} experts on {group.size} ranks")
+        num_experts = switch.num_experts
+        if len(placement) != num_experts or not all(0 <= r < group.size for r in placement):
+            raise ValueError(f"placement {placement} does not fit {num_experts} experts on {group.size} ranks")
         holders = [sorted((replicas or {}).get(str(e), [r])) for e, r in enumerate(placement)]
         if any(placement[e] not in h or len(set(h)) != len(h) or not all(0 <= r < group.size for r in h)
                for e, h in enumerate(holders)):
             raise ValueError(f"replicas {replicas} do not fit placement {placement} on {group.size} ranks")
-        self.routing = switch.routing
-        self.router = switch.router
-        self.placement = list(placement)
+        expert_ids = [e for e, h in enumerate(holders) if group.rank in h]  # home copies and replicas
+        full = switch.experts
+        super().__init__(full.d_model, full.d_ff, switch.routing, full.act, router=switch.router,
+                         experts=local_experts(full, expert_ids))
         self.holders = holders  # expert id -> the group ranks holding a copy, sorted
         self.replicated = [e for e, h in enumerate(holders) if len(h) > 1]
         self.group = group
-        self.expert_ids = [e for e, h in enumerate(holders) if group.rank in h]  # home copies and replicas
-        self.experts = local_experts(switch.experts, self.expert_ids)
+        self.expert_ids = expert_ids
         # Source s sends expert e's tokens to copy holders[e][s % len]: fixed, so no extra exchange,
         # and the senders spread over the copies.
         target = [[h[s % len(h)] for h in holders] for s in range(group.size)]
         mine = target[group.rank]
         # Each source sends every expert to exactly one rank, so its buffer is still [E * C] rows,
         # in blocks ordered by (destination rank, expert id): each destination's part is one split.
-        order = sorted(range(switch.num_experts), key=lambda e: (mine[e], e))
-        self._block = [0] * switch.num_experts  # expert id -> its block in this rank's send buffer
+        order = sorted(range(num_experts), key=lambda e: (mine[e], e))
+        self._block = [0] * num_experts  # expert id -> its block in this rank's send buffer
         for block, e in enumerate(order):
             self._block[e] = block
         self._per_rank = [mine.count(r) for r in range(group.size)]  # experts this rank sends to each member
         # What each member sends here: its blocks for this rank, as indices into self.expert_ids.
         self._from = [[i for i, e in enumerate(self.expert_ids) if target[s][e] == group.rank]
                       for s in range(group.size)]
+        self._tables: dict[torch.device, torch.Tensor] = {}  # device -> self._block as a tensor
+        self._replica_rows: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._arrival: tuple | None = None  # ((capacities, device), order, inverse, counts) of the last call
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])  # (T, d_model), flattened (batch, position) order
-        route = self.router(x)
-        capacity = self.capacity(x.shape[0])  # from this rank's tokens only, as in the paper
-        plan = dispatch(route.expert_index, self.num_experts, capacity)
+    def _expert_step(self, x: torch.Tensor, route: RouterOutput, plan: Dispatch, capacity: int) -> torch.Tensor:
+        """Send buffer -> all-to-all -> local experts -> all-to-all back: the kept tokens' outputs, (K, d_model)."""
         row = self._buffer_rows(route.expert_index, plan.token_index, plan.counts, capacity)  # (K,)
         send = x.new_zeros(self.num_experts * capacity, x.shape[-1])  # [E * C, d_model], empty slots 0
         send = send.index_copy(0, row, x.index_select(0, plan.token_index))
@@ -114,20 +94,19 @@ class ExpertParallelFFN(SwitchFFN):
         received = self._exchange(send, from_members, to_experts)
         computed = self._run_experts(received, capacities)
         back = self._exchange(computed, to_experts, from_members)  # (E * C, d_model), same rows as send
-        y = back.index_select(0, row)  # (K, d_model)
-        gate = route.gate.index_select(0, plan.token_index).to(y.dtype)  # the gate is how the router learns
-        out = y.new_zeros(x.shape[0], y.shape[-1]).index_copy(0, plan.token_index, y * gate.unsqueeze(-1))
-        return out.view(*shape[:-1], y.shape[-1])
+        return back.index_select(0, row)
 
     def _buffer_rows(self, expert_index: torch.Tensor, token_index: torch.Tensor, counts: list[int],
                      capacity: int) -> torch.Tensor:
         """Buffer row of each kept token: its expert's block * C + its rank among that expert's tokens."""
+        device = token_index.device
         kept_expert = expert_index.index_select(0, token_index)  # (K,), grouped by expert
-        counts_t = torch.tensor(counts, device=token_index.device)
+        counts_t = torch.tensor(counts, device=device)
         starts = torch.cumsum(counts_t, 0) - counts_t  # (E,) first kept token of each expert
-        slot = torch.arange(token_index.numel(), device=token_index.device) - starts[kept_expert]
-        block = torch.tensor(self._block, device=token_index.device)
-        return block[kept_expert] * capacity + slot
+        slot = torch.arange(token_index.numel(), device=device) - starts[kept_expert]
+        if device not in self._tables:
+            self._tables[device] = torch.tensor(self._block, device=device)
+        return self._tables[device][kept_expert] * capacity + slot
 
     def _capacities(self, capacity: int, device: torch.device) -> list[int]:
         """Each group member's capacity, in group order (one tiny all-gather per call)."""
@@ -135,25 +114,27 @@ class ExpertParallelFFN(SwitchFFN):
             return [capacity]
         self._check_group()
         mine = torch.tensor([capacity], dtype=torch.long, device=device)
-        gathered = torch.empty(self.group.size, dtype=torch.long, device=device)
-        dist.all_gather_single(gathered, mine, group=self.group.group)
-        return gathered.tolist()
+        return comm.all_gather_single(mine, self.group.group, self.group.size).tolist()
 
     def _exchange(self, x: torch.Tensor, receive: list[int], send: list[int]) -> torch.Tensor:
         """all_to_all_single with uneven splits; its backward runs the same exchange reversed."""
         if self.group.size == 1:
             return x
         self._check_group()
-        return AllToAll.apply(x, receive, send, self.group.group)
+        return comm.all_to_all(x, receive, send, self.group.group)
 
     def _run_experts(self, received: torch.Tensor, capacities: list[int]) -> torch.Tensor:
         """Rows arrive as [member][its experts for this rank][C_member]; experts want them grouped by expert."""
         if not self.expert_ids:
             return received.new_zeros(0, self.experts.d_model)
-        order, counts = self._grouping(capacities, received.device)
+        key = (tuple(capacities), received.device)
+        if self._arrival is None or self._arrival[0] != key:  # batches keep their sizes: usually a hit
+            order, counts = self._grouping(capacities, received.device)
+            back = torch.empty_like(order)
+            back[order] = torch.arange(order.numel(), device=order.device)
+            self._arrival = (key, order, back, counts)
+        _, order, back, counts = self._arrival
         y = self.experts(received.index_select(0, order), counts)
-        back = torch.empty_like(order)
-        back[order] = torch.arange(order.numel(), device=order.device)
         return y.index_select(0, back)  # in arrival order again, for the return exchange
 
     def _grouping(self, capacities: list[int], device: torch.device) -> tuple[torch.Tensor, list[int]]:
@@ -170,6 +151,16 @@ class ExpertParallelFFN(SwitchFFN):
         counts = [sum(p.numel() for p in ps) for ps in pieces]
         order = torch.cat([p for ps in pieces for p in ps])  # every copy has at least one member
         return order, counts
+
+    def replica_rows(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the local experts that are copies of replicated ones: their rows in `experts`, and
+        each one's slot in `replicated` (for reduce_expert_gradients; cached per device)."""
+        if device not in self._replica_rows:
+            local = [i for i, e in enumerate(self.expert_ids) if e in self.replicated]
+            self._replica_rows[device] = (torch.tensor(local, dtype=torch.long, device=device),
+                                          torch.tensor([self.replicated.index(self.expert_ids[i]) for i in local],
+                                                       dtype=torch.long, device=device))
+        return self._replica_rows[device]
 
     def _check_group(self) -> None:
         if self.group.group is None:

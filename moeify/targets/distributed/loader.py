@@ -1,42 +1,44 @@
-"""load_rank: this rank's part of an export, built on meta, lowered, then filled from its shard only."""
+"""load_rank: this rank's part of an export (built on meta, lowered, filled from its shard only) and its groups."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moeify.checkpoint.skeleton import skeleton
 from moeify.checkpoint.sources import check_safetensors, tied_aliases
 from moeify.errors import MoeifyError
 from moeify.planner.plan import ShardingPlan
+from moeify.targets.distributed import comm
 from moeify.targets.distributed.env import LAUNCH_HINT, default_device
 from moeify.targets.distributed.failures import communication
-from moeify.targets.distributed.groups import ParallelGroups, build_groups
+from moeify.targets.distributed.groups import ParallelGroups, RankPart, build_groups
 from moeify.targets.distributed.layer import ExpertGroup, local_expert_ids
 from moeify.targets.distributed.lower import lower_expert_parallel
 from moeify.targets.distributed.manifest import PLAN_FILE, read_export_manifest, verify
 
 
 def load_rank(path: str | Path, *, model: nn.Module | None = None, device: str | torch.device | None = None,
-              groups: ParallelGroups | None = None, check: bool = True, timeout_s: float = 300.0) -> nn.Module:
+              groups: ParallelGroups | None = None, check: bool = True, timeout_s: float = 300.0) -> RankPart:
     """This rank's part of a torch-distributed export, on an initialised process group.
 
-    The part holds the dense weights and this rank's experts; its Switch layers exchange tokens
-    with the rest of its expert-parallel group, so on this rank's batch it computes what the
-    single-process model computes. `model`: a fresh dense instance, for custom-module sources.
-    `check` verifies the shared files and this rank's shard against the manifest's sha256.
-    Collectives of the part's groups fail after `timeout_s` when a peer hangs.
-    The groups are attached as `part.moeify_parallel` (see moeify.distributed.data_parallel).
+    Returns a RankPart: `.model` holds the dense weights and this rank's experts; its Switch layers
+    exchange tokens with the rest of its expert-parallel group, so on this rank's batch it computes
+    what the single-process model computes. `.groups` are the plan's process groups, which
+    data_parallel(part) and reduce_expert_gradients(part) use.
+    `model`: a fresh dense instance, for custom-module sources. `groups`: groups already built
+    with build_groups (else built here, collectively). `check` verifies the shared files and this
+    rank's shard against the manifest's sha256. Collectives of the groups fail after `timeout_s`
+    when a peer hangs.
     """
-    if not dist.is_initialized():
+    if not comm.is_initialized():
         raise MoeifyError(f"load_rank needs an initialised process group: {LAUNCH_HINT}, "
                           "or call moeify.distributed.init() first")
     path = Path(path)
     manifest = read_export_manifest(path)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = comm.get_rank(), comm.get_world_size()
     if manifest.world_size != world:
         raise MoeifyError(f"{path} was exported for {manifest.world_size} ranks but {world} are running: "
                           f"launch with --nproc {manifest.world_size}")
@@ -46,7 +48,8 @@ def load_rank(path: str | Path, *, model: nn.Module | None = None, device: str |
         _verify_everywhere(path, manifest, shard.file, rank, device)
     plan = ShardingPlan.load(path / PLAN_FILE)
     with communication(f"rank {rank}: building the plan's process groups"):
-        groups = groups or build_groups(plan, device.type, timeout_s)
+        if groups is None:
+            groups = build_groups(plan, device.type, timeout_s)
     buffers: dict[str, torch.Tensor] = {}
     part = lower_expert_parallel(skeleton(path, model, buffers), plan,
                                  ExpertGroup(groups.ep_rank, groups.ep_size, groups.expert_parallel))
@@ -54,8 +57,7 @@ def load_rank(path: str | Path, *, model: nn.Module | None = None, device: str |
         raise MoeifyError(f"{path / shard.file} holds other experts than the plan gives rank {rank}: "
                           "re-run `moeify export`")
     _fill(part, path / shard.file, device, buffers)
-    part.moeify_parallel = groups
-    return part
+    return RankPart(part, groups)
 
 
 def _verify_everywhere(path: Path, manifest, shard: str, rank: int, device: torch.device) -> None:
@@ -69,7 +71,7 @@ def _verify_everywhere(path: Path, manifest, shard: str, rank: int, device: torc
         error = e
     refused = torch.tensor([rank if error else -1], device=device)
     with communication(f"rank {rank}: checking the export's files"):
-        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
+        comm.all_reduce(refused, op="max")
     if error is not None:
         raise error
     if refused.item() >= 0:

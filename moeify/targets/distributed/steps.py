@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moeify.checkpoint.sample import sample_inputs
 from moeify.errors import MoeifyError
 from moeify.layers.collector import router_losses
+from moeify.targets.distributed import comm
 from moeify.targets.distributed.env import init_distributed
 from moeify.targets.distributed.failures import communication
 from moeify.targets.distributed.grads import data_parallel, reduce_expert_gradients
@@ -124,10 +124,10 @@ def run(config: RunConfig, log: Callable[[str], None] = print) -> RunReport:
     """
     env, device = init_distributed(config.timeout_s)
     part = load_rank(config.path, device=device, timeout_s=config.timeout_s)
-    part.train(config.train)
-    batches = Batches(part, config, env.rank, env.world_size, device)
-    model = data_parallel(part) if config.train else part
-    optimizer = torch.optim.AdamW(part.parameters(), lr=config.lr) if config.train else None
+    part.model.train(config.train)
+    batches = Batches(part.model, config, env.rank, env.world_size, device)
+    model = data_parallel(part) if config.train else part.model
+    optimizer = torch.optim.AdamW(part.model.parameters(), lr=config.lr) if config.train else None
     counts: dict[str, torch.Tensor] = {}  # layer -> (E,) routed tokens, this rank
     dropped: dict[str, int] = {}
     tokens = timed_tokens = 0
@@ -138,7 +138,7 @@ def run(config: RunConfig, log: Callable[[str], None] = print) -> RunReport:
             start, timed_tokens = time.perf_counter(), 0
         batch = batches(step)
         with communication(f"rank {env.rank}: step {step + 1}"):
-            with torch.set_grad_enabled(config.train), router_losses(part) as losses:
+            with torch.set_grad_enabled(config.train), router_losses(part.model) as losses:
                 out = model(**batch)
             if config.train:
                 loss = out.loss + losses.total()
@@ -168,7 +168,7 @@ def _gather(counts: dict[str, torch.Tensor], dropped: dict[str, int], loss: torc
     device = loss.device
     flat = torch.cat([counts[n].to(device, torch.float64) for n in names]  # float64 sums counts exactly
                      + [torch.tensor([dropped[n] for n in names] + [loss.item()], dtype=torch.float64, device=device)])
-    dist.all_reduce(flat)
+    comm.all_reduce(flat)
     parts = flat.split(sizes + [len(names), 1])
     layers = [LayerStats(n, c.round().long().tolist(), int(d))
               for n, c, d in zip(names, parts[:-2], parts[-2].round().long().tolist())]

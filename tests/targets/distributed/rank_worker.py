@@ -29,29 +29,31 @@ def rank_batch(rank: int) -> dict[str, torch.Tensor]:
 def main(export: str, out: str) -> None:
     env, _ = md.init(timeout_s=60)
     part = md.load_rank(export)
+    assert isinstance(part, md.RankPart) and part.groups.world_size == env.world_size
+    model = part.model
     batch = rank_batch(env.rank)
     result = {f"batch/{k}": v for k, v in batch.items()}  # the test's reference runs the same batch
-    part.eval()
+    model.eval()
     with torch.no_grad():
-        result["eval_logits"] = part(**batch).logits
-    part.train()  # tiny T5 has dropout 0: train mode differs from eval by the capacity factor
+        result["eval_logits"] = model(**batch).logits
+    model.train()  # tiny T5 has dropout 0: train mode differs from eval by the capacity factor
     ddp = md.data_parallel(part)
-    with router_losses(part) as losses:
+    with router_losses(model) as losses:
         out_train = ddp(**batch)
-    loss = out_train.loss + losses.total()  # this rank's loss, unscaled: see moeify/runtime/grads.py
+    loss = out_train.loss + losses.total()  # this rank's loss, unscaled: see moeify/targets/distributed/grads.py
     loss.backward()
     md.reduce_expert_gradients(part)
     result["train_logits"] = out_train.logits.detach()
-    experts = expert_parameters(part)
-    for name, p in part.named_parameters():
+    experts = expert_parameters(model)
+    for name, p in model.named_parameters():
         result[f"grad/{name}"] = p.grad if p.grad is not None else torch.zeros_like(p)
     with torch.no_grad():
-        for p in part.parameters():
+        for p in model.parameters():
             p -= LR * p.grad
-    for name, p in part.named_parameters():
+    for name, p in model.named_parameters():
         result[f"param/{name}"] = p.detach()
     save_file({k: v.contiguous().clone() for k, v in result.items()}, str(Path(out) / f"rank{env.rank}.safetensors"))
-    ids = {name: m.expert_ids for name, m in part.named_modules() if isinstance(m, md.ExpertParallelFFN)}
+    ids = {name: m.expert_ids for name, m in model.named_modules() if isinstance(m, md.ExpertParallelFFN)}
     (Path(out) / f"rank{env.rank}.json").write_text(json.dumps({"experts": ids, "expert_params": list(experts)}))
     torch.distributed.destroy_process_group()
 
