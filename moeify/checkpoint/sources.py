@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -84,21 +83,11 @@ def build_hf(config, device: str, seed: int = 0, architecture: str | None = None
         return cls(config)
 
 
-class DenseModel(NamedTuple):
-    """A dense model as loaded: the module, its preset if any, and how to rebuild it (moeify.json's source)."""
-
-    model: nn.Module
-    preset: Preset | None
-    source: dict[str, Any]
-
-
-def load_dense(source: str, *, device: str = "cpu", seed: int = 0) -> DenseModel:
-    """The dense model named by `source` (a path or a preset)."""
+def load_dense(source: str, *, device: str = "cpu", seed: int = 0) -> tuple[nn.Module, Preset | None]:
+    """The dense model named by `source` (a path or a preset), and its preset if any."""
     path = Path(source).expanduser()
     if path.exists():
-        model = _load_directory(path, device)
-        return DenseModel(model, None, {"kind": "hf", "path": str(path.resolve()),
-                                        "architecture": type(model).__name__})
+        return _load_directory(path, device), None
     if "/" in source or source.startswith((".", "~")):
         raise MoeifyError(f"{source} does not exist: pass a local Hugging Face model directory "
                           "or a preset name (see `moeify presets`)")
@@ -106,8 +95,9 @@ def load_dense(source: str, *, device: str = "cpu", seed: int = 0) -> DenseModel
     from transformers import T5Config
 
     model = build_hf(T5Config(**preset.t5, architectures=["T5ForConditionalGeneration"]), device, seed)
-    return DenseModel(model, preset, {"kind": "preset", "name": preset.name, "seed": seed,
-                                      "architecture": type(model).__name__})
+    model.moeify_source = {"kind": "preset", "name": preset.name, "seed": seed,
+                           "architecture": type(model).__name__}
+    return model, preset
 
 
 def _load_directory(path: Path, device: str) -> nn.Module:
@@ -126,6 +116,7 @@ def _load_directory(path: Path, device: str) -> nn.Module:
     if device != "meta":
         load_weights(model, files)
         model.to(device)
+    model.moeify_source = {"kind": "hf", "path": str(path.resolve()), "architecture": type(model).__name__}
     return model
 
 

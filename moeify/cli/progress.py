@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
-if TYPE_CHECKING:
-    from rich.console import Console
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 LABELS = {"switchify": "converting FFNs", "save": "writing shards", "load": "reading shards",
           "plan": "evaluating layouts", "calibrate": "routing batches", "emit": "writing rank shards",
@@ -15,8 +21,6 @@ LABELS = {"switchify": "converting FFNs", "save": "writing shards", "load": "rea
 @contextlib.contextmanager
 def progress_bars(console: Console) -> Iterator[Callable[[str, int, int], None]]:
     """Yield a (stage, done, total) callback that draws one bar per stage."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bars:
         tasks: dict[str, int] = {}

@@ -16,6 +16,7 @@ from moeify.checkpoint.files import atomic_directory, check_writable
 from moeify.checkpoint.metadata import read_metadata
 from moeify.checkpoint.store import load
 from moeify.errors import MoeifyError
+from moeify.layers.router import Router
 from moeify.targets.onnx import optimize
 from moeify.targets.onnx.fold import fold_constants
 from moeify.targets.onnx.graphs import Graph, graphs_for, static_sizes
@@ -77,8 +78,13 @@ def load_for_export(path: Path) -> nn.Module:
 
 
 def half_precision(model: nn.Module) -> nn.Module:
-    """An fp16 copy; its routers keep their float32 weights (Router holds its dtype through .half())."""
-    return copy.deepcopy(model).half().eval()
+    """An fp16 copy whose routers keep their float32 weights (selective precision)."""
+    half = copy.deepcopy(model).half()
+    originals = dict(model.named_modules())
+    for name, m in half.named_modules():
+        if isinstance(m, Router):
+            m.weight.data = originals[name].weight.data.clone()
+    return half.eval()
 
 
 def export_onnx(source: nn.Module | str | Path, out: str | Path, options: OnnxOptions | None = None, *,

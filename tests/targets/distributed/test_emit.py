@@ -76,7 +76,7 @@ def test_export_errors_leave_nothing_behind(t5_source, tmp_path):
     with pytest.raises(moeify.MoeifyError, match="the plan was made for another model: "
                                                  f"{FFN} has 4 experts, the plan 8"):
         export_distributed(t5_source, tmp_path / "out", other)
-    with pytest.raises(moeify.MoeifyError, match="already exists: pass force=True"):
+    with pytest.raises(moeify.MoeifyError, match="already exists: pass --force"):
         export_distributed(t5_source, tmp_path / "other", world_size=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]  # no temporary leftovers
 

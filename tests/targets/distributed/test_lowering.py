@@ -11,6 +11,7 @@ import moeify
 from moeify.distributed import (
     ExpertGroup,
     ExpertParallelFFN,
+    LowerExpertParallel,
     load_rank,
     lower_expert_parallel,
 )
@@ -62,40 +63,6 @@ def test_a_rank_holds_only_its_experts_in_id_order():
     assert torch.equal(local.router.weight, full.router.weight)  # the router is dense: every rank has it
 
 
-@pytest.mark.parametrize("replicas, held", [
-    ({}, [[0, 1], [2, 3]]),  # the default plan: experts 0, 1 on rank 0 and 2, 3 on rank 1
-    ({"3": [1, 0]}, [[0, 1, 3], [2, 3]]),  # expert 3 replicated onto rank 0 as well
-])
-def test_each_rank_holds_copies_of_its_experts_rows(replicas, held):
-    model = converted_t5()
-    plan = plan_for(model, 2)
-    for layer in plan.layers:
-        layer.replicas = dict(replicas)
-    before = {n: p.clone() for n, p in model.state_dict().items()}
-    switch = {layer.name: model.get_submodule(layer.name) for layer in plan.layers}
-    for rank in (0, 1):
-        part = lower_expert_parallel(copy.deepcopy(model), plan, ExpertGroup(rank, 2))
-        lowered = {n: m for n, m in part.named_modules() if isinstance(m, ExpertParallelFFN)}
-        assert sorted(lowered) == sorted(switch) and len(lowered) == 4  # exactly the Switch layers
-        for name, local in lowered.items():
-            full = switch[name].experts
-            assert local.expert_ids == held[rank]
-            assert local.experts.num_experts == len(held[rank])
-            assert local.experts.w_in.shape == (len(held[rank]), 32, 16)  # (local experts, d_ff, d_model)
-            assert local.experts.w_out.shape == (len(held[rank]), 16, 32)
-            for i, e in enumerate(held[rank]):  # row i is a copy of expert held[rank][i]
-                assert torch.equal(local.experts.w_in[i], full.w_in[e])
-                assert torch.equal(local.experts.w_out[i], full.w_out[e])
-            assert local.experts.w_in.data_ptr() != full.w_in.data_ptr()
-            assert torch.equal(local.router.weight, switch[name].router.weight)
-        dense = {n: p for n, p in part.state_dict().items() if ".experts." not in n}
-        assert dense.keys() == {n for n in before if ".experts." not in n}
-        for n, p in dense.items():  # everything but the experts is the source's, on every rank
-            assert torch.equal(p, before[n]), n
-    for n, p in model.state_dict().items():  # the source model is untouched
-        assert torch.equal(p, before[n]), n
-
-
 def test_structure_only_parts_refuse_to_run():
     model = converted_t5()
     part = lower_expert_parallel(copy.deepcopy(model), plan_for(model, 2), ExpertGroup(0, 2))
@@ -103,10 +70,13 @@ def test_structure_only_parts_refuse_to_run():
         part(**t5_batch())
 
 
-def test_a_group_of_the_wrong_size_is_refused():
+def test_the_pass_declares_what_it_does():
+    assert LowerExpertParallel.name == "lower_expert_parallel"
+    assert LowerExpertParallel.preserves_computation is True
+    assert "SwitchFFN" in LowerExpertParallel.matches
     model = converted_t5()
     with pytest.raises(moeify.MoeifyError, match="the expert-parallel group has 1 ranks, the plan 2"):
-        lower_expert_parallel(model, plan_for(model, 2), ExpertGroup(0, 1))
+        LowerExpertParallel(plan_for(model, 2), ExpertGroup(0, 1))
 
 
 def test_plans_for_another_model_are_refused():
