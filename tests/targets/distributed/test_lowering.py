@@ -11,7 +11,6 @@ import moeify
 from moeify.distributed import (
     ExpertGroup,
     ExpertParallelFFN,
-    LowerExpertParallel,
     load_rank,
     lower_expert_parallel,
 )
@@ -63,6 +62,40 @@ def test_a_rank_holds_only_its_experts_in_id_order():
     assert torch.equal(local.router.weight, full.router.weight)  # the router is dense: every rank has it
 
 
+@pytest.mark.parametrize("replicas, held", [
+    ({}, [[0, 1], [2, 3]]),  # the default plan: experts 0, 1 on rank 0 and 2, 3 on rank 1
+    ({"3": [1, 0]}, [[0, 1, 3], [2, 3]]),  # expert 3 replicated onto rank 0 as well
+])
+def test_each_rank_holds_copies_of_its_experts_rows(replicas, held):
+    model = converted_t5()
+    plan = plan_for(model, 2)
+    for layer in plan.layers:
+        layer.replicas = dict(replicas)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    switch = {layer.name: model.get_submodule(layer.name) for layer in plan.layers}
+    for rank in (0, 1):
+        part = lower_expert_parallel(copy.deepcopy(model), plan, ExpertGroup(rank, 2))
+        lowered = {n: m for n, m in part.named_modules() if isinstance(m, ExpertParallelFFN)}
+        assert sorted(lowered) == sorted(switch) and len(lowered) == 4  # exactly the Switch layers
+        for name, local in lowered.items():
+            full = switch[name].experts
+            assert local.expert_ids == held[rank]
+            assert local.experts.num_experts == len(held[rank])
+            assert local.experts.w_in.shape == (len(held[rank]), 32, 16)  # (local experts, d_ff, d_model)
+            assert local.experts.w_out.shape == (len(held[rank]), 16, 32)
+            for i, e in enumerate(held[rank]):  # row i is a copy of expert held[rank][i]
+                assert torch.equal(local.experts.w_in[i], full.w_in[e])
+                assert torch.equal(local.experts.w_out[i], full.w_out[e])
+            assert local.experts.w_in.data_ptr() != full.w_in.data_ptr()
+            assert torch.equal(local.router.weight, switch[name].router.weight)
+        dense = {n: p for n, p in part.state_dict().items() if ".experts." not in n}
+        assert dense.keys() == {n for n in before if ".experts." not in n}
+        for n, p in dense.items():  # everything but the experts is the source's, on every rank
+            assert torch.equal(p, before[n]), n
+    for n, p in model.state_dict().items():  # the source model is untouched
+        assert torch.equal(p, before[n]), n
+
+
 def test_structure_only_parts_refuse_to_run():
     model = converted_t5()
     part = lower_expert_parallel(copy.deepcopy(model), plan_for(model, 2), ExpertGroup(0, 2))
@@ -70,13 +103,10 @@ def test_structure_only_parts_refuse_to_run():
         part(**t5_batch())
 
 
-def test_the_pass_declares_what_it_does():
-    assert LowerExpertParallel.name == "lower_expert_parallel"
-    assert LowerExpertParallel.preserves_computation is True
-    assert "SwitchFFN" in LowerExpertParallel.matches
+def test_a_group_of_the_wrong_size_is_refused():
     model = converted_t5()
     with pytest.raises(moeify.MoeifyError, match="the expert-parallel group has 1 ranks, the plan 2"):
-        LowerExpertParallel(plan_for(model, 2), ExpertGroup(0, 1))
+        lower_expert_parallel(model, plan_for(model, 2), ExpertGroup(0, 1))
 
 
 def test_plans_for_another_model_are_refused():
@@ -123,7 +153,7 @@ def test_load_rank_on_one_rank_restores_ties_and_outputs(tmp_path, one_rank_grou
     source = tmp_path / "src"
     model = converted_t5()
     moeify.save(model, source)
-    part = load_rank(export_distributed(source, tmp_path / "d1", world_size=1).path).model
+    part = load_rank(export_distributed(source, tmp_path / "d1", world_size=1).path)
     assert part.lm_head.weight is part.shared.weight  # T5 v1.0 ties them; they stay one parameter
     assert not any(t.is_meta for t in part.state_dict().values())
     model.eval(), part.eval()
@@ -138,7 +168,7 @@ def test_load_rank_fills_buffers_no_checkpoint_holds(tmp_path, one_rank_group):
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=50))
     model = moeify.convert(dense, moeify.MoEConfig(num_experts=2, every=1, offset=0)).eval()
     moeify.save(model, tmp_path / "src")
-    part = load_rank(export_distributed(tmp_path / "src", tmp_path / "d1", world_size=1).path).model.eval()
+    part = load_rank(export_distributed(tmp_path / "src", tmp_path / "d1", world_size=1).path).eval()
     torch.testing.assert_close(part.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
     ids = torch.randint(0, 50, (2, 6))
     torch.testing.assert_close(part(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
