@@ -1,72 +1,147 @@
-"""MoEConfig: what to convert and how the Switch layers route, validated on creation."""
+"""MoEConfig: what to convert and how the Switch layers route, validated on creation.
+
+Every default lives here once. RoutingConfig holds the routing defaults; MoEConfig takes them
+from it; the CLI's help texts and defaults are generated from the fields' `help` metadata.
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
-from moeify.errors import MoeifyError
+from moeify.errors import MoeifyError, opt
 
 INIT_METHODS = ("upcycle", "random")
 ROUTER_DTYPES = ("float32", "float64")
+
+
+def _field(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def decimal_ratio(x: float) -> tuple[int, int]:
+    """(p, q) with p / q the decimal a factor was written as: 1.1 is 11/10, not 1.1000000000000000888."""
+    ratio = Fraction(repr(float(x)))
+    return ratio.numerator, ratio.denominator
+
+
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
+    """Slots per expert: max(min_capacity, ceil(capacity_factor * tokens / experts)), as in the paper.
+
+    Computed exactly on the factor's decimal value, in integers: in floats 1.1 * 100 / 10 is
+    11.000000000000002, and its ceiling would give one slot too many.
+    """
+    p, q = decimal_ratio(capacity_factor)
+    return max(min_capacity, -(-p * num_tokens // (q * num_experts)))
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """What a Switch layer needs at run time: its experts, capacity and router losses."""
+
+    num_experts: int = _field(8, "experts per converted FFN")
+    capacity_factor: float = _field(1.25, "training capacity factor (paper: 1.0-1.25)")
+    eval_capacity_factor: float = _field(2.0, "evaluation capacity factor: more slack when drops hurt quality")
+    min_capacity: int = _field(4, "minimum slots per expert, so tiny batches do not drop nearly every token")
+    aux_loss_coef: float = _field(1e-2, "alpha of the load-balancing loss (paper: 1e-2)")
+    z_loss_coef: float = _field(1e-3, "router z-loss coefficient (ST-MoE); 0 turns it off")
+    jitter: float = _field(0.0, "multiplicative router input noise U(1-j, 1+j) in training; 0 is off")
+    router_dtype: str = _field("float32", "the router's dtype (selective precision: never bf16/fp16)")
+
+    def capacity(self, num_tokens: int, training: bool) -> int:
+        """Slots per expert for a batch of `num_tokens`, with the train or eval capacity factor."""
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        return expert_capacity(num_tokens, self.num_experts, factor, self.min_capacity)
+
+    @classmethod
+    def from_moe(cls, config: "MoEConfig") -> "RoutingConfig":
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+_R = {f.name: f for f in dataclasses.fields(RoutingConfig)}
+
+
+def _routing(name: str) -> Any:
+    """MoEConfig's copy of a RoutingConfig field: the same default and help, written once."""
+    return field(default=_R[name].default, metadata=_R[name].metadata)
 
 
 @dataclass(frozen=True)
 class MoEConfig:
     """Every knob of a conversion. Defaults follow the Switch Transformers paper."""
 
-    num_experts: int = 8  # experts per converted FFN
-    every: int = 2  # convert one FFN in `every` within each stack (paper: every other layer)
-    offset: int = 1  # ...starting at this index: layers 1, 3, 5 as in the paper's code
-    layers: str | None = None  # regex over site names; overrides every/offset when given
-    init: str = "upcycle"  # "upcycle": experts copy the dense FFN; "random": paper init
-    init_scale: float = 0.1  # paper: truncated normal, std = sqrt(init_scale / fan_in)
-    upcycle_noise: float = 0.0  # relative noise added to upcycled experts; 0 keeps them exact
-    seed: int = 0  # seeds the router and any random expert init
-    capacity_factor: float = 1.25  # training capacity factor (paper: 1.0-1.25)
-    eval_capacity_factor: float = 2.0  # more slack at eval time, when drops hurt quality
-    min_capacity: int = 4  # keeps tiny batches from dropping nearly every token
-    aux_loss_coef: float = 1e-2  # alpha of the load-balancing loss (paper: 1e-2)
-    z_loss_coef: float = 1e-3  # router z-loss (ST-MoE); 0 turns it off
-    jitter: float = 0.0  # multiplicative router input noise in training; off by default
-    expert_dropout: float | None = None  # dropout inside experts; None keeps the dense FFN's rate
-    router_dtype: str = "float32"  # selective precision: the router never runs in bf16/fp16
+    num_experts: int = _routing("num_experts")
+    every: int = _field(2, "convert one FFN in EVERY within each stack (paper: every other layer)")
+    offset: int | None = _field(None, "index of the first converted FFN in each stack; unset means EVERY - 1, "
+                                      "the last of each group (EVERY 2: FFNs 1, 3, 5, ... as in the paper)")
+    layers: str | None = _field(None, "regex (re.search) over the dense FFN module names; overrides every/offset")
+    init: str = _field("upcycle", "upcycle: experts copy the dense FFN; random: the paper's truncated normal")
+    init_scale: float = _field(0.1, "random init: truncated normal with std sqrt(init_scale / fan_in) (paper: 0.1)")
+    upcycle_noise: float = _field(0.0, "relative noise added to upcycled experts; 0 keeps them exact copies")
+    seed: int = _field(0, "seeds the router, any random expert init and a preset's random weights")
+    capacity_factor: float = _routing("capacity_factor")
+    eval_capacity_factor: float = _routing("eval_capacity_factor")
+    min_capacity: int = _routing("min_capacity")
+    aux_loss_coef: float = _routing("aux_loss_coef")
+    z_loss_coef: float = _routing("z_loss_coef")
+    jitter: float = _routing("jitter")
+    expert_dropout: float | None = _field(None, "dropout inside experts; unset keeps the dense FFN's rate")
+    router_dtype: str = _routing("router_dtype")
 
     def __post_init__(self) -> None:
-        def fail(msg: str) -> None:
-            raise MoeifyError(msg)
+        def fail(name: str, problem: str, fix: str = "") -> None:
+            raise MoeifyError(f"{opt(name)} {problem}" + (f": {fix}" if fix else ""))
 
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            fail(f"--experts must be a positive integer, got {self.num_experts}: try --experts 8")
-        if not isinstance(self.every, int) or self.every < 1:
-            fail(f"--every must be >= 1, got {self.every}: use --every 1 to convert every FFN")
-        if not isinstance(self.offset, int) or self.offset < 0:
-            fail(f"--offset must be >= 0, got {self.offset}")
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, f"must be a finite number, got {value!r}")
+            return value
+
+        for name in ("num_experts", "every", "offset", "min_capacity", "seed"):
+            value = getattr(self, name)
+            if (value is not None or name != "offset") and (isinstance(value, bool) or not isinstance(value, int)):
+                fail(name, f"must be an integer, got {value!r}")
+        if self.num_experts < 1:
+            fail("num_experts", f"must be a positive integer, got {self.num_experts}", f"try {opt('num_experts', 8)}")
+        if self.every < 1:
+            fail("every", f"must be >= 1, got {self.every}", f"use {opt('every', 1)} to convert every FFN")
+        if self.offset is not None and self.offset < 0:
+            fail("offset", f"must be >= 0, got {self.offset}", "it is the index of the first converted FFN")
         if self.layers is not None:
             try:
                 re.compile(self.layers)
-            except re.error as e:
-                fail(f"--layers is not a valid regular expression ({e}): fix the pattern {self.layers!r}")
+            except (re.error, TypeError) as e:
+                fail("layers", f"is not a valid regular expression ({e})", f"fix the pattern {self.layers!r}")
         if self.init not in INIT_METHODS:
-            fail(f"--init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
+            fail("init", f"must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
         for name in ("capacity_factor", "eval_capacity_factor", "init_scale"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                flag = "--" + name.replace("_", "-")
-                fail(f"{flag} must be > 0, got {value}: the paper uses 1.0-2.0 for capacity factors")
-        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
-            fail(f"--min-capacity must be >= 0, got {self.min_capacity}")
+            if number(name) <= 0:
+                fail(name, f"must be > 0, got {getattr(self, name)}", "the paper uses 1.0-2.0 for capacity factors")
+        if self.min_capacity < 0:
+            fail("min_capacity", f"must be >= 0, got {self.min_capacity}")
         for name in ("aux_loss_coef", "z_loss_coef", "jitter", "upcycle_noise"):
-            if getattr(self, name) < 0:
-                fail(f"{name} must be >= 0, got {getattr(self, name)}")
+            if number(name) < 0:
+                fail(name, f"must be >= 0, got {getattr(self, name)}")
         if self.jitter >= 1:
-            fail(f"jitter must be < 1 (it scales inputs by U(1-j, 1+j)), got {self.jitter}")
-        if self.expert_dropout is not None and not 0 <= self.expert_dropout < 1:
-            fail(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
+            fail("jitter", f"must be < 1 (it scales inputs by U(1-j, 1+j)), got {self.jitter}")
+        if self.expert_dropout is not None and not 0 <= number("expert_dropout") < 1:
+            fail("expert_dropout", f"must be in [0, 1), got {self.expert_dropout}")
         if self.router_dtype not in ROUTER_DTYPES:
-            fail(f"router_dtype must be one of {', '.join(ROUTER_DTYPES)}, got {self.router_dtype!r}")
+            fail("router_dtype", f"must be one of {', '.join(ROUTER_DTYPES)}, got {self.router_dtype!r}")
+
+    @property
+    def first(self) -> int:
+        """Index of the first converted FFN in each stack (what an unset offset means: every - 1)."""
+        return self.every - 1 if self.offset is None else self.offset
+
+    @property
+    def routing(self) -> RoutingConfig:
+        """The run-time part every converted layer keeps."""
+        return RoutingConfig.from_moe(self)
 
     def replace(self, **changes: Any) -> "MoEConfig":
         return dataclasses.replace(self, **changes)
@@ -76,6 +151,8 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
+        if not isinstance(data, dict):
+            raise MoeifyError(f"the MoE config must be a JSON object, got {type(data).__name__}: re-run `moeify convert`")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -83,23 +160,9 @@ class MoEConfig:
         return cls(**data)
 
 
-@dataclass(frozen=True)
-class RoutingConfig:
-    """The part of MoEConfig a SwitchFFN needs at run time."""
-
-    num_experts: int
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 4
-    aux_loss_coef: float = 1e-2
-    z_loss_coef: float = 1e-3
-    jitter: float = 0.0
-    router_dtype: str = "float32"
-
-    @classmethod
-    def from_moe(cls, config: MoEConfig) -> "RoutingConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.to_dict().items() if k in names})
+def help_of(name: str) -> str:
+    """The help text of a MoEConfig field, for the CLI."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(MoEConfig)}[name]
 
 
-__all__ = ["MoEConfig", "RoutingConfig", "INIT_METHODS"]
+__all__ = ["MoEConfig", "RoutingConfig", "INIT_METHODS", "ROUTER_DTYPES", "expert_capacity", "help_of"]

@@ -19,10 +19,6 @@ class Preset:
     t5: dict[str, Any]  # transformers.T5Config keyword arguments
     moe: dict[str, Any] = field(default_factory=dict)  # MoEConfig defaults this preset sets
 
-    @property
-    def is_switch(self) -> bool:
-        return bool(self.moe)
-
 
 def _t5_v1_0(d_model: int, d_ff: int, d_kv: int, heads: int, layers: int) -> dict[str, Any]:
     # Raffel et al. 2020, Table 14 / the released t5-* configs: ReLU FFN, tied embeddings.

@@ -1,16 +1,52 @@
-"""Shared pieces of the command line: the console, number formatting, MoE option flags."""
+"""Shared pieces of the command line: the console, tables, number formatting, MoE option flags.
+
+Everything the CLI imports to build its click group is light (click, rich's Console, torch-free
+moeify modules): commands import torch, transformers, onnx and the planner when they run.
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 
-from moeify.checkpoint.model_presets import PRESETS
-from moeify.config import INIT_METHODS, MoEConfig
+from moeify.checkpoint.model_presets import PRESETS, get_preset
+from moeify.config import INIT_METHODS, ROUTER_DTYPES, MoEConfig
+from moeify.errors import MoeifyError
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 console = Console(highlight=False)
+FLAG_NAMES = {"num_experts": "--experts"}  # options whose flag is not the parameter name
+
+
+def table(*columns: str | tuple[str, str], title: str | None = None) -> Table:
+    """A table that reads at 80 columns: a rule under the header, no side borders, one space of
+    padding, and cells that wrap (fold) instead of being cut. A column is a header, or
+    (header, "right") for a right-aligned one; a newline in a header gives it two lines."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
+              collapse_padding=True)
+    for col in columns:
+        header, justify = col if isinstance(col, tuple) else (col, "left")
+        t.add_column(header, justify=justify, overflow="fold")
+    return t
+
+
+def check_source(source: str) -> None:
+    """Refuse a SOURCE that is neither a path nor a preset before torch is imported."""
+    if Path(source).expanduser().exists():
+        return
+    if "/" in source or source.startswith((".", "~")):
+        raise MoeifyError(f"{source} does not exist: pass a local Hugging Face model directory "
+                          "or a preset name (see `moeify presets`)")
+    get_preset(source)  # unknown preset: "did you mean ..."
 
 
 def human(n: float) -> str:
@@ -21,30 +57,39 @@ def human(n: float) -> str:
 
 
 def moe_options(f):
-    """The MoEConfig flags, shared by `convert` and `plan` (which converts presets on meta)."""
-    options = [
-        click.option("--experts", "num_experts", type=int, default=None, help="Experts per converted FFN [default: 8]."),
-        click.option("--every", type=int, default=None, help="Convert one FFN in EVERY within each stack [default: 2]."),
-        click.option("--offset", type=int, default=None,
-                     help="Index of the first converted FFN in each stack [default: 1]."),
-        click.option("--layers", default=None, metavar="REGEX",
-                     help="Convert the FFNs whose module name matches REGEX (overrides --every/--offset)."),
-        click.option("--init", type=click.Choice(INIT_METHODS), default=None,
-                     help="upcycle: experts copy the dense FFN; random: paper init [default: upcycle]."),
-        click.option("--capacity-factor", type=float, default=None, help="Training capacity factor [default: 1.25]."),
-        click.option("--eval-capacity-factor", type=float, default=None,
-                     help="Evaluation capacity factor [default: 2.0]."),
-        click.option("--min-capacity", type=int, default=None, help="Minimum slots per expert [default: 4]."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seeds preset weights and router init."),
-    ]
+    """One flag per MoEConfig field, shared by `convert` and `plan` (which converts presets on meta).
+
+    Types, defaults and help come from the dataclass itself, so the CLI never restates them.
+    Defaults are left to MoEConfig (and a preset's own MoE options), so only given flags override.
+    """
+    options = []
+    for field in dataclasses.fields(MoEConfig):
+        name, default = field.name, field.default
+        text = field.metadata["help"]
+        kw: dict = {"default": None, "help": text[0].upper() + text[1:] + (
+            f" [default: {default}]" if default is not None else "") + "."}
+        if name in CHOICES:
+            kw["type"] = click.Choice(CHOICES[name])
+        elif name == "layers":
+            kw["metavar"] = "REGEX"
+        else:
+            kw["type"] = float if name == "expert_dropout" else type(default) if default is not None else int
+        options.append(click.option(FLAG_NAMES.get(name, "--" + name.replace("_", "-")), name, **kw))
     return functools.reduce(lambda g, option: option(g), reversed(options), f)
 
 
-MOE_FLAGS = ("num_experts", "every", "offset", "layers", "init", "capacity_factor", "eval_capacity_factor",
-             "min_capacity", "seed")
+CHOICES = {"init": INIT_METHODS, "router_dtype": ROUTER_DTYPES}
 
 
 def moe_config(source: str, flags: dict) -> MoEConfig:
     """MoEConfig from a preset's MoE defaults overridden by the flags that were given."""
     preset_moe = PRESETS[source].moe if source in PRESETS and not Path(source).exists() else {}
     return MoEConfig(**{**preset_moe, **{k: v for k, v in flags.items() if v is not None}})
+
+
+def option_flag(name: str, value: str | None) -> str:
+    """How an error names option `name` (with `value`, a Python repr, if any) on the command line."""
+    flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    if value is None or value == "True":
+        return flag
+    return f"{flag} {value}"

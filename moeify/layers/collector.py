@@ -62,9 +62,9 @@ def router_losses(model: nn.Module) -> Iterator[RouterLosses]:
     Forward passes return plain outputs; this explicit collector observes the routers
     through forward hooks, so no loss is ever stashed on a module.
     """
-    from moeify.layers.switch import SwitchFFN
+    from moeify.layers.switch import SwitchFFN, switch_layers
 
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, SwitchFFN)]
+    layers = list(switch_layers(model).items())
     if not layers:
         raise MoeifyError("the model has no SwitchFFN layers: convert it first with moeify.convert")
     collected = RouterLosses()

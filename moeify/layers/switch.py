@@ -73,3 +73,8 @@ class SwitchFFN(nn.Module):
     def extra_repr(self) -> str:
         r = self.routing
         return f"capacity_factor={r.capacity_factor}, eval_capacity_factor={r.eval_capacity_factor}"
+
+
+def switch_layers(model: nn.Module) -> dict[str, SwitchFFN]:
+    """{qualified name: layer} of every Switch layer (a rank's expert-parallel ones too), in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SwitchFFN)}

@@ -2,7 +2,7 @@
 
 x (..., d) -> x2 (T, d) -> router logits (float32) -> Softmax -> ArgMax = expert, gate = probs[expert]
 -> slot = CumSum(OneHot(expert))[t, expert] - 1 -> keep = slot < C with
-C = max(min_capacity, ceil(eval_capacity_factor * T / E)) computed from the shape, in double as Python does
+C = max(min_capacity, ceil(eval_capacity_factor * T / E)) computed from the shape, in integers as PyTorch does
 -> ScatterND: which token fills each of the E*C slots -> Gather into (E, C, d) -> batched MatMul per expert
 -> Gather each kept token's row back, times its gate; dropped tokens give exactly 0.
 A running count in token order gives each token its slot, so earlier tokens win, as in PyTorch.
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeify.targets.onnx.emit import DOUBLE, INT64, Emit
+from moeify.config import decimal_ratio
+from moeify.errors import MoeifyError
+from moeify.targets.onnx.emit import INT64, Emit
 from moeify.targets.onnx.spec import LayerSpec, Weights
 
 
@@ -39,11 +41,15 @@ def experts(op: Emit, spec: LayerSpec, xb: Any, w: Weights) -> Any:
 
 
 def capacity(op: Emit, spec: LayerSpec, tokens: Any) -> Any:
-    """max(min_capacity, ceil(factor * T / E)) as an int64 (1,) tensor, evaluated like Python's floats."""
-    t = op("Cast", tokens, to=DOUBLE)
-    c = op("Ceil", op("Div", op("Mul", op.const([spec.eval_capacity_factor], DOUBLE), t),
-                      op.const([float(spec.num_experts)], DOUBLE)))
-    return op("Max", op("Cast", c, to=INT64), op.const([spec.min_capacity], INT64))
+    """max(min_capacity, ceil(p * T / (q * E))) as an int64 (1,) tensor, with factor = p / q exactly,
+    in integers as moeify.config.expert_capacity computes it: (a + b - 1) // b is ceil(a / b) for a, b > 0."""
+    p, q = decimal_ratio(spec.eval_capacity_factor)
+    if p >= 2 ** 31 or q * spec.num_experts >= 2 ** 31:  # keeps p * T and the sum far from int64's range
+        raise MoeifyError(f"{spec.name or 'a layer'}: eval capacity factor {spec.eval_capacity_factor} has too many "
+                          "digits for the portable graph's integer capacity: round it to a few decimals")
+    b = op.const([q * spec.num_experts], INT64)
+    c = op("Div", op("Sub", op("Add", op("Mul", op.const([p], INT64), tokens), b), op.const([1], INT64)), b)
+    return op("Max", c, op.const([spec.min_capacity], INT64))
 
 
 def lower_portable(op: Emit, spec: LayerSpec, x: Any, w: Weights) -> Any:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from moeify.layers.switch import SwitchFFN
+from moeify.layers.switch import SwitchFFN, switch_layers
 from moeify.targets.onnx.emit import Emit, LegacyEmit
 from moeify.targets.onnx.fused import fused_activation, lower_fused
 from moeify.targets.onnx.lower import lower_portable
@@ -36,13 +36,9 @@ class LayerLowering:
         return lower_portable(op, self.spec, x, w)
 
 
-def switch_layers(model: nn.Module) -> list[tuple[str, SwitchFFN]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SwitchFFN)]
-
-
 def plan_layers(model: nn.Module, mode: str) -> list[LayerLowering]:
     plans = []
-    for name, layer in switch_layers(model):
+    for name, layer in switch_layers(model).items():
         spec = LayerSpec.of(name, layer)
         if mode == "portable":
             plans.append(LayerLowering(spec, "portable"))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from moeify.targets.onnx.graphs import Graph
-from moeify.targets.onnx.unit import switch_layers
+from moeify.layers.switch import switch_layers
 
 # Another batch and sequence length than the trace's (2, 7): the dynamic axes get exercised.
 CHECK_BATCH, CHECK_SEQUENCE = 3, 11
@@ -22,13 +22,13 @@ def dropless(model: nn.Module, names: set[str]) -> Iterator[None]:
     """Give the named layers room for every token: the fused kernel never drops one."""
     saved = {}
     try:
-        for name, layer in switch_layers(model):
+        for name, layer in switch_layers(model).items():
             if name in names:
                 saved[name] = layer.routing
                 layer.routing = dataclasses.replace(layer.routing, eval_capacity_factor=float(layer.num_experts))
         yield
     finally:
-        for name, layer in switch_layers(model):
+        for name, layer in switch_layers(model).items():
             if name in saved:
                 layer.routing = saved[name]
 

@@ -17,10 +17,10 @@ from moeify.targets.onnx import OnnxOptions, export_onnx
 
 PORTABLE = OnnxOptions(mode="portable")
 # The Switch layer lowered on its own, after constant folding: nothing else, nothing hidden.
-SWITCH_OPS = {"Add": 3, "ArgMax": 1, "Cast": 2, "Ceil": 1, "Concat": 1, "CumSum": 1, "Div": 1, "Expand": 1,
+SWITCH_OPS = {"Add": 4, "ArgMax": 1, "Concat": 1, "CumSum": 1, "Div": 1, "Expand": 1,
               "Gather": 2, "GatherElements": 2, "Gemm": 1, "Less": 1, "MatMul": 2, "Max": 1, "Mul": 4,
               "OneHot": 1, "Range": 1, "Relu": 1, "Reshape": 4, "ScatterND": 1, "Shape": 2, "Slice": 1,
-              "Softmax": 1, "Squeeze": 3, "Sub": 1, "Unsqueeze": 1, "Where": 3}
+              "Softmax": 1, "Squeeze": 3, "Sub": 2, "Unsqueeze": 1, "Where": 3}
 
 
 def switch_layer(num_experts=4, factor=1.0, min_capacity=1, d=16, seed=0) -> SwitchFFN:
@@ -64,20 +64,24 @@ def test_eval_capacity_and_drops_match_pytorch_at_every_shape(tmp_path, factor):
     assert dropped > 0 or factor == 2.0, "the test must exercise dropping"
 
 
-def test_capacity_is_computed_in_double_like_python(tmp_path):
-    """ceil(1.2 * 25 / 5) is 6 in float64, as in Python, but 7 in float32 (1.2f = 1.20000005)."""
-    layer = switch_layer(num_experts=5, factor=1.2, min_capacity=1)
+@pytest.mark.parametrize("experts, factor, shape, slots", [
+    (5, 1.2, (5, 5), 6),  # 1.2 * 25 / 5: 6 exactly (in float32, 1.2f = 1.20000005 would give 7)
+    (10, 1.1, (4, 25), 11),  # 1.1 * 100 / 10: 11 exactly (in float64, 11.000000000000002 would give 12)
+])
+def test_capacity_is_computed_exactly_like_pytorch(tmp_path, experts, factor, shape, slots):
+    layer = switch_layer(num_experts=experts, factor=factor, min_capacity=1)
     with torch.no_grad():  # every token picks expert 3
         layer.router.weight.zero_()
         layer.router.weight[3, 0] = 10.0
-    x = torch.randn(5, 5, 16, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(*shape, 16, generator=torch.Generator().manual_seed(0))
     x[..., 0] = x[..., 0].abs() + 1
-    assert layer.capacity(25) == 6
+    tokens = shape[0] * shape[1]
+    assert layer.capacity(tokens) == slots
     export_onnx(layer, tmp_path / "o", PORTABLE, example_inputs=(torch.randn(2, 7, 16),))
-    got = run(tmp_path / "o" / "model.onnx", {"hidden_states": x}).reshape(25, 16)
+    got = run(tmp_path / "o" / "model.onnx", {"hidden_states": x}).reshape(tokens, 16)
     with torch.no_grad():
-        expected = layer(x).reshape(25, 16).numpy()
-    assert (np.abs(got).sum(-1) > 0).tolist() == [True] * 6 + [False] * 19  # the first six tokens win
+        expected = layer(x).reshape(tokens, 16).numpy()
+    assert (np.abs(got).sum(-1) > 0).tolist() == [True] * slots + [False] * (tokens - slots)  # the first win
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
