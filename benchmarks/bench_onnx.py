@@ -30,7 +30,7 @@ SEQUENCE = 128
 
 
 def build(num_experts: int) -> torch.nn.Module:
-    dense, _ = load_dense("t5-small", seed=0)
+    dense = load_dense("t5-small", seed=0).model
     return moeify.convert(dense, moeify.MoEConfig(num_experts=num_experts), inplace=True).eval()
 
 

@@ -16,3 +16,16 @@ def assert_user_error(result, tmp_path, message):
     assert message in lines[0]
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def assert_fits(text, width=80):
+    """Every printed line fits a standard terminal: rich wrapped or folded it instead of cutting it."""
+    long = [line for line in text.splitlines() if len(line.rstrip()) > width]
+    assert not long, "\n".join(long)
+    assert "…" not in text, text
+
+
+def unfolded(text):
+    """The text with folded table cells joined again: a cell cut at the column edge continues on the
+    next line in the same column, so joining all whitespace-separated pieces finds full values."""
+    return "".join(text.split())

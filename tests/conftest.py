@@ -28,3 +28,9 @@ def hf_t5_dir(tmp_path):
 def wide_console(monkeypatch):
     """The CLI's console at 200 columns: long layer names stay on one line in captured output."""
     monkeypatch.setattr(cli.console, "width", 200)
+
+
+@pytest.fixture
+def console80(monkeypatch):
+    """The CLI's console at a standard terminal's 80 columns (overrides wide_console)."""
+    monkeypatch.setattr(cli.console, "width", 80)

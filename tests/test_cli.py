@@ -5,6 +5,8 @@ import sys
 import pytest
 from clitools import assert_user_error, run
 
+from moeify.checkpoint import sources
+from moeify.checkpoint.sources import DenseModel
 from moeify.cli import convert as convert_cli
 
 
@@ -85,9 +87,13 @@ def test_model_without_ffn(monkeypatch, tmp_path):
         def forward(self, x):
             return self.q(x) * self.k(x)
 
-    monkeypatch.setattr(convert_cli, "load_dense", lambda *a, **k: (Attention(), None))
+    # convert imports load_dense when it runs (start-up stays torch-free), so patch it at its source;
+    # SOURCE must exist to pass the CLI's early check for typos.
+    monkeypatch.setattr(sources, "load_dense", lambda *a, **k: DenseModel(Attention(), None, {}))
     monkeypatch.setattr(convert_cli, "_check_memory", lambda *a: None)
-    assert_user_error(run("convert", "anything", "-o", tmp_path / "out"), tmp_path, "no dense FFN found in Attention")
+    (tmp_path / "anything").mkdir()
+    result = run("convert", tmp_path / "anything", "-o", tmp_path / "out")
+    assert_user_error(result, tmp_path, "no dense FFN found in Attention")
 
 
 def test_inspect_refuses_a_non_moeify_directory(tmp_path):

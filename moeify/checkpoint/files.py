@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from moeify.errors import MoeifyError
+from moeify.errors import MoeifyError, opt
 
 
 def read_json(path: str | Path, *, fix: str, what: str = "", expect: type = dict) -> Any:
@@ -38,7 +38,7 @@ def read_json(path: str | Path, *, fix: str, what: str = "", expect: type = dict
 def check_file_writable(path: Path | None, force: bool) -> None:
     """Fail early, before any work, when output `path` exists and --force was not given."""
     if path is not None and path.exists() and not force:
-        raise MoeifyError(f"{path} already exists: pass --force to replace it, or choose another path")
+        raise MoeifyError(f"{path} already exists: pass {opt('force', True)} to replace it, or choose another path")
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from moeify.checkpoint.files import read_json
+from moeify.checkpoint.records import ModelSummary
 from moeify.errors import MoeifyError
 
 MOEIFY_FILE = "moeify.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one record per Switch layer (summary.moe_layers); sites are names
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -24,3 +25,11 @@ def read_metadata(path: str | Path) -> dict:
         raise MoeifyError(f"{path} has format version {meta.get('format_version')}, this moeify reads "
                           f"{FORMAT_VERSION}: convert the model again with this version")
     return meta
+
+
+def saved_summary(meta: dict) -> ModelSummary:
+    """The ModelSummary a moeify.json holds."""
+    try:
+        return ModelSummary.from_dict(meta["summary"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise MoeifyError(f"moeify.json's summary is incomplete ({e}): convert the model again") from None

@@ -25,8 +25,7 @@ def dense_skeleton(path: Path, meta: dict, device: str) -> nn.Module:
 def replay(path: Path, meta: dict, model: nn.Module) -> nn.Module:
     """Convert `model` (dense) the way the saved one was, without initialising the experts."""
     sparse = convert(model, MoEConfig.from_dict(meta["moe_config"]), inplace=True, _skip_init=True)
-    names = [s.name for s in sparse.moeify_record.sites]
-    saved = [s["name"] for s in meta["sites"]]
+    names, saved = sparse.moeify_record.site_names, meta["sites"]
     if names != saved:
         raise MoeifyError(f"{path} was converted at {saved[:2]}..., but the rebuilt model converts at "
                           f"{names[:2]}...: load it with the moeify and model code that wrote it")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -83,11 +84,21 @@ def build_hf(config, device: str, seed: int = 0, architecture: str | None = None
         return cls(config)
 
 
-def load_dense(source: str, *, device: str = "cpu", seed: int = 0) -> tuple[nn.Module, Preset | None]:
-    """The dense model named by `source` (a path or a preset), and its preset if any."""
+class DenseModel(NamedTuple):
+    """A dense model as loaded: the module, its preset if any, and how to rebuild it (moeify.json's source)."""
+
+    model: nn.Module
+    preset: Preset | None
+    source: dict[str, Any]
+
+
+def load_dense(source: str, *, device: str = "cpu", seed: int = 0) -> DenseModel:
+    """The dense model named by `source` (a path or a preset)."""
     path = Path(source).expanduser()
     if path.exists():
-        return _load_directory(path, device), None
+        model = _load_directory(path, device)
+        return DenseModel(model, None, {"kind": "hf", "path": str(path.resolve()),
+                                        "architecture": type(model).__name__})
     if "/" in source or source.startswith((".", "~")):
         raise MoeifyError(f"{source} does not exist: pass a local Hugging Face model directory "
                           "or a preset name (see `moeify presets`)")
@@ -95,9 +106,8 @@ def load_dense(source: str, *, device: str = "cpu", seed: int = 0) -> tuple[nn.M
     from transformers import T5Config
 
     model = build_hf(T5Config(**preset.t5, architectures=["T5ForConditionalGeneration"]), device, seed)
-    model.moeify_source = {"kind": "preset", "name": preset.name, "seed": seed,
-                           "architecture": type(model).__name__}
-    return model, preset
+    return DenseModel(model, preset, {"kind": "preset", "name": preset.name, "seed": seed,
+                                      "architecture": type(model).__name__})
 
 
 def _load_directory(path: Path, device: str) -> nn.Module:
@@ -116,7 +126,6 @@ def _load_directory(path: Path, device: str) -> nn.Module:
     if device != "meta":
         load_weights(model, files)
         model.to(device)
-    model.moeify_source = {"kind": "hf", "path": str(path.resolve()), "architecture": type(model).__name__}
     return model
 
 

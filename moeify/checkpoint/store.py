@@ -55,7 +55,7 @@ def save(model: nn.Module, path: str | Path, *, force: bool = False,
         meta = {
             "format": "moeify", "format_version": FORMAT_VERSION, "weights": not structure_only,
             "source": record.source, "moe_config": record.config.to_dict(),
-            "sites": [vars(s) for s in record.sites], "skipped": record.skipped, "aliases": aliases,
+            "sites": record.site_names, "skipped": record.skipped, "aliases": aliases,
             "summary": summarize(model).to_dict(),
         }
         (tmp / MOEIFY_FILE).write_text(json.dumps(meta, indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from moeify.cli.calibrate import calibrate_cmd
-from moeify.cli.common import console
+from moeify.cli.common import console, option_flag
 from moeify.cli.convert import convert_cmd
 from moeify.cli.export import export_cmd
 from moeify.cli.inspect import inspect_cmd
@@ -21,7 +21,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MoeifyError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {e.render(option_flag)}", err=True)  # options named as flags
             ctx.exit(2)
 
 
@@ -31,13 +31,14 @@ def main() -> None:
     """Compile dense transformers into Switch Transformer mixture-of-experts models.
 
     \b
-    moeify convert t5-small --experts 8 -o out/switch-t5-small   # preset -> Switch model
-    moeify inspect out/switch-t5-small                           # layers, experts, params
-    moeify plan out/switch-t5-small --topology dgx-h100 --nodes 2  # sharding plan
-    moeify export out/switch-t5-small --target onnx -o out/onnx  # onnxruntime graphs
-    moeify export out/switch-t5-small --target torch-distributed --world-size 4 -o out/dist4
-    moeify run out/dist4 --steps 10 --train                      # torchrun, one process per rank
-    moeify presets                                               # built-in model configs
+    moeify convert t5-small --experts 8 -o out/switch-t5-small  # preset -> Switch
+    moeify inspect out/switch-t5-small                # layers, experts, params
+    moeify plan out/switch-t5-small --topology dgx-h100 --nodes 2  # sharding
+    moeify export out/switch-t5-small --target onnx -o out/onnx  # onnxruntime
+    moeify export out/switch-t5-small --target torch-distributed \\
+        --world-size 4 -o out/dist4                   # one shard per rank
+    moeify run out/dist4 --steps 10 --train   # torchrun, one process per rank
+    moeify presets                                     # built-in model configs
     """
 
 

@@ -8,11 +8,8 @@ import click
 
 from moeify.checkpoint.files import check_file_writable, write_text_atomically
 from moeify.checkpoint.metadata import read_metadata
-from moeify.checkpoint.store import load
 from moeify.cli.common import console
-from moeify.cli.progress import progress_bars
 from moeify.errors import MoeifyError
-from moeify.planner.calibration import calibrate, stdlib_text, text_batches, token_ids
 
 
 def _tokenizer(directories: list[Path]):
@@ -28,14 +25,16 @@ def _tokenizer(directories: list[Path]):
     return None
 
 
-@click.command("calibrate")
+@click.command("calibrate", short_help="Measure tokens per expert, for load-aware plans.")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--batches", type=int, default=8, show_default=True, help="Batches to run.")
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--seq-len", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per batch.")
+@click.option("--seq-len", type=int, default=128, show_default=True,
+              help="Tokens per sequence (encoder-decoder models: decoders get SEQ_LEN/4).")
 @click.option("--text", "text_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="UTF-8 text to route [default: the Python standard library's source].")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("load.json"), show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("load.json"), show_default=True,
+              help="Where to write the loads (JSON, for `moeify plan --load`).")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_file: Path | None,
                   output: Path, force: bool) -> None:
@@ -53,6 +52,10 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
     meta = read_metadata(path)
     if not meta["weights"]:
         raise MoeifyError(f"{path} is structure only (converted on meta): calibration needs weights")
+    from moeify.checkpoint.store import load
+    from moeify.cli.progress import progress_bars
+    from moeify.planner.calibration import calibrate, stdlib_text, text_batches, token_ids
+
     model = load(path)
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)

@@ -2,24 +2,14 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 
 import click
-import torch
-from rich.table import Table
 
 from moeify.checkpoint.files import check_writable
-from moeify.checkpoint.sample import sample_inputs
-from moeify.checkpoint.sources import load_dense
-from moeify.checkpoint.store import save
-from moeify.checkpoint.summary import summarize
-from moeify.cli.common import console, human, moe_config, moe_options
-from moeify.cli.progress import progress_bars
+from moeify.cli.common import check_source, console, human, moe_config, moe_options, table
 from moeify.config import MoEConfig
-from moeify.conversion.pipeline import convert
 from moeify.errors import MoeifyError
-from moeify.layers.collector import router_losses
 
 
 def _available_bytes() -> int | None:
@@ -34,8 +24,13 @@ def _available_bytes() -> int | None:
 
 def _check_memory(source: str, config: MoEConfig, seed: int) -> None:
     """Convert on the meta device first: cheap, and it fails fast when weights cannot fit."""
-    skeleton, _ = load_dense(source, device="meta", seed=seed)
-    summary = summarize(convert(skeleton, config, inplace=True))
+    import torch
+
+    from moeify.checkpoint.sources import load_dense
+    from moeify.checkpoint.summary import summarize
+    from moeify.conversion.pipeline import convert
+
+    summary = summarize(convert(load_dense(source, device="meta", seed=seed).model, config, inplace=True))
     need = summary.total_params * torch.finfo(getattr(torch, summary.dtype)).bits // 8
     available = _available_bytes()
     if available is not None and need > 0.8 * available:
@@ -44,7 +39,7 @@ def _check_memory(source: str, config: MoEConfig, seed: int) -> None:
             f"of memory is available: use --device meta for a structure-only conversion, or fewer --experts")
 
 
-@click.command("convert")
+@click.command("convert", short_help="Convert a preset or a Hugging Face model into a Switch model.")
 @click.argument("source")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output directory [default: out/switch-<source name>].")
@@ -54,7 +49,10 @@ def _check_memory(source: str, config: MoEConfig, seed: int) -> None:
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run one forward pass on a synthetic batch and report routing.")
-def convert_cmd(source: str, output: Path | None, device: str, force: bool, check: bool, **flags) -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also list the modules with two or more Linears that are not FFNs, and why.")
+def convert_cmd(source: str, output: Path | None, device: str, force: bool, check: bool, verbose: bool,
+                **flags) -> None:
     """Convert SOURCE (a preset name or a local Hugging Face directory) into a Switch model.
 
     Every matched dense FFN (Linear -> activation -> Linear, or its gated form) in the
@@ -64,24 +62,32 @@ def convert_cmd(source: str, output: Path | None, device: str, force: bool, chec
     \b
     Examples:
       moeify convert t5-small --experts 8 -o out/switch-t5-small
-      moeify convert path/to/hf-t5 --experts 16 --every 2 --capacity-factor 1.25 -o out/x
+      moeify convert path/to/hf-t5 --experts 16 --capacity-factor 1.5 -o out/x
       moeify convert t5-base --experts 128 --device meta -o out/plan-only
-      moeify convert switch-c-2048 --device meta -o out/switch-c   # the paper's 1.6T model
+      moeify convert switch-c-2048 --device meta -o out/c  # the paper's 1.6T
     """
     config = moe_config(source, flags)
     seed = config.seed
     output = output or Path("out") / f"switch-{Path(source).name}"
     check_writable(output, force)
+    check_source(source)  # a typo fails here, before torch is imported
+    import torch
+
+    from moeify.checkpoint.sources import load_dense
+    from moeify.checkpoint.store import save
+    from moeify.cli.progress import progress_bars
+    from moeify.conversion.pipeline import convert
+
     if device == "cuda" and not torch.cuda.is_available():
         raise MoeifyError("--device cuda but torch sees no CUDA device: use --device cpu or meta")
     if device != "meta":
         _check_memory(source, config, seed)
     t0 = time.perf_counter()
-    dense, _ = load_dense(source, device=device, seed=seed)
+    dense = load_dense(source, device=device, seed=seed)
     with progress_bars(console) as progress:
-        sparse = convert(dense, config, inplace=True, progress=progress)
+        sparse = convert(dense.model, config, inplace=True, source=dense.source, progress=progress)
     elapsed = time.perf_counter() - t0
-    _print_conversion(sparse, source, elapsed)
+    _print_conversion(sparse, source, elapsed, verbose)
     if check and device != "meta":
         _forward_check(sparse, seed)
     with progress_bars(console) as progress:
@@ -90,27 +96,52 @@ def convert_cmd(source: str, output: Path | None, device: str, force: bool, chec
     console.print(f"saved {kind} to [bold]{out}[/]")
 
 
-def _print_conversion(model, source: str, elapsed: float) -> None:
+def _print_conversion(model, source: str, elapsed: float, verbose: bool = False) -> None:
+    from moeify.checkpoint.summary import summarize
+
     record = model.moeify_record
     summary = summarize(model)
     c = record.config
-    table = Table(title=f"{source}: {len(record.sites)} FFNs -> SwitchFFN ({c.init}) in {elapsed:.1f}s")
-    for col in ("site", "experts", "d_model", "d_ff", "ffn"):
-        table.add_column(col, justify="left" if col in ("site", "ffn") else "right", overflow="fold")
-    for s in record.sites:
+    t = table("site", ("experts", "right"), ("d_model", "right"), ("d_ff", "right"), "ffn",
+              title=f"{source}: {len(record.sites)} FFNs -> SwitchFFN ({c.init}) in {elapsed:.1f}s")
+    for s in summary.moe_layers:
         kind = ("gated " if s.gated else "") + s.activation + (" +bias" if s.bias else "")
-        table.add_row(s.name, str(c.num_experts), str(s.d_model), str(s.d_ff), kind)
-    console.print(table)
+        t.add_row(s.name, str(s.num_experts), str(s.d_model), str(s.d_ff), kind)
+    console.print(t)
     if record.skipped:
-        console.print(f"left dense by --every {c.every} --offset {c.offset}"
+        console.print(f"left dense by --every {c.every} --offset {c.first}"
                       f"{' --layers' if c.layers else ''}: {len(record.skipped)} FFNs")
-    for why, n in Counter(record.rejected.values()).items():
-        console.print(f"[dim]not an FFN: {n} x {why}[/]")
+    _print_rejected(record.rejected, verbose)
     console.print(f"parameters: {human(summary.total_params)} total, {human(summary.active_params)} "
                   f"active per token, {human(summary.dense_params)} outside the experts")
 
 
+def _print_rejected(rejected: dict[str, str], verbose: bool) -> None:
+    """Modules that looked like FFN candidates but are not: one quiet line, or each with its reason."""
+    if not rejected:
+        return
+    if not verbose:
+        n = len(rejected)
+        console.print(f"[dim]{n} other module{'s' if n > 1 else ''} with two or more Linears "
+                      f"{'are not FFNs' if n > 1 else 'is not an FFN'} (--verbose lists them)[/]")
+        return
+    from rich.padding import Padding
+    from rich.text import Text
+
+    names_by_reason: dict[str, list[str]] = {}
+    for name, why in rejected.items():
+        names_by_reason.setdefault(why, []).append(name)
+    for why, names in names_by_reason.items():
+        console.print(Text(f"not an FFN ({len(names)}): {why}", style="dim"))
+        console.print(Padding(Text("\n".join(names), style="dim"), (0, 0, 0, 2)))
+
+
 def _forward_check(model, seed: int) -> None:
+    import torch
+
+    from moeify.checkpoint.sample import sample_inputs
+    from moeify.layers.collector import router_losses
+
     inputs = sample_inputs(model, seed=seed)
     if inputs is None:
         console.print("[dim]forward check skipped: unknown input format[/]")

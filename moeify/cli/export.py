@@ -10,7 +10,12 @@ from click.core import ParameterSource
 from moeify.cli.export_distributed import export_distributed_target
 from moeify.cli.export_onnx import export_onnx_target
 from moeify.errors import MoeifyError
-from moeify.targets.onnx.options import DTYPES, MODES, PROVIDERS
+
+# The choices of moeify.targets.onnx.options, spelled out so that building the CLI does not import
+# onnx (the package's __init__ does); tests/test_startup.py checks that they match.
+MODES = ("fused", "portable")
+DTYPES = ("fp32", "fp16")
+PROVIDERS = ("cpu", "cuda")
 
 # One entry per target: the function, taking (source, output, force, its flags), and its options.
 TARGETS: dict[str, tuple[Callable[[Path, Path, bool, dict], None], tuple[str, ...]]] = {
@@ -20,7 +25,7 @@ TARGETS: dict[str, tuple[Callable[[Path, Path, bool, dict], None], tuple[str, ..
 }
 
 
-@click.command("export")
+@click.command("export", short_help="Export to ONNX, or to per-rank shards for torch.distributed.")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--target", type=click.Choice(sorted(TARGETS)), required=True, help="What to export to.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
@@ -69,18 +74,22 @@ def export_cmd(ctx: click.Context, source: Path, target: str, output: Path | Non
 
     \b
     Examples:
-      moeify export out/switch-t5-small --target onnx -o out/onnx        # fused, dropless
-      moeify export out/switch-t5-small --target onnx --mode portable -o out/onnx-portable
-      moeify export out/switch-t5-small --target onnx --dtype fp16 --save-optimized -o out/onnx16
-      moeify inspect out/onnx/encoder_model.onnx                          # ops, MoE nodes, sizes
+      moeify export out/switch-t5-small --target onnx -o out/onnx  # fused
+      moeify export out/switch-t5-small --target onnx --mode portable \\
+          -o out/onnx-portable
+      moeify export out/switch-t5-small --target onnx --dtype fp16 \\
+          --save-optimized -o out/onnx16
+      moeify inspect out/onnx/encoder_model.onnx   # ops, MoE nodes, sizes
 
     torch-distributed: one safetensors file per rank (the dense weights and that rank's experts),
     the plan and a manifest with sha256, written one shard at a time. Run it with
     `moeify run DIR` or `torchrun --nproc-per-node N -m moeify.run DIR`.
 
     \b
-      moeify export out/switch-t5-small --target torch-distributed --plan plan.json -o out/dist
-      moeify export out/switch-t5-small --target torch-distributed --world-size 4 -o out/dist4
+      moeify export out/switch-t5-small --target torch-distributed \\
+          --plan plan.json -o out/dist
+      moeify export out/switch-t5-small --target torch-distributed \\
+          --world-size 4 -o out/dist4
     """
     run, names = TARGETS[target]
     for name, value in flags.items():

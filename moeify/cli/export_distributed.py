@@ -2,38 +2,41 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
+from moeify.cli.common import console, table
 
-from moeify.cli.common import console
-from moeify.cli.progress import progress_bars
-from moeify.planner.plan import expert_ranges
-from moeify.targets.distributed.export import DistributedExport, export_distributed
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from moeify.targets.distributed.export import DistributedExport
 
 
 def print_export(export: DistributedExport, console: Console) -> None:
     """What `moeify export --target torch-distributed` shows: one row per rank's shard."""
+    from moeify.planner.plan import expert_ranges
+
     plan, manifest = export.plan, export.manifest
     dp, ep = plan.mesh.shape
     estimated = "" if plan.model.get("estimated", True) else ", default plan (not estimated)"
-    console.print(f"{export.path}: {plan.world_size} ranks, mesh dp={dp} x ep={ep}{estimated}", soft_wrap=True)
-    table = Table()
-    for col in ("rank", "file", "MiB", "experts per layer"):
-        table.add_column(col, justify="left" if col in ("file", "experts per layer") else "right")
+    console.print(f"{export.path}: {plan.world_size} ranks, mesh dp={dp} x ep={ep}{estimated}")
+    t = table(("rank", "right"), "file", ("MiB", "right"), "experts per layer")
     for r in manifest.ranks:
         held = {expert_ranges(ids) for ids in r.experts.values()}
         what = f"{held.pop()} in each of {len(r.experts)} layers" if len(held) == 1 else "varies (see manifest.json)"
-        table.add_row(str(r.rank), r.file, f"{manifest.files[r.file]['bytes'] / 2**20:.1f}", what)
-    console.print(table)
+        t.add_row(str(r.rank), r.file, f"{manifest.files[r.file]['bytes'] / 2**20:.1f}", what)
+    console.print(t)
     sizes = [manifest.files[r.file]["bytes"] for r in manifest.ranks]
     console.print(f"manifest.json: {len(manifest.files)} files with sha256; largest shard "
                   f"{max(sizes) / 2**20:.1f} MiB, all shards {sum(sizes) / 2**20:.1f} MiB "
-                  "(dense weights are in every shard)", soft_wrap=True)
+                  "(dense weights are in every shard)")
 
 
 def export_distributed_target(source: Path, output: Path, force: bool, flags: dict) -> None:
     """Reads `plan` (a path), `world_size` and `allow_uneven` from `flags`."""
+    from moeify.cli.progress import progress_bars
+    from moeify.targets.distributed.export import export_distributed
+
     with progress_bars(console) as progress:
         export = export_distributed(source, output, flags.get("plan"), world_size=flags.get("world_size"),
                                     allow_uneven=bool(flags.get("allow_uneven")), force=force, progress=progress)

@@ -4,29 +4,28 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rich.table import Table
-
-from moeify.cli.common import console
-from moeify.cli.progress import progress_bars
-from moeify.targets.onnx import OnnxOptions, export_onnx
+from moeify.cli.common import console, table
 
 
 def export_onnx_target(source: Path, output: Path, force: bool, flags: dict) -> None:
+    from moeify.cli.progress import progress_bars
+    from moeify.targets.onnx import OnnxOptions, export_onnx
+
     options = OnnxOptions(**flags)
     t0 = time.perf_counter()
     with progress_bars(console) as progress:
         report = export_onnx(source, output, options, force=force, progress=progress)
     route = "torch.export" if options.dynamo else "TorchScript exporter"
-    table = Table(title=f"{source} -> {output}: {options.mode} mode, {options.dtype}, opset {options.opset}, "
-                        f"{route}, {time.perf_counter() - t0:.1f}s")
-    for col in ("graph", "nodes exported", "saved", f"optimised ({options.provider})", "MoE nodes", "MiB",
-                "max |Δ| vs PyTorch"):
-        table.add_column(col, justify="left" if col == "graph" else "right")
+    t = table("graph", ("nodes\nexported", "right"), ("nodes\nsaved", "right"),
+              (f"optimised\n({options.provider})", "right"), ("MoE\nnodes", "right"), ("MiB", "right"),
+              ("max |Δ| vs\nPyTorch", "right"),
+              title=f"{source} -> {output}: {options.mode} mode, {options.dtype}, opset {options.opset}, "
+                    f"{route}, {time.perf_counter() - t0:.1f}s")
     for g in report.graphs:
-        table.add_row(g.file, str(g.nodes_exported), str(g.nodes),
-                      "-" if g.nodes_optimized is None else str(g.nodes_optimized), str(g.moe_nodes),
-                      f"{g.megabytes:.2f}", "-" if g.max_abs_diff is None else f"{g.max_abs_diff:.1e}")
-    console.print(table)
+        t.add_row(g.file, str(g.nodes_exported), str(g.nodes),
+                  "-" if g.nodes_optimized is None else str(g.nodes_optimized), str(g.moe_nodes),
+                  f"{g.megabytes:.2f}", "-" if g.max_abs_diff is None else f"{g.max_abs_diff:.1e}")
+    console.print(t)
     fused = sum(p.lowering == "fused" for p in report.layers)
     if options.mode == "fused":
         console.print(f"{fused} Switch layers fused into com.microsoft.MoE (dropless: every token is kept), "

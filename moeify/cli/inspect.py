@@ -5,19 +5,14 @@ import json
 from pathlib import Path
 
 import click
-from rich import box
-from rich.table import Table
 
-from moeify.checkpoint.metadata import read_metadata
-from moeify.checkpoint.summary import ModelSummary
-from moeify.cli.common import console, human
+from moeify.checkpoint.metadata import read_metadata, saved_summary
+from moeify.cli.common import console, human, table
 from moeify.cli.plan import print_plan_summary
-from moeify.planner.draw import experts_by_rank
-from moeify.planner.plan import ShardingPlan, expert_ranges
-from moeify.targets.onnx.report import inspect_onnx
+from moeify.planner.plan import ShardingPlan, expert_ranges, id_runs
 
 
-@click.command("inspect")
+@click.command("inspect", short_help="Show a converted model, a plan or an ONNX graph.")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the same data as JSON.")
 def inspect_cmd(path: Path, as_json: bool) -> None:
@@ -33,7 +28,7 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
       moeify inspect out/onnx/encoder_model.onnx
     """
     if path.suffix == ".onnx":
-        return inspect_onnx(path, as_json, console)
+        return _inspect_onnx(path, as_json)
     if path.suffix == ".json" and not path.is_dir():
         return _inspect_plan(path, as_json)
     _inspect_model(path, as_json)
@@ -46,23 +41,78 @@ def _inspect_model(path: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    s = ModelSummary(**{**meta["summary"], "moe_layers": []})
-    layers = meta["summary"]["moe_layers"]
+    s = saved_summary(meta)
+    layers = s.moe_layers
     origin = meta["source"].get("name") or meta["source"].get("path") or meta["source"].get("class")
     console.print(f"[bold]{path}[/]: {s.model} from {origin}, {s.dtype}"
                   f"{'' if meta['weights'] else ', structure only (no weights)'}")
     console.print(f"parameters: {human(s.total_params)} total, {human(s.active_params)} active per token, "
                   f"{len(layers)} Switch layers x {s.num_experts} experts (exact counts: --json)")
-    table = Table()
-    width = max((len(row["name"]) for row in layers), default=5)
-    table.add_column("layer", min_width=min(width, 48), overflow="fold")
-    for col in ("experts", "d_model", "d_ff", "gated", "capacity", "params"):
-        table.add_column(col, justify="right")
+    # The experts column only where layers differ: the line above gives the count otherwise.
+    varied = any(row.num_experts != s.num_experts for row in layers)
+    t = table("layer", *([("experts", "right")] if varied else []), ("d_model", "right"), ("d_ff", "right"), "gated",
+              ("capacity", "right"), ("params", "right"))
+    t.caption = "capacity: training/eval capacity factor; params: the layer's expert parameters"
     for row in layers:
-        table.add_row(row["name"], str(row["num_experts"]), str(row["d_model"]), str(row["d_ff"]),
-                      "yes" if row["gated"] else "no",
-                      f"{row['capacity_factor']}/{row['eval_capacity_factor']}", human(row["expert_params"]))
-    console.print(table)
+        t.add_row(row.name, *([str(row.num_experts)] if varied else []), str(row.d_model), str(row.d_ff),
+                  "yes" if row.gated else "no",
+                  f"{row.routing.capacity_factor}/{row.routing.eval_capacity_factor}", human(row.expert_params))
+    console.print(t)
+
+
+SHOWN_OPS = 12  # the op histogram's longest rows; --json has them all
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _inspect_onnx(path: Path, as_json: bool) -> None:
+    from rich.markup import escape
+
+    from moeify.targets.onnx.report import describe
+
+    data = describe(path)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    opsets = ", ".join(f"{d} {v}" for d, v in data["opsets"].items())
+    weights = ", ".join(f"{_size(b)} {d}" for d, b in data["weight_bytes"].items()) or "none"
+    console.print(f"[bold]{escape(str(path))}[/]: {data['nodes']} nodes, {data['initializers']} initializers "
+                  f"({weights}), {_size(data['file_bytes'])} on disk; opsets {opsets}")
+    io = table("", "name", "dtype", "shape", title="inputs and outputs")
+    for kind in ("inputs", "outputs"):
+        for v in data[kind]:
+            io.add_row(kind[:-1], v["name"], v["dtype"], escape("[" + ", ".join(map(str, v["shape"])) + "]"))
+    console.print(io)
+    ops = table("op", ("count", "right"), title=f"ops ({len(data['ops'])} types)")
+    for op, n in list(data["ops"].items())[:SHOWN_OPS]:
+        ops.add_row(op, str(n))
+    rest = list(data["ops"].items())[SHOWN_OPS:]
+    moe = "com.microsoft.MoE"
+    if moe in dict(rest):  # never hide the fused nodes
+        ops.add_row(moe, str(data["ops"][moe]))
+    if rest:
+        ops.add_row(f"{len(rest)} more (--json)", str(sum(n for op, n in rest if op != moe)))
+    console.print(ops)
+    if data["switch_layers"]:
+        layers = table("layer", "lowering", "ffn", ("experts", "right"), "capacity",
+                       title=f"Switch layers ({data['mode']} mode, {data['dtype']})")
+        layers.caption = "fused: com.microsoft.MoE keeps every token; portable: eval capacity factor (min slots)"
+        for row in data["switch_layers"]:
+            capacity = ("dropless" if row["lowering"] == "fused"
+                        else f"{row['eval_capacity_factor']} (min {row['min_capacity']})")
+            layers.add_row(row["name"], row["lowering"], ("gated " if row["gated"] else "") + row["activation"],
+                           str(row["num_experts"]), capacity)
+        console.print(layers)
+        for row in data["switch_layers"]:
+            if row["reason"]:
+                console.print(f"[yellow]portable fallback[/] {escape(row['name'])}: {escape(row['reason'])}")
+    for n in data["moe_nodes"]:
+        console.print(escape(f"MoE node {n['name']}: k={n['k']}, {n['activation_type']}, fc1 {n['fc1_shape']}"))
+
+
+SHOWN_RANKS = 16  # placement rows of the first expert-parallel group; --json has them all
 
 
 def _inspect_plan(path: Path, as_json: bool) -> None:
@@ -71,31 +121,35 @@ def _inspect_plan(path: Path, as_json: bool) -> None:
         click.echo(json.dumps(plan.to_dict(), indent=2))
         return
     print_plan_summary(plan)
-    groups = Table(title=f"mesh {plan.mesh.shape[0]} x {plan.mesh.shape[1]} ({' x '.join(plan.mesh.dim_names)}), "
-                         f"{plan.layout} layout")
-    groups.add_column("expert-parallel group")
-    groups.add_column("ranks", overflow="fold")
+    from moeify.planner.draw import experts_by_rank
+
+    n = len(plan.expert_parallel_groups)
+    console.print(f"mesh {plan.mesh.shape[0]} x {plan.mesh.shape[1]} ({' x '.join(plan.mesh.dim_names)}), "
+                  f"{plan.layout} layout; {n} expert-parallel group{'' if n == 1 else 's'}:")
+    groups = table(("group", "right"), "ranks")
     shown = plan.expert_parallel_groups[:8]
     for i, g in enumerate(shown):
-        groups.add_row(str(i), " ".join(map(str, g)))
+        groups.add_row(str(i), " ".join(str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in id_runs(g)))
     if len(plan.expert_parallel_groups) > len(shown):
         groups.add_row("...", f"{len(plan.expert_parallel_groups) - len(shown)} more groups")
     console.print(groups)
-    layers = Table(title="layers", box=box.SIMPLE_HEAD)
-    layers.add_column("layer", overflow="fold")
-    for col in ("experts", "all-to-all", "a2a ms", "bound ms", "compute ms"):
-        layers.add_column(col, justify="left" if col == "all-to-all" else "right", no_wrap=True)
+    counts = {layer.num_experts for layer in plan.layers}
+    varied = len(counts) > 1  # an experts column only where layers differ; the title gives the count otherwise
+    layers = table("layer", *([("experts", "right")] if varied else []), "all-to-all", ("a2a\nms", "right"),
+                   ("bound\nms", "right"), ("compute\nms", "right"),
+                   title="layers" if varied else f"layers ({counts.pop()} experts each)")
     for layer in plan.layers:
-        layers.add_row(layer.name, str(layer.num_experts), layer.all_to_all, f"{layer.all_to_all_ms:.2f}",
-                       f"{layer.lower_bound_ms:.2f}", f"{layer.compute_ms:.2f}")
+        layers.add_row(layer.name, *([str(layer.num_experts)] if varied else []), layer.all_to_all,
+                       f"{layer.all_to_all_ms:.2f}", f"{layer.lower_bound_ms:.2f}", f"{layer.compute_ms:.2f}")
     console.print(layers)
     first = plan.layers[0]
     same = all(layer.placement == first.placement and layer.replicas == first.replicas for layer in plan.layers)
-    placement = Table(title=f"placement ({'all layers' if same else first.name}), in every expert-parallel group",
-                      box=box.SIMPLE_HEAD)
-    placement.add_column("group rank", justify="right")
-    placement.add_column("experts", overflow="fold")
+    console.print(f"placement ({'all layers' if same else first.name}), the same in every expert-parallel group:")
+    placement = table(("rank in\ngroup", "right"), "experts")
     held = experts_by_rank(plan)
-    for group_rank, rank in enumerate(plan.expert_parallel_groups[0][:16]):
+    group = plan.expert_parallel_groups[0]
+    for group_rank, rank in enumerate(group[:SHOWN_RANKS]):
         placement.add_row(str(group_rank), expert_ranges(held.get(rank, [])))
+    if len(group) > SHOWN_RANKS:
+        placement.add_row("...", f"{len(group) - SHOWN_RANKS} more ranks (--json)")
     console.print(placement)

@@ -4,40 +4,43 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich import box
-from rich.table import Table
 
 from moeify.checkpoint.files import check_file_writable
-from moeify.checkpoint.metadata import MOEIFY_FILE, read_metadata
-from moeify.checkpoint.sources import load_dense
-from moeify.checkpoint.summary import summarize
-from moeify.cli.common import console, moe_config, moe_options
-from moeify.cli.progress import progress_bars
-from moeify.conversion.pipeline import convert
+from moeify.checkpoint.metadata import MOEIFY_FILE, read_metadata, saved_summary
+from moeify.checkpoint.records import ModelSummary
+from moeify.cli.common import check_source, console, moe_config, moe_options, table
 from moeify.errors import MoeifyError
-from moeify.planner.cost import OPTIMIZER_BYTES_PER_PARAM
-from moeify.planner.hardware import DEFAULT_GPU, GPUS
-from moeify.planner.search import ALGORITHMS, LAYOUTS, Planner, SearchOptions
-from moeify.planner.topology import load_topology
-from moeify.planner.workload import DTYPE_BYTES, read_load, workload_from_summary
+from moeify.planner.workload import DTYPE_BYTES
+
+# The planner's choices, spelled out so that `moeify plan --help` imports neither networkx nor
+# scipy (moeify.planner.hardware, .cost and .search do); tests/test_startup.py checks that they match.
+GPUS = ("A100-PCIE-80GB", "A100-SXM4-80GB", "H100-PCIE-80GB", "H100-SXM5-80GB")  # hardware.GPUS
+DEFAULT_GPU = "A100-SXM4-80GB"  # hardware.DEFAULT_GPU
+OPTIMIZERS = ("adafactor", "adam")  # cost.OPTIMIZER_BYTES_PER_PARAM
+LAYOUTS = ("contiguous", "strided")  # search.LAYOUTS
+ALGORITHMS = ("flat", "hierarchical")  # search.ALGORITHMS
 
 
-def model_summary(source: str, flags: dict) -> dict:
+def model_summary(source: str, flags: dict) -> ModelSummary:
     """A converted directory's saved summary, or a preset / HF directory converted on meta."""
     if (Path(source) / MOEIFY_FILE).is_file():
-        return read_metadata(source)["summary"]
+        return saved_summary(read_metadata(source))
     config = moe_config(source, flags)
-    dense, _ = load_dense(source, device="meta", seed=config.seed)
-    return summarize(convert(dense, config, inplace=True)).to_dict()
+    from moeify.checkpoint.sources import load_dense
+    from moeify.checkpoint.summary import summarize
+    from moeify.conversion.pipeline import convert
+
+    dense = load_dense(source, device="meta", seed=config.seed)
+    return summarize(convert(dense.model, config, inplace=True, source=dense.source))
 
 
-@click.command("plan")
+@click.command("plan", short_help="Plan expert sharding over a GPU cluster, with costs.")
 @click.argument("source")
 @click.option("--topology", "topology_spec", required=True, metavar="SPEC",
               help="A preset (dgx-a100, dgx-h100, hgx-a100-4, pcie-gen4-8, pcie-gen5-8, localhost-gloo), "
                    "`nvidia-smi topo -m` output (.txt), or a networkx graph (.json node-link, .graphml).")
 @click.option("--nodes", type=int, default=1, show_default=True, help="Hosts, joined by InfiniBand through a switch.")
-@click.option("--gpu", type=click.Choice(sorted(GPUS)), default=DEFAULT_GPU, show_default=True,
+@click.option("--gpu", type=click.Choice(GPUS), default=DEFAULT_GPU, show_default=True,
               help="GPU model of an `nvidia-smi topo -m` file, which does not name it (sets NVLink, PCIe "
                    "and InfiniBand generations too).")
 @click.option("--tokens-per-rank", type=int, default=8192, show_default=True, help="Tokens each GPU processes per step.")
@@ -52,12 +55,13 @@ def model_summary(source: str, flags: dict) -> dict:
 @click.option("--layout", type=click.Choice(LAYOUTS), default=None, help="Force a rank layout [default: search].")
 @click.option("--all-to-all", "algorithm", type=click.Choice(ALGORITHMS), default=None,
               help="Force an all-to-all algorithm [default: search].")
-@click.option("--optimizer", type=click.Choice(sorted(OPTIMIZER_BYTES_PER_PARAM)), default="adam", show_default=True,
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True,
               help="Sets training memory per parameter: adam 16 bytes (mixed precision), adafactor 8 "
                    "(as Switch Transformers trained).")
 @click.option("--efficiency", type=float, default=0.5, show_default=True, help="Fraction of peak FLOPs reached.")
 @moe_options
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("plan.json"), show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("plan.json"), show_default=True,
+              help="Where to write the plan (JSON, for `moeify export --plan` and `moeify inspect`).")
 @click.option("--draw", type=click.Path(path_type=Path), default=None, help="Also draw the placement as a PNG.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 def plan_cmd(source: str, topology_spec: str, nodes: int, gpu: str, tokens_per_rank: int, dtype: str, load_file: Path | None,
@@ -74,7 +78,7 @@ def plan_cmd(source: str, topology_spec: str, nodes: int, gpu: str, tokens_per_r
 
     \b
     Examples:
-      moeify plan out/switch-t5-base --topology dgx-h100 --nodes 4 --tokens-per-rank 8192 -o plan.json
+      moeify plan out/switch-t5-base --topology dgx-h100 --nodes 4 -o plan.json
       moeify plan switch-c-2048 --topology dgx-h100 --nodes 32 -o c.json
       moeify plan out/x --topology topo.txt --nodes 2 --draw plan.png
       moeify inspect plan.json
@@ -85,6 +89,14 @@ def plan_cmd(source: str, topology_spec: str, nodes: int, gpu: str, tokens_per_r
         raise MoeifyError(f"--efficiency must be in (0, 1], got {efficiency}")
     if replicate_hot < 0:
         raise MoeifyError(f"--replicate-hot must be >= 0, got {replicate_hot}")
+    if not (Path(source) / MOEIFY_FILE).is_file():
+        moe_config(source, flags)  # bad MoE flags and a typo in SOURCE fail before the planner is imported
+        check_source(source)
+    from moeify.cli.progress import progress_bars
+    from moeify.planner.search import Planner, SearchOptions
+    from moeify.planner.topology import load_topology
+    from moeify.planner.workload import read_load, workload_from_summary
+
     topology = load_topology(topology_spec, nodes, gpu)
     summary = model_summary(source, flags)
     load = read_load(load_file) if load_file else None
@@ -111,16 +123,15 @@ def print_plan_summary(plan) -> None:
     t, e = plan.topology, plan.estimate
     console.print(f"{plan.model.get('name', 'model')} on {t.get('name')} "
                   f"({plan.world_size} GPUs, {t.get('device')}), {plan.model.get('tokens_per_rank')} tokens per GPU")
-    table = Table(title="candidates (fastest first; * = chosen)", box=box.SIMPLE_HEAD)
-    for col in ("", "dp x ep", "layout", "all-to-all", "step ms", "a2a ms", "bound ms", "mem/GPU", "fits"):
-        table.add_column(col, justify="right" if "ms" in col or col == "mem/GPU" else "left", no_wrap=True)
+    t = table("", "dp x ep", "layout", "all-to-all", ("step\nms", "right"), ("a2a\nms", "right"),
+              ("bound\nms", "right"), ("GB per\nGPU", "right"), "fits", title="candidates (fastest first; * = chosen)")
     chosen = (plan.mesh.shape[1], plan.layout)
     for c in plan.alternatives:
         mark = "*" if (c["expert_parallel"], c["layout"]) == chosen else ""
-        table.add_row(mark, f"{c['data_parallel']} x {c['expert_parallel']}", c["layout"], "+".join(c["all_to_all"]),
-                      f"{c['step_ms']:.1f}", f"{c['all_to_all_ms']:.1f}", f"{c['lower_bound_ms']:.1f}",
-                      f"{c['memory_per_rank_bytes'] / 1e9:.1f} GB", "yes" if c["fits"] else "no")
-    console.print(table)
+        t.add_row(mark, f"{c['data_parallel']} x {c['expert_parallel']}", c["layout"], " + ".join(c["all_to_all"]),
+                  f"{c['step_ms']:.1f}", f"{c['all_to_all_ms']:.1f}", f"{c['lower_bound_ms']:.1f}",
+                  f"{c['memory_per_rank_bytes'] / 1e9:.1f}", "yes" if c["fits"] else "no")
+    console.print(t)
     console.print(f"step {e.step_ms:.1f} ms = compute {e.compute_ms:.1f} + all-to-all {e.all_to_all_ms:.1f} "
                   f"(bound {e.lower_bound_ms:.1f}) + gradient all-reduce {e.allreduce_ms:.1f}; "
                   f"memory {e.memory_per_rank_bytes / 1e9:.1f} of {e.memory_limit_bytes / 1e9:.1f} GB per GPU")

@@ -2,26 +2,26 @@
 from __future__ import annotations
 
 import click
-from rich.table import Table
 
 from moeify.checkpoint.model_presets import PRESETS
-from moeify.cli.common import console
+from moeify.cli.common import console, table
 
 
-@click.command("presets")
+@click.command("presets", short_help="List the built-in model presets.")
 def presets_cmd() -> None:
-    """List the built-in model presets (random init, seeded by --seed).
+    """List the built-in model presets: T5 configs and the Switch Transformers paper's models,
+    which `moeify convert NAME` and `moeify plan NAME` build with random weights.
 
     Switch presets also set the MoE options of the paper; flags given to convert override them.
+
+    \b
+    Examples:
+      moeify presets
+      moeify convert switch-base-128 --device meta -o out/b   # structure only
     """
-    table = Table()
-    table.add_column("name", no_wrap=True)
-    for col in ("d_model", "d_ff", "layers"):
-        table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("ffn", no_wrap=True)
-    table.add_column("experts", no_wrap=True)
+    t = table("name", ("d_model", "right"), ("d_ff", "right"), ("layers", "right"), "ffn", "experts")
     for p in PRESETS.values():
         moe = f"{p.moe['num_experts']}, every {p.moe['every']}" if p.moe else "-"
-        table.add_row(p.name, str(p.t5["d_model"]), str(p.t5["d_ff"]),
-                      f"{p.t5['num_layers']}+{p.t5['num_layers']}", p.t5["feed_forward_proj"], moe)
-    console.print(table)
+        t.add_row(p.name, str(p.t5["d_model"]), str(p.t5["d_ff"]),
+                  f"{p.t5['num_layers']}+{p.t5['num_layers']}", p.t5["feed_forward_proj"], moe)
+    console.print(t)

@@ -2,16 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+if TYPE_CHECKING:
+    from rich.console import Console
 
 LABELS = {"switchify": "converting FFNs", "save": "writing shards", "load": "reading shards",
           "plan": "evaluating layouts", "calibrate": "routing batches", "emit": "writing rank shards",
@@ -21,6 +15,8 @@ LABELS = {"switchify": "converting FFNs", "save": "writing shards", "load": "rea
 @contextlib.contextmanager
 def progress_bars(console: Console) -> Iterator[Callable[[str, int, int], None]]:
     """Yield a (stage, done, total) callback that draws one bar per stage."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bars:
         tasks: dict[str, int] = {}

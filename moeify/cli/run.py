@@ -9,7 +9,6 @@ import click
 
 from moeify.errors import MoeifyError
 from moeify.targets.distributed.entry import option_args, run_options
-from moeify.targets.distributed.manifest import read_export_manifest
 
 
 def torchrun_command(directory: Path, nproc: int, options: dict) -> list[str]:
@@ -18,7 +17,7 @@ def torchrun_command(directory: Path, nproc: int, options: dict) -> list[str]:
             "-m", "moeify.run", str(directory), *option_args(options)]
 
 
-@click.command("run")
+@click.command("run", short_help="Run a torch-distributed export with torchrun.")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--nproc", type=int, default=None, help="Processes to start [default: the export's world size].")
 @run_options
@@ -33,6 +32,8 @@ def run_cmd(ctx: click.Context, directory: Path, nproc: int | None, **options) -
       moeify run out/dist4 --steps 3 --batch 4 --seq 128     # forward only
     Exit status: torchrun's (0 when every rank finished).
     """
+    from moeify.targets.distributed.manifest import read_export_manifest
+
     manifest = read_export_manifest(directory)  # fail here, before starting processes
     nproc = nproc or manifest.world_size
     if nproc != manifest.world_size:

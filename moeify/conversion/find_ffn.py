@@ -1,17 +1,15 @@
-"""find_ffn: annotate Linear -> act -> [Dropout] -> Linear (and gated) subgraphs as FFNSites."""
+"""find_ffn: Linear -> act -> [Dropout] -> Linear (and gated) subgraphs of traced regions => FFNSites."""
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
 from moeify.conversion.activations import activation_of, dropout_rate
-from moeify.conversion.passes import Pass, PassContext, PassResult, Program
 from moeify.conversion.regions import LinearView, Region, linear_view
 
-META_KEY = "moeify.ffn"
 MUL_TARGETS = {operator.mul, torch.mul}
 
 
@@ -20,7 +18,7 @@ class FFNSite:
     """A matched dense FFN inside a region, in the terms a SwitchFFN needs."""
 
     name: str  # qualified name the SwitchFFN takes in the model
-    region: str  # qualified name of the traced region
+    region: str  # qualified name of the traced region: the dense module users see and select by
     w_in: str  # region-relative module targets of the linears
     w_gate: str | None  # the linear feeding the activation in a gated FFN
     w_out: str
@@ -30,7 +28,7 @@ class FFNSite:
     out_bias: bool
     dropout: float
     activation: nn.Module
-    nodes: tuple[str, ...]  # matched node names, input order
+    nodes: tuple[str, ...]  # matched node names, in graph order (the output Linear last)
     whole_region: bool  # the region computes exactly this FFN
 
     @property
@@ -111,7 +109,7 @@ def _match_at(out: fx.Node, modules: dict[str, nn.Module]) -> dict:
 
 
 def find_in_region(region: Region) -> tuple[list[FFNSite], list[str]]:
-    """Annotate and return the region's FFN sites, and the reasons other Linears did not match."""
+    """The region's FFN sites, and the reasons its other Linears did not end an FFN."""
     gm = region.graph_module
     assert gm is not None, "find_in_region needs a traced region"
     modules = dict(gm.named_modules())
@@ -142,7 +140,6 @@ def find_in_region(region: Region) -> tuple[list[FFNSite], list[str]]:
             d_model=m["d_model"], d_ff=m["d_ff"], bias=m["bias"], out_bias=m["out_bias"],
             dropout=m["dropout"], activation=m["activation"],
             nodes=tuple(n.name for n in sorted(m["nodes"], key=position.__getitem__)), whole_region=whole)
-        out.meta[META_KEY] = site
         found.append(site)
     if len(found) > 1:  # several FFNs inside one region get distinct names
         for i, site in enumerate(found):
@@ -154,27 +151,23 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-class FindFFN(Pass):
-    """Analysis only: writes FFNSite records into node.meta[META_KEY] of the output Linear."""
+@dataclass
+class FFNSearch:
+    """What find_ffns saw: the matched sites in module order, and why other candidates are not FFNs."""
 
-    name = "find_ffn"
-    matches = "Linear -> activation -> [Dropout] -> Linear, and act(Linear(x)) * Linear(x) -> [Dropout] -> Linear"
-    preserves_computation = True
-
-    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
-        rejected: dict[str, str] = {}
-        for region in program.regions:
-            if region.graph_module is None:
-                rejected[region.name] = f"{region.type_name} could not be traced ({region.error})"
-                continue
-            found, reasons = find_in_region(region)
-            if not found:
-                rejected[region.name] = f"{region.type_name}: " + ("; ".join(reasons) or "no Linear call")
-        ctx.notes["rejected"] = rejected
-        return PassResult(program, modified=False)
+    sites: list[FFNSite] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # candidate module name -> reason
 
 
-def sites_of(program: Program) -> list[FFNSite]:
-    """Every FFNSite annotated in the program, in module order."""
-    return [n.meta[META_KEY] for r in program.regions if r.graph_module is not None
-            for n in r.graph_module.graph.nodes if META_KEY in n.meta]
+def find_ffns(regions: list[Region]) -> FFNSearch:
+    """Every FFN site of the traced regions; a region that did not trace or match keeps its reason."""
+    search = FFNSearch()
+    for region in regions:
+        if region.graph_module is None:
+            search.rejected[region.name] = f"{region.type_name} could not be traced ({region.error})"
+            continue
+        found, reasons = find_in_region(region)
+        search.sites += found
+        if not found:
+            search.rejected[region.name] = f"{region.type_name}: " + ("; ".join(reasons) or "no Linear call")
+    return search

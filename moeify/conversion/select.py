@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 
-from moeify.conversion.find_ffn import FFNSite, sites_of
-from moeify.conversion.passes import Pass, PassContext, PassResult, Program
-from moeify.errors import NoMatchError
+from moeify.config import MoEConfig
+from moeify.conversion.find_ffn import FFNSearch, FFNSite
+from moeify.errors import NoMatchError, opt
 
-META_KEY = "moeify.select"
+
+@dataclass
+class Selection:
+    """The sites to convert and the matched sites left dense, both in module order."""
+
+    chosen: list[FFNSite]
+    skipped: list[FFNSite]
 
 
 def stack_key(name: str) -> tuple[str, int]:
@@ -20,63 +27,51 @@ def stack_key(name: str) -> tuple[str, int]:
     return name, 0
 
 
-def select_sites(sites: list[FFNSite], every: int, offset: int, layers: str | None) -> list[FFNSite]:
-    """Sites to convert. A regex (re.search on the site name) overrides every/offset."""
-    if layers is not None:
-        pattern = re.compile(layers)
-        return [s for s in sites if pattern.search(s.name)]
+def stacks_of(sites: list[FFNSite]) -> dict[str, list[FFNSite]]:
+    """Sites grouped by stack (encoder and decoder apart), each stack in layer order."""
     stacks: dict[str, list[tuple[int, FFNSite]]] = defaultdict(list)
     for s in sites:
-        stack, index = stack_key(s.name)
+        stack, index = stack_key(s.region)
         stacks[stack].append((index, s))
-    chosen = set()
-    for members in stacks.values():
-        # Count sites within each stack (encoder and decoder separately), in layer order.
-        for ordinal, (_, s) in enumerate(sorted(members, key=lambda t: t[0])):
-            if ordinal % every == offset % every:
-                chosen.add(id(s))
+    return {k: [s for _, s in sorted(v, key=lambda t: t[0])] for k, v in stacks.items()}
+
+
+def select_sites(sites: list[FFNSite], every: int, offset: int, layers: str | None) -> list[FFNSite]:
+    """Sites to convert, in module order. A regex (re.search on the dense module name, the region)
+    overrides every/offset; otherwise FFNs offset, offset + every, ... of each stack, counted from 0."""
+    if layers is not None:
+        pattern = re.compile(layers)
+        return [s for s in sites if pattern.search(s.region)]
+    stacks = stacks_of(sites)
+    for stack, members in stacks.items():
+        if offset >= len(members):
+            raise NoMatchError(f"{opt('offset', offset)} is past the last FFN of {stack or 'the model'} "
+                               f"({len(members)} FFN{'s' * (len(members) != 1)}, indices 0..{len(members) - 1}): "
+                               f"use an offset below {len(members)}")
+    chosen = {id(s) for members in stacks.values() for s in members[offset::every]}
     return [s for s in sites if id(s) in chosen]
 
 
-class SelectSites(Pass):
-    """Analysis only: marks chosen sites with node.meta[META_KEY] = True."""
-
-    name = "select"
-    matches = "FFNSite records left by find_ffn"
-    preserves_computation = True
-
-    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
-        sites = sites_of(program)
-        if not sites:
-            raise NoMatchError(_no_ffn_message(program, ctx.notes.get("rejected", {})))
-        c = ctx.config
-        chosen = select_sites(sites, c.every, c.offset, c.layers)
-        if not chosen:
-            names = ", ".join(s.name for s in sites[:4]) + (", ..." if len(sites) > 4 else "")
-            if c.layers is not None:
-                raise NoMatchError(f"--layers {c.layers!r} selects none of the {len(sites)} FFN sites "
-                                   f"({names}): fix the pattern")
-            raise NoMatchError(f"--every {c.every} --offset {c.offset} selects none of the {len(sites)} "
-                               f"FFN sites ({names}): use --every 1 to convert them all")
-        chosen_ids = {id(s) for s in chosen}
-        for region in program.regions:
-            if region.graph_module is None:
-                continue
-            for node in region.graph_module.graph.nodes:
-                site = node.meta.get("moeify.ffn")
-                if site is not None:
-                    node.meta[META_KEY] = id(site) in chosen_ids
-        ctx.notes["skipped"] = [s.name for s in sites if id(s) not in chosen_ids]
-        return PassResult(program, modified=False)
+def select(search: FFNSearch, config: MoEConfig, model_name: str, candidates: int) -> Selection:
+    """Apply the config's selection to what find_ffns saw; no FFN, or none selected, is an error."""
+    sites = search.sites
+    if not sites:
+        raise NoMatchError(_no_ffn_message(model_name, candidates, search.rejected))
+    chosen = select_sites(sites, config.every, config.first, config.layers)
+    if not chosen:  # only a regex can choose nothing: a valid offset picks one FFN per stack at least
+        names = ", ".join(s.region for s in sites[:4]) + (", ..." if len(sites) > 4 else "")
+        raise NoMatchError(f"{opt('layers', config.layers)} selects none of the {len(sites)} FFN sites "
+                           f"({names}): fix the pattern")
+    kept = {id(s) for s in chosen}
+    return Selection(chosen, [s for s in sites if id(s) not in kept])
 
 
-def _no_ffn_message(program: Program, rejected: dict[str, str]) -> str:
-    model = type(program.model).__name__
-    if not program.regions:
+def _no_ffn_message(model: str, candidates: int, rejected: dict[str, str]) -> str:
+    if not candidates:
         return (f"no dense FFN found in {model}: no module has two Linear children; "
                 "moeify converts Linear -> activation -> Linear MLPs (pass a model that has one)")
     # Regions that traced but did not match are closer to an FFN than those that did not trace.
     ranked = sorted(rejected.items(), key=lambda kv: "could not be traced" in kv[1])
     closest = "; ".join(f"{name or '<root>'}: {why}" for name, why in ranked[:3])
     return (f"no dense FFN found in {model}: no module computes Linear -> activation -> Linear in its "
-            f"own forward ({len(program.regions)} candidates; closest: {closest})")
+            f"own forward ({candidates} candidates; closest: {closest})")

@@ -1,36 +1,36 @@
 """switchify: each selected FFNSite's nodes => one call_module(SwitchFFN), initialised from the FFN."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import fx, nn
 
-from moeify.config import RoutingConfig
-from moeify.conversion.find_ffn import META_KEY as FFN_KEY
+from moeify.config import MoEConfig
 from moeify.conversion.find_ffn import FFNSite
-from moeify.conversion.passes import Pass, PassContext, PassResult, Program
-from moeify.conversion.regions import linear_view
-from moeify.conversion.select import META_KEY as SELECT_KEY
+from moeify.conversion.regions import Region, linear_view
 from moeify.layers import SwitchFFN
+from moeify.layers.router import cpu_normal
 
 ORIGIN_KEY = "moeify.origin"
 
 
-def build_switch(site: FFNSite, modules: dict[str, nn.Module], ctx: PassContext) -> SwitchFFN:
-    """A SwitchFFN shaped like `site`, initialised per ctx.config.init."""
-    c = ctx.config
+def build_switch(site: FFNSite, modules: dict[str, nn.Module], config: MoEConfig,
+                 generator: torch.Generator | None) -> SwitchFFN:
+    """A SwitchFFN shaped like `site`; initialised per config.init, or left empty when generator is None."""
     w_in = linear_view(modules[site.w_in])
     layer = SwitchFFN(
-        site.d_model, site.d_ff, RoutingConfig.from_moe(c), site.activation, gated=site.gated,
+        site.d_model, site.d_ff, config.routing, site.activation, gated=site.gated,
         bias=site.bias, out_bias=site.out_bias,
-        dropout=site.dropout if c.expert_dropout is None else c.expert_dropout,
+        dropout=site.dropout if config.expert_dropout is None else config.expert_dropout,
         dtype=w_in.weight.dtype, device=w_in.weight.device)
-    if ctx.skip_init:
+    if generator is None:
         return layer
-    layer.router.reset_parameters(c.init_scale, ctx.generator)
-    if c.init == "random":
-        layer.experts.reset_parameters(c.init_scale, ctx.generator)
+    layer.router.reset_parameters(config.init_scale, generator)
+    if config.init == "random":
+        layer.experts.reset_parameters(config.init_scale, generator)
     else:
-        _upcycle(layer, site, modules, c.upcycle_noise, ctx.generator)
+        _upcycle(layer, site, modules, config.upcycle_noise, generator)
     return layer
 
 
@@ -48,18 +48,19 @@ def _upcycle(layer: SwitchFFN, site: FFNSite, modules: dict[str, nn.Module], noi
         if bias is not None:
             bias.copy_(view.bias.unsqueeze(0).expand_as(bias))
         if noise > 0 and not weight.is_meta:
-            # Relative noise breaks expert symmetry; off by default so kept tokens are exact.
-            scale = view.weight.abs().mean()
-            weight.add_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype) * noise * scale)
+            # Relative noise breaks expert symmetry; off by default so kept tokens are exact. Drawn
+            # and scaled on the CPU, so the same seed gives the same experts on every device.
+            scale = noise * view.weight.detach().cpu().abs().mean()
+            weight.add_((cpu_normal(weight.shape, weight.dtype, generator) * scale).to(weight.device))
 
 
-def _rewrite(gm: fx.GraphModule, site: FFNSite, out: fx.Node, layer: SwitchFFN) -> None:
+def _rewrite(gm: fx.GraphModule, site: FFNSite, layer: SwitchFFN) -> None:
     """Replace the site's nodes with one call to `layer`, installed as a submodule of gm."""
     target = site.name[len(site.region) + 1:] if site.region else site.name
     gm.add_submodule(target, layer)
     by_name = {n.name: n for n in gm.graph.nodes}
-    matched = [by_name[n] for n in site.nodes]  # in graph order
-    x = matched[0].args[0]  # the first projection's input
+    matched = [by_name[n] for n in site.nodes]  # in graph order: the output Linear last
+    out, x = matched[-1], matched[0].args[0]  # x: the first projection's input
     with gm.graph.inserting_before(out):
         call = gm.graph.call_module(target, (x,))
     call.meta[ORIGIN_KEY] = {"pass": "switchify", "site": site.name, "replaced": list(site.nodes)}
@@ -67,38 +68,30 @@ def _rewrite(gm: fx.GraphModule, site: FFNSite, out: fx.Node, layer: SwitchFFN) 
     for node in reversed(matched):  # users before producers
         gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
+    gm.graph.lint()  # a malformed rewrite fails here, naming the graph, not later in forward
     gm.recompile()
 
 
-class Switchify(Pass):
-    """Rewrite: selected FFN subgraphs become SwitchFFN calls.
-
-    Preserves computation only for num_experts=1 with capacity for every token (gate = 1):
-    the test suite checks exactly that.
-    """
-
-    name = "switchify"
-    matches = "output Linears whose node.meta carries a selected FFNSite"
-    preserves_computation = False
-
-    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
-        jobs = [(r, n) for r in program.regions if r.graph_module is not None
-                for n in list(r.graph_module.graph.nodes) if n.meta.get(SELECT_KEY)]
-        converted = []
-        for done, (region, out) in enumerate(jobs):
-            gm, site = region.graph_module, out.meta[FFN_KEY]
-            layer = build_switch(site, dict(gm.named_modules()), ctx)
-            if site.whole_region:
-                # The region is exactly the FFN: the SwitchFFN takes its place and its name.
-                program.model = _install(program.model, site.name, layer)
-            else:
-                _rewrite(gm, site, out, layer)
-                program.model = _install(program.model, region.name, gm)
-            converted.append(site)
-            if ctx.progress:
-                ctx.progress("switchify", done + 1, len(jobs))
-        ctx.notes["converted"] = converted
-        return PassResult(program, modified=bool(converted))
+def switchify(model: nn.Module, regions: list[Region], sites: list[FFNSite], config: MoEConfig, *,
+              init: bool = True, progress: Callable[[str, int, int], None] | None = None) -> nn.Module:
+    """Rewrite each site into a SwitchFFN inside `model` (in place); returns the model, which is a
+    new object only when the whole model was one FFN. Without `init` the experts stay uninitialised
+    (the structure for loading saved weights)."""
+    # One CPU generator whatever the device: the same seed gives the same weights on cpu and cuda.
+    generator = torch.Generator().manual_seed(config.seed) if init else None
+    by_region = {r.name: r for r in regions}
+    for done, site in enumerate(sites):
+        gm = by_region[site.region].graph_module
+        layer = build_switch(site, dict(gm.named_modules()), config, generator)
+        if site.whole_region:
+            # The region is exactly the FFN: the SwitchFFN takes its place and its name.
+            model = _install(model, site.name, layer)
+        else:
+            _rewrite(gm, site, layer)
+            model = _install(model, site.region, gm)
+        if progress:
+            progress("switchify", done + 1, len(sites))
+    return model
 
 
 def _install(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

@@ -1,15 +1,11 @@
 """Pure functions for top-1 capacity dispatch: which tokens each expert keeps, in what order."""
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-
-def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
-    """capacity = max(min_capacity, ceil(capacity_factor * tokens / experts)), as in the paper."""
-    return max(min_capacity, math.ceil(capacity_factor * num_tokens / num_experts))
+from moeify.config import expert_capacity  # noqa: F401  (the one capacity formula; re-exported for layers)
 
 
 class Dispatch(NamedTuple):

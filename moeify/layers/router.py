@@ -17,7 +17,12 @@ class RouterOutput(NamedTuple):
 
 
 class Router(nn.Module):
-    """Switch router. The weight is in nn.Linear layout: (num_experts, d_model)."""
+    """Switch router. The weight is in nn.Linear layout: (num_experts, d_model).
+
+    "Selective precision" (paper, Section 2.4): the weight stays in the router dtype through
+    model.to(dtype), .half() and .bfloat16(), and the forward runs with autocast off, so neither
+    the expert choices nor the optimiser's updates of the weight are ever rounded to 16 bits.
+    """
 
     def __init__(self, d_model: int, num_experts: int, *, jitter: float = 0.0,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -25,25 +30,50 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.jitter = jitter
         self.router_dtype = dtype
-        # Kept in float32 whatever the model dtype: "selective precision" in the paper.
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=dtype, device=device))
+
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to/half/bfloat16 convert every floating parameter. A device move is welcome; a
+        # dtype change is replaced by the untouched original on the new device (and its gradient),
+        # so the router keeps both its dtype and every bit of its values.
+        w = self.weight
+        # .data aliases the storage: _apply rebinds the parameter and its gradient, not these.
+        data, grad = w.data, (w.grad.data if w.grad is not None else None)
+        super()._apply(fn, recurse)
+        if w.dtype != self.router_dtype:
+            w.data = data.to(w.device)
+            if grad is not None:
+                w.grad = grad.to(w.device)
+        return self
 
     def reset_parameters(self, scale: float = 0.1, generator: torch.Generator | None = None) -> None:
         """Paper init: truncated normal with std sqrt(scale / fan_in), cut at two std."""
         truncated_normal_(self.weight, math.sqrt(scale / self.weight.shape[1]), generator)
 
     def forward(self, x: torch.Tensor) -> RouterOutput:  # x: (T, d_model)
-        x = x.to(self.router_dtype)
-        if self.training and self.jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(x, self.weight.to(self.router_dtype))  # (T, E)
-        probs = torch.softmax(logits, dim=-1)  # (T, E)
-        gate, expert_index = probs.max(dim=-1)  # (T,), (T,)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run the linear in bf16/fp16
+            x = x.to(self.router_dtype)
+            if self.training and self.jitter > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            logits = F.linear(x, self.weight)  # (T, E)
+            probs = torch.softmax(logits, dim=-1)  # (T, E)
+            gate, expert_index = probs.max(dim=-1)  # (T,), (T,)
         return RouterOutput(logits, probs, expert_index, gate)
 
 
 def truncated_normal_(t: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill `t` from N(0, std) cut at two std. Drawn on the CPU with `generator` (a CPU generator),
+    then copied, so one seed gives the same values on every device; meta tensors stay empty."""
     if t.is_meta:
         return t  # structure-only models carry no values
     with torch.no_grad():
-        return nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std, generator=generator)
+        if t.device.type == "cpu":
+            return nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std, generator=generator)
+        values = torch.empty(t.shape, dtype=t.dtype)
+        nn.init.trunc_normal_(values, 0.0, std, -2 * std, 2 * std, generator=generator)
+        return t.copy_(values)
+
+
+def cpu_normal(shape: torch.Size, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU with `generator`, whatever device it is meant for."""
+    return torch.randn(shape, generator=generator, dtype=dtype)

@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 
+from moeify.config import expert_capacity
 from moeify.errors import MoeifyError
 from moeify.planner import placement as place
 from moeify.planner.cost import (
@@ -119,7 +120,7 @@ class Planner:
         placement = place.load_aware(loads, ep) if layer.load else place.balanced(layer.num_experts, ep)
         replicas = (place.replicate_hot(placement, loads, ep, opts.replicate_hot)
                     if layer.load and opts.replicate_hot else {e: [r] for e, r in enumerate(placement)})
-        capacity = math.ceil(w.capacity_factor * w.tokens_per_rank * w.top_k / layer.num_experts)
+        capacity = expert_capacity(w.tokens_per_rank * w.top_k, layer.num_experts, w.capacity_factor, w.min_capacity)
         kept = np.minimum(np.array(loads) * w.tokens_per_rank * w.top_k, capacity)  # (E,) tokens per source rank
         to_rank = np.zeros(ep)  # tokens each source rank sends to each group rank
         held = np.zeros(ep, dtype=int)

@@ -29,7 +29,7 @@ from moeify.planner.hardware import (
 from moeify.planner.nvidia_smi import parse_nvidia_smi
 
 GLOO_PRESET = "localhost-gloo"
-PRESETS = {**{name: spec.description for name, spec in HOSTS.items()},
+TOPOLOGY_PRESETS = {**{name: spec.description for name, spec in HOSTS.items()},
            GLOO_PRESET: "CPU processes on this machine over gloo (localhost-gloo:N for N ranks, default 2)"}
 IB_SWITCH = "ib-switch"
 
@@ -117,7 +117,7 @@ def read_topology(path: Path, nodes: int = 1, gpu: str = DEFAULT_GPU) -> Topolog
     text does not), node-link JSON (.json) or GraphML."""
     path = Path(path)
     if not path.is_file():
-        raise MoeifyError(f"topology file {path} not found: pass a preset ({', '.join(PRESETS)}) or an existing file")
+        raise MoeifyError(f"topology file {path} not found: pass a preset ({', '.join(TOPOLOGY_PRESETS)}) or an existing file")
     try:
         if path.suffix == ".json":
             data = json.loads(path.read_text())
@@ -163,7 +163,7 @@ def load_topology(spec: str, nodes: int = 1, gpu: str = DEFAULT_GPU) -> Topology
         return Topology(graph, spec if nodes == 1 else f"{nodes} x {spec}").validate()
     if Path(spec).suffix or "/" in spec or Path(spec).exists():
         return read_topology(Path(spec), nodes, gpu)
-    close = difflib.get_close_matches(spec, list(PRESETS), n=2, cutoff=0.5)
+    close = difflib.get_close_matches(spec, list(TOPOLOGY_PRESETS), n=2, cutoff=0.5)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
-    raise MoeifyError(f"unknown topology preset {spec!r}: {hint}presets: {', '.join(PRESETS)}; "
+    raise MoeifyError(f"unknown topology preset {spec!r}: {hint}presets: {', '.join(TOPOLOGY_PRESETS)}; "
                       "or pass a .txt (nvidia-smi topo -m), .json or .graphml file")

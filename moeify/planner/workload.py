@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeify.checkpoint.files import read_json
+from moeify.checkpoint.records import ModelSummary, SwitchLayerRecord
+from moeify.config import RoutingConfig
 from moeify.errors import MoeifyError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -12,20 +14,18 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 @dataclass(frozen=True)
 class LayerWork:
-    """One Switch layer as the planner sees it."""
+    """One Switch layer as the planner sees it: its record, and its calibrated load if any."""
 
-    name: str
-    num_experts: int
-    d_model: int
-    d_ff: int
-    gated: bool
-    expert_params: int  # one expert
+    record: SwitchLayerRecord
     load: tuple[float, ...] | None = None  # fraction of tokens per expert, from calibration
 
-    @property
-    def flops_per_token(self) -> int:
-        """Forward FLOPs of one expert on one token: 2 per multiply-add, 2 or 3 matrices."""
-        return 2 * (3 if self.gated else 2) * self.d_model * self.d_ff
+    name = property(lambda self: self.record.name)
+    num_experts = property(lambda self: self.record.num_experts)
+    d_model = property(lambda self: self.record.d_model)
+    d_ff = property(lambda self: self.record.d_ff)
+    gated = property(lambda self: self.record.gated)
+    flops_per_token = property(lambda self: self.record.flops_per_token)
+    expert_params = property(lambda self: self.record.params_per_expert)  # one expert
 
     def loads(self) -> tuple[float, ...]:
         return self.load or tuple(1.0 / self.num_experts for _ in range(self.num_experts))
@@ -41,7 +41,8 @@ class Workload:
     ffn_layers: int  # transformer depth, for activation memory
     dtype: str = "bfloat16"  # training precision planned for, whatever the checkpoint's dtype
     tokens_per_rank: int = 8192
-    capacity_factor: float = 1.25
+    capacity_factor: float = RoutingConfig.capacity_factor
+    min_capacity: int = RoutingConfig.min_capacity
     top_k: int = 1
 
     def __post_init__(self) -> None:
@@ -61,31 +62,27 @@ class Workload:
         return self.layers[0].d_model
 
 
-def workload_from_summary(summary: dict, *, dtype: str = "bfloat16", tokens_per_rank: int = 8192,
+def workload_from_summary(summary: ModelSummary, *, dtype: str = "bfloat16", tokens_per_rank: int = 8192,
                           capacity_factor: float | None = None,
                           load: dict[str, list[float]] | None = None) -> Workload:
-    """Build a Workload from a ModelSummary dict (moeify.json["summary"] or summarize().to_dict())."""
+    """Build a Workload from a ModelSummary (moeify.json's "summary", or summarize() of a model)."""
     load = load or {}
-    unknown = sorted(set(load) - {layer["name"] for layer in summary["moe_layers"]})
+    unknown = sorted(set(load) - {layer.name for layer in summary.moe_layers})
     if unknown:
         raise MoeifyError(f"the load file names layers this model lacks ({unknown[:2]}): "
                           "calibrate this model with `moeify calibrate`")
     layers = []
-    for layer in summary["moe_layers"]:
-        fractions = load.get(layer["name"])
-        if fractions is not None and len(fractions) != layer["num_experts"]:
-            raise MoeifyError(f"the load of {layer['name']} has {len(fractions)} experts, the model "
-                              f"{layer['num_experts']}: calibrate this model again")
-        layers.append(LayerWork(layer["name"], layer["num_experts"], layer["d_model"], layer["d_ff"],
-                                layer["gated"], layer["expert_params"] // layer["num_experts"],
-                                tuple(fractions) if fractions is not None else None))
-    first = summary["moe_layers"][0] if summary["moe_layers"] else {}
+    for layer in summary.moe_layers:
+        fractions = load.get(layer.name)
+        if fractions is not None and len(fractions) != layer.num_experts:
+            raise MoeifyError(f"the load of {layer.name} has {len(fractions)} experts, the model "
+                              f"{layer.num_experts}: calibrate this model again")
+        layers.append(LayerWork(layer, tuple(fractions) if fractions is not None else None))
+    routing = summary.moe_layers[0].routing if summary.moe_layers else RoutingConfig()
     return Workload(
-        model=summary["model"], layers=tuple(layers), dense_params=summary["dense_params"],
-        ffn_layers=summary.get("ffn_layers") or len(layers),
-        dtype=dtype,
-        tokens_per_rank=tokens_per_rank,
-        capacity_factor=capacity_factor or first.get("capacity_factor", 1.25))
+        model=summary.model, layers=tuple(layers), dense_params=summary.dense_params,
+        ffn_layers=summary.ffn_layers or len(layers), dtype=dtype, tokens_per_rank=tokens_per_rank,
+        capacity_factor=capacity_factor or routing.capacity_factor, min_capacity=routing.min_capacity)
 
 
 def read_load(path: str | Path) -> dict[str, list[float]]:

@@ -56,8 +56,8 @@ def test_custom_modules_load_into_a_given_structure(tmp_path):
 
 
 def test_structure_only_output_loads_on_meta(tmp_path):
-    dense, _ = load_dense("t5-small", device="meta")
-    sparse = moeify.convert(dense, moeify.MoEConfig(num_experts=16))
+    dense = load_dense("t5-small", device="meta")
+    sparse = moeify.convert(dense.model, moeify.MoEConfig(num_experts=16), source=dense.source)
     moeify.save(sparse, tmp_path / "meta")
     assert not list((tmp_path / "meta").glob("*.safetensors"))
     again = moeify.load(tmp_path / "meta")
@@ -68,7 +68,7 @@ def test_structure_only_output_loads_on_meta(tmp_path):
 def test_existing_output_needs_force_and_is_replaced_whole(tmp_path):
     out = tmp_path / "out"
     moeify.save(converted(), out)
-    with pytest.raises(moeify.MoeifyError, match="already exists: pass --force"):
+    with pytest.raises(moeify.MoeifyError, match="already exists: pass force=True"):
         moeify.save(converted(), out)
     (out / "stale.txt").write_text("old")
     moeify.save(converted(init="random"), out, force=True)

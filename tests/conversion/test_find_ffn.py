@@ -5,7 +5,7 @@ from tiny import MLP, tiny_net, tiny_t5
 from torch import nn
 from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
-from moeify.conversion.find_ffn import META_KEY, find_in_region
+from moeify.conversion.find_ffn import find_ffns, find_in_region
 from moeify.conversion.regions import capture, trace_region
 
 
@@ -61,11 +61,14 @@ def test_gpt2_conv1d_and_llama_gated_silu():
     assert site.whole_region
 
 
-def test_meta_records_the_site_on_the_output_linear():
-    region = trace_region("mlp", MLP())
-    find_in_region(region)
-    annotated = [n.name for n in region.graph_module.graph.nodes if META_KEY in n.meta]
-    assert annotated == ["c_proj"]
+def test_find_ffns_returns_sites_in_module_order_and_every_rejection():
+    sparse_candidates = capture(tiny_t5("relu"))
+    search = find_ffns(sparse_candidates)
+    assert [s.region for s in search.sites] == [f"encoder.block.{i}.layer.1.DenseReluDense" for i in range(4)] + \
+        [f"decoder.block.{i}.layer.2.DenseReluDense" for i in range(4)]
+    attention = {name: why for name, why in search.rejected.items() if name.endswith("SelfAttention")}
+    assert len(attention) == 8 and all(why.startswith("T5Attention could not be traced") for why in attention.values())
+    assert set(search.rejected) | {s.region for s in search.sites} == {r.name for r in sparse_candidates}
 
 
 class Leaky(nn.Module):

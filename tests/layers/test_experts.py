@@ -74,14 +74,42 @@ def test_experts_match_per_expert_loop(layout, gated, bias, counts):
                 assert not got[e].any()
 
 
-def test_backward_fills_param_grad(layout):
-    ex = Experts(4, 4, 8, nn.ReLU())
-    ex.reset_parameters(1.0, torch.Generator().manual_seed(2))
-    counts = [0, 3, 0, 1]
-    for _ in range(2):  # accumulate
-        ex(torch.randn(4, 4), counts).sum().backward()
-    for p in ex.parameters():
-        assert p.grad is not None and p.grad.shape == p.shape and p.grad.layout == torch.strided
+def _grads(ex: Experts, batches) -> dict[str, torch.Tensor]:
+    """.grad of every parameter after one backward per (x, counts) batch, from no gradient."""
+    ex.zero_grad(set_to_none=True)
+    for x, counts in batches:
+        gy = torch.randn(x.shape[0], ex.d_model, generator=torch.Generator().manual_seed(x.shape[0]))
+        ex(x, counts).backward(gy)
+    return {n: p.grad.clone() for n, p in ex.named_parameters()}
+
+
+def _accumulation_check(ex: Experts, first, second) -> None:
+    """Backward passes add up in .grad: twice one batch gives exactly twice its gradient, two
+    batches the sum of their gradients; experts without rows in either batch stay exactly zero."""
+    once, other = _grads(ex, [first]), _grads(ex, [second])
+    twice, both = _grads(ex, [first, first]), _grads(ex, [first, second])
+    for name, p in ex.named_parameters():
+        assert once[name].abs().sum() > 0 and other[name].abs().sum() > 0, name  # not vacuous
+        assert p.grad.shape == p.shape and p.grad.layout == torch.strided, name
+        torch.testing.assert_close(twice[name], 2 * once[name], rtol=1e-6, atol=0, msg=name)
+        torch.testing.assert_close(both[name], once[name] + other[name], rtol=1e-6, atol=1e-7, msg=name)
+        for e in range(ex.num_experts):
+            if first[1][e] == 0:
+                assert not twice[name][e].any(), f"{name}: expert {e} got no rows but has a gradient"
+                if second[1][e] == 0:
+                    assert not both[name][e].any(), f"{name}: expert {e} got no rows but has a gradient"
+
+
+@pytest.mark.parametrize("counts, other", [([0, 3, 0, 1], [2, 0, 0, 3]), ([0, 0, 4, 0], [0, 0, 1, 0]),
+                                           ([2, 0, 0, 2], [0, 5, 0, 0])])
+def test_backward_accumulates_into_param_grad(layout, counts, other):
+    ex = Experts(4, 4, 8, nn.ReLU(), gated=True, bias=True)
+    g = torch.Generator().manual_seed(2)
+    ex.reset_parameters(1.0, g)
+    for b in (ex.b_in, ex.b_gate, ex.b_out):
+        nn.init.normal_(b, generator=g)
+    _accumulation_check(ex, (torch.randn(sum(counts), 4, generator=g), counts),
+                        (torch.randn(sum(other), 4, generator=g), other))
 
 
 @pytest.fixture
@@ -144,3 +172,14 @@ def test_gradient_buffer_cache():
     assert b.view(-1)[:5].eq(3).all() and not b.view(-1)[5:-7].any() and b.view(-1)[-7:].eq(3).all()
     del b
     memory.empty_cache()
+
+
+def test_backward_accumulates_in_pooled_gradient_buffers(big, monkeypatch):
+    # 16 MiB per weight: gradients come from the huge-page pool, and later backward passes get
+    # recycled buffers, whose experts without rows must be zeroed before they are added.
+    monkeypatch.setattr(experts_mod, "PLAN", "pairs")  # skips unused experts: they must be zeroed
+    ex = Experts(8, 256, 2048, nn.ReLU())
+    ex.reset_parameters(1.0, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(6)
+    _accumulation_check(ex, (torch.randn(6, 256, generator=g), [1, 0, 2, 0, 0, 0, 3, 0]),
+                        (torch.randn(5, 256, generator=g), [0, 5, 0, 0, 0, 0, 0, 0]))

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -8,24 +10,55 @@ from moeify.layers import SwitchFFN
 from moeify.layers.losses import load_balancing_loss, router_z_loss
 
 
-def test_load_balancing_loss_formula():
-    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.5, 0.4, 0.1]])
-    idx = probs.argmax(-1)  # experts 0, 1, 0, 0
-    f = torch.tensor([3 / 4, 1 / 4, 0.0])
-    p = probs.mean(0)
-    assert load_balancing_loss(probs, idx).item() == pytest.approx(3 * (f * p).sum().item())
+LN2 = math.log(2.0)
 
 
-def test_uniform_routing_gives_loss_one():
+def test_load_balancing_loss_by_hand():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.5, 0.4, 0.1]], requires_grad=True)
+    idx = torch.tensor([0, 1, 0, 0])
+    # f = (3/4, 1/4, 0), P = (0.475, 0.425, 0.1): 3 * (0.75 * 0.475 + 0.25 * 0.425) = 3 * 0.4625
+    loss = load_balancing_loss(probs, idx)
+    assert loss.item() == pytest.approx(1.3875, abs=1e-6)
+    loss.backward()  # d/dprobs[t, i] = E * f_i / T: the counts f carry no gradient
+    expected = torch.tensor([3 * 0.75 / 4, 3 * 0.25 / 4, 0.0]).expand(4, 3)
+    torch.testing.assert_close(probs.grad, expected, rtol=0, atol=1e-7)
+
+
+def test_uniform_routing_gives_loss_one_exactly():
     probs = torch.full((8, 4), 0.25)
     idx = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    assert load_balancing_loss(probs, idx).item() == pytest.approx(1.0)
+    assert load_balancing_loss(probs, idx).item() == 1.0
 
 
-def test_z_loss():
-    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
-    expected = (torch.logsumexp(logits, -1) ** 2).mean()
-    assert router_z_loss(logits).item() == pytest.approx(expected.item())
+def test_every_token_on_one_expert_gives_e_times_its_probability():
+    probs = torch.tensor([[0.1, 0.7, 0.1, 0.1]]).repeat(6, 1)
+    idx = torch.ones(6, dtype=torch.long)  # f = (0, 1, 0, 0), P_1 = 0.7
+    assert load_balancing_loss(probs, idx).item() == pytest.approx(4 * 0.7, abs=1e-6)
+    # The last expert unused: counts still cover all E experts.
+    probs = torch.tensor([[0.9, 0.05, 0.05]]).repeat(5, 1)
+    assert load_balancing_loss(probs, torch.zeros(5, dtype=torch.long)).item() == pytest.approx(3 * 0.9, abs=1e-6)
+    # The counts come from the expert choices given, not from the probabilities' argmax.
+    probs = torch.tensor([[0.6, 0.4]]).repeat(4, 1)
+    assert load_balancing_loss(probs, torch.ones(4, dtype=torch.long)).item() == pytest.approx(2 * 0.4, abs=1e-6)
+
+
+def test_z_loss_by_hand():
+    # logsumexp(0, 0) = log 2
+    assert router_z_loss(torch.tensor([[0.0, 0.0]])).item() == pytest.approx(LN2 ** 2, rel=1e-6)
+    # Two tokens: log(1 + 1) = log 2 and log(3 + 1) = 2 log 2, so the mean of squares is 5/2 (log 2)^2.
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    assert router_z_loss(logits).item() == pytest.approx(2.5 * LN2 ** 2, rel=1e-6)
+    # Three experts, one token: log(1 + 2 + 5) = 3 log 2 (the log-partition is over experts).
+    logits = torch.tensor([[0.0, math.log(2.0), math.log(5.0)]])
+    assert router_z_loss(logits).item() == pytest.approx(9 * LN2 ** 2, rel=1e-6)
+    # Large logits do not overflow: log(e^100 + e^100) = 100 + log 2.
+    assert router_z_loss(torch.tensor([[100.0, 100.0]])).item() == pytest.approx((100 + LN2) ** 2, rel=1e-6)
+
+
+def test_z_loss_gradient_by_hand():
+    logits = torch.zeros(1, 2, requires_grad=True)
+    router_z_loss(logits).backward()  # d/dl lse^2 = 2 lse * softmax = 2 log 2 * (1/2, 1/2)
+    torch.testing.assert_close(logits.grad, torch.tensor([[LN2, LN2]]), rtol=1e-6, atol=0)
 
 
 def _layer(num_experts=4, **routing):

@@ -5,6 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moeify.checkpoint.records import SwitchLayerRecord
+from moeify.config import RoutingConfig
 from moeify.errors import MoeifyError
 from moeify.planner.plan import ShardingPlan
 from moeify.planner.search import Planner, SearchOptions, mesh_ranks
@@ -12,10 +14,15 @@ from moeify.planner.topology import load_topology
 from moeify.planner.workload import LayerWork, Workload
 
 
+def layer_record(name, experts, d_model, d_ff):
+    return SwitchLayerRecord(name, d_model, d_ff, gated=False, bias=False, activation="ReLU()",
+                             routing=RoutingConfig(num_experts=experts), params_per_expert=2 * d_model * d_ff,
+                             experts_held=experts, router_params=experts * d_model)
+
+
 def workload(experts=128, layers=12, d_model=768, d_ff=3072, tokens=8192, dense=220_000_000, load=None):
     return Workload(
-        model="test", layers=tuple(LayerWork(f"l{i}", experts, d_model, d_ff, False, 2 * d_model * d_ff, load)
-                                   for i in range(layers)),
+        model="test", layers=tuple(LayerWork(layer_record(f"l{i}", experts, d_model, d_ff), load) for i in range(layers)),
         dense_params=dense, ffn_layers=2 * layers, tokens_per_rank=tokens)
 
 

@@ -7,7 +7,7 @@ import pytest
 from moeify.errors import MoeifyError
 from moeify.planner.nvidia_smi import parse_nvidia_smi, read_matrix
 from moeify.planner.topology import (
-    PRESETS,
+    TOPOLOGY_PRESETS,
     load_topology,
     localhost_gloo,
     read_topology,
@@ -152,4 +152,4 @@ def test_corrupt_and_invalid_files(tmp_path):
 
 
 def test_every_preset_is_listed():
-    assert set(PRESETS) == {"dgx-a100", "dgx-h100", "hgx-a100-4", "pcie-gen4-8", "pcie-gen5-8", "localhost-gloo"}
+    assert set(TOPOLOGY_PRESETS) == {"dgx-a100", "dgx-h100", "hgx-a100-4", "pcie-gen4-8", "pcie-gen5-8", "localhost-gloo"}

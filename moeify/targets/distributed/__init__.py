@@ -9,26 +9,32 @@ Every call into torch.distributed goes through moeify.targets.distributed.comm.
 """
 from __future__ import annotations
 
-from moeify.targets.distributed.env import init_distributed as init
-from moeify.targets.distributed.export import (
-           DistributedExport,
-           default_plan,
-           export_distributed,
-)
-from moeify.targets.distributed.failures import RankFailure
-from moeify.targets.distributed.grads import data_parallel, reduce_expert_gradients
-from moeify.targets.distributed.groups import ParallelGroups, RankPart, build_groups
-from moeify.targets.distributed.layer import (
-           ExpertGroup,
-           ExpertParallelFFN,
-           expert_parameters,
-)
-from moeify.targets.distributed.loader import load_rank
-from moeify.targets.distributed.lower import LowerExpertParallel, lower_expert_parallel
-from moeify.targets.distributed.manifest import read_export_manifest, verify
-from moeify.targets.distributed.steps import RunConfig, RunReport, run
+import importlib
+from typing import Any
+
+# The public names by submodule, imported on first use (PEP 562): `moeify run --help` and
+# moeify.targets.distributed.entry do not import torch. `init` is env.init_distributed.
+_MODULES = {
+    "env": ["init"], "export": ["DistributedExport", "default_plan", "export_distributed"],
+    "failures": ["RankFailure"], "grads": ["data_parallel", "reduce_expert_gradients"],
+    "groups": ["ParallelGroups", "RankPart", "build_groups"],
+    "layer": ["ExpertGroup", "ExpertParallelFFN", "expert_parameters"], "loader": ["load_rank"],
+    "lower": ["lower_expert_parallel"], "manifest": ["read_export_manifest", "verify"],
+    "steps": ["RunConfig", "RunReport", "run"],
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+    value = getattr(module, "init_distributed" if name == "init" else name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["init", "load_rank", "data_parallel", "reduce_expert_gradients", "expert_parameters", "export_distributed",
-           "default_plan", "DistributedExport", "ExpertGroup", "ExpertParallelFFN", "LowerExpertParallel",
+           "default_plan", "DistributedExport", "ExpertGroup", "ExpertParallelFFN",
            "lower_expert_parallel", "ParallelGroups", "RankPart", "build_groups", "RankFailure", "RunConfig", "RunReport",
            "run", "read_export_manifest", "verify"]

@@ -46,6 +46,8 @@ def option_args(values: dict) -> list[str]:
 
 
 def print_report(report, console) -> None:
+    """Rank 0's summary: throughput, then router statistics in a table that reads at 80 columns."""
+    from rich import box
     from rich.table import Table
 
     kind = "training" if report.train else "forward"
@@ -54,10 +56,11 @@ def print_report(report, console) -> None:
     line += ", first step untimed)" if report.steps > 1 else ")"
     if report.loss is not None:
         line += f"; last loss {report.loss:.4f} (mean over ranks)"
-    console.print(line, soft_wrap=True)
-    table = Table(title=f"router statistics over all ranks: dropped {report.dropped_fraction:.1%} of tokens")
+    console.print(line)
+    table = Table(title=f"router statistics over all ranks: dropped {report.dropped_fraction:.1%} of tokens",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
     for col in ("layer", "tokens per expert", "dropped"):
-        table.add_column(col, justify="left" if col != "dropped" else "right", overflow="fold")
+        table.add_column(col, justify="right" if col == "dropped" else "left", overflow="fold")
     for s in report.layers:
         table.add_row(s.name, " ".join(str(n) for n in s.tokens_per_expert), f"{s.dropped_fraction:.1%}")
     console.print(table)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from moeify.config import MoEConfig
-from moeify.conversion.passes import Pass, PassContext, PassManager, PassResult, Program
 from moeify.errors import MoeifyError
 from moeify.layers.switch import SwitchFFN
 from moeify.planner.plan import LayerPlan, ShardingPlan
@@ -42,46 +40,25 @@ def _check_replicas(layer: LayerPlan, ep: int) -> None:
                               "re-run `moeify plan`")
 
 
-class LowerExpertParallel(Pass):
-    """Rewrite: every SwitchFFN named in the plan becomes an ExpertParallelFFN for one rank.
-
-    Preserves computation: each rank's output on its own batch equals the SwitchFFN's output on
-    that batch (capacity is per rank), which the multi-process parity tests check.
-    """
-
-    name = "lower_expert_parallel"
-    matches = "SwitchFFN modules named in the sharding plan's layers"
-    preserves_computation = True
-
-    def __init__(self, plan: ShardingPlan, group: ExpertGroup) -> None:
-        if group.size != plan.expert_parallel_size:
-            raise MoeifyError(f"the expert-parallel group has {group.size} ranks, the plan "
-                              f"{plan.expert_parallel_size}")
-        self.plan, self.group = plan, group
-
-    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
-        model = program.model
-        check_plan_fits(model, self.plan)
-        layers = {layer.name: layer for layer in self.plan.layers}
-        jobs = [(name, m) for name, m in model.named_modules()
-                if isinstance(m, SwitchFFN) and not isinstance(m, ExpertParallelFFN)]
-        for done, (name, switch) in enumerate(jobs):
-            lowered = ExpertParallelFFN(switch, layers[name].placement, self.group, layers[name].replicas)
-            if name:
-                model.set_submodule(name, lowered)
-            else:
-                program.model = lowered  # the whole model was one FFN
-            if ctx.progress:
-                ctx.progress(self.name, done + 1, len(jobs))
-        return PassResult(program, modified=bool(jobs))
-
-
 def lower_expert_parallel(model: nn.Module, plan: ShardingPlan, group: ExpertGroup) -> nn.Module:
-    """Lower a converted model, in place, to this rank's part; returns it (a new object only for a bare FFN)."""
+    """Every SwitchFFN named in the plan => an ExpertParallelFFN holding `group.rank`'s experts.
+
+    In place; returns the model (a new object only when the whole model was one FFN). On each
+    rank's own batch the lowered model computes what the converted one computes on that batch
+    (capacity is per rank): the multi-process parity tests hold it to that.
+    """
+    if group.size != plan.expert_parallel_size:
+        raise MoeifyError(f"the expert-parallel group has {group.size} ranks, the plan {plan.expert_parallel_size}")
+    check_plan_fits(model, plan)
     record = getattr(model, "moeify_record", None)
-    config = record.config if record is not None else MoEConfig()
-    ctx = PassContext(config, generator=None, skip_init=True)  # a structural rewrite: no randomness
-    out = PassManager([LowerExpertParallel(plan, group)])(Program(model, []), ctx).model
+    layers = {layer.name: layer for layer in plan.layers}
+    for name, switch in [(n, m) for n, m in model.named_modules()
+                         if isinstance(m, SwitchFFN) and not isinstance(m, ExpertParallelFFN)]:
+        lowered = ExpertParallelFFN(switch, layers[name].placement, group, layers[name].replicas)
+        if name:
+            model.set_submodule(name, lowered)
+        else:
+            model = lowered  # the whole model was one FFN
     if record is not None:
-        out.moeify_record = record
-    return out
+        model.moeify_record = record
+    return model

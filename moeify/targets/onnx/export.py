@@ -16,13 +16,12 @@ from moeify.checkpoint.files import atomic_directory, check_writable
 from moeify.checkpoint.metadata import read_metadata
 from moeify.checkpoint.store import load
 from moeify.errors import MoeifyError
-from moeify.layers.router import Router
 from moeify.targets.onnx import optimize
 from moeify.targets.onnx.fold import fold_constants
 from moeify.targets.onnx.graphs import Graph, graphs_for, static_sizes
 from moeify.targets.onnx.options import OnnxOptions
 from moeify.targets.onnx.session import execution_providers, session
-from moeify.targets.onnx.trace import capture
+from moeify.targets.onnx.trace import trace_graph
 from moeify.targets.onnx.unit import LayerLowering, plan_layers
 from moeify.targets.onnx.verify import max_abs_diff
 
@@ -78,13 +77,8 @@ def load_for_export(path: Path) -> nn.Module:
 
 
 def half_precision(model: nn.Module) -> nn.Module:
-    """An fp16 copy whose routers keep their float32 weights (selective precision)."""
-    half = copy.deepcopy(model).half()
-    originals = dict(model.named_modules())
-    for name, m in half.named_modules():
-        if isinstance(m, Router):
-            m.weight.data = originals[name].weight.data.clone()
-    return half.eval()
+    """An fp16 copy; its routers keep their float32 weights (Router holds its dtype through .half())."""
+    return copy.deepcopy(model).half().eval()
 
 
 def export_onnx(source: nn.Module | str | Path, out: str | Path, options: OnnxOptions | None = None, *,
@@ -134,7 +128,7 @@ class _Job:
 
     def export(self, graph: Graph, ref: Graph) -> GraphReport:
         options, final = self.options, self.out / graph.filename
-        called = set(capture(graph, self.exported, self.plans, options, self.scratch / graph.filename))
+        called = set(trace_graph(graph, self.exported, self.plans, options, self.scratch / graph.filename))
         model = onnx.load(str(self.scratch / graph.filename))
         nodes_exported = optimize.node_count(model)
         optimize.strip_dropout(model)

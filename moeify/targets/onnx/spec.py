@@ -1,9 +1,10 @@
-"""LayerSpec: what a Switch layer's lowering needs to know, read once from the PyTorch layer."""
+"""LayerSpec: the ONNX lowering's view of a Switch layer: its SwitchLayerRecord plus ONNX types."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from moeify.checkpoint.summary import layer_record
 from moeify.errors import MoeifyError
 from moeify.layers.switch import SwitchFFN
 from moeify.targets.onnx.activation_ops import Activation, identify
@@ -25,12 +26,13 @@ class LayerSpec:
 
     @classmethod
     def of(cls, name: str, layer: SwitchFFN) -> "LayerSpec":
-        e, r = layer.experts, layer.routing
+        e, record = layer.experts, layer_record(name, layer)
         if e.w_in.dtype not in ONNX_DTYPES:
             raise MoeifyError(f"{name or 'the model'} holds {e.w_in.dtype} experts: moeify exports float32 "
                               "and float16 models; call model.float() first (--dtype fp16 halves it for you)")
-        return cls(name, r.num_experts, e.d_model, e.d_ff, r.eval_capacity_factor, r.min_capacity,
-                   identify(e.act), e.gated, ONNX_DTYPES[e.w_in.dtype], ONNX_DTYPES[layer.router.router_dtype])
+        r = record.routing
+        return cls(name, record.num_experts, record.d_model, record.d_ff, r.eval_capacity_factor, r.min_capacity,
+                   identify(e.act), record.gated, ONNX_DTYPES[e.w_in.dtype], ONNX_DTYPES[layer.router.router_dtype])
 
 
 class Weights(NamedTuple):

@@ -22,7 +22,7 @@ from moeify.targets.onnx.unit import LayerLowering, export_units
 CONTRIB_OPSETS = {"com.microsoft": 1}
 
 
-def capture(graph: Graph, model: nn.Module, plans: list[LayerLowering], options: OnnxOptions, path: Path) -> list[str]:
+def trace_graph(graph: Graph, model: nn.Module, plans: list[LayerLowering], options: OnnxOptions, path: Path) -> list[str]:
     """Write `graph` to `path` with each Switch layer lowered as planned; returns the layers it holds."""
     if options.dynamo:
         from moeify.targets.onnx.dynamo import capture_dynamo

@@ -153,7 +153,7 @@ def test_load_rank_on_one_rank_restores_ties_and_outputs(tmp_path, one_rank_grou
     source = tmp_path / "src"
     model = converted_t5()
     moeify.save(model, source)
-    part = load_rank(export_distributed(source, tmp_path / "d1", world_size=1).path)
+    part = load_rank(export_distributed(source, tmp_path / "d1", world_size=1).path).model
     assert part.lm_head.weight is part.shared.weight  # T5 v1.0 ties them; they stay one parameter
     assert not any(t.is_meta for t in part.state_dict().values())
     model.eval(), part.eval()
@@ -168,7 +168,7 @@ def test_load_rank_fills_buffers_no_checkpoint_holds(tmp_path, one_rank_group):
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=50))
     model = moeify.convert(dense, moeify.MoEConfig(num_experts=2, every=1, offset=0)).eval()
     moeify.save(model, tmp_path / "src")
-    part = load_rank(export_distributed(tmp_path / "src", tmp_path / "d1", world_size=1).path).eval()
+    part = load_rank(export_distributed(tmp_path / "src", tmp_path / "d1", world_size=1).path).model.eval()
     torch.testing.assert_close(part.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
     ids = torch.randint(0, 50, (2, 6))
     torch.testing.assert_close(part(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-6)

@@ -29,7 +29,7 @@ def moeify_cli(*args):
 
 def routed_tokens(stdout: str) -> dict[str, int]:
     """layer -> tokens routed over all ranks and steps, read from rank 0's statistics table."""
-    rows = re.findall(r"│ (\S+DenseReluDense) +│ ([\d ]+?) +│ +[\d.]+% │", stdout)
+    rows = re.findall(r"^(\S+DenseReluDense) +([\d ]+?) +[\d.]+%\s*$", stdout, flags=re.M)
     return {name: sum(map(int, counts.split())) for name, counts in rows}
 
 
