@@ -78,3 +78,8 @@ class SwitchFFN(nn.Module):
 def switch_layers(model: nn.Module) -> dict[str, SwitchFFN]:
     """{qualified name: layer} of every Switch layer (a rank's expert-parallel ones too), in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SwitchFFN)}
+
+
+def expert_counts(model: nn.Module) -> dict[str, int]:
+    """{qualified name: experts} of every Switch layer, in module order (what a sharding plan must match)."""
+    return {name: m.num_experts for name, m in switch_layers(model).items()}

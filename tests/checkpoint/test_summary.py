@@ -4,6 +4,7 @@ import copy
 from tiny import tiny_t5
 
 import moeify
+from moeify.layers.switch import expert_counts
 from moeify.targets.distributed.export import default_plan
 from moeify.targets.distributed.layer import ExpertGroup
 from moeify.targets.distributed.lower import lower_expert_parallel
@@ -26,7 +27,7 @@ def test_counts_of_a_converted_model_by_hand():
 def test_a_rank_part_counts_its_own_experts_and_one_active_expert_per_layer():
     sparse = moeify.convert(tiny_t5(), moeify.MoEConfig(num_experts=E))
     full = moeify.summarize(sparse)
-    layers = {n: m.num_experts for n, m in sparse.named_modules() if isinstance(m, moeify.SwitchFFN)}
+    layers = expert_counts(sparse)
     part = lower_expert_parallel(copy.deepcopy(sparse), default_plan(layers, 2), ExpertGroup(0, 2))
     s = moeify.summarize(part)
     per_expert = 2 * D * F

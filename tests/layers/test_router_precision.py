@@ -5,6 +5,7 @@ from tiny import t5_batch, tiny_t5
 
 import moeify
 from moeify.layers.router import Router
+from moeify.layers.switch import expert_counts
 
 
 def paper_router(d_model=64, experts=8, seed=0):
@@ -79,7 +80,7 @@ def test_the_lowered_layer_keeps_a_float32_router():
     from moeify.targets.distributed.lower import lower_expert_parallel
 
     sparse = moeify.convert(tiny_t5(), moeify.MoEConfig(num_experts=4))
-    layers = {n: m.num_experts for n, m in sparse.named_modules() if isinstance(m, moeify.SwitchFFN)}
+    layers = expert_counts(sparse)
     part = lower_expert_parallel(sparse, default_plan(layers, 1), ExpertGroup(0, 1)).bfloat16()
     routers = [m.router for m in part.modules() if isinstance(m, moeify.SwitchFFN)]
     assert routers and all(r.weight.dtype == torch.float32 for r in routers)

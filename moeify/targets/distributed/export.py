@@ -16,7 +16,7 @@ from moeify.checkpoint.metadata import MOEIFY_FILE, read_metadata
 from moeify.checkpoint.skeleton import skeleton
 from moeify.checkpoint.sources import check_safetensors, tied_aliases, weight_files
 from moeify.errors import MoeifyError
-from moeify.layers.switch import SwitchFFN
+from moeify.layers.switch import expert_counts
 from moeify.planner.placement import balanced
 from moeify.planner.plan import Estimate, LayerPlan, Mesh, ShardingPlan, id_runs
 from moeify.targets.distributed.layer import ExpertGroup, expert_rows, local_expert_ids
@@ -70,11 +70,6 @@ def default_plan(layers: dict[str, int], world_size: int, *, expert_parallel: in
         topology={"name": "none (not estimated)"})
 
 
-def switch_layers(model: nn.Module) -> dict[str, int]:
-    """{layer name: experts} of a converted model, in module order."""
-    return {n: m.num_experts for n, m in model.named_modules() if isinstance(m, SwitchFFN)}
-
-
 def rank_part(structure: nn.Module, plan: ShardingPlan, rank: int) -> nn.Module:
     """`structure` (not modified) lowered to `rank`'s part, for structure work (no process group)."""
     members = next(g for g in plan.expert_parallel_groups if rank in g)
@@ -107,7 +102,7 @@ def export_distributed(source: str | Path, output: str | Path, plan: ShardingPla
                           "weights to export it")
     structure = skeleton(source, model)
     if plan is None:
-        plan = default_plan(switch_layers(structure), world_size, allow_uneven=allow_uneven)
+        plan = default_plan(expert_counts(structure), world_size, allow_uneven=allow_uneven)
     elif not isinstance(plan, ShardingPlan):
         plan = ShardingPlan.load(plan)
     check_plan_fits(structure, plan)

@@ -4,14 +4,14 @@ from __future__ import annotations
 from torch import nn
 
 from moeify.errors import MoeifyError
-from moeify.layers.switch import SwitchFFN
+from moeify.layers.switch import SwitchFFN, expert_counts
 from moeify.planner.plan import LayerPlan, ShardingPlan
 from moeify.targets.distributed.layer import ExpertGroup, ExpertParallelFFN
 
 
 def check_plan_fits(model: nn.Module, plan: ShardingPlan) -> None:
     """The plan must name exactly the model's Switch layers, with their expert counts and well-formed replicas."""
-    layers = {name: m.num_experts for name, m in model.named_modules() if isinstance(m, SwitchFFN)}
+    layers = expert_counts(model)
     planned = {layer.name: layer.num_experts for layer in plan.layers}
     if layers != planned:
         missing, extra = sorted(set(layers) - set(planned)), sorted(set(planned) - set(layers))

@@ -1,3 +1,5 @@
+from moeify.layers.switch import expert_counts
+
 """The contract, with real processes (gloo): each rank's outputs, gradients and one optimiser step
 equal the single-process model's on the same batches."""
 import json
@@ -14,7 +16,6 @@ from moeify.targets.distributed.export import (
     default_plan,
     export_distributed,
     skeleton,
-    switch_layers,
 )
 
 pytestmark = pytest.mark.slow
@@ -81,7 +82,7 @@ def test_two_ranks_match_the_single_process_model(t5_source, dist2, tmp_path):
 
 def strided_plan(source: Path):
     """dp=2 x ep=2 on a strided mesh: ep groups [0, 2] and [1, 3]."""
-    plan = default_plan(switch_layers(skeleton(source)), 4, expert_parallel=2, allow_uneven=True)
+    plan = default_plan(expert_counts(skeleton(source)), 4, expert_parallel=2, allow_uneven=True)
     plan.layout = "strided"
     plan.mesh.ranks = plan.expert_parallel_groups = [[0, 2], [1, 3]]
     plan.data_parallel_groups = [[0, 1], [2, 3]]
@@ -106,7 +107,7 @@ def test_four_ranks_with_replicated_experts_match_the_single_process_model(t5_so
     """ep=4: copies on 2, 3 and 4 ranks, so senders reach remote copies (expert 0: ranks 1 and 3
     send to rank 2, rank 2 to rank 0) and ranks hold 1 to 3 experts. Every copy must end with the
     reference's gradient and parameters (check_parity compares each rank's rows)."""
-    plan = default_plan(switch_layers(skeleton(t5_source)), 4)  # placement [0, 1, 2, 3]
+    plan = default_plan(expert_counts(skeleton(t5_source)), 4)  # placement [0, 1, 2, 3]
     for layer, replicas in zip(plan.layers, ({"0": [0, 2], "3": [1, 2, 3]}, {"1": [0, 1, 2, 3]}, {"2": [1, 2]}, {})):
         layer.replicas = replicas
     export = export_distributed(t5_source, tmp_path / "dist4", plan).path

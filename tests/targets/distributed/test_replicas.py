@@ -1,3 +1,5 @@
+from moeify.layers.switch import expert_counts
+
 """Replicated experts without processes: the plan checks, the buffer/replica mapping, and emission."""
 import copy
 import json
@@ -13,7 +15,6 @@ from moeify.targets.distributed.export import (
     default_plan,
     export_distributed,
     skeleton,
-    switch_layers,
 )
 from moeify.targets.distributed.lower import check_plan_fits
 
@@ -26,7 +27,7 @@ from moeify.targets.distributed.lower import check_plan_fits
 ])
 def test_malformed_replicas_are_refused(replicas, message):
     model = converted_t5()
-    plan = default_plan(switch_layers(model), 2)  # placement [0, 0, 1, 1]
+    plan = default_plan(expert_counts(model), 2)  # placement [0, 0, 1, 1]
     plan.layers[1].replicas = replicas
     with pytest.raises(moeify.MoeifyError, match=message):
         check_plan_fits(model, plan)
@@ -38,7 +39,7 @@ def parts(placement, replicas):
     """Every rank's ExpertParallelFFN of one layer, for a group of len(placement's ranks)."""
     model = converted_t5(num_experts=len(placement))
     size = max(placement) + 1
-    plan = default_plan(switch_layers(model), size, allow_uneven=True)
+    plan = default_plan(expert_counts(model), size, allow_uneven=True)
     for layer in plan.layers:
         layer.placement, layer.replicas = placement, replicas
     name = plan.layers[0].name
@@ -79,7 +80,7 @@ def test_without_replicas_the_buffer_is_ordered_by_owning_rank():
 
 
 def test_a_replicated_expert_lands_in_every_holding_shard(t5_source, tmp_path):
-    plan = default_plan(switch_layers(skeleton(t5_source)), 2)  # placement [0, 0, 1, 1]
+    plan = default_plan(expert_counts(skeleton(t5_source)), 2)  # placement [0, 0, 1, 1]
     ffn = plan.layers[1].name
     plan.layers[1].replicas = {"1": [0, 1], "2": [1, 0]}
     export = export_distributed(t5_source, tmp_path / "dist2", plan).path
