@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from dist_helpers import ROOT, finish, start_ranks
 
 from moeify import cli
-from moeify.cli.run import run_cmd
 
 pytestmark = pytest.mark.slow
 SMALL = ["--batch", "2", "--seq", "16"]
@@ -21,10 +20,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def moeify_cli(*args):
-    """The `moeify` command with `run` registered (as moeify/cli/__init__.py does)."""
-    code = ("import sys; from moeify.cli import main; from moeify.cli.run import run_cmd\n"
-            "main.commands.setdefault('run', run_cmd); sys.exit(main())")
-    return [sys.executable, "-c", code, *map(str, args)]
+    """The `moeify` console script, as installed: `python -m moeify.cli` runs the same group."""
+    return [sys.executable, "-m", "moeify.cli", *map(str, args)]
 
 
 def routed_tokens(stdout: str) -> dict[str, int]:
@@ -57,8 +54,7 @@ def test_moeify_run_wraps_torchrun(dist2):
 
 
 def test_moeify_run_refuses_a_wrong_process_count(dist2, tmp_path):
-    main = cli.main
-    main.commands.setdefault("run", run_cmd)
+    main = cli.main  # the real group: `run` is registered by moeify.cli itself
     result = CliRunner().invoke(main, ["run", str(dist2), "--nproc", "3"])
     assert result.exit_code == 2
     assert result.stderr.strip() == (f"error: {dist2} was exported for 2 ranks: pass --nproc 2, or export again "
