@@ -5,8 +5,6 @@ from typing import NamedTuple
 
 import torch
 
-from moeify.config import expert_capacity  # noqa: F401  (the one capacity formula; re-exported for layers)
-
 
 class Dispatch(NamedTuple):
     token_index: torch.Tensor  # (K,) kept tokens, grouped by expert, earlier tokens first

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from moeify.config import RoutingConfig
-from moeify.layers.dispatch import Dispatch, dispatch, expert_capacity
+from moeify.layers.dispatch import Dispatch, dispatch
 from moeify.layers.experts import Experts
 from moeify.layers.router import Router, RouterOutput
 
@@ -46,9 +46,7 @@ class SwitchFFN(nn.Module):
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert for a batch of `num_tokens` (train or eval capacity factor)."""
-        r = self.routing
-        factor = r.capacity_factor if self.training else r.eval_capacity_factor
-        return expert_capacity(num_tokens, r.num_experts, factor, r.min_capacity)
+        return self.routing.capacity(num_tokens, self.training)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeify.layers.dispatch import dispatch, expert_capacity
+from moeify.config import expert_capacity
+from moeify.layers.dispatch import dispatch
 
 
 @pytest.mark.parametrize("tokens, experts, factor, minimum, expected", [
