@@ -25,8 +25,8 @@ _EXPORTS = {
     "router_losses": "moeify.layers.collector",
 }
 
-__all__ = ["MoEConfig", "MoeifyError", "NoMatchError", "SwitchFFN", "RouterLosses", "router_losses",
-           "ConversionRecord", "convert", "summarize", "load", "save", "__version__"]
+__all__ = ["ConversionRecord", "MoEConfig", "MoeifyError", "NoMatchError", "RouterLosses", "SwitchFFN", "__version__",
+           "convert", "load", "router_losses", "save", "summarize"]
 
 if TYPE_CHECKING:
     from moeify.checkpoint.store import load, save

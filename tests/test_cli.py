@@ -1,10 +1,15 @@
+import io
 import json
+import re
 import subprocess
 import sys
 
+import click
 import pytest
-from clitools import assert_user_error, run
+from click.testing import CliRunner
+from clitools import assert_fits, assert_user_error, run, unfolded
 
+from moeify import cli
 from moeify.checkpoint import sources
 from moeify.checkpoint.sources import DenseModel
 from moeify.cli import convert as convert_cli
@@ -132,3 +137,112 @@ def test_presets_lists_the_paper_models():
     assert result.exit_code == 0
     assert "switch-c-2048" in result.stdout and "2048, every 1" in result.stdout
     assert "t5-v1_1-xxl" in result.stdout
+
+
+# What a new user sees: output that reads at 80 columns, help that teaches and is never cut.
+
+FFN_NAMES = ["encoder.block.1.layer.1.DenseReluDense", "encoder.block.3.layer.1.DenseReluDense",
+             "decoder.block.1.layer.2.DenseReluDense", "decoder.block.3.layer.2.DenseReluDense"]
+
+
+def test_convert_and_inspect_read_at_80_columns(hf_t5_dir, tmp_path, console80):
+    out = tmp_path / "x"
+    result = run("convert", hf_t5_dir, "--experts", 4, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert_fits(result.stdout)
+    assert all(name in unfolded(result.stdout) for name in FFN_NAMES)
+    # Modules that are not FFNs are one quiet line unless asked for.
+    assert re.search(r"^\d+ other modules with two or more Linears are not FFNs \(--verbose lists them\)$",
+                     result.stdout, flags=re.MULTILINE), result.stdout
+    assert "not an FFN" not in result.stdout and "could not be traced" not in result.stdout
+    shown = run("inspect", out)
+    assert shown.exit_code == 0, shown.output
+    assert_fits(shown.stdout)
+    rows = [line.split() for line in shown.stdout.splitlines() if "DenseReluDense" in line]
+    assert [row[0] for row in rows] == FFN_NAMES  # whole names, one row each
+    header = next(line for line in shown.stdout.splitlines() if line.startswith("layer"))
+    assert header.split() == ["layer", "d_model", "d_ff", "gated", "capacity", "params"]
+    assert all(row[1:] == ["16", "32", "no", "1.25/2.0", rows[0][-1]] for row in rows), rows
+    assert "4 Switch layers x 4 experts" in shown.stdout
+
+
+def test_convert_verbose_lists_the_modules_that_are_not_ffns(hf_t5_dir, tmp_path, console80):
+    result = run("convert", hf_t5_dir, "--experts", 4, "--no-check", "-v", "-o", tmp_path / "x")
+    assert result.exit_code == 0, result.output
+    assert_fits(result.stdout)
+    assert re.search(r"^not an FFN \(\d+\): T5Attention could not be traced", result.stdout, flags=re.MULTILINE)
+    assert re.search(r"^  encoder\.block\.0\.layer\.0\.SelfAttention$", result.stdout, flags=re.MULTILINE), result.stdout
+    assert "--verbose lists them" not in result.stdout
+
+
+def test_presets_read_at_80_columns(console80):
+    result = run("presets")
+    assert result.exit_code == 0
+    assert_fits(result.stdout)
+    assert re.search(r"^switch-c-2048 +2080 +6144 +15\+15 +relu +2048, every 1\s*$", result.stdout, flags=re.MULTILINE)
+
+
+def test_distributed_export_reads_at_80_columns(tmp_path, console80):
+    from tiny import tiny_t5
+
+    import moeify
+
+    moeify.save(moeify.convert(tiny_t5("relu"), moeify.MoEConfig(num_experts=4)), tmp_path / "m")
+    result = run("export", tmp_path / "m", "--target", "torch-distributed", "--world-size", 2, "-o", tmp_path / "d")
+    assert result.exit_code == 0, result.output
+    assert_fits(result.stdout)
+    assert re.search(r"^ +1  rank-00001-of-00002\.safetensors +[\d.]+  E2-3 in each of 4 layers\s*$",
+                     result.stdout, flags=re.MULTILINE), result.stdout
+
+
+def test_run_report_reads_at_80_columns():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from moeify.targets.distributed.entry import print_report
+
+    layers = [SimpleNamespace(name=name, tokens_per_expert=[1000 + i for i in range(64)], dropped_fraction=0.125)
+              for name in FFN_NAMES]
+    report = SimpleNamespace(train=True, world_size=4, steps=10, tokens_per_second=123456.7, timed_tokens=9_000_000,
+                             seconds=72.9, loss=3.21, dropped_fraction=0.125, layers=layers)
+    console = Console(width=80, record=True, file=io.StringIO())
+    print_report(report, console)
+    text = console.export_text()
+    assert_fits(text)
+    assert "4 ranks, 10 training steps: 123,457 tokens/s" in text and "(mean over ranks)" in text
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.split()[:1] and line.split()[0] in FFN_NAMES]
+    assert [lines[i].split()[0] for i in starts] == FFN_NAMES  # whole names
+    assert all(lines[i].rstrip().endswith("12.5%") for i in starts)
+    first_row = " ".join(lines[starts[0]:starts[1]]).replace(FFN_NAMES[0], "").replace("12.5%", "").split()
+    assert first_row == [str(n) for n in range(1000, 1064)]  # every count, wrapped in order
+
+
+def help_of(*args):
+    result = CliRunner().invoke(cli.main, [*args, "--help"], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_every_option_has_help_and_no_help_is_cut():
+    for name, command in cli.main.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert (param.help or "").strip(), f"moeify {name} {param.opts[-1]} has no help"
+        text = help_of(name)
+        assert_fits(text)
+        assert "Example" in text, f"moeify {name} --help shows no example"
+    text = help_of()
+    assert_fits(text)
+    commands = text.split("Commands:")[1].strip().splitlines()
+    assert len(commands) == len(cli.main.commands)
+    assert not [line for line in commands if line.rstrip().endswith(("...", "…"))], commands
+    for name, command in cli.main.commands.items():  # each short help whole, on one line
+        assert any(line.split(None, 1) == [name, command.short_help] for line in commands), (name, commands)
+
+
+def test_presets_help_does_not_offer_flags_it_rejects():
+    text = help_of("presets")
+    assert "--seed" not in text and "moeify convert NAME" in " ".join(text.split())
+    assert run("presets", "--seed", 1).exit_code == 2

@@ -125,7 +125,6 @@ def _print_rejected(rejected: dict[str, str], verbose: bool) -> None:
         console.print(f"[dim]{n} other module{'s' if n > 1 else ''} with two or more Linears "
                       f"{'are not FFNs' if n > 1 else 'is not an FFN'} (--verbose lists them)[/]")
         return
-    from rich.padding import Padding
     from rich.text import Text
 
     names_by_reason: dict[str, list[str]] = {}
@@ -133,7 +132,7 @@ def _print_rejected(rejected: dict[str, str], verbose: bool) -> None:
         names_by_reason.setdefault(why, []).append(name)
     for why, names in names_by_reason.items():
         console.print(Text(f"not an FFN ({len(names)}): {why}", style="dim"))
-        console.print(Padding(Text("\n".join(names), style="dim"), (0, 0, 0, 2)))
+        console.print(Text("\n".join("  " + name for name in names), style="dim"))
 
 
 def _forward_check(model, seed: int) -> None:

@@ -18,9 +18,9 @@ def export_onnx_target(source: Path, output: Path, force: bool, flags: dict) -> 
     route = "torch.export" if options.dynamo else "TorchScript exporter"
     t = table("graph", ("nodes\nexported", "right"), ("nodes\nsaved", "right"),
               (f"optimised\n({options.provider})", "right"), ("MoE\nnodes", "right"), ("MiB", "right"),
-              ("max |Δ| vs\nPyTorch", "right"),
-              title=f"{source} -> {output}: {options.mode} mode, {options.dtype}, opset {options.opset}, "
-                    f"{route}, {time.perf_counter() - t0:.1f}s")
+              ("max |Δ| vs\nPyTorch", "right"))
+    console.print(f"{source} -> {output}: {options.mode} mode, {options.dtype}, opset {options.opset}, {route}, "
+                  f"{time.perf_counter() - t0:.1f}s")
     for g in report.graphs:
         t.add_row(g.file, str(g.nodes_exported), str(g.nodes),
                   "-" if g.nodes_optimized is None else str(g.nodes_optimized), str(g.moe_nodes),

@@ -1,9 +1,10 @@
 import json
+import re
 from pathlib import Path
 
 import networkx as nx
 import pytest
-from clitools import run
+from clitools import assert_fits, run
 
 
 def test_plan_a_preset_on_meta_then_inspect_and_draw(tmp_path):
@@ -107,3 +108,24 @@ def test_bad_load_and_calibrate_input(tmp_path, hf_t5_dir):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
     assert not (tmp_path / "l.json").exists()
+
+
+def test_plan_and_its_inspection_read_at_80_columns(tmp_path, console80):
+    out = tmp_path / "plan.json"
+    result = run("plan", "switch-base-128", "--topology", "dgx-a100", "--nodes", 2, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert_fits(result.stdout)
+    rows = re.findall(r"^(\*| ) +(\d+ x \d+) +(contiguous|strided) +(flat|hierarchical)( \+ hierarchical)? +"
+                      r"([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) +(yes|no)\s*$", result.stdout, flags=re.MULTILINE)
+    plan = json.loads(out.read_text())
+    assert len(rows) == len(plan["alternatives"]) and [r[0] for r in rows].count("*") == 1
+    chosen = next(r for r in rows if r[0] == "*")
+    assert chosen[1] == f"{plan['mesh']['shape'][0]} x {plan['mesh']['shape'][1]}" and chosen[2] == plan["layout"]
+    shown = run("inspect", out)
+    assert shown.exit_code == 0, shown.output
+    assert_fits(shown.stdout)
+    assert shown.stdout.count("*  ") == 1
+    layer_rows = [line.split() for line in shown.stdout.splitlines() if "DenseReluDense" in line]
+    assert [row[0] for row in layer_rows] == [layer["name"] for layer in plan["layers"]]  # whole names
+    assert "layers (128 experts each)" in shown.stdout
+    assert re.search(r"^ +15  E120-127\s*$", shown.stdout, flags=re.MULTILINE), shown.stdout

@@ -1,10 +1,11 @@
 """`moeify export --target onnx` and `moeify inspect *.onnx` from the command line."""
 import json
+import re
 
 import onnx
 import onnxruntime
 import pytest
-from clitools import assert_user_error, run
+from clitools import assert_fits, assert_user_error, run
 from tiny import tiny_net, tiny_t5
 
 import moeify
@@ -37,10 +38,24 @@ def test_fused_export_then_inspect(converted, tmp_path):
     assert [row["name"] for row in data["switch_layers"]] == ["encoder.block.1.layer.1.DenseReluDense",
                                                                "encoder.block.3.layer.1.DenseReluDense"]
     table = run("inspect", tmp_path / "out" / "decoder_model.onnx")
-    assert table.exit_code == 0 and "op histogram" in table.stdout
-    assert "decoder.block.3.layer.2.DenseReluDense" in table.stdout
-    assert "com.microsoft.MoE relu, dropless" in table.stdout
+    assert table.exit_code == 0 and "ops (" in table.stdout
+    assert re.search(r"^decoder\.block\.3\.layer\.2\.DenseReluDense +fused +relu +4 +dropless\s*$", table.stdout,
+                     flags=re.MULTILINE), table.stdout
     assert "[batch_size, decoder_sequence_length, 64]" in table.stdout
+
+
+def test_export_and_inspect_read_at_80_columns(converted, tmp_path, console80):
+    result = run("export", converted, "--target", "onnx", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert_fits(result.stdout)
+    for graph in ("encoder_model.onnx", "decoder_model.onnx"):  # whole names, every column filled
+        assert re.search(rf"^{graph}( +\d+){{4}} +[\d.]+ +[\d.]+e-\d+\s*$", result.stdout, flags=re.MULTILINE), result.stdout
+    shown = run("inspect", tmp_path / "out" / "decoder_model.onnx")
+    assert shown.exit_code == 0, shown.output
+    assert_fits(shown.stdout)
+    assert re.search(r"^decoder\.block\.1\.layer\.2\.DenseReluDense +fused +relu +4 +dropless\s*$", shown.stdout,
+                     flags=re.MULTILINE), shown.stdout
+    assert "com.microsoft.MoE" in shown.stdout and "MoE node " in shown.stdout
 
 
 def test_portable_export_with_saved_optimised_graphs(converted, tmp_path):
