@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from moeify.errors import MoeifyError
@@ -74,3 +75,15 @@ def get_preset(name: str) -> Preset:
         close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see `moeify presets`"
         raise MoeifyError(f"unknown preset or missing path {name!r}: {hint}") from None
+
+
+def resolve_source(source: str) -> Path | Preset:
+    """A SOURCE as an existing path, or as a preset; refused in one line otherwise (torch-free, so
+    the CLI refuses a typo before importing torch)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if "/" in source or source.startswith((".", "~")):
+        raise MoeifyError(f"{source} does not exist: pass a local Hugging Face model directory "
+                          "or a preset name (see `moeify presets`)")
+    return get_preset(source)  # an unknown name: "did you mean ..."

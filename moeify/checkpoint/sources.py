@@ -9,7 +9,7 @@ from torch import nn
 
 from moeify.checkpoint.files import read_json
 from moeify.checkpoint.metadata import MOEIFY_FILE
-from moeify.checkpoint.model_presets import Preset, get_preset
+from moeify.checkpoint.model_presets import Preset, resolve_source
 from moeify.errors import MoeifyError
 
 
@@ -94,15 +94,12 @@ class DenseModel(NamedTuple):
 
 def load_dense(source: str, *, device: str = "cpu", seed: int = 0) -> DenseModel:
     """The dense model named by `source` (a path or a preset)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        model = _load_directory(path, device)
-        return DenseModel(model, None, {"kind": "hf", "path": str(path.resolve()),
+    found = resolve_source(source)
+    if isinstance(found, Path):
+        model = _load_directory(found, device)
+        return DenseModel(model, None, {"kind": "hf", "path": str(found.resolve()),
                                         "architecture": type(model).__name__})
-    if "/" in source or source.startswith((".", "~")):
-        raise MoeifyError(f"{source} does not exist: pass a local Hugging Face model directory "
-                          "or a preset name (see `moeify presets`)")
-    preset = get_preset(source)
+    preset = found
     from transformers import T5Config
 
     model = build_hf(T5Config(**preset.t5, architectures=["T5ForConditionalGeneration"]), device, seed)

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 import click
 from rich.console import Console
 
-from moeify.checkpoint.model_presets import PRESETS, get_preset
+from moeify.checkpoint.model_presets import PRESETS
 from moeify.config import INIT_METHODS, ROUTER_DTYPES, MoEConfig
-from moeify.errors import MoeifyError
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -37,16 +36,6 @@ def table(*columns: str | tuple[str, str], title: str | None = None) -> Table:
         header, justify = col if isinstance(col, tuple) else (col, "left")
         t.add_column(header, justify=justify, overflow="fold")
     return t
-
-
-def check_source(source: str) -> None:
-    """Refuse a SOURCE that is neither a path nor a preset before torch is imported."""
-    if Path(source).expanduser().exists():
-        return
-    if "/" in source or source.startswith((".", "~")):
-        raise MoeifyError(f"{source} does not exist: pass a local Hugging Face model directory "
-                          "or a preset name (see `moeify presets`)")
-    get_preset(source)  # unknown preset: "did you mean ..."
 
 
 def human(n: float) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from moeify.checkpoint.files import check_writable
-from moeify.cli.common import check_source, console, human, moe_config, moe_options, table
+from moeify.checkpoint.model_presets import resolve_source
+from moeify.cli.common import console, human, moe_config, moe_options, table
 from moeify.config import MoEConfig
 from moeify.errors import MoeifyError
 
@@ -70,7 +71,7 @@ def convert_cmd(source: str, output: Path | None, device: str, force: bool, chec
     seed = config.seed
     output = output or Path("out") / f"switch-{Path(source).name}"
     check_writable(output, force)
-    check_source(source)  # a typo fails here, before torch is imported
+    resolve_source(source)  # a typo fails here, before torch is imported
     import torch
 
     from moeify.checkpoint.sources import load_dense

@@ -7,8 +7,9 @@ import click
 
 from moeify.checkpoint.files import check_file_writable
 from moeify.checkpoint.metadata import MOEIFY_FILE, read_metadata, saved_summary
+from moeify.checkpoint.model_presets import resolve_source
 from moeify.checkpoint.records import ModelSummary
-from moeify.cli.common import check_source, console, moe_config, moe_options, table
+from moeify.cli.common import console, moe_config, moe_options, table
 from moeify.errors import MoeifyError
 from moeify.planner.workload import DTYPE_BYTES
 
@@ -91,7 +92,7 @@ def plan_cmd(source: str, topology_spec: str, nodes: int, gpu: str, tokens_per_r
         raise MoeifyError(f"--replicate-hot must be >= 0, got {replicate_hot}")
     if not (Path(source) / MOEIFY_FILE).is_file():
         moe_config(source, flags)  # bad MoE flags and a typo in SOURCE fail before the planner is imported
-        check_source(source)
+        resolve_source(source)
     from moeify.cli.progress import progress_bars
     from moeify.planner.search import Planner, SearchOptions
     from moeify.planner.topology import load_topology

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import MLP, tiny_net, tiny_t5
+from tiny import tiny_net, tiny_t5
 from torch import nn
 from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 

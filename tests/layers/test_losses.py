@@ -9,7 +9,6 @@ from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN
 from moeify.layers.losses import load_balancing_loss, router_z_loss
 
-
 LN2 = math.log(2.0)
 
 

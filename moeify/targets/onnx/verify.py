@@ -10,8 +10,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from moeify.targets.onnx.graphs import Graph
 from moeify.layers.switch import switch_layers
+from moeify.targets.onnx.graphs import Graph
 
 # Another batch and sequence length than the trace's (2, 7): the dynamic axes get exercised.
 CHECK_BATCH, CHECK_SEQUENCE = 3, 11
