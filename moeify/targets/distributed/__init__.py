@@ -20,7 +20,7 @@ _MODULES = {
     "groups": ["ParallelGroups", "RankPart", "build_groups"],
     "layer": ["ExpertGroup", "ExpertParallelFFN", "expert_parameters"], "loader": ["load_rank"],
     "lower": ["lower_expert_parallel"], "manifest": ["read_export_manifest", "verify"],
-    "steps": ["RunConfig", "RunReport", "run"],
+    "steps": ["RunConfig", "RunReport", "run_steps"],
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
@@ -37,4 +37,4 @@ def __getattr__(name: str) -> Any:
 __all__ = ["init", "load_rank", "data_parallel", "reduce_expert_gradients", "expert_parameters", "export_distributed",
            "default_plan", "DistributedExport", "ExpertGroup", "ExpertParallelFFN",
            "lower_expert_parallel", "ParallelGroups", "RankPart", "build_groups", "RankFailure", "RunConfig", "RunReport",
-           "run", "read_export_manifest", "verify"]
+           "run_steps", "read_export_manifest", "verify"]

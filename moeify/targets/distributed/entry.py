@@ -87,7 +87,7 @@ def main(ctx: click.Context, directory: Path, **options) -> None:
 
     from moeify.targets.distributed import comm
     from moeify.targets.distributed.failures import RankFailure
-    from moeify.targets.distributed.steps import RunConfig, run
+    from moeify.targets.distributed.steps import RunConfig, run_steps
 
     def fail(message: str, code: int) -> None:
         click.echo(f"error: {message}", err=True)
@@ -100,7 +100,7 @@ def main(ctx: click.Context, directory: Path, **options) -> None:
         ctx.exit(code)
 
     try:
-        report = run(RunConfig(path=directory, **options), log=functools.partial(print, flush=True))
+        report = run_steps(RunConfig(path=directory, **options), log=functools.partial(print, flush=True))
     except RankFailure as e:
         fail(str(e), 3)
     except MoeifyError as e:

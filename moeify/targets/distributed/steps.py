@@ -115,7 +115,7 @@ class Batches:
         return batch["input_ids"].numel() + (decoder.numel() if decoder is not None else 0)
 
 
-def run(config: RunConfig, log: Callable[[str], None] = print) -> RunReport:
+def run_steps(config: RunConfig, log: Callable[[str], None] = print) -> RunReport:
     """Join the process group, load this rank's part, run the steps; every rank gets the report.
 
     Training: loss = model loss + router losses on this rank's batch, backward, dense gradients
