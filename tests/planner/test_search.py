@@ -142,3 +142,16 @@ def test_plan_invariants(preset, nodes, experts, layers, uneven, hot, skew, toke
     e = plan.estimate
     assert e.all_to_all_ms >= e.lower_bound_ms * (1 - 1e-9)
     assert e.memory_per_rank_bytes <= e.memory_limit_bytes
+
+
+def test_capacity_keeps_min_capacity_as_the_layer_does():
+    # 16 tokens, 8 experts, cf 1.25: ceil(2.5) = 3 slots, but min_capacity 6 gives 6, as in SwitchFFN.
+    # Half the tokens choose expert 0, so its kept tokens (and the compute of its rank) follow the slots.
+    import dataclasses
+
+    loads = tuple([0.5] + [0.5 / 7] * 7)
+    topo, opts = load_topology("hgx-a100-4"), SearchOptions(expert_parallel=4, layouts=("contiguous",),
+                                                            algorithms=("flat",))
+    base = workload(experts=8, layers=1, tokens=16, load=loads)
+    low, high = (Planner(topo, dataclasses.replace(base, min_capacity=m), opts).plan() for m in (0, 6))
+    assert high.layers[0].compute_ms / low.layers[0].compute_ms > 1.5  # 6 / 3 slots on the busiest expert
