@@ -29,7 +29,8 @@ def read_json(path: str | Path, *, fix: str, what: str = "", expect: type = dict
     except OSError as e:
         raise MoeifyError(f"{path} cannot be read ({e.strerror}): {fix}") from None
     if not isinstance(data, expect):
-        kinds = {dict: "an object", list: "an array"}
+        kinds = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+                 bool: "a boolean", type(None): "null"}
         raise MoeifyError(f"{path} holds {kinds.get(type(data), type(data).__name__)}, "
                           f"not {kinds.get(expect, expect.__name__)}: {fix}")
     return data
