@@ -160,9 +160,4 @@ class MoEConfig:
         return cls(**data)
 
 
-def help_of(name: str) -> str:
-    """The help text of a MoEConfig field, for the CLI."""
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(MoEConfig)}[name]
-
-
-__all__ = ["MoEConfig", "RoutingConfig", "INIT_METHODS", "ROUTER_DTYPES", "expert_capacity", "help_of"]
+__all__ = ["MoEConfig", "RoutingConfig", "INIT_METHODS", "ROUTER_DTYPES", "expert_capacity", "decimal_ratio"]

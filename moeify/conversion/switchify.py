@@ -10,7 +10,6 @@ from moeify.config import MoEConfig
 from moeify.conversion.find_ffn import FFNSite
 from moeify.conversion.regions import Region, linear_view
 from moeify.layers import SwitchFFN
-from moeify.layers.router import cpu_normal
 
 ORIGIN_KEY = "moeify.origin"
 
@@ -51,7 +50,7 @@ def _upcycle(layer: SwitchFFN, site: FFNSite, modules: dict[str, nn.Module], noi
             # Relative noise breaks expert symmetry; off by default so kept tokens are exact. Drawn
             # and scaled on the CPU, so the same seed gives the same experts on every device.
             scale = noise * view.weight.detach().cpu().abs().mean()
-            weight.add_((cpu_normal(weight.shape, weight.dtype, generator) * scale).to(weight.device))
+            weight.add_((torch.randn(weight.shape, generator=generator, dtype=weight.dtype) * scale).to(weight.device))
 
 
 def _rewrite(gm: fx.GraphModule, site: FFNSite, layer: SwitchFFN) -> None:

@@ -72,8 +72,3 @@ def truncated_normal_(t: torch.Tensor, std: float, generator: torch.Generator | 
         values = torch.empty(t.shape, dtype=t.dtype)
         nn.init.trunc_normal_(values, 0.0, std, -2 * std, 2 * std, generator=generator)
         return t.copy_(values)
-
-
-def cpu_normal(shape: torch.Size, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard normal noise drawn on the CPU with `generator`, whatever device it is meant for."""
-    return torch.randn(shape, generator=generator, dtype=dtype)
