@@ -28,14 +28,16 @@ def decimal_ratio(x: float) -> tuple[int, int]:
     return ratio.numerator, ratio.denominator
 
 
-def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
-    """Slots per expert: max(min_capacity, ceil(capacity_factor * tokens / experts)), as in the paper.
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int,
+                    top_k: int = 1) -> int:
+    """Slots per expert: max(min_capacity, ceil(capacity_factor * top_k * tokens / experts)), as in the
+    paper (top_k = 1) and GShard (each token's k choices all need slots).
 
     Computed exactly on the factor's decimal value, in integers: in floats 1.1 * 100 / 10 is
     11.000000000000002, and its ceiling would give one slot too many.
     """
     p, q = decimal_ratio(capacity_factor)
-    return max(min_capacity, -(-p * num_tokens // (q * num_experts)))
+    return max(min_capacity, -(-p * top_k * num_tokens // (q * num_experts)))
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ class RoutingConfig:
     """What a Switch layer needs at run time: its experts, capacity and router losses."""
 
     num_experts: int = _field(8, "experts per converted FFN")
+    top_k: int = _field(1, "experts per token (Switch: 1); k > 1 keeps the k most probable, as GShard and Mixtral")
+    normalize_gates: bool = _field(False, "renormalise the k kept probabilities to sum to 1 (Mixtral); off: "
+                                          "gate = probability, as in the Switch paper")
+    dropless: bool = _field(False, "no capacity limit: every token reaches its experts (MegaBlocks, Mixtral); "
+                                   "capacity factors are then ignored")
     capacity_factor: float = _field(1.25, "training capacity factor (paper: 1.0-1.25)")
     eval_capacity_factor: float = _field(2.0, "evaluation capacity factor: more slack when drops hurt quality")
     min_capacity: int = _field(4, "minimum slots per expert, so tiny batches do not drop nearly every token")
@@ -51,10 +58,13 @@ class RoutingConfig:
     jitter: float = _field(0.0, "multiplicative router input noise U(1-j, 1+j) in training; 0 is off")
     router_dtype: str = _field("float32", "the router's dtype (selective precision: never bf16/fp16)")
 
-    def capacity(self, num_tokens: int, training: bool) -> int:
-        """Slots per expert for a batch of `num_tokens`, with the train or eval capacity factor."""
+    def capacity(self, num_tokens: int, training: bool) -> int | None:
+        """Slots per expert for a batch of `num_tokens`, with the train or eval capacity factor;
+        None when dropless (the busiest expert's count is then the size of the batch's buffers)."""
+        if self.dropless:
+            return None
         factor = self.capacity_factor if training else self.eval_capacity_factor
-        return expert_capacity(num_tokens, self.num_experts, factor, self.min_capacity)
+        return expert_capacity(num_tokens, self.num_experts, factor, self.min_capacity, self.top_k)
 
     @classmethod
     def from_moe(cls, config: "MoEConfig") -> "RoutingConfig":
@@ -74,6 +84,9 @@ class MoEConfig:
     """Every knob of a conversion. Defaults follow the Switch Transformers paper."""
 
     num_experts: int = _routing("num_experts")
+    top_k: int = _routing("top_k")
+    normalize_gates: bool = _routing("normalize_gates")
+    dropless: bool = _routing("dropless")
     every: int = _field(2, "convert one FFN in EVERY within each stack (paper: every other layer)")
     offset: int | None = _field(None, "index of the first converted FFN in each stack; unset means EVERY - 1, "
                                       "the last of each group (EVERY 2: FFNs 1, 3, 5, ... as in the paper)")
@@ -101,12 +114,18 @@ class MoEConfig:
                 fail(name, f"must be a finite number, got {value!r}")
             return value
 
-        for name in ("num_experts", "every", "offset", "min_capacity", "seed"):
+        for name in ("num_experts", "top_k", "every", "offset", "min_capacity", "seed"):
             value = getattr(self, name)
             if (value is not None or name != "offset") and (isinstance(value, bool) or not isinstance(value, int)):
                 fail(name, f"must be an integer, got {value!r}")
         if self.num_experts < 1:
             fail("num_experts", f"must be a positive integer, got {self.num_experts}", f"try {opt('num_experts', 8)}")
+        if not 1 <= self.top_k <= self.num_experts:
+            fail("top_k", f"must be between 1 and the {self.num_experts} experts, got {self.top_k}",
+                 f"try {opt('top_k', min(2, self.num_experts))}")
+        for name in ("normalize_gates", "dropless"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, f"must be True or False, got {getattr(self, name)!r}")
         if self.every < 1:
             fail("every", f"must be >= 1, got {self.every}", f"use {opt('every', 1)} to convert every FFN")
         if self.offset is not None and self.offset < 0:

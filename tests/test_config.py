@@ -11,8 +11,8 @@ from moeify.cli import main
 from moeify.config import MoEConfig, RoutingConfig
 
 # A non-default value for every RoutingConfig field (num_experts included).
-ODD = dict(num_experts=3, capacity_factor=1.7, eval_capacity_factor=3.5, min_capacity=7, aux_loss_coef=0.03,
-           z_loss_coef=0.004, jitter=0.05, router_dtype="float64")
+ODD = dict(num_experts=3, top_k=2, normalize_gates=True, dropless=True, capacity_factor=1.7, eval_capacity_factor=3.5,
+           min_capacity=7, aux_loss_coef=0.03, z_loss_coef=0.004, jitter=0.05, router_dtype="float64")
 
 
 def test_odd_values_cover_every_routing_field_and_differ_from_the_defaults():
@@ -28,8 +28,12 @@ def check_layers(model):
         assert dataclasses.asdict(layer.routing) == ODD
         assert layer.num_experts == 3 and layer.experts.num_experts == 3
         assert layer.router.jitter == 0.05 and layer.router.weight.dtype == torch.float64
-        assert layer.capacity(10) == 7  # training: max(7, ceil(1.7 * 10 / 3) = 6)
-        assert layer.eval().capacity(10) == 12  # eval: ceil(3.5 * 10 / 3)
+        assert (layer.router.top_k, layer.router.normalize) == (2, True)
+        assert layer.capacity(10) is None  # dropless
+        capped = dataclasses.replace(layer.routing, dropless=False)
+        assert capped.capacity(10, training=True) == 12  # max(7, ceil(1.7 * 2 * 10 / 3) = 12)
+        assert capped.capacity(2, training=True) == 7  # max(7, ceil(1.7 * 2 * 2 / 3) = 3)
+        assert capped.capacity(10, training=False) == 24  # ceil(3.5 * 2 * 10 / 3)
 
 
 def test_every_routing_value_reaches_the_layers_and_survives_save_and_load(tmp_path):
@@ -64,7 +68,9 @@ def test_cli_help_is_generated_from_the_config(command):
     for f in dataclasses.fields(MoEConfig):
         help_text = params[f.name].help
         assert f.metadata["help"][1:] in help_text  # the field's own words (first letter capitalised)
-        if f.default is not None:
+        if isinstance(f.default, bool):
+            assert f"[default: {'on' if f.default else 'off'}]" in help_text
+        elif f.default is not None:
             assert f"[default: {f.default}]" in help_text
         assert params[f.name].default is None  # unset flags leave the default to MoEConfig or the preset
         assert " ".join(help_text.split()[:4]) in shown
@@ -73,7 +79,7 @@ def test_cli_help_is_generated_from_the_config(command):
 def test_cli_flags_reach_the_config(tmp_path):
     from moeify.cli.common import moe_config
 
-    flags = {"num_experts": 3, "capacity_factor": 1.7, "eval_capacity_factor": 3.5, "min_capacity": 7,
+    flags = {"num_experts": 3, "top_k": 2, "normalize_gates": True, "dropless": True, "capacity_factor": 1.7, "eval_capacity_factor": 3.5, "min_capacity": 7,
              "aux_loss_coef": 0.03, "z_loss_coef": 0.004, "jitter": 0.05, "router_dtype": "float64",
              "every": None, "offset": None}
     assert moe_config("t5-small", flags).routing == RoutingConfig(**ODD)
@@ -86,6 +92,9 @@ def test_cli_flags_reach_the_config(tmp_path):
     (dict(capacity_factor=float("nan")), "capacity_factor must be a finite number, got nan"),
     (dict(every=2.5), "every must be an integer, got 2.5"),
     (dict(router_dtype="bfloat16"), "router_dtype must be one of float32, float64, got 'bfloat16'"),
+    (dict(num_experts=4, top_k=5), "top_k must be between 1 and the 4 experts, got 5: try top_k=2"),
+    (dict(top_k=0), "top_k must be between 1 and the 8 experts, got 0"),
+    (dict(dropless=1), "dropless must be True or False, got 1"),
 ])
 def test_python_errors_name_the_python_argument(bad, message):
     with pytest.raises(moeify.MoeifyError) as e:

@@ -55,15 +55,19 @@ def moe_options(f):
     for field in dataclasses.fields(MoEConfig):
         name, default = field.name, field.default
         text = field.metadata["help"]
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
         kw: dict = {"default": None, "help": text[0].upper() + text[1:] + (
-            f" [default: {default}]" if default is not None else "") + "."}
-        if name in CHOICES:
+            f" [default: {shown}]" if default is not None else "") + "."}
+        if isinstance(default, bool):  # a switch; unset (None) leaves the preset's or MoEConfig's value
+            flag = f"{flag}/--no-{flag[2:]}"
+        elif name in CHOICES:
             kw["type"] = click.Choice(CHOICES[name])
         elif name == "layers":
             kw["metavar"] = "REGEX"
         else:
             kw["type"] = float if name == "expert_dropout" else type(default) if default is not None else int
-        options.append(click.option(FLAG_NAMES.get(name, "--" + name.replace("_", "-")), name, **kw))
+        options.append(click.option(flag, name, **kw))
     return functools.reduce(lambda g, option: option(g), reversed(options), f)
 
 
@@ -81,4 +85,6 @@ def option_flag(name: str, value: str | None) -> str:
     flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
     if value is None or value == "True":
         return flag
+    if value == "False":
+        return f"--no-{flag[2:]}"
     return f"{flag} {value}"

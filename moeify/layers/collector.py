@@ -21,12 +21,13 @@ class LayerRouting:
     z_loss: torch.Tensor  # unscaled router z-loss (differentiable)
     aux_loss_coef: float
     z_loss_coef: float
-    tokens_per_expert: torch.Tensor  # (E,) argmax counts before capacity
-    capacity: int
-    dropped: int  # tokens over capacity: their layer output is zero
+    tokens_per_expert: torch.Tensor  # (E,) assignments (token, choice) to each expert, before capacity
+    capacity: int | None  # slots per expert; None when dropless
+    dropped: int  # assignments over capacity: they add nothing to their token's output
 
     @property
     def tokens(self) -> int:
+        """Assignments routed: tokens x top_k."""
         return int(self.tokens_per_expert.sum())
 
 
@@ -48,6 +49,7 @@ class RouterLosses:
         return torch.stack([r.z_loss for r in self.layers]).sum() if self.layers else torch.zeros(())
 
     def dropped_fraction(self) -> float:
+        """Dropped assignments over all assignments (with top-1: dropped tokens over tokens)."""
         tokens = sum(r.tokens for r in self.layers)
         return sum(r.dropped for r in self.layers) / tokens if tokens else 0.0
 
@@ -71,8 +73,8 @@ def router_losses(model: nn.Module) -> Iterator[RouterLosses]:
 
     def make_hook(name: str, layer: SwitchFFN):
         def hook(_router, _inputs, out) -> None:
-            routed = torch.bincount(out.expert_index.detach(), minlength=layer.num_experts)
-            capacity = layer.capacity(out.expert_index.numel())
+            routed = torch.bincount(out.expert_index.detach().reshape(-1), minlength=layer.num_experts)
+            capacity = layer.capacity(out.expert_index.shape[0])
             collected.layers.append(LayerRouting(
                 name=name,
                 aux_loss=load_balancing_loss(out.probs, out.expert_index),
@@ -81,7 +83,7 @@ def router_losses(model: nn.Module) -> Iterator[RouterLosses]:
                 z_loss_coef=layer.routing.z_loss_coef,
                 tokens_per_expert=routed,
                 capacity=capacity,
-                dropped=int((routed - routed.clamp(max=capacity)).sum()),
+                dropped=0 if capacity is None else int((routed - routed.clamp(max=capacity)).sum()),
             ))
         return hook
 

@@ -5,9 +5,12 @@ import torch
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
-    """E * sum_i f_i * P_i: f_i = fraction of tokens whose argmax is i, P_i = mean router prob."""
+    """E * sum_i f_i * P_i (paper, eq. 4): f_i = (token, choice) assignments to expert i per token,
+    P_i = mean router probability. `expert_index` is (T, k); with k = 1, f_i is the fraction of
+    tokens whose argmax is i. For k > 1 this equals transformers' Mixtral load_balancing_loss_func
+    on the same logits (balanced routing gives k, not 1), so Mixtral's coefficients carry over."""
     num_tokens, num_experts = probs.shape
-    f = torch.bincount(expert_index, minlength=num_experts).to(probs.dtype) / num_tokens  # (E,)
+    f = torch.bincount(expert_index.reshape(-1), minlength=num_experts).to(probs.dtype) / num_tokens  # (E,)
     p = probs.mean(dim=0)  # (E,)
     return num_experts * torch.sum(f * p)
 

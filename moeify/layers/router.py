@@ -1,4 +1,4 @@
-"""Top-1 router: a bias-free linear d_model -> E computed in float32, softmax, argmax."""
+"""Router: a bias-free linear d_model -> E computed in float32, softmax, the top-k experts and their gates."""
 from __future__ import annotations
 
 import math
@@ -12,22 +12,27 @@ from torch import nn
 class RouterOutput(NamedTuple):
     logits: torch.Tensor  # (T, E) in the router dtype
     probs: torch.Tensor  # (T, E) softmax of logits
-    expert_index: torch.Tensor  # (T,) argmax expert
-    gate: torch.Tensor  # (T,) probability of the chosen expert
+    expert_index: torch.Tensor  # (T, k) chosen experts, most probable first (k = 1: the argmax)
+    gate: torch.Tensor  # (T, k) their gates: probabilities, or renormalised to sum to 1
 
 
 class Router(nn.Module):
-    """Switch router. The weight is in nn.Linear layout: (num_experts, d_model).
+    """Switch router (top-1), or GShard / Mixtral's top-k. The weight is in nn.Linear layout:
+    (num_experts, d_model). Softmax over all experts, keep the k largest; `normalize` divides the
+    kept probabilities by their sum (Mixtral), otherwise the gate is the probability (Switch).
 
     "Selective precision" (paper, Section 2.4): the weight stays in the router dtype through
     model.to(dtype), .half() and .bfloat16(), and the forward runs with autocast off, so neither
     the expert choices nor the optimiser's updates of the weight are ever rounded to 16 bits.
     """
 
-    def __init__(self, d_model: int, num_experts: int, *, jitter: float = 0.0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+    def __init__(self, d_model: int, num_experts: int, *, top_k: int = 1, normalize: bool = False,
+                 jitter: float = 0.0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.top_k = top_k
+        self.normalize = normalize
         self.jitter = jitter
         self.router_dtype = dtype
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=dtype, device=device))
@@ -57,7 +62,12 @@ class Router(nn.Module):
                 x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             logits = F.linear(x, self.weight)  # (T, E)
             probs = torch.softmax(logits, dim=-1)  # (T, E)
-            gate, expert_index = probs.max(dim=-1)  # (T,), (T,)
+            if self.top_k == 1:  # max: the first of tied maxima, as the paper's argmax
+                gate, expert_index = probs.max(dim=-1, keepdim=True)  # (T, 1), (T, 1)
+            else:
+                gate, expert_index = probs.topk(self.top_k, dim=-1)  # (T, k), most probable first
+            if self.normalize:
+                gate = gate / gate.sum(dim=-1, keepdim=True)
         return RouterOutput(logits, probs, expert_index, gate)
 
 

@@ -1,4 +1,4 @@
-"""SwitchFFN: route each token to one expert, under a capacity limit; dropped tokens output 0."""
+"""SwitchFFN: route each token to its top-k experts (Switch: one), under a capacity limit or dropless."""
 from __future__ import annotations
 
 import torch
@@ -13,8 +13,9 @@ from moeify.layers.router import Router, RouterOutput
 class SwitchFFN(nn.Module):
     """Drop-in replacement for a dense FFN: (..., d_model) -> (..., d_model).
 
-    Kept tokens give gate * expert(x); dropped tokens give exactly zero, so the residual
-    connection around the FFN carries them unchanged (paper, Section 2.2).
+    A token gives the sum over its kept choices of gate * expert(x); a token whose every choice
+    was dropped gives exactly zero, so the residual connection around the FFN carries it
+    unchanged (paper, Section 2.2). With top_k = 1 this is the paper's layer.
     """
 
     def __init__(self, d_model: int, d_ff: int, routing: RoutingConfig, activation: nn.Module, *,
@@ -28,8 +29,8 @@ class SwitchFFN(nn.Module):
         super().__init__()
         self.routing = routing
         if router is None:
-            router = Router(d_model, routing.num_experts, jitter=routing.jitter,
-                            dtype=getattr(torch, routing.router_dtype), device=device)
+            router = Router(d_model, routing.num_experts, top_k=routing.top_k, normalize=routing.normalize_gates,
+                            jitter=routing.jitter, dtype=getattr(torch, routing.router_dtype), device=device)
         if experts is None:
             experts = Experts(routing.num_experts, d_model, d_ff, activation, gated=gated, bias=bias,
                               out_bias=out_bias, dropout=dropout, dtype=dtype, device=device)
@@ -44,33 +45,41 @@ class SwitchFFN(nn.Module):
     def num_experts(self) -> int:
         return self.routing.num_experts
 
-    def capacity(self, num_tokens: int) -> int:
-        """Slots per expert for a batch of `num_tokens` (train or eval capacity factor)."""
+    @property
+    def top_k(self) -> int:
+        return self.routing.top_k
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Slots per expert for a batch of `num_tokens` (train or eval capacity factor); None if dropless."""
         return self.routing.capacity(num_tokens, self.training)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d_model), flattened (batch, position) order
         route = self.router(x)
-        capacity = self.capacity(x.shape[0])
-        plan = dispatch(route.expert_index, self.num_experts, capacity)
-        y = self._expert_step(x, route, plan, capacity)  # (K, d_model)
-        gate = route.gate.index_select(0, plan.token_index).to(y.dtype)  # (K,)
+        plan = dispatch(route.expert_index, self.num_experts, self.capacity(x.shape[0]))
+        y = self._expert_step(x, route, plan)  # (K, d_model)
+        gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (K,)
         y = y * gate.unsqueeze(-1)  # the gate is how the router learns
-        out = y.new_zeros(x.shape[0], y.shape[-1]).index_copy(0, plan.token_index, y)  # (T, d_model)
+        out = y.new_zeros(x.shape[0], y.shape[-1])  # (T, d_model)
+        # One kept assignment per token with k = 1: a copy; with k > 1 a token sums its choices.
+        out = out.index_copy(0, plan.token_index, y) if self.top_k == 1 else out.index_add(0, plan.token_index, y)
         return out.view(*shape[:-1], y.shape[-1])
 
-    def _expert_step(self, x: torch.Tensor, route: RouterOutput, plan: Dispatch, capacity: int) -> torch.Tensor:
-        """Expert outputs of the kept tokens, ungated, in plan.token_index order: (K, d_model).
+    def _expert_step(self, x: torch.Tensor, route: RouterOutput, plan: Dispatch) -> torch.Tensor:
+        """Expert outputs of the kept assignments, ungated, in plan.assignment order: (K, d_model).
 
-        x is (T, d_model); `capacity` is the slots per expert that `plan` was made with. The one
+        x is (T, d_model); `plan.capacity` is the slots per expert the plan was made with. The one
         step a subclass overrides to run the experts somewhere else (see ExpertParallelFFN).
         """
         return self.experts(x.index_select(0, plan.token_index), plan.counts)
 
     def extra_repr(self) -> str:
         r = self.routing
-        return f"capacity_factor={r.capacity_factor}, eval_capacity_factor={r.eval_capacity_factor}"
+        routing = f"top_k={r.top_k}{', normalize_gates=True' if r.normalize_gates else ''}"
+        if r.dropless:
+            return f"{routing}, dropless=True"
+        return f"{routing}, capacity_factor={r.capacity_factor}, eval_capacity_factor={r.eval_capacity_factor}"
 
 
 def switch_layers(model: nn.Module) -> dict[str, SwitchFFN]:

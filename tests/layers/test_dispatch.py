@@ -39,7 +39,7 @@ def test_capacity_of_a_decimal_factor_that_is_exact_on_paper():
 
 def test_earlier_tokens_win_and_order_is_grouped_by_expert():
     expert_index = torch.tensor([1, 0, 1, 1, 0, 1, 2])
-    d = dispatch(expert_index, num_experts=4, capacity=2)
+    d = dispatch(expert_index[:, None], num_experts=4, capacity=2)
     assert d.token_index.tolist() == [1, 4, 0, 2, 6]  # expert 0: 1,4; expert 1: 0,2 (3,5 dropped); 2: 6
     assert d.counts == [2, 2, 1, 0]
     assert d.routed.tolist() == [2, 4, 1, 0]
@@ -48,7 +48,7 @@ def test_earlier_tokens_win_and_order_is_grouped_by_expert():
 def test_dispatch_with_capacity_one_and_an_unused_expert_between():
     # tokens:       0  1  2  3  4  5
     expert_index = torch.tensor([3, 3, 0, 2, 0, 3])
-    d = dispatch(expert_index, num_experts=4, capacity=1)
+    d = dispatch(expert_index[:, None], num_experts=4, capacity=1)
     assert d.token_index.tolist() == [2, 3, 0]  # expert 0 keeps token 2, expert 2 token 3, expert 3 token 0
     assert d.counts == [1, 0, 1, 1]
     assert d.routed.tolist() == [2, 0, 1, 3]
@@ -57,19 +57,19 @@ def test_dispatch_with_capacity_one_and_an_unused_expert_between():
 
 def test_dispatch_with_room_for_everyone_keeps_every_token():
     expert_index = torch.tensor([2, 0, 2, 1, 0])
-    d = dispatch(expert_index, num_experts=3, capacity=5)
+    d = dispatch(expert_index[:, None], num_experts=3, capacity=5)
     assert d.token_index.tolist() == [1, 4, 3, 0, 2]
     assert d.counts == [2, 1, 2] and d.routed.tolist() == [2, 1, 2]
 
 
 def test_dispatch_with_capacity_zero_keeps_nothing_but_counts_the_routing():
-    d = dispatch(torch.tensor([1, 1, 0]), num_experts=3, capacity=0)
+    d = dispatch(torch.tensor([[1], [1], [0]]), num_experts=3, capacity=0)
     assert d.token_index.tolist() == []
     assert d.counts == [0, 0, 0] and d.routed.tolist() == [1, 2, 0]
 
 
 def test_every_token_to_one_expert_keeps_the_first_capacity_tokens():
-    d = dispatch(torch.zeros(10, dtype=torch.long), num_experts=4, capacity=4)
+    d = dispatch(torch.zeros(10, 1, dtype=torch.long), num_experts=4, capacity=4)
     assert d.token_index.tolist() == [0, 1, 2, 3]
     assert d.counts == [4, 0, 0, 0] and d.routed.tolist() == [10, 0, 0, 0]
 
@@ -77,7 +77,7 @@ def test_every_token_to_one_expert_keeps_the_first_capacity_tokens():
 def test_long_inputs_keep_token_order_inside_each_expert():
     # Long enough that an unstable sort reorders tokens within an expert.
     expert_index = torch.tensor([3, 3, 0, 2, 0, 3] * 20)  # token t goes to expert [3, 3, 0, 2, 0, 3][t % 6]
-    d = dispatch(expert_index, num_experts=4, capacity=7)
+    d = dispatch(expert_index[:, None], num_experts=4, capacity=7)
     expert0 = [t for t in range(120) if t % 6 in (2, 4)][:7]  # 2, 4, 8, 10, 14, 16, 20
     expert2 = [t for t in range(120) if t % 6 == 3][:7]  # 3, 9, ..., 39
     expert3 = [t for t in range(120) if t % 6 in (0, 1, 5)][:7]  # 0, 1, 5, 6, 7, 11, 12
@@ -90,7 +90,7 @@ def test_long_inputs_keep_token_order_inside_each_expert():
 @given(st.lists(st.integers(0, 5), min_size=1, max_size=80), st.integers(0, 10))
 def test_dispatch_matches_a_naive_scan(choices, capacity):
     expert_index = torch.tensor(choices)
-    d = dispatch(expert_index, 6, capacity)
+    d = dispatch(expert_index[:, None], 6, capacity)
     kept = {e: [] for e in range(6)}
     for t, e in enumerate(choices):  # scan in flattened order: first come, first served
         if len(kept[e]) < capacity:

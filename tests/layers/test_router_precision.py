@@ -32,7 +32,7 @@ def test_autocast_would_change_choices_without_the_guard():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = torch.nn.functional.linear(x, r.weight)
     assert bf16.dtype == torch.bfloat16
-    assert (bf16.float().argmax(-1) != r(x).expert_index).sum() > 0
+    assert (bf16.float().argmax(-1) != r(x).expert_index[:, 0]).sum() > 0
 
 
 @pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.bfloat16(), lambda m: m.half(),

@@ -83,9 +83,13 @@ class ExpertParallelFFN(SwitchFFN):
         self._replica_rows: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._arrival: tuple | None = None  # ((capacities, device), order, inverse, counts) of the last call
 
-    def _expert_step(self, x: torch.Tensor, route: RouterOutput, plan: Dispatch, capacity: int) -> torch.Tensor:
-        """Send buffer -> all-to-all -> local experts -> all-to-all back: the kept tokens' outputs, (K, d_model)."""
-        row = self._buffer_rows(route.expert_index, plan.token_index, plan.counts, capacity)  # (K,)
+    def _expert_step(self, x: torch.Tensor, route: RouterOutput, plan: Dispatch) -> torch.Tensor:
+        """Send buffer -> all-to-all -> local experts -> all-to-all back: the kept assignments' outputs, (K, d_model).
+
+        C is plan.capacity: the capacity, or when dropless this rank's busiest expert, so members'
+        buffers differ in size and every exchange uses each member's own C."""
+        capacity = plan.capacity
+        row = self._buffer_rows(plan.expert, plan.counts, capacity)  # (K,)
         send = x.new_zeros(self.num_experts * capacity, x.shape[-1])  # [E * C, d_model], empty slots 0
         send = send.index_copy(0, row, x.index_select(0, plan.token_index))
         capacities = self._capacities(capacity, x.device)  # every member's C: batches may differ
@@ -96,14 +100,12 @@ class ExpertParallelFFN(SwitchFFN):
         back = self._exchange(computed, to_experts, from_members)  # (E * C, d_model), same rows as send
         return back.index_select(0, row)
 
-    def _buffer_rows(self, expert_index: torch.Tensor, token_index: torch.Tensor, counts: list[int],
-                     capacity: int) -> torch.Tensor:
-        """Buffer row of each kept token: its expert's block * C + its rank among that expert's tokens."""
-        device = token_index.device
-        kept_expert = expert_index.index_select(0, token_index)  # (K,), grouped by expert
+    def _buffer_rows(self, kept_expert: torch.Tensor, counts: list[int], capacity: int) -> torch.Tensor:
+        """Buffer row of each kept assignment: its expert's block * C + its rank among that expert's."""
+        device = kept_expert.device
         counts_t = torch.tensor(counts, device=device)
-        starts = torch.cumsum(counts_t, 0) - counts_t  # (E,) first kept token of each expert
-        slot = torch.arange(token_index.numel(), device=device) - starts[kept_expert]
+        starts = torch.cumsum(counts_t, 0) - counts_t  # (E,) first kept assignment of each expert
+        slot = torch.arange(kept_expert.numel(), device=device) - starts[kept_expert]
         if device not in self._tables:
             self._tables[device] = torch.tensor(self._block, device=device)
         return self._tables[device][kept_expert] * capacity + slot
