@@ -119,7 +119,7 @@ def test_console_script_main_job(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "6 FFNs -> SwitchFFN" in proc.stdout and "forward check" in proc.stdout
-    assert {p.name for p in out.iterdir()} == {"config.json", "moeify.json", "model.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"moeify.json", "moeify-model.safetensors"}
     bad = subprocess.run([sys.executable, "-m", "moeify.cli", "convert", "t5-small", "--experts", "0"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
@@ -202,7 +202,8 @@ def test_run_report_reads_at_80_columns():
 
     from moeify.targets.distributed.entry import print_report
 
-    layers = [SimpleNamespace(name=name, tokens_per_expert=[1000 + i for i in range(64)], dropped_fraction=0.125)
+    layers = [SimpleNamespace(name=name, tokens_per_expert=[1000 + i for i in range(64)], dropped_fraction=0.125,
+                              top_k=1)
               for name in FFN_NAMES]
     report = SimpleNamespace(train=True, world_size=4, steps=10, tokens_per_second=123456.7, timed_tokens=9_000_000,
                              seconds=72.9, loss=3.21, dropped_fraction=0.125, layers=layers)

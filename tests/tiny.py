@@ -1,4 +1,4 @@
-"""Tiny models for tests: T5 v1.0 / v1.1 from transformers and a nanoGPT-style MLP net."""
+"""Tiny models for tests: T5 v1.0 / v1.1 from transformers, a nanoGPT-style MLP net, one Switch layer."""
 from __future__ import annotations
 
 import torch
@@ -66,3 +66,19 @@ class Net(nn.Module):
 def tiny_net(seed: int = 0) -> Net:
     torch.manual_seed(seed)
     return Net().eval()
+
+
+def tiny_switch(num_experts=4, d=8, f=16, gated=False, bias=False, act=None, **routing):
+    """One SwitchFFN with seeded random router, experts and biases (RoutingConfig fields as keywords)."""
+    from moeify.config import RoutingConfig
+    from moeify.layers import SwitchFFN
+
+    layer = SwitchFFN(d, f, RoutingConfig(num_experts=num_experts, **routing), act or nn.GELU(),
+                      gated=gated, bias=bias)
+    g = torch.Generator().manual_seed(0)
+    layer.router.reset_parameters(1.0, g)
+    layer.experts.reset_parameters(1.0, g)
+    for b in (layer.experts.b_in, layer.experts.b_gate, layer.experts.b_out):
+        if b is not None:
+            nn.init.normal_(b, generator=g)
+    return layer

@@ -1,4 +1,4 @@
-"""File I/O with clean refusals: the one JSON reader, and atomic writes (a temporary sibling renamed into place)."""
+"""File I/O with clean refusals: the one JSON reader, atomic writes (a temporary sibling renamed into place), tokenizer copies."""
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +34,21 @@ def read_json(path: str | Path, *, fix: str, what: str = "", expect: type = dict
         raise MoeifyError(f"{path} holds {kinds.get(type(data), type(data).__name__)}, "
                           f"not {kinds.get(expect, expect.__name__)}: {fix}")
     return data
+
+
+# Files of a tokenizer that transformers reads from a model directory; copied as they are.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "spiece.model", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja")
+
+
+def copy_tokenizer(source: Path | None, target: Path) -> list[str]:
+    """Copy the tokenizer files of directory `source` (if any) into `target`; returns their names."""
+    if source is None or not Path(source).is_dir():
+        return []
+    names = [n for n in TOKENIZER_FILES if (Path(source) / n).is_file()]
+    for name in names:
+        shutil.copyfile(Path(source) / name, target / name)
+    return names
 
 
 def check_file_writable(path: Path | None, force: bool) -> None:

@@ -8,7 +8,11 @@ from moeify.checkpoint.records import ModelSummary
 from moeify.errors import MoeifyError
 
 MOEIFY_FILE = "moeify.json"
-FORMAT_VERSION = 2  # 2: one record per Switch layer (summary.moe_layers); sites are names
+# Weights are moeify-model*.safetensors, not model*.safetensors: with neither config.json nor
+# transformers' weight names here, from_pretrained refuses the directory at once instead of loading
+# the dense model with every converted FFN initialised at random.
+WEIGHTS_STEM = "moeify-model"
+FORMAT_VERSION = 3  # 2: one record per Switch layer (summary.moe_layers); 3: dense_config here, no config.json
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -59,7 +59,7 @@ class ModelSummary:
     model: str
     dtype: str
     total_params: int  # held by this model (a rank's part: dense weights + its experts)
-    active_params: int  # per token: dense params + router + one expert per Switch layer
+    active_params: int  # per token: dense params + router + top_k experts per Switch layer
     dense_params: int  # everything outside the experts
     num_experts: int  # experts per Switch layer (the largest, if layers differ)
     moe_layers: list[SwitchLayerRecord] = field(default_factory=list)

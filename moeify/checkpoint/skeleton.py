@@ -1,4 +1,4 @@
-"""Rebuild a saved conversion's structure: the dense model from config.json, the conversion replayed."""
+"""Rebuild a saved conversion's structure: the dense model from its saved config, the conversion replayed."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,20 +6,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moeify.checkpoint.metadata import read_metadata
-from moeify.checkpoint.sources import build_hf, hf_config
+from moeify.checkpoint.metadata import MOEIFY_FILE, read_metadata
+from moeify.checkpoint.sources import build_hf, config_from_dict
 from moeify.config import MoEConfig
 from moeify.conversion.pipeline import convert
 from moeify.errors import MoeifyError
 
 
 def dense_skeleton(path: Path, meta: dict, device: str) -> nn.Module:
-    """The dense transformers model a saved conversion started from, built from its config.json."""
+    """The dense transformers model a saved conversion started from, built from moeify.json's dense_config."""
     architecture = meta["source"].get("architecture")
-    if architecture is None:
+    if architecture is None or not isinstance(meta.get("dense_config"), dict):
         raise MoeifyError(f"{path} holds a converted {meta['source'].get('class', 'custom module')}: "
                           "pass a fresh dense instance as model=..., e.g. moeify.load(path, model=YourModel())")
-    return build_hf(hf_config(path), device, architecture=architecture)
+    return build_hf(config_from_dict(meta["dense_config"], f"{path / MOEIFY_FILE}'s dense_config"), device,
+                    architecture=architecture)
 
 
 def replay(path: Path, meta: dict, model: nn.Module) -> nn.Module:
@@ -37,7 +38,7 @@ def skeleton(path: str | Path, model: nn.Module | None = None,
              buffers: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A saved model's converted structure on the meta device (no weight memory).
 
-    Rebuilt as moeify.load does: dense skeleton from config.json (or `model`, a fresh dense
+    Rebuilt as moeify.load does: dense skeleton from its saved config (or `model`, a fresh dense
     instance, for custom modules), conversion replayed without init. Buffers that no checkpoint
     holds (rotary tables) get no value on meta; pass a dict as `buffers` to receive them.
     """

@@ -26,16 +26,17 @@ def check_safetensors(path: Path) -> None:
         raise MoeifyError(f"{path} is corrupt or truncated ({e}): re-download or re-save it") from None
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a directory, single-file or sharded with an index."""
-    index = directory / "model.safetensors.index.json"
+def weight_files(directory: Path, stem: str = "model") -> list[Path]:
+    """The safetensors files of a directory, single-file or sharded with an index: `stem`.safetensors
+    or `stem`.safetensors.index.json (Hugging Face's "model"; moeify outputs use WEIGHTS_STEM)."""
+    index = directory / f"{stem}.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = read_json(index, fix="re-save the model")["weight_map"]
         except (KeyError, TypeError, AttributeError):
             raise MoeifyError(f"{index} has no weight_map: re-save the model") from None
         return [directory / name for name in sorted(set(weight_map.values()))]
-    single = directory / "model.safetensors"
+    single = directory / f"{stem}.safetensors"
     if single.is_file():
         return [single]
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
@@ -46,16 +47,21 @@ def weight_files(directory: Path) -> list[Path]:
 
 def hf_config(directory: Path):
     """A transformers config read from directory/config.json, never from the network."""
+    data = read_json(directory / "config.json", fix=f"is {directory} a complete model directory?")
+    return config_from_dict(data, str(directory / "config.json"))
+
+
+def config_from_dict(data: dict, where: str):
+    """A transformers config from its JSON dict (a config.json, or moeify.json's dense_config)."""
     import transformers
 
-    data = read_json(directory / "config.json", fix=f"is {directory} a complete model directory?")
     model_type = data.get("model_type")
     if not model_type:
-        raise MoeifyError(f"{directory / 'config.json'} has no model_type: it is not a transformers config")
+        raise MoeifyError(f"{where} has no model_type: it is not a transformers config")
     try:
         return transformers.AutoConfig.for_model(**data)
     except (ValueError, KeyError, TypeError) as e:
-        raise MoeifyError(f"{directory / 'config.json'}: transformers cannot read it ({e})") from None
+        raise MoeifyError(f"{where}: transformers cannot read it ({e})") from None
 
 
 def hf_model_class(config, architecture: str | None = None) -> type[nn.Module]:
@@ -115,6 +121,9 @@ def _load_directory(path: Path, device: str) -> nn.Module:
     if not (path / "config.json").is_file():
         raise MoeifyError(f"{path} has no config.json: pass a Hugging Face model directory")
     config = hf_config(path)
+    if config.model_type == "switch_transformers":  # its FFNs are experts already: converting them again is wrong
+        raise MoeifyError(f"{path} is a SwitchTransformers checkpoint, sparse already: import it with "
+                          f"`moeify convert {path}` (moeify.checkpoint.switch_import.import_switch)")
     files = weight_files(path)
     if device != "meta" and not files:
         raise MoeifyError(f"{path} has no model.safetensors: add the weights, or use --device meta "

@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from moeify.checkpoint.files import atomic_directory
-from moeify.checkpoint.metadata import FORMAT_VERSION, MOEIFY_FILE, read_metadata
+from moeify.checkpoint.files import atomic_directory, copy_tokenizer
+from moeify.checkpoint.metadata import FORMAT_VERSION, MOEIFY_FILE, WEIGHTS_STEM, read_metadata
 from moeify.checkpoint.skeleton import dense_skeleton, replay
 from moeify.checkpoint.sources import (
     load_weights,
@@ -26,8 +26,13 @@ Progress = Callable[[str, int, int], None]
 
 
 def save(model: nn.Module, path: str | Path, *, force: bool = False,
-         max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None) -> Path:
-    """Write `model` (from moeify.convert) to a directory; atomically, never half-written."""
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None,
+         tokenizer_from: str | Path | None = None) -> Path:
+    """Write `model` (from moeify.convert) to a directory; atomically, never half-written.
+
+    Tokenizer files are copied from `tokenizer_from`, or else from the local Hugging Face
+    directory the model was converted from, so that exports can carry them on.
+    """
     from safetensors.torch import save_file
 
     record = _record_of(model)
@@ -37,13 +42,17 @@ def save(model: nn.Module, path: str | Path, *, force: bool = False,
     tensors = {k: v for k, v in state.items() if k not in aliases}
     structure_only = any(t.is_meta for t in tensors.values())
     shards = [] if structure_only else _shard(tensors, max_shard_bytes)
+    config = getattr(model, "config", None)
+    # No config.json (and weights under WEIGHTS_STEM): transformers would otherwise load the directory
+    # as the dense model, every converted FFN silently initialised at random. The dense config lives
+    # in moeify.json; the hf-* export targets write checkpoints that transformers does load.
+    dense_config = (json.loads(config.to_json_string(use_diff=False))
+                    if config is not None and hasattr(config, "to_json_string") else None)
     with atomic_directory(out, force=force) as tmp:
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "to_json_string"):
-            (tmp / "config.json").write_text(config.to_json_string())
         files = []
         for i, names in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            fname = (f"{WEIGHTS_STEM}.safetensors" if len(shards) == 1
+                     else f"{WEIGHTS_STEM}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
             save_file({k: tensors[k].contiguous() for k in names}, str(tmp / fname), metadata={"format": "pt"})
             files.append((fname, names))
             if progress:
@@ -51,20 +60,21 @@ def save(model: nn.Module, path: str | Path, *, force: bool = False,
         if len(files) > 1:
             index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                      "weight_map": {k: f for f, names in files for k in names}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (tmp / f"{WEIGHTS_STEM}.safetensors.index.json").write_text(json.dumps(index, indent=2))
         meta = {
             "format": "moeify", "format_version": FORMAT_VERSION, "weights": not structure_only,
-            "source": record.source, "moe_config": record.config.to_dict(),
+            "source": record.source, "dense_config": dense_config, "moe_config": record.config.to_dict(),
             "sites": record.site_names, "skipped": record.skipped, "aliases": aliases,
             "summary": summarize(model).to_dict(),
         }
         (tmp / MOEIFY_FILE).write_text(json.dumps(meta, indent=2))
+        copy_tokenizer(_tokenizer_dir(record.source, tokenizer_from), tmp)
     return out
 
 
 def load(path: str | Path, *, model: nn.Module | None = None, device: str | None = None,
          progress: Progress | None = None) -> nn.Module:
-    """Rebuild a saved model: dense structure from its config, conversion replayed, weights loaded.
+    """Rebuild a saved model: dense structure from its saved config, conversion replayed, weights loaded.
 
     `model` supplies the dense structure for models that are not transformers classes (pass a
     fresh instance of the class you converted). Structure-only outputs load on the meta device.
@@ -75,9 +85,21 @@ def load(path: str | Path, *, model: nn.Module | None = None, device: str | None
     device = device or ("cpu" if has_weights else "meta")
     sparse = replay(path, meta, model if model is not None else
                     dense_skeleton(path, meta, "cpu" if has_weights else "meta"))
+    # The skeleton is built in float32; a bfloat16 or float16 save loads in its own dtype (the
+    # routers stay float32: Router keeps its dtype through casts).
+    dtype = getattr(torch, str(meta["summary"].get("dtype", "float32")), None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != torch.float32:
+        sparse = sparse.to(dtype)
     if has_weights:
-        load_weights(sparse, weight_files(path), progress=progress)
+        load_weights(sparse, weight_files(path, WEIGHTS_STEM), progress=progress)
     return sparse.to(device) if device not in ("cpu", "meta") else sparse
+
+
+def _tokenizer_dir(source: dict, given: str | Path | None) -> Path | None:
+    if given is not None:
+        return Path(given)
+    path = source.get("path") if source.get("kind") == "hf" else None
+    return Path(path) if path else None
 
 
 def _record_of(model: nn.Module) -> ConversionRecord:
@@ -88,7 +110,7 @@ def _record_of(model: nn.Module) -> ConversionRecord:
         import transformers
 
         cls = type(model)
-        if getattr(transformers, cls.__name__, None) is cls:  # rebuildable from config.json
+        if getattr(transformers, cls.__name__, None) is cls:  # rebuildable from its config
             record.source = {"kind": "transformers", "architecture": cls.__name__}
         else:
             record.source = {"kind": "module", "class": f"{cls.__module__}.{cls.__qualname__}"}

@@ -33,6 +33,7 @@ def summarize(model: nn.Module) -> ModelSummary:
     ffn_layers = len(record.sites) + len(record.skipped) if record is not None else len(layers)
     return ModelSummary(
         model=type(model).__name__, dtype=str(first.dtype).removeprefix("torch.") if first is not None else "-",
-        total_params=total, active_params=total - held + sum(s.params_per_expert for s in layers),
+        # Per token: everything outside the experts, plus the k experts each Switch layer runs.
+        total_params=total, active_params=total - held + sum(s.params_per_expert * s.routing.top_k for s in layers),
         dense_params=total - held, num_experts=max((s.num_experts for s in layers), default=0),
         moe_layers=layers, ffn_layers=ffn_layers)

@@ -23,21 +23,35 @@ def _available_bytes() -> int | None:
     return None
 
 
-def _check_memory(source: str, config: MoEConfig, seed: int) -> None:
+def _check_memory(source: str, config: MoEConfig, flags: dict) -> None:
     """Convert on the meta device first: cheap, and it fails fast when weights cannot fit."""
     import torch
 
-    from moeify.checkpoint.sources import load_dense
     from moeify.checkpoint.summary import summarize
-    from moeify.conversion.pipeline import convert
 
-    summary = summarize(convert(load_dense(source, device="meta", seed=seed).model, config, inplace=True))
+    summary = summarize(_converted(source, config, flags, "meta"))
     need = summary.total_params * torch.finfo(getattr(torch, summary.dtype)).bits // 8
     available = _available_bytes()
     if available is not None and need > 0.8 * available:
         raise MoeifyError(
             f"the converted model needs {need / 2**30:.1f} GiB for its weights but {available / 2**30:.1f} GiB "
             f"of memory is available: use --device meta for a structure-only conversion, or fewer --experts")
+
+
+def _converted(source: str, config: MoEConfig, flags: dict, device: str, progress=None):
+    """SOURCE converted: a SwitchTransformers directory is imported as it is (its experts are its
+    weights), any other dense model converted with `config`."""
+    from moeify.checkpoint.hf_switch import is_switch_directory
+
+    if is_switch_directory(source):
+        from moeify.checkpoint.switch_import import import_switch
+
+        return import_switch(source, device=device, overrides=flags, progress=progress)
+    from moeify.checkpoint.sources import load_dense
+    from moeify.conversion.pipeline import convert
+
+    dense = load_dense(source, device=device, seed=config.seed)
+    return convert(dense.model, config, inplace=True, source=dense.source, progress=progress)
 
 
 @click.command("convert", short_help="Convert a preset or a Hugging Face model into a Switch model.")
@@ -58,7 +72,10 @@ def convert_cmd(source: str, output: Path | None, device: str, force: bool, chec
 
     Every matched dense FFN (Linear -> activation -> Linear, or its gated form) in the
     selected layers becomes a SwitchFFN: a float32 top-1 router and stacked experts,
-    upcycled from the dense weights by default.
+    upcycled from the dense weights by default. A transformers SwitchTransformers directory
+    (the layout of switch-base-8 ... switch-c-2048) is imported as it is: its experts, routers
+    and sparse layers come from the checkpoint, and only run-time flags (capacity, losses,
+    jitter, dropout) apply.
 
     \b
     Examples:
@@ -66,6 +83,7 @@ def convert_cmd(source: str, output: Path | None, device: str, force: bool, chec
       moeify convert path/to/hf-t5 --experts 16 --capacity-factor 1.5 -o out/x
       moeify convert t5-base --experts 128 --device meta -o out/plan-only
       moeify convert switch-c-2048 --device meta -o out/c  # the paper's 1.6T
+      moeify convert path/to/switch-base-8 -o out/switch-base-8  # imported
     """
     config = moe_config(source, flags)
     seed = config.seed
@@ -74,21 +92,25 @@ def convert_cmd(source: str, output: Path | None, device: str, force: bool, chec
     resolve_source(source)  # a typo fails here, before torch is imported
     import torch
 
-    from moeify.checkpoint.sources import load_dense
     from moeify.checkpoint.store import save
     from moeify.cli.progress import progress_bars
-    from moeify.conversion.pipeline import convert
 
     if device == "cuda" and not torch.cuda.is_available():
         raise MoeifyError("--device cuda but torch sees no CUDA device: use --device cpu or meta")
     if device != "meta":
-        _check_memory(source, config, seed)
+        _check_memory(source, config, flags)
     t0 = time.perf_counter()
-    dense = load_dense(source, device=device, seed=seed)
     with progress_bars(console) as progress:
-        sparse = convert(dense.model, config, inplace=True, source=dense.source, progress=progress)
+        sparse = _converted(source, config, flags, device, progress)
     elapsed = time.perf_counter() - t0
     _print_conversion(sparse, source, elapsed, verbose)
+    imported = sparse.moeify_record.source
+    if imported.get("imported"):
+        c = sparse.moeify_record.config
+        console.print(f"[yellow]note[/] the checkpoint's expert_capacity {imported.get('expert_capacity')} per "
+                      f"sequence is not used: moeify limits each expert per batch with capacity factor "
+                      f"{c.capacity_factor} (eval {c.eval_capacity_factor}); set them with --capacity-factor "
+                      "and --eval-capacity-factor, or --dropless")
     if check and device != "meta":
         _forward_check(sparse, seed)
     with progress_bars(console) as progress:
@@ -104,7 +126,8 @@ def _print_conversion(model, source: str, elapsed: float, verbose: bool = False)
     summary = summarize(model)
     c = record.config
     t = table("site", ("experts", "right"), ("d_model", "right"), ("d_ff", "right"), "ffn",
-              title=f"{source}: {len(record.sites)} FFNs -> SwitchFFN ({c.init}) in {elapsed:.1f}s")
+              title=f"{source}: {len(record.sites)} FFNs -> SwitchFFN "
+                    f"({'imported' if record.source.get('imported') else c.init}) in {elapsed:.1f}s")
     for s in summary.moe_layers:
         kind = ("gated " if s.gated else "") + s.activation + (" +bias" if s.bias else "")
         t.add_row(s.name, str(s.num_experts), str(s.d_model), str(s.d_ff), kind)

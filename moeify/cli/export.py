@@ -1,14 +1,14 @@
-"""`moeify export`: a converted model -> ONNX for onnxruntime, or per-rank shards for torch.distributed."""
+"""`moeify export`: a converted model -> one of the registry's targets (ONNX, rank shards, transformers checkpoints)."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Callable
 
 import click
 from click.core import ParameterSource
 
-from moeify.cli.export_distributed import export_distributed_target
-from moeify.cli.export_onnx import export_onnx_target
+from moeify.checkpoint.hf_switch import DEFAULT_SEQ_LEN
+from moeify.cli.targets import TARGETS, targets_help
 from moeify.errors import MoeifyError
 
 # The choices of moeify.targets.onnx.options, spelled out so that building the CLI does not import
@@ -17,17 +17,40 @@ MODES = ("fused", "portable")
 DTYPES = ("fp32", "fp16")
 PROVIDERS = ("cpu", "cuda")
 
-# One entry per target: the function, taking (source, output, force, its flags), and its options.
-TARGETS: dict[str, tuple[Callable[[Path, Path, bool, dict], None], tuple[str, ...]]] = {
-    "onnx": (export_onnx_target, ("mode", "opset", "dtype", "provider", "optimize", "save_optimized", "verify",
-                                  "dynamo")),
-    "torch-distributed": (export_distributed_target, ("plan", "world_size", "allow_uneven")),
-}
+HELP = """Export the converted model at SOURCE (a `moeify convert` output).
+
+\b
+Examples:
+  moeify export out/switch-t5-small --target onnx -o out/onnx  # fused
+  moeify export out/switch-t5-small --target onnx --mode portable \\
+      -o out/onnx-portable
+  moeify inspect out/onnx/encoder_model.onnx   # ops, MoE nodes, sizes
+  moeify export out/switch-t5-small --target torch-distributed \\
+      --world-size 4 -o out/dist4   # then: moeify run out/dist4
+  moeify export out/switch-t5-small --target hf-switch -o out/hf
+  moeify export out/moe-llama --target hf-mixtral -o out/mixtral
+
+onnx: encoder-decoder models give encoder_model.onnx and decoder_model.onnx, other models
+model.onnx; batch and sequence axes are dynamic. Fused mode (the default) is DROPLESS:
+com.microsoft.MoE keeps every token, so it equals PyTorch only where the eval capacity
+drops none; portable mode reproduces the capacity.
+
+torch-distributed: one safetensors file per rank (the dense weights and that rank's
+experts), the plan and a sha256 manifest, written one shard at a time. Run it with
+`moeify run DIR` or `torchrun --nproc-per-node N -m moeify.run DIR`.
+
+hf-*: a directory that transformers' from_pretrained loads (config.json, safetensors in the
+hub layout, the tokenizer if the source had one). Every tensor's name, shape and dtype is
+checked against the transformers class, built on the meta device, before anything is
+written. What the family cannot express is refused with the flags to convert with.
+
+""" + targets_help(76)
 
 
-@click.command("export", short_help="Export to ONNX, or to per-rank shards for torch.distributed.")
+@click.command("export", help=HELP, short_help="Export to ONNX, rank shards or a transformers checkpoint.")
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--target", type=click.Choice(sorted(TARGETS)), required=True, help="What to export to.")
+@click.option("--target", type=click.Choice(list(TARGETS)), required=True,
+              help="What to export to (the list below says what each accepts).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output directory [default: SOURCE-TARGET].")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
@@ -56,45 +79,21 @@ TARGETS: dict[str, tuple[Callable[[Path, Path, bool, dict], None], tuple[str, ..
                    "as wide as the experts allow, balanced placement, not estimated).")
 @click.option("--allow-uneven", is_flag=True,
               help="torch-distributed with --world-size: let ranks hold different numbers of experts.")
+@click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True,
+              help="hf-switch: the sequence length its per-sequence expert_capacity is sized for "
+                   "(from the eval capacity factor).")
 @click.option("--dynamo", is_flag=True,
               help="Capture with torch.export (needs onnxscript) instead of the TorchScript exporter. "
                    "T5 does not export this way with torch 2.13.")
 @click.pass_context
 def export_cmd(ctx: click.Context, source: Path, target: str, output: Path | None, force: bool, **flags) -> None:
-    """Export the converted model at SOURCE (a `moeify convert` output) for serving or for
-    expert-parallel training.
-
-    onnx: encoder-decoder models give encoder_model.onnx (input_ids, attention_mask ->
-    last_hidden_state) and decoder_model.onnx (input_ids, encoder_hidden_states,
-    encoder_attention_mask -> logits); other models give model.onnx. Batch and sequence axes
-    are dynamic. Dropout is removed, constants folded, every graph passes onnx's full check.
-
-    Fused mode (the default) is DROPLESS: com.microsoft.MoE keeps every token, so it equals
-    PyTorch only where the eval capacity drops none. Portable mode reproduces the capacity.
-
-    \b
-    Examples:
-      moeify export out/switch-t5-small --target onnx -o out/onnx  # fused
-      moeify export out/switch-t5-small --target onnx --mode portable \\
-          -o out/onnx-portable
-      moeify export out/switch-t5-small --target onnx --dtype fp16 \\
-          --save-optimized -o out/onnx16
-      moeify inspect out/onnx/encoder_model.onnx   # ops, MoE nodes, sizes
-
-    torch-distributed: one safetensors file per rank (the dense weights and that rank's experts),
-    the plan and a manifest with sha256, written one shard at a time. Run it with
-    `moeify run DIR` or `torchrun --nproc-per-node N -m moeify.run DIR`.
-
-    \b
-      moeify export out/switch-t5-small --target torch-distributed \\
-          --plan plan.json -o out/dist
-      moeify export out/switch-t5-small --target torch-distributed \\
-          --world-size 4 -o out/dist4
-    """
-    run, names = TARGETS[target]
+    chosen = TARGETS[target]
     for name, value in flags.items():
-        if name not in names and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
-            owner = next(t for t, (_, n) in TARGETS.items() if name in n)
+        if name not in chosen.options and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            owner = next(t.name for t in TARGETS.values() if name in t.options)
             raise MoeifyError(f"--{name.replace('_', '-')} is an option of --target {owner}, not {target}")
     output = output or source.with_name(f"{source.name}-{target}")
-    run(source, output, force, {name: flags[name] for name in names})
+    module, function = chosen.runner.split(":")
+    run = getattr(importlib.import_module(module), function)
+    run(chosen, source, output, force, {name: flags[name] for name in chosen.options})
+

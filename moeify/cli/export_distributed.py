@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moeify.cli.common import console, table
+from moeify.cli.targets import Target
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -32,7 +33,7 @@ def print_export(export: DistributedExport, console: Console) -> None:
                   "(dense weights are in every shard)")
 
 
-def export_distributed_target(source: Path, output: Path, force: bool, flags: dict) -> None:
+def export_distributed_target(target: Target, source: Path, output: Path, force: bool, flags: dict) -> None:
     """Reads `plan` (a path), `world_size` and `allow_uneven` from `flags`."""
     from moeify.cli.progress import progress_bars
     from moeify.targets.distributed.export import export_distributed

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moeify.cli.common import console, table
+from moeify.cli.targets import Target
+
+if TYPE_CHECKING:
+    from moeify.targets.onnx.unit import LayerLowering
 
 
-def export_onnx_target(source: Path, output: Path, force: bool, flags: dict) -> None:
+def export_onnx_target(target: Target, source: Path, output: Path, force: bool, flags: dict) -> None:
     from moeify.cli.progress import progress_bars
     from moeify.targets.onnx import OnnxOptions, export_onnx
 
@@ -26,16 +31,32 @@ def export_onnx_target(source: Path, output: Path, force: bool, flags: dict) -> 
                   "-" if g.nodes_optimized is None else str(g.nodes_optimized), str(g.moe_nodes),
                   f"{g.megabytes:.2f}", "-" if g.max_abs_diff is None else f"{g.max_abs_diff:.1e}")
     console.print(t)
-    fused = sum(p.lowering == "fused" for p in report.layers)
+    fused = [p for p in report.layers if p.lowering == "fused"]
+    portable = [p for p in report.layers if p.lowering == "portable"]
     if options.mode == "fused":
-        console.print(f"{fused} Switch layers fused into com.microsoft.MoE (dropless: every token is kept), "
-                      f"{len(report.layers) - fused} portable (exact eval capacity)")
+        console.print(f"{len(fused)} Switch layers fused into com.microsoft.MoE ({_routes(fused)}dropless: every "
+                      f"token is kept), {len(portable)} portable ({_routes(portable)}{_capacity(portable)})")
         for plan in report.fallbacks:
             console.print(f"[yellow]portable fallback[/] {plan.spec.name}: {plan.reason}")
     else:
-        console.print(f"{len(report.layers)} Switch layers lowered to standard ONNX ops (exact eval capacity)")
+        console.print(f"{len(portable)} Switch layers lowered to standard ONNX ops "
+                      f"({_routes(portable)}{_capacity(portable)})")
     if options.verify:
         reference = "PyTorch eval, dropless for fused layers" if fused else "PyTorch eval"
         console.print(f"[dim]max |Δ|: onnxruntime vs {reference}, batch 3 x 11 tokens[/]")
     if options.save_optimized:
         console.print(f"[dim]*_optimized.onnx are optimised for this machine and --provider {options.provider}[/]")
+
+
+def _routes(plans: list[LayerLowering]) -> str:
+    """'top-2, ', 'top-2 norm, ' ('top-1/top-2, ' where layers differ); '' where all are Switch's top-1."""
+    labels = dict.fromkeys(f"top-{p.spec.top_k}" + (" norm" if p.spec.normalize_gates else "") for p in plans)
+    return "" if list(labels) in ([], ["top-1"]) else "/".join(labels) + ", "
+
+
+def _capacity(plans: list[LayerLowering]) -> str:
+    """What portable layers keep: the exact eval capacity, or every assignment where they are dropless."""
+    dropless = {p.spec.dropless for p in plans}
+    if dropless == {True}:
+        return "dropless"
+    return "exact eval capacity, or dropless" if True in dropless else "exact eval capacity"

@@ -43,21 +43,33 @@ def _inspect_model(path: Path, as_json: bool) -> None:
         return
     s = saved_summary(meta)
     layers = s.moe_layers
-    origin = meta["source"].get("name") or meta["source"].get("path") or meta["source"].get("class")
+    origin = (meta["source"].get("name") or meta["source"].get("path") or meta["source"].get("class")
+              or "a module instance")
     console.print(f"[bold]{path}[/]: {s.model} from {origin}, {s.dtype}"
                   f"{'' if meta['weights'] else ', structure only (no weights)'}")
     console.print(f"parameters: {human(s.total_params)} total, {human(s.active_params)} active per token, "
                   f"{len(layers)} Switch layers x {s.num_experts} experts (exact counts: --json)")
+    if layers:
+        console.print(f"routing: {routing_line(layers[0].routing)}")
     # The experts column only where layers differ: the line above gives the count otherwise.
     varied = any(row.num_experts != s.num_experts for row in layers)
     t = table("layer", *([("experts", "right")] if varied else []), ("d_model", "right"), ("d_ff", "right"), "gated",
               ("capacity", "right"), ("params", "right"))
-    t.caption = "capacity: training/eval capacity factor; params: the layer's expert parameters"
+    t.caption = "capacity: training/eval capacity factor, or dropless; params: expert parameters"
     for row in layers:
         t.add_row(row.name, *([str(row.num_experts)] if varied else []), str(row.d_model), str(row.d_ff),
                   "yes" if row.gated else "no",
+                  "dropless" if row.routing.dropless else
                   f"{row.routing.capacity_factor}/{row.routing.eval_capacity_factor}", human(row.expert_params))
     console.print(t)
+
+
+def routing_line(r) -> str:
+    """How a layer routes, in words: 'top-1, gate = probability, capacity factor 1.25 (eval 2.0)'."""
+    gates = "gates renormalised to sum 1" if r.normalize_gates else "gate = probability"
+    capacity = ("dropless (no capacity limit)" if r.dropless
+                else f"capacity factor {r.capacity_factor} (eval {r.eval_capacity_factor}, min {r.min_capacity})")
+    return f"top-{r.top_k}, {gates}, {capacity}"
 
 
 SHOWN_OPS = 12  # the op histogram's longest rows; --json has them all
@@ -98,18 +110,23 @@ def _inspect_onnx(path: Path, as_json: bool) -> None:
     if data["switch_layers"]:
         layers = table("layer", "lowering", "ffn", ("experts", "right"), "capacity",
                        title=f"Switch layers ({data['mode']} mode, {data['dtype']})")
-        layers.caption = "fused: com.microsoft.MoE keeps every token; portable: eval capacity factor (min slots)"
+        layers.caption = ("experts: E, or k of E where a token picks k > 1; fused: com.microsoft.MoE keeps "
+                          "every token; portable: eval capacity factor (min slots); norm: gates renormalised")
         for row in data["switch_layers"]:
-            capacity = ("dropless" if row["lowering"] == "fused"
+            # Files written before top-k lack top_k, normalize_gates and dropless: top-1 with a capacity.
+            k = row.get("top_k", 1)
+            capacity = ("dropless" if row["lowering"] == "fused" or row.get("dropless", False)
                         else f"{row['eval_capacity_factor']} (min {row['min_capacity']})")
             layers.add_row(row["name"], row["lowering"], ("gated " if row["gated"] else "") + row["activation"],
-                           str(row["num_experts"]), capacity)
+                           f"{k} of {row['num_experts']}" if k > 1 else str(row["num_experts"]),
+                           ("norm, " if row.get("normalize_gates", False) else "") + capacity)
         console.print(layers)
         for row in data["switch_layers"]:
             if row["reason"]:
                 console.print(f"[yellow]portable fallback[/] {escape(row['name'])}: {escape(row['reason'])}")
     for n in data["moe_nodes"]:
-        console.print(escape(f"MoE node {n['name']}: k={n['k']}, {n['activation_type']}, fc1 {n['fc1_shape']}"))
+        k = f"k={n['k']}" + (" normalised" if n["normalize_routing_weights"] else "")
+        console.print(escape(f"MoE node {n['name']}: {k}, {n['activation_type']}, fc1 {n['fc1_shape']}"))
 
 
 SHOWN_RANKS = 16  # placement rows of the first expert-parallel group; --json has them all

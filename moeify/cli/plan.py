@@ -23,9 +23,17 @@ ALGORITHMS = ("flat", "hierarchical")  # search.ALGORITHMS
 
 
 def model_summary(source: str, flags: dict) -> ModelSummary:
-    """A converted directory's saved summary, or a preset / HF directory converted on meta."""
+    """A converted directory's saved summary, or a preset / HF directory converted (a SwitchTransformers
+    one imported) on meta."""
     if (Path(source) / MOEIFY_FILE).is_file():
         return saved_summary(read_metadata(source))
+    from moeify.checkpoint.hf_switch import is_switch_directory
+
+    if is_switch_directory(source):
+        from moeify.checkpoint.summary import summarize
+        from moeify.checkpoint.switch_import import import_switch
+
+        return summarize(import_switch(source, device="meta", overrides=flags))
     config = moe_config(source, flags)
     from moeify.checkpoint.sources import load_dense
     from moeify.checkpoint.summary import summarize

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 LABELS = {"switchify": "converting FFNs", "save": "writing shards", "load": "reading shards",
           "plan": "evaluating layouts", "calibrate": "routing batches", "emit": "writing rank shards",
-          "export": "exporting graphs"}
+          "export": "exporting graphs", "check": "checking tensors", "write": "writing checkpoint"}
 
 
 @contextlib.contextmanager

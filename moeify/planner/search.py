@@ -120,8 +120,9 @@ class Planner:
         placement = place.load_aware(loads, ep) if layer.load else place.balanced(layer.num_experts, ep)
         replicas = (place.replicate_hot(placement, loads, ep, opts.replicate_hot)
                     if layer.load and opts.replicate_hot else {e: [r] for e, r in enumerate(placement)})
-        capacity = expert_capacity(w.tokens_per_rank * w.top_k, layer.num_experts, w.capacity_factor, w.min_capacity)
-        kept = np.minimum(np.array(loads) * w.tokens_per_rank * w.top_k, capacity)  # (E,) tokens per source rank
+        routed = np.array(loads) * w.tokens_per_rank * w.top_k  # (E,) assignments per source rank
+        kept = routed if w.dropless else np.minimum(routed, expert_capacity(
+            w.tokens_per_rank, layer.num_experts, w.capacity_factor, w.min_capacity, w.top_k))
         to_rank = np.zeros(ep)  # tokens each source rank sends to each group rank
         held = np.zeros(ep, dtype=int)
         for e, ranks in replicas.items():
@@ -163,7 +164,9 @@ class Planner:
         allreduce = ring_all_reduce(self.routes, everyone, w.dense_params * w.dtype_bytes) + \
             ring_all_reduce(self.routes, groups.T, expert_params * w.dtype_bytes)
         activations = w.ffn_layers * ACTIVATION_BYTES_PER_TOKEN_DIM * w.tokens_per_rank * w.d_model * w.dtype_bytes // 2
-        buffers = len(w.layers) * 2 * w.capacity_factor * w.tokens_per_rank * w.d_model * w.dtype_bytes
+        # Dispatch and combine buffers: E * C rows, about cf * k * T (dropless: the k * T assignments).
+        slots = (1.0 if w.dropless else w.capacity_factor) * w.top_k * w.tokens_per_rank
+        buffers = len(w.layers) * 2 * slots * w.d_model * w.dtype_bytes
         memory = (w.dense_params + expert_params) * self.options.bytes_per_param + activations + int(buffers)
         estimate = Estimate(
             step_ms=(compute_total + dense_compute + a2a.time_us + allreduce.time_us) / 1e3,
@@ -232,7 +235,8 @@ class Planner:
         return ShardingPlan(
             mesh=Mesh(ranks=best.groups.tolist()), layout=best.layout, layers=best.layers, estimate=best.estimate,
             model={"name": w.model, "dtype": w.dtype, "tokens_per_rank": w.tokens_per_rank,
-                   "capacity_factor": w.capacity_factor, "top_k": w.top_k, "moe_layers": len(w.layers),
+                   "capacity_factor": w.capacity_factor, "top_k": w.top_k, "dropless": w.dropless,
+                   "moe_layers": len(w.layers),
                    "calibrated": any(layer.load for layer in w.layers), "optimizer": self.options.optimizer},
             topology={"name": topo.name, "hosts": len(topo.hosts), "gpus_per_host": topo.gpus_per_host,
                       "device": first_gpu.get("device", "")},

@@ -43,7 +43,8 @@ class Workload:
     tokens_per_rank: int = 8192
     capacity_factor: float = RoutingConfig.capacity_factor
     min_capacity: int = RoutingConfig.min_capacity
-    top_k: int = 1
+    top_k: int = RoutingConfig.top_k  # experts per token: each assignment is sent, computed and returned
+    dropless: bool = RoutingConfig.dropless  # no capacity: every assignment is kept
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -82,7 +83,8 @@ def workload_from_summary(summary: ModelSummary, *, dtype: str = "bfloat16", tok
     return Workload(
         model=summary.model, layers=tuple(layers), dense_params=summary.dense_params,
         ffn_layers=summary.ffn_layers or len(layers), dtype=dtype, tokens_per_rank=tokens_per_rank,
-        capacity_factor=capacity_factor or routing.capacity_factor, min_capacity=routing.min_capacity)
+        capacity_factor=capacity_factor or routing.capacity_factor, min_capacity=routing.min_capacity,
+        top_k=routing.top_k, dropless=routing.dropless)
 
 
 def read_load(path: str | Path) -> dict[str, list[float]]:

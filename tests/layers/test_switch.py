@@ -4,20 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from tiny import tiny_switch as make
+
 from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN
-
-
-def make(num_experts=4, d=8, f=16, gated=False, bias=False, act=None, **routing):
-    layer = SwitchFFN(d, f, RoutingConfig(num_experts=num_experts, **routing), act or nn.GELU(),
-                      gated=gated, bias=bias)
-    g = torch.Generator().manual_seed(0)
-    layer.router.reset_parameters(1.0, g)
-    layer.experts.reset_parameters(1.0, g)
-    for b in (layer.experts.b_in, layer.experts.b_gate, layer.experts.b_out):
-        if b is not None:
-            nn.init.normal_(b, generator=g)
-    return layer
 
 
 def reference(layer: SwitchFFN, x: torch.Tensor) -> torch.Tensor:

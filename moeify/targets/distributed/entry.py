@@ -57,13 +57,15 @@ def print_report(report, console) -> None:
     if report.loss is not None:
         line += f"; last loss {report.loss:.4f} (mean over ranks)"
     console.print(line)
-    table = Table(title=f"router statistics over all ranks: dropped {report.dropped_fraction:.1%} of tokens",
+    # With top-k routing a token is counted once per choice: say so rather than call those tokens.
+    unit = "tokens" if all(s.top_k == 1 for s in report.layers) else "assignments"
+    table = Table(title=f"router statistics over all ranks: dropped {report.dropped_fraction:.1%} of {unit}",
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
     # Long count lists wrap in the width the layer names and the dropped column leave them.
     name_width = max((len(s.name) for s in report.layers), default=5)
     counts_width = console.width - name_width - len("dropped") - 4  # 4: the two column gaps
     table.add_column("layer", overflow="fold")
-    table.add_column("tokens per expert", overflow="fold", max_width=counts_width if counts_width >= 12 else None)
+    table.add_column(f"{unit} per expert", overflow="fold", max_width=counts_width if counts_width >= 12 else None)
     table.add_column("dropped", justify="right", overflow="fold")
     for s in report.layers:
         table.add_row(s.name, " ".join(str(n) for n in s.tokens_per_expert), f"{s.dropped_fraction:.1%}")

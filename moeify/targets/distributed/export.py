@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from moeify.checkpoint.files import atomic_directory, check_writable
-from moeify.checkpoint.metadata import MOEIFY_FILE, read_metadata
+from moeify.checkpoint.metadata import MOEIFY_FILE, WEIGHTS_STEM, read_metadata
 from moeify.checkpoint.skeleton import skeleton
 from moeify.checkpoint.sources import check_safetensors, tied_aliases, weight_files
 from moeify.errors import MoeifyError
@@ -116,11 +115,9 @@ def export_distributed(source: str | Path, output: str | Path, plan: ShardingPla
             shards.append(RankShard(rank, name, local_expert_ids(part)))
             if progress:
                 progress("emit", rank + 1, plan.world_size)
-        if (source / "config.json").is_file():  # custom-module sources have none
-            shutil.copyfile(source / "config.json", tmp / "config.json")
         (tmp / MOEIFY_FILE).write_text(json.dumps({**meta, "target": TARGET}, indent=2))
         plan.save(tmp / PLAN_FILE)
-        names = [n for n in ("config.json", MOEIFY_FILE, PLAN_FILE) if (tmp / n).is_file()] + [s.file for s in shards]
+        names = [MOEIFY_FILE, PLAN_FILE] + [s.file for s in shards]
         manifest = Manifest(world_size=plan.world_size, files=describe(tmp, names), ranks=shards,
                             source=meta["source"])
         write_manifest(tmp, manifest)
@@ -132,7 +129,7 @@ def _tensor_files(source: Path) -> dict[str, Path]:
     from safetensors import safe_open
 
     where = {}
-    for f in weight_files(source):
+    for f in weight_files(source, WEIGHTS_STEM):
         check_safetensors(f)
         with safe_open(str(f), "pt") as handle:
             where.update(dict.fromkeys(handle.keys(), f))

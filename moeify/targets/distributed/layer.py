@@ -38,12 +38,13 @@ def local_experts(full: Experts, ids: list[int]) -> Experts:
 
 
 class ExpertParallelFFN(SwitchFFN):
-    """SwitchFFN.forward with an expert step that crosses ranks: kept tokens go into a [E, C, d_model]
-    buffer -> all-to-all -> this rank's experts -> all-to-all back (Fedus et al. 2021, Section 2.2
-    and Figure 13); routing, dispatch, gating and combining are SwitchFFN's own.
+    """SwitchFFN.forward with an expert step that crosses ranks: kept (token, choice) assignments go
+    into a [E, C, d_model] buffer -> all-to-all -> this rank's experts -> all-to-all back (Fedus et
+    al. 2021, Section 2.2 and Figure 13); routing, dispatch, gating and combining are SwitchFFN's own.
 
     Computes, on this rank's tokens, exactly what the single-process SwitchFFN computes on them:
-    capacity comes from the local token count, and within each expert earlier local tokens win.
+    capacity comes from the local token count (when dropless, from the local busiest expert), and
+    within each expert first choices, then earlier local tokens, win.
     router_losses(), summarize() and capacity() apply unchanged; `experts` holds only this rank's
     experts (copies of replicated ones too), in ascending id (`expert_ids`).
     """

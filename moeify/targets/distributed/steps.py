@@ -12,6 +12,7 @@ from torch import nn
 from moeify.checkpoint.sample import sample_inputs
 from moeify.errors import MoeifyError
 from moeify.layers.collector import router_losses
+from moeify.layers.switch import switch_layers
 from moeify.targets.distributed import comm
 from moeify.targets.distributed.env import init_distributed
 from moeify.targets.distributed.failures import communication
@@ -43,8 +44,9 @@ class RunConfig:
 @dataclass
 class LayerStats:
     name: str
-    tokens_per_expert: list[int]  # argmax choices over all ranks and steps, before capacity
-    dropped: int  # of those, tokens over their rank's capacity (their layer output is 0)
+    tokens_per_expert: list[int]  # (token, choice) assignments over all ranks and steps, before capacity
+    dropped: int  # of those, assignments over their rank's capacity (they add nothing to their token)
+    top_k: int = 1  # assignments per token: with 1, assignments are tokens
 
     @property
     def dropped_fraction(self) -> float:
@@ -69,6 +71,7 @@ class RunReport:
 
     @property
     def dropped_fraction(self) -> float:
+        """Dropped assignments over routed assignments, all layers together."""
         routed = sum(sum(s.tokens_per_expert) for s in self.layers)
         return sum(s.dropped for s in self.layers) / routed if routed else 0.0
 
@@ -128,7 +131,7 @@ def run_steps(config: RunConfig, log: Callable[[str], None] = print) -> RunRepor
     batches = Batches(part.model, config, env.rank, env.world_size, device)
     model = data_parallel(part) if config.train else part.model
     optimizer = torch.optim.AdamW(part.model.parameters(), lr=config.lr) if config.train else None
-    counts: dict[str, torch.Tensor] = {}  # layer -> (E,) routed tokens, this rank
+    counts: dict[str, torch.Tensor] = {}  # layer -> (E,) routed assignments, this rank
     dropped: dict[str, int] = {}
     tokens = timed_tokens = 0
     loss = torch.zeros((), device=device)
@@ -154,14 +157,15 @@ def run_steps(config: RunConfig, log: Callable[[str], None] = print) -> RunRepor
         if config.log_every and (step + 1) % config.log_every == 0 and env.rank == 0:
             log(f"step {step + 1}/{config.steps}" + (f"  loss {loss.item():.4f}" if config.train else ""))
     seconds = time.perf_counter() - start
+    top_k = {name: m.top_k for name, m in switch_layers(part.model).items()}
     with communication(f"rank {env.rank}: gathering statistics"):
-        report = _gather(counts, dropped, loss.detach(), env.world_size, config)
+        report = _gather(counts, dropped, top_k, loss.detach(), env.world_size, config)
     report.tokens, report.seconds, report.timed_tokens = tokens, seconds, timed_tokens
     return report
 
 
-def _gather(counts: dict[str, torch.Tensor], dropped: dict[str, int], loss: torch.Tensor, world: int,
-            config: RunConfig) -> RunReport:
+def _gather(counts: dict[str, torch.Tensor], dropped: dict[str, int], top_k: dict[str, int], loss: torch.Tensor,
+            world: int, config: RunConfig) -> RunReport:
     """Sum routing statistics over ranks (one all-reduce), average the last loss."""
     names = list(counts)
     sizes = [counts[n].numel() for n in names]  # layers may differ in expert count
@@ -170,7 +174,7 @@ def _gather(counts: dict[str, torch.Tensor], dropped: dict[str, int], loss: torc
                      + [torch.tensor([dropped[n] for n in names] + [loss.item()], dtype=torch.float64, device=device)])
     comm.all_reduce(flat)
     parts = flat.split(sizes + [len(names), 1])
-    layers = [LayerStats(n, c.round().long().tolist(), int(d))
+    layers = [LayerStats(n, c.round().long().tolist(), int(d), top_k[n])
               for n, c, d in zip(names, parts[:-2], parts[-2].round().long().tolist())]
     return RunReport(world_size=world, steps=config.steps, train=config.train, tokens=0, seconds=0.0,
                      timed_tokens=0, loss=parts[-1].item() / world if config.train else None, layers=layers)

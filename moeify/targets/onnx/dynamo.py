@@ -50,7 +50,8 @@ class ScriptEmit:
         self._ops = getattr(onnx_opset, f"opset{opset}")
         self._values = onnxscript.values
 
-    def __call__(self, op_type: str, *inputs: Any, domain: str = "", **attrs: Any) -> Any:
+    def __call__(self, op_type: str, *inputs: Any, domain: str = "", outputs: int = 1, **attrs: Any) -> Any:
+        # `outputs` is the Emit protocol's; onnxscript returns a tuple for ops with several outputs itself.
         if domain:  # onnx has no schema for onnxruntime's contrib ops: lend it onnxruntime's
             op = self._values.Op(self._values.Opset(domain, 1), op_type, contrib_schema(op_type, domain))
             return op(*inputs, **attrs)

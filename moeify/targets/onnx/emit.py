@@ -13,11 +13,12 @@ ONNX_DTYPES = {torch.float32: FLOAT, torch.float64: DOUBLE, torch.float16: FLOAT
 
 
 class Emit(Protocol):
-    """op("MatMul", a, b), op("Softmax", x, axis=-1), op("MoE", ..., domain="com.microsoft")."""
+    """op("MatMul", a, b), op("Softmax", x, axis=-1), op("MoE", ..., domain="com.microsoft");
+    values, indices = op("TopK", x, k, axis=-1, outputs=2) for an op with several outputs."""
 
     opset: int
 
-    def __call__(self, op_type: str, *inputs: Any, domain: str = "", **attrs: Any) -> Any: ...
+    def __call__(self, op_type: str, *inputs: Any, domain: str = "", outputs: int = 1, **attrs: Any) -> Any: ...
 
     def const(self, value: Any, dtype: int) -> Any: ...
 
@@ -46,9 +47,9 @@ class LegacyEmit:
     def __init__(self, g, opset: int) -> None:
         self.g, self.opset = g, opset
 
-    def __call__(self, op_type: str, *inputs: Any, domain: str = "", **attrs: Any) -> Any:
+    def __call__(self, op_type: str, *inputs: Any, domain: str = "", outputs: int = 1, **attrs: Any) -> Any:
         name = f"{domain}::{op_type}" if domain else op_type
-        return self.g.op(name, *inputs, **{_suffixed(k, v): v for k, v in attrs.items()})
+        return self.g.op(name, *inputs, outputs=outputs, **{_suffixed(k, v): v for k, v in attrs.items()})
 
     def const(self, value: Any, dtype: int) -> Any:
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)

@@ -61,7 +61,8 @@ class ExportReport:
 def _layer_dict(plan: LayerLowering) -> dict:
     s = plan.spec
     return {"name": s.name, "lowering": plan.lowering, "activation": s.activation.name, "gated": s.gated,
-            "num_experts": s.num_experts, "eval_capacity_factor": s.eval_capacity_factor,
+            "num_experts": s.num_experts, "top_k": s.top_k, "normalize_gates": s.normalize_gates,
+            "dropless": s.dropless, "eval_capacity_factor": s.eval_capacity_factor,
             "min_capacity": s.min_capacity, "activation_type": plan.activation_type, "reason": plan.reason}
 
 

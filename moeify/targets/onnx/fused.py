@@ -1,10 +1,13 @@
 """Fused lowering: one com.microsoft.MoE node per Switch layer, or the reason it cannot be one.
 
 The onnxruntime kernel (CPU from 1.23.1) takes router *logits* and applies the softmax itself.
-With k=1 and normalize_routing_weights=0 it returns softmax(logits)[e] * expert_e(x) for the
-argmax expert e: exactly Switch's gate * expert(x). It has no capacity: every token is kept,
-so it equals PyTorch only when the eval capacity drops nothing. Weight layouts are nn.Linear's,
-as moeify stores them: fc1 (E, d_ff, d_model), fc2 (E, d_model, d_ff).
+Measured (onnxruntime 1.32): it takes the softmax over all experts, keeps the k largest and, with
+normalize_routing_weights=1, divides them by their sum; the output is sum_j gate_j * expert_{e_j}(x).
+That is Router's top-k for every k, with and without normalize_gates (k=1: Switch's gate * expert(x)).
+It has no capacity: every token is kept, so it equals PyTorch when the layer is dropless or its eval
+capacity drops nothing. Exact ties between probabilities are the one difference: the kernel takes
+the higher expert index. Weight layouts are nn.Linear's, as moeify stores them: fc1 (E, d_ff, d_model),
+fc2 (E, d_model, d_ff).
 """
 from __future__ import annotations
 
@@ -53,5 +56,6 @@ def lower_fused(op: Emit, spec: LayerSpec, x: Any, w: Weights, activation_type: 
         attrs = dict(swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
     maybe = lambda v: op.absent() if v is None else v  # noqa: E731
     y = op("MoE", x2, logits, fc1, maybe(fc1_bias), w.w_out, maybe(w.b_out), domain=DOMAIN,
-           k=1, activation_type=activation_type, normalize_routing_weights=0, **attrs)
+           k=spec.top_k, activation_type=activation_type, normalize_routing_weights=int(spec.normalize_gates),
+           **attrs)
     return op("Reshape", y, shape)

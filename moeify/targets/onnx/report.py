@@ -46,6 +46,7 @@ def describe(path: Path) -> dict:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
             fc1 = weights.get(n.input[2])
             moe_nodes.append({"name": n.name, "k": attrs.get("k", 1),
+                              "normalize_routing_weights": attrs.get("normalize_routing_weights", 0),
                               "activation_type": (attrs.get("activation_type") or b"relu").decode(),
                               "fc1_shape": list(fc1.dims) if fc1 is not None else None})
     meta = {p.key.removeprefix("moeify."): p.value for p in model.metadata_props if p.key.startswith("moeify.")}

@@ -19,6 +19,9 @@ class LayerSpec:
     d_ff: int
     eval_capacity_factor: float
     min_capacity: int
+    top_k: int  # experts per token
+    normalize_gates: bool  # the k kept probabilities divided by their sum
+    dropless: bool  # no capacity: every (token, choice) reaches its expert
     activation: Activation
     gated: bool
     dtype: int  # ONNX element type of hidden states and expert weights
@@ -32,7 +35,8 @@ class LayerSpec:
                               "and float16 models; call model.float() first (--dtype fp16 halves it for you)")
         r = record.routing
         return cls(name, record.num_experts, record.d_model, record.d_ff, r.eval_capacity_factor, r.min_capacity,
-                   identify(e.act), record.gated, ONNX_DTYPES[e.w_in.dtype], ONNX_DTYPES[layer.router.router_dtype])
+                   r.top_k, r.normalize_gates, r.dropless, identify(e.act), record.gated,
+                   ONNX_DTYPES[e.w_in.dtype], ONNX_DTYPES[layer.router.router_dtype])
 
 
 class Weights(NamedTuple):

@@ -19,13 +19,13 @@ CHECK_BATCH, CHECK_SEQUENCE = 3, 11
 
 @contextlib.contextmanager
 def dropless(model: nn.Module, names: set[str]) -> Iterator[None]:
-    """Give the named layers room for every token: the fused kernel never drops one."""
+    """Make the named layers dropless: the fused kernel never drops a token."""
     saved = {}
     try:
         for name, layer in switch_layers(model).items():
             if name in names:
                 saved[name] = layer.routing
-                layer.routing = dataclasses.replace(layer.routing, eval_capacity_factor=float(layer.num_experts))
+                layer.routing = dataclasses.replace(layer.routing, dropless=True)
         yield
     finally:
         for name, layer in switch_layers(model).items():

@@ -1,6 +1,7 @@
 """One rank of the parity tests: eval and train outputs, gradients, and parameters after one SGD step.
 
-Run as `python rank_worker.py EXPORT_DIR OUT_DIR` with torchrun's environment variables set.
+Run as `python rank_worker.py EXPORT_DIR OUT_DIR [EXPORT_DIR OUT_DIR ...]` with torchrun's environment
+variables set: several exports run one after the other in the same processes, to pay start-up once.
 """
 import json
 import sys
@@ -26,8 +27,14 @@ def rank_batch(rank: int) -> dict[str, torch.Tensor]:
     return {**batch, "labels": batch["decoder_input_ids"]}
 
 
-def main(export: str, out: str) -> None:
+def main(*args: str) -> None:
     env, _ = md.init(timeout_s=60)
+    for export, out in zip(args[::2], args[1::2], strict=True):
+        run(env, export, out)
+    torch.distributed.destroy_process_group()
+
+
+def run(env, export: str, out: str) -> None:
     part = md.load_rank(export)
     assert isinstance(part, md.RankPart) and part.groups.world_size == env.world_size
     model = part.model
@@ -55,7 +62,6 @@ def main(export: str, out: str) -> None:
     save_file({k: v.contiguous().clone() for k, v in result.items()}, str(Path(out) / f"rank{env.rank}.safetensors"))
     ids = {name: m.expert_ids for name, m in model.named_modules() if isinstance(m, md.ExpertParallelFFN)}
     (Path(out) / f"rank{env.rank}.json").write_text(json.dumps({"experts": ids, "expert_params": list(experts)}))
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ FFN = "encoder.block.1.layer.1.DenseReluDense"
 
 
 def test_each_shard_holds_its_experts_and_the_dense_weights(t5_source, dist2):
-    source = load_file(str(t5_source / "model.safetensors"))
+    source = load_file(str(t5_source / "moeify-model.safetensors"))
     expert_keys = {k for k in source if ".experts." in k}
     assert sorted(p.name for p in dist2.iterdir()) == [
-        "config.json", "manifest.json", "moeify.json", "plan.json",
+        "manifest.json", "moeify.json", "plan.json",
         "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
     for rank, ids in enumerate(([0, 1], [2, 3])):
         shard = load_file(str(dist2 / f"rank-{rank:05d}-of-00002.safetensors"))
@@ -100,7 +100,7 @@ def test_print_export_shows_each_rank(t5_source, tmp_path):
     assert f"{tmp_path / 'd3'}: 3 ranks, mesh dp=1 x ep=3, default plan (not estimated)" in text
     row = r"^ +1  rank-00001-of-00003\.safetensors +[\d.]+  E2 in each of 4 layers *$"
     assert re.search(row, text, flags=re.M), text
-    assert "manifest.json: 6 files with sha256; largest shard" in text
+    assert "manifest.json: 5 files with sha256; largest shard" in text
 
 
 def test_the_export_command(t5_source, tmp_path, monkeypatch):

@@ -1,5 +1,3 @@
-from moeify.layers.switch import expert_counts
-
 """Replicated experts without processes: the plan checks, the buffer/replica mapping, and emission."""
 import copy
 import json
@@ -11,6 +9,7 @@ from safetensors.torch import load_file
 
 import moeify
 from moeify.distributed import ExpertGroup, lower_expert_parallel
+from moeify.layers.switch import expert_counts
 from moeify.targets.distributed.export import (
     default_plan,
     export_distributed,
@@ -87,7 +86,7 @@ def test_a_replicated_expert_lands_in_every_holding_shard(t5_source, tmp_path):
     manifest = json.loads((export / "manifest.json").read_text())
     assert [r["experts"][ffn] for r in manifest["ranks"]] == [[0, 1, 2], [1, 2, 3]]
     assert [r["experts"][plan.layers[0].name] for r in manifest["ranks"]] == [[0, 1], [2, 3]]
-    source = load_file(str(t5_source / "model.safetensors"))
+    source = load_file(str(t5_source / "moeify-model.safetensors"))
     for rank, ids in enumerate(([0, 1, 2], [1, 2, 3])):
         shard = load_file(str(export / f"rank-{rank:05d}-of-00002.safetensors"))
         for name in (f"{ffn}.experts.w_in", f"{ffn}.experts.w_out"):

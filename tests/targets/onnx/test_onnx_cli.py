@@ -77,7 +77,8 @@ def test_help_teaches_and_says_fused_is_dropless():
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
     assert "DROPLESS" in text and "moeify export out/switch-t5-small --target onnx" in text
-    assert "--mode [fused|portable]" in text and "--target [onnx|torch-distributed]" in text
+    assert "--mode [fused|portable]" in text
+    assert "--target [torch|torch-distributed|onnx|hf-switch|hf-mixtral|hf-qwen3-moe]" in text
 
 
 def test_existing_output_needs_force(converted, tmp_path):
