@@ -20,7 +20,7 @@ def dense_skeleton(path: Path, meta: dict, device: str) -> nn.Module:
         raise MoeifyError(f"{path} holds a converted {meta['source'].get('class', 'custom module')}: "
                           "pass a fresh dense instance as model=..., e.g. moeify.load(path, model=YourModel())")
     return build_hf(config_from_dict(meta["dense_config"], f"{path / MOEIFY_FILE}'s dense_config"), device,
-                    architecture=architecture)
+                    architecture=architecture, init=False)  # the saved weights replace every value
 
 
 def replay(path: Path, meta: dict, model: nn.Module) -> nn.Module:

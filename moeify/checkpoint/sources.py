@@ -1,6 +1,7 @@
 """Dense model sources: a built-in preset (random init) or a local Hugging Face directory."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -82,12 +83,19 @@ def hf_model_class(config, architecture: str | None = None) -> type[nn.Module]:
                       "moeify only builds models that ship with transformers (no remote code)")
 
 
-def build_hf(config, device: str, seed: int = 0, architecture: str | None = None) -> nn.Module:
-    """A randomly initialised model of `config`; on meta, structure only."""
+def build_hf(config, device: str, seed: int = 0, architecture: str | None = None, *, init: bool = True) -> nn.Module:
+    """A randomly initialised model of `config`; on meta, structure only. Without `init` the weights are
+    left as allocated, for a model whose every weight is loaded next (random init of t5-small alone
+    takes seconds); buffers computed in __init__ (rotary tables) are still computed."""
+    from transformers.initialization import no_init_weights
+
     cls = hf_model_class(config, architecture)
     torch.manual_seed(seed)
-    with torch.device(device):
-        return cls(config)
+    with torch.device(device), (contextlib.nullcontext() if init else no_init_weights()):
+        model = cls(config)
+    if not init:
+        model.tie_weights()  # init_weights, which no_init_weights skips, is also what ties them
+    return model
 
 
 class DenseModel(NamedTuple):
@@ -128,7 +136,7 @@ def _load_directory(path: Path, device: str) -> nn.Module:
     if device != "meta" and not files:
         raise MoeifyError(f"{path} has no model.safetensors: add the weights, or use --device meta "
                           "for a structure-only conversion")
-    model = build_hf(config, "meta" if device == "meta" else "cpu")
+    model = build_hf(config, "meta" if device == "meta" else "cpu", init=False)  # load_weights fills it
     if device != "meta":
         load_weights(model, files)
         model.to(device)

@@ -49,7 +49,7 @@ def import_switch(path: str | Path, *, device: str = "cpu", overrides: dict[str,
     if device != "meta" and not files:
         raise MoeifyError(f"{path} has no model.safetensors: add the weights, or use --device meta "
                           "for a structure-only import")
-    dense = build_hf(T5Config(**t5_config_fields(switch)), "meta" if device == "meta" else "cpu")
+    dense = build_hf(T5Config(**t5_config_fields(switch)), "meta" if device == "meta" else "cpu", init=False)
     source = {"kind": "hf", "path": str(path.resolve()), "architecture": T5_CLASS, "imported": switch.model_type,
               "expert_capacity": switch.expert_capacity}  # per sequence there; moeify uses capacity factors
     sparse = convert(dense, config, inplace=True, source=source, progress=progress, _skip_init=True)

@@ -178,7 +178,9 @@ def _forward_check(model, seed: int) -> None:
     shape = tuple(logits.shape) if logits is not None else "-"
     counts = torch.stack([r.tokens_per_expert for r in losses.layers]).float()  # (layers, E)
     balance = (counts.max(dim=1).values / counts.mean(dim=1)).mean().item()
+    c = model.moeify_record.config
+    what = "tokens" if c.top_k == 1 else f"top-{c.top_k} assignments"
+    drops = ("dropless: no token dropped" if c.dropless else
+             f"dropped {losses.dropped_fraction():.1%} of {what} (eval capacity factor {c.eval_capacity_factor})")
     console.print(f"forward check: {dict((k, tuple(v.shape)) for k, v in inputs.items())} -> logits {shape} "
-                  f"in {ms:.0f} ms; dropped {losses.dropped_fraction():.1%} of tokens "
-                  f"(eval capacity factor {model.moeify_record.config.eval_capacity_factor}), "
-                  f"busiest expert {balance:.2f}x the mean load")
+                  f"in {ms:.0f} ms; {drops}, busiest expert {balance:.2f}x the mean load")

@@ -22,7 +22,7 @@ def export_hf_target(target: Target, source: Path, output: Path, force: bool, fl
     console.print(t)
     for note in result.notes:
         console.print(f"[yellow]note[/] {note}")
-    console.print(f"[dim]load it with transformers.{result.model_class}.from_pretrained('{result.path}')[/]")
+    console.print(f"[dim]transformers loads it: {result.model_class}.from_pretrained('{result.path}')[/]")
 
 
 def export_torch_target(target: Target, source: Path, output: Path, force: bool, flags: dict) -> None:

@@ -55,7 +55,7 @@ def _inspect_model(path: Path, as_json: bool) -> None:
     varied = any(row.num_experts != s.num_experts for row in layers)
     t = table("layer", *([("experts", "right")] if varied else []), ("d_model", "right"), ("d_ff", "right"), "gated",
               ("capacity", "right"), ("params", "right"))
-    t.caption = "capacity: training/eval capacity factor, or dropless; params: expert parameters"
+    t.caption = "capacity: train/eval capacity factor, or dropless; params: expert parameters"
     for row in layers:
         t.add_row(row.name, *([str(row.num_experts)] if varied else []), str(row.d_model), str(row.d_ff),
                   "yes" if row.gated else "no",

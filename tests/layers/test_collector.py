@@ -104,6 +104,14 @@ def test_convert_prints_and_calibrate_writes_the_hand_counted_drops(hf_t5_dir, t
     assert "dropped 72.5% of tokens" in result.output, result.output
     assert "busiest expert 4.00x the mean load" in result.output
 
+    result = run("convert", hf_t5_dir, "--experts", 4, "--top-k", 2, "--dropless", "-o", tmp_path / "k2")
+    assert result.exit_code == 0, result.output
+    assert "dropless: no token dropped, busiest expert" in result.output, result.output
+    result = run("convert", hf_t5_dir, "--experts", 4, "--top-k", 2, "--eval-capacity-factor", 1.0,
+                 "--min-capacity", 0, "-o", tmp_path / "k2-capped")
+    # With k = 2 the dropped share is of (token, choice) assignments, and the line says so.
+    assert "of top-2 assignments (eval capacity factor 1.0)" in result.output, result.output
+
     load = tmp_path / "load.json"
     result = run("calibrate", out, "--batches", 2, "--batch-size", 2, "--seq-len", 32, "-o", load)
     assert result.exit_code == 0, result.output
