@@ -33,6 +33,22 @@ def test_convert_and_inspect_a_local_hf_directory(hf_t5_dir, tmp_path):
     assert table.exit_code == 0 and "decoder.block.3.layer.2.DenseReluDense" in table.stdout
 
 
+def test_inspect_shows_top_k_normalised_dropless_routing(hf_t5_dir, tmp_path):
+    out = tmp_path / "k2"
+    result = run("convert", hf_t5_dir, "--experts", 4, "--top-k", 2, "--normalize-gates", "--dropless", "-o", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads(run("inspect", out, "--json").stdout)
+    assert {k: data["moe_config"][k] for k in ("top_k", "normalize_gates", "dropless")} == {
+        "top_k": 2, "normalize_gates": True, "dropless": True}
+    assert all(layer["routing"]["top_k"] == 2 and layer["routing"]["dropless"] for layer in data["moe_layers"])
+    expert = 2 * 16 * 32  # one expert of one layer: wi and wo
+    assert data["total_params"] - data["active_params"] == 4 * (4 - 2) * expert  # two experts run per token
+    table = run("inspect", out).stdout
+    assert "routing: top-2, renormalised gates, dropless: capacity factors ignored" in table
+    rows = [line for line in table.splitlines() if "DenseReluDense" in line]
+    assert len(rows) == 4 and all(row.split()[4] == "dropless" for row in rows)
+
+
 def test_meta_conversion_of_switch_c_is_structure_only(tmp_path):
     out = tmp_path / "c"
     result = run("convert", "switch-c-2048", "--device", "meta", "-o", out)

@@ -1,4 +1,4 @@
-"""File I/O with clean refusals: the one JSON reader, atomic writes (a temporary sibling renamed into place), tokenizer copies."""
+"""File I/O with clean refusals: the JSON reader, atomic writes (a temporary sibling renamed), tokenizer copies."""
 from __future__ import annotations
 
 import contextlib

@@ -88,7 +88,7 @@ written. What the family cannot express is refused with the flags to convert wit
 @click.pass_context
 def export_cmd(ctx: click.Context, source: Path, target: str, output: Path | None, force: bool, **flags) -> None:
     chosen = TARGETS[target]
-    for name, value in flags.items():
+    for name in flags:
         if name not in chosen.options and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
             owner = next(t.name for t in TARGETS.values() if name in t.options)
             raise MoeifyError(f"--{name.replace('_', '-')} is an option of --target {owner}, not {target}")

@@ -66,8 +66,8 @@ def _inspect_model(path: Path, as_json: bool) -> None:
 
 def routing_line(r) -> str:
     """How a layer routes, in words: 'top-1, gate = probability, capacity factor 1.25 (eval 2.0)'."""
-    gates = "gates renormalised to sum 1" if r.normalize_gates else "gate = probability"
-    capacity = ("dropless (no capacity limit)" if r.dropless
+    gates = "renormalised gates" if r.normalize_gates else "gate = probability"
+    capacity = ("dropless: capacity factors ignored" if r.dropless
                 else f"capacity factor {r.capacity_factor} (eval {r.eval_capacity_factor}, min {r.min_capacity})")
     return f"top-{r.top_k}, {gates}, {capacity}"
 

@@ -2,9 +2,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from tiny import tiny_switch as make
+from torch import nn
 
 from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN

@@ -1,4 +1,4 @@
-"""export_hf: a moeify directory -> a transformers checkpoint of one model family, refused early where it cannot be one."""
+"""export_hf: a moeify directory -> a transformers checkpoint of one family, refused early where it cannot be."""
 from __future__ import annotations
 
 import importlib
