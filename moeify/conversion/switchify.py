@@ -7,7 +7,9 @@ import torch
 from torch import fx, nn
 
 from moeify.config import MoEConfig
+from moeify.conversion.dense_weights import dense_ffn
 from moeify.conversion.find_ffn import FFNSite
+from moeify.conversion.init import initialise
 from moeify.conversion.regions import Region, linear_view
 from moeify.layers import SwitchFFN
 
@@ -23,34 +25,9 @@ def build_switch(site: FFNSite, modules: dict[str, nn.Module], config: MoEConfig
         bias=site.bias, out_bias=site.out_bias,
         dropout=site.dropout if config.expert_dropout is None else config.expert_dropout,
         dtype=w_in.weight.dtype, device=w_in.weight.device)
-    if generator is None:
-        return layer
-    layer.router.reset_parameters(config.init_scale, generator)
-    if config.init == "random":
-        layer.experts.reset_parameters(config.init_scale, generator)
-    else:
-        _upcycle(layer, site, modules, config.upcycle_noise, generator)
+    if generator is not None:
+        initialise(layer, dense_ffn(site, modules), config, generator)
     return layer
-
-
-@torch.no_grad()
-def _upcycle(layer: SwitchFFN, site: FFNSite, modules: dict[str, nn.Module], noise: float,
-             generator: torch.Generator) -> None:
-    """Sparse upcycling: every expert starts as a copy of the dense FFN."""
-    ex = layer.experts
-    pairs = [(site.w_in, ex.w_in, ex.b_in), (site.w_gate, ex.w_gate, ex.b_gate), (site.w_out, ex.w_out, ex.b_out)]
-    for target, weight, bias in pairs:
-        if target is None:
-            continue
-        view = linear_view(modules[target])
-        weight.copy_(view.weight.unsqueeze(0).expand_as(weight))
-        if bias is not None:
-            bias.copy_(view.bias.unsqueeze(0).expand_as(bias))
-        if noise > 0 and not weight.is_meta:
-            # Relative noise breaks expert symmetry; off by default so kept tokens are exact. Drawn
-            # and scaled on the CPU, so the same seed gives the same experts on every device.
-            scale = noise * view.weight.detach().cpu().abs().mean()
-            weight.add_((torch.randn(weight.shape, generator=generator, dtype=weight.dtype) * scale).to(weight.device))
 
 
 def _rewrite(gm: fx.GraphModule, site: FFNSite, layer: SwitchFFN) -> None:
