@@ -1,4 +1,4 @@
-"""Expert and router initialisation of a fresh SwitchFFN from its dense FFN: sparse upcycling or the paper's random init."""
+"""Expert and router initialisation of a fresh SwitchFFN from its dense FFN: upcycling or the paper's random init."""
 from __future__ import annotations
 
 import torch
