@@ -14,7 +14,8 @@ from typing import Any
 
 from moeify.errors import MoeifyError, opt
 
-INIT_METHODS = ("upcycle", "random")
+INIT_METHODS = ("upcycle", "random", "moefy")
+ROUTER_INITS = ("random", "hidden")
 ROUTER_DTYPES = ("float32", "float64")
 
 
@@ -91,9 +92,18 @@ class MoEConfig:
     offset: int | None = _field(None, "index of the first converted FFN in each stack; unset means EVERY - 1, "
                                       "the last of each group (EVERY 2: FFNs 1, 3, 5, ... as in the paper)")
     layers: str | None = _field(None, "regex (re.search) over the dense FFN module names; overrides every/offset")
-    init: str = _field("upcycle", "upcycle: experts copy the dense FFN; random: the paper's truncated normal")
+    init: str = _field("upcycle", "upcycle: experts copy the dense FFN; random: the paper's truncated normal; "
+                                  "moefy: each expert is one of E balanced clusters of the FFN's neurons "
+                                  "(d_ff / E wide, MoEfication)")
     init_scale: float = _field(0.1, "random init: truncated normal with std sqrt(init_scale / fan_in) (paper: 0.1)")
     upcycle_noise: float = _field(0.0, "relative noise added to upcycled experts; 0 keeps them exact copies")
+    upcycle_scale: str | float = _field("none", "multiply upcycled experts' outputs by this: none, auto (E / k for "
+                                                "gate = probability, 1 for renormalised gates: a fresh layer then "
+                                                "starts near the dense FFN) or a positive number")
+    router_init: str = _field("random", "random: the paper's truncated normal; hidden: router rows are the "
+                                        "normalised k-means centroids of each site's inputs on calibration text")
+    text: str | None = _field(None, "UTF-8 calibration text file for --router-init hidden and --init moefy's "
+                                    "report; unset: the Python standard library's source")
     seed: int = _field(0, "seeds the router, any random expert init and a preset's random weights")
     capacity_factor: float = _routing("capacity_factor")
     eval_capacity_factor: float = _routing("eval_capacity_factor")
@@ -137,6 +147,20 @@ class MoEConfig:
                 fail("layers", f"is not a valid regular expression ({e})", f"fix the pattern {self.layers!r}")
         if self.init not in INIT_METHODS:
             fail("init", f"must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
+        self.upcycle_factor  # validates upcycle_scale
+        if self.upcycle_scale != "none" and self.init != "upcycle":
+            fail("upcycle_scale", f"scales upcycled experts, but {opt('init', self.init)} does not upcycle",
+                 f"drop {opt('upcycle_scale')} or use {opt('init', 'upcycle')}")
+        if self.router_init not in ROUTER_INITS:
+            fail("router_init", f"must be one of {', '.join(ROUTER_INITS)}, got {self.router_init!r}")
+        if self.router_init == "hidden" and self.init == "moefy":
+            fail("router_init", f"hidden does not apply to {opt('init', 'moefy')}, whose router starts from "
+                                "its neuron clusters' centroids", f"drop {opt('router_init')}")
+        if self.text is not None and not isinstance(self.text, str):
+            fail("text", f"must be a file path, got {self.text!r}")
+        if self.text is not None and self.router_init != "hidden" and self.init != "moefy":
+            fail("text", f"is read only by {opt('router_init', 'hidden')} and {opt('init', 'moefy')}",
+                 f"drop {opt('text')} or add {opt('router_init', 'hidden')}")
         for name in ("capacity_factor", "eval_capacity_factor", "init_scale"):
             if number(name) <= 0:
                 fail(name, f"must be > 0, got {getattr(self, name)}", "the paper uses 1.0-2.0 for capacity factors")
@@ -156,6 +180,33 @@ class MoEConfig:
     def first(self) -> int:
         """Index of the first converted FFN in each stack (what an unset offset means: every - 1)."""
         return self.every - 1 if self.offset is None else self.offset
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether converting routes calibration text through the dense model (else nothing is run)."""
+        return self.router_init == "hidden" or self.init == "moefy"
+
+    @property
+    def upcycle_factor(self) -> float:
+        """What upcycling multiplies each expert's output by (upcycle_scale as a number).
+
+        auto: a fresh router gives every expert a probability near 1/E, so with gate = probability a
+        token's k kept copies of the FFN sum to about k/E of it, and E/k restores it; renormalised
+        gates already sum to 1 (He et al., 2024, "Upcycling Large Language Models into MoE").
+        """
+        value = self.upcycle_scale
+        if value == "none":
+            return 1.0
+        if value == "auto":
+            return 1.0 if self.normalize_gates else self.num_experts / self.top_k
+        try:  # "2.5" from the command line, 2.5 from Python
+            factor = math.nan if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            factor = math.nan
+        if not (math.isfinite(factor) and factor > 0):
+            raise MoeifyError(f"{opt('upcycle_scale')} must be none, auto or a positive number, got {value!r}: "
+                              f"try {opt('upcycle_scale', 'auto')}")
+        return factor
 
     @property
     def routing(self) -> RoutingConfig:
@@ -179,4 +230,5 @@ class MoEConfig:
         return cls(**data)
 
 
-__all__ = ["MoEConfig", "RoutingConfig", "INIT_METHODS", "ROUTER_DTYPES", "expert_capacity", "decimal_ratio"]
+__all__ = ["MoEConfig", "RoutingConfig", "INIT_METHODS", "ROUTER_DTYPES", "ROUTER_INITS", "expert_capacity",
+           "decimal_ratio"]

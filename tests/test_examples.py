@@ -13,6 +13,7 @@ EXAMPLES = ROOT / "examples"
 SHORT_ARGS = {  # the command line each example runs with here: a few steps, a few experts
     "custom_module.py": [],  # one training step already
     "upcycle_on_stdlib.py": ["--pretrain-steps", "2", "--steps", "2", "--experts", "4"],
+    "init_methods_on_stdlib.py": ["--pretrain-steps", "2", "--experts", "4"],
 }
 
 
@@ -60,3 +61,19 @@ def test_upcycle_on_stdlib():
     m = re.fullmatch(r"final loss: dense ([\d.]+), switch ([\d.]+)", lines[-1])
     assert m, lines[-1]
     assert (float(m[1]), float(m[2])) == (float(steps[3][3]), float(steps[5][3]))  # the last steps' means
+
+
+def test_init_methods_on_stdlib():
+    lines = run_example("init_methods_on_stdlib.py")
+    base = float(re.fullmatch(r"dense: pre-trained 2 steps in \d+s, held-out loss ([\d.]+)", lines[0])[1])
+    for k, line in zip((1, 2), lines[1:3]):
+        m = re.fullmatch(rf"upcycle top-{k}: scale none ([\d.]+) \([+-][\d.]+%\), auto ([\d.]+) \([+-][\d.]+%\)", line)
+        assert m, line
+        assert abs(float(m[2]) / base - 1) < 0.03  # barely trained: FFNs matter little yet (README: trained)
+    m = re.fullmatch(r"moefy: experts 128 wide; relative error of each token's top-1 expert ([\d.]+), top-2 ([\d.]+) "
+                     r"\(mean of 4 layers; untrained: ([\d.]+), ([\d.]+)\)", lines[3])
+    assert m, lines[3]
+    assert 0 < float(m[2]) < float(m[1]) < 1
+    m = re.fullmatch(r"router load CV \(std / mean of tokens per expert, mean of 4 layers\): hidden ([\d.]+), "
+                     r"random ([\d.]+)", lines[4])
+    assert m, lines[4]

@@ -174,7 +174,7 @@ def switch_stacks(switch: Any) -> dict[str, tuple[int, tuple[int, ...]]]:
 # that mean nothing to it (its experts come from the weights, never initialised).
 SELECTION = ("every", "offset", "layers")
 FIXED = ("num_experts", "top_k", "normalize_gates", *SELECTION)
-NO_EFFECT = ("init", "init_scale", "upcycle_noise")
+NO_EFFECT = ("init", "init_scale", "upcycle_noise", "upcycle_scale", "router_init", "text")
 
 
 def switch_moe_config(switch: Any, where: str | Path, overrides: dict[str, Any] | None = None) -> MoEConfig:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moeify.config import RoutingConfig
+from moeify.conversion.report import InitReport
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class SwitchLayerRecord:
     params_per_expert: int  # weights and biases of one expert
     experts_held: int  # experts whose weights this model holds (all, except in a rank's part)
     router_params: int
+    init_report: InitReport | None = None  # --router-init hidden / --init moefy: measured on calibration text
 
     @property
     def num_experts(self) -> int:
@@ -49,6 +51,8 @@ class SwitchLayerRecord:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
         values["routing"] = RoutingConfig(**data["routing"])
+        if data.get("init_report") is not None:  # absent from files written before calibrated init
+            values["init_report"] = InitReport.from_dict(data["init_report"])
         return cls(**values)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moeify.checkpoint.metadata import MOEIFY_FILE, read_metadata
+from moeify.checkpoint.metadata import MOEIFY_FILE, read_metadata, saved_summary
 from moeify.checkpoint.sources import build_hf, config_from_dict
 from moeify.config import MoEConfig
 from moeify.conversion.pipeline import convert
@@ -31,6 +31,9 @@ def replay(path: Path, meta: dict, model: nn.Module) -> nn.Module:
         raise MoeifyError(f"{path} was converted at {saved[:2]}..., but the rebuilt model converts at "
                           f"{names[:2]}...: load it with the moeify and model code that wrote it")
     sparse.moeify_record.source = meta["source"]
+    # What calibration measured at conversion stays with the model, so a re-save keeps it.
+    sparse.moeify_record.init_reports = {layer.name: layer.init_report for layer in saved_summary(meta).moe_layers
+                                         if layer.init_report is not None}
     return sparse
 
 

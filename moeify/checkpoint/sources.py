@@ -114,9 +114,11 @@ def load_dense(source: str, *, device: str = "cpu", seed: int = 0) -> DenseModel
         return DenseModel(model, None, {"kind": "hf", "path": str(found.resolve()),
                                         "architecture": type(model).__name__})
     preset = found
-    from transformers import T5Config
+    import transformers
 
-    model = build_hf(T5Config(**preset.t5, architectures=["T5ForConditionalGeneration"]), device, seed)
+    family = preset.family
+    config = getattr(transformers, family.config_class)(**preset.config, architectures=[family.architecture])
+    model = build_hf(config, device, seed)
     return DenseModel(model, preset, {"kind": "preset", "name": preset.name, "seed": seed,
                                       "architecture": type(model).__name__})
 

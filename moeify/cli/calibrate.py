@@ -12,19 +12,6 @@ from moeify.cli.common import console
 from moeify.errors import MoeifyError
 
 
-def _tokenizer(directories: list[Path]):
-    """The first local tokenizer found (never downloaded), or None."""
-    from transformers import AutoTokenizer
-
-    for d in directories:
-        if any((d / f).is_file() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
-            try:
-                return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-            except (OSError, ValueError):
-                continue
-    return None
-
-
 @click.command("calibrate", short_help="Measure tokens per expert, for load-aware plans.")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--batches", type=int, default=8, show_default=True, help="Batches to run.")
@@ -54,7 +41,8 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
         raise MoeifyError(f"{path} is structure only (converted on meta): calibration needs weights")
     from moeify.checkpoint.store import load
     from moeify.cli.progress import progress_bars
-    from moeify.planner.calibration import calibrate, stdlib_text, text_batches, token_ids
+    from moeify.conversion.text import local_tokenizer, stdlib_text, text_batches, token_ids
+    from moeify.planner.calibration import calibrate
 
     model = load(path)
     config = getattr(model, "config", None)
@@ -63,7 +51,7 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
         raise MoeifyError(f"{path} is not a language model with a vocabulary: calibrate it from Python "
                           "with moeify.planner.calibration.calibrate(model, batches)")
     source = Path(meta["source"]["path"]) if meta["source"].get("path") else None
-    tokenizer = _tokenizer([path] + ([source] if source else []))
+    tokenizer = local_tokenizer([path] + ([source] if source else []))
     text = text_file.read_text(errors="replace") if text_file else stdlib_text()
     ids = token_ids(text, vocab, tokenizer)
     if len(ids) < batch_size * (seq_len + seq_len // 4 + 1):

@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 
 from moeify.checkpoint.model_presets import PRESETS
-from moeify.config import INIT_METHODS, ROUTER_DTYPES, MoEConfig
+from moeify.config import INIT_METHODS, ROUTER_DTYPES, ROUTER_INITS, MoEConfig
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -63,15 +63,39 @@ def moe_options(f):
             flag = f"{flag}/--no-{flag[2:]}"
         elif name in CHOICES:
             kw["type"] = click.Choice(CHOICES[name])
-        elif name == "layers":
-            kw["metavar"] = "REGEX"
+        elif name in METAVARS:  # free text: a pattern, a number or a keyword, a file
+            kw["metavar"] = METAVARS[name]
         else:
             kw["type"] = float if name == "expert_dropout" else type(default) if default is not None else int
         options.append(click.option(flag, name, **kw))
     return functools.reduce(lambda g, option: option(g), reversed(options), f)
 
 
-CHOICES = {"init": INIT_METHODS, "router_dtype": ROUTER_DTYPES}
+def print_init_reports(layers, init: str, router_init: str) -> None:
+    """What --init moefy and --router-init hidden measured on the calibration text, one row per layer."""
+    rows = [s for s in layers if s.init_report is not None]
+    if not rows:
+        return
+    moefy = init == "moefy"
+    router = "centroid" if moefy else router_init
+    t = table("layer", ("tokens", "right"), *((("top-1\nerror", "right"), ("top-2\nerror", "right")) if moefy else ()),
+              (f"load CV\n{router}", "right"), ("load CV\nrandom", "right"),
+              title=f"initialisation measured on calibration text ({init}, router {router})")
+    t.caption = (("error: ||y - y_dense|| / ||y_dense|| with each token's top-k experts at gate 1; " if moefy else "")
+                 + "load CV: std / mean of tokens per expert, against the paper's random router")
+    for s in rows:
+        r = s.init_report
+        errors = [_maybe(r.top1_error), _maybe(r.top2_error)] if moefy else []
+        t.add_row(s.name, str(r.tokens), *errors, f"{r.load_cv:.2f}", f"{r.random_load_cv:.2f}")
+    console.print(t)
+
+
+def _maybe(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+CHOICES = {"init": INIT_METHODS, "router_init": ROUTER_INITS, "router_dtype": ROUTER_DTYPES}
+METAVARS = {"layers": "REGEX", "upcycle_scale": "none|auto|FLOAT", "text": "FILE"}
 
 
 def moe_config(source: str, flags: dict) -> MoEConfig:

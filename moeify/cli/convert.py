@@ -8,7 +8,7 @@ import click
 
 from moeify.checkpoint.files import check_writable
 from moeify.checkpoint.model_presets import resolve_source
-from moeify.cli.common import console, human, moe_config, moe_options, table
+from moeify.cli.common import console, human, moe_config, moe_options, print_init_reports, table
 from moeify.config import MoEConfig
 from moeify.errors import MoeifyError
 
@@ -51,7 +51,12 @@ def _converted(source: str, config: MoEConfig, flags: dict, device: str, progres
     from moeify.conversion.pipeline import convert
 
     dense = load_dense(source, device=device, seed=config.seed)
-    return convert(dense.model, config, inplace=True, source=dense.source, progress=progress)
+    tokenizer = None
+    if config.reads_text and device != "meta" and dense.source.get("path"):
+        from moeify.conversion.text import local_tokenizer
+
+        tokenizer = local_tokenizer([Path(dense.source["path"])])  # else the text's UTF-8 bytes
+    return convert(dense.model, config, inplace=True, source=dense.source, progress=progress, tokenizer=tokenizer)
 
 
 @click.command("convert", short_help="Convert a preset or a Hugging Face model into a Switch model.")
@@ -138,6 +143,7 @@ def _print_conversion(model, source: str, elapsed: float, verbose: bool = False)
     _print_rejected(record.rejected, verbose)
     console.print(f"parameters: {human(summary.total_params)} total, {human(summary.active_params)} "
                   f"active per token, {human(summary.dense_params)} outside the experts")
+    print_init_reports(summary.moe_layers, c.init, c.router_init)
 
 
 def _print_rejected(rejected: dict[str, str], verbose: bool) -> None:

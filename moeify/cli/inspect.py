@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from moeify.checkpoint.metadata import read_metadata, saved_summary
-from moeify.cli.common import console, human, table
+from moeify.cli.common import console, human, print_init_reports, table
 from moeify.cli.plan import print_plan_summary
 from moeify.planner.plan import ShardingPlan, expert_ranges, id_runs
 
@@ -62,6 +62,8 @@ def _inspect_model(path: Path, as_json: bool) -> None:
                   "dropless" if row.routing.dropless else
                   f"{row.routing.capacity_factor}/{row.routing.eval_capacity_factor}", human(row.expert_params))
     console.print(t)
+    moe = meta["moe_config"]
+    print_init_reports(layers, moe.get("init", "upcycle"), moe.get("router_init", "random"))
 
 
 def routing_line(r) -> str:

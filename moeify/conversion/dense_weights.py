@@ -23,9 +23,17 @@ class DenseFFN:
 
 
 def dense_ffn(site: FFNSite, modules: dict[str, nn.Module]) -> DenseFFN:
-    """The weights of `site`, read from its region's modules (`modules`: the region's named_modules)."""
+    """The weights of `site`, read from its region's modules (`modules`: the region's named_modules).
+
+    A fused gate-and-input Linear (site.halves) gives both as row halves of its weight, so every
+    expert gets split w_gate and w_in like any gated FFN.
+    """
     def view(target: str | None):
         return (None, None) if target is None else (lambda v: (v.weight, v.bias))(linear_view(modules[target]))
 
     (w_in, b_in), (w_gate, b_gate), (w_out, b_out) = view(site.w_in), view(site.w_gate), view(site.w_out)
+    if site.halves is not None:
+        gate, inp = (slice(h * site.d_ff, (h + 1) * site.d_ff) for h in site.halves)
+        w_gate, w_in = w_in[gate], w_in[inp]
+        b_gate, b_in = (None, None) if b_in is None else (b_in[gate], b_in[inp])
     return DenseFFN(w_in, b_in, w_gate, b_gate, w_out, b_out)

@@ -1,4 +1,4 @@
-"""find_ffn: Linear -> act -> [Dropout] -> Linear (and gated) subgraphs of traced regions => FFNSites."""
+"""find_ffn: Linear -> act -> [Dropout] -> Linear, gated (by two Linears or one split in halves) => FFNSites."""
 from __future__ import annotations
 
 import operator
@@ -30,6 +30,9 @@ class FFNSite:
     activation: nn.Module
     nodes: tuple[str, ...]  # matched node names, in graph order (the output Linear last)
     whole_region: bool  # the region computes exactly this FFN
+    # One Linear computes gate and input (w_gate == w_in, Phi-3's gate_up_proj): which half of its
+    # outputs is the gate and which the input, as (gate, input); None for two Linears.
+    halves: tuple[int, int] | None = None
 
     @property
     def gated(self) -> bool:
@@ -46,6 +49,36 @@ def _linear(node: fx.Node, modules: dict[str, nn.Module]) -> LinearView | None:
     return None
 
 
+CHUNK_TARGETS = {torch.chunk, "chunk"}
+
+
+def _half(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(the chunk call, i) when `node` is half i of x.chunk(2, dim=-1) or torch.chunk(x, 2, -1)."""
+    if not (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2):
+        return None
+    chunk, i = node.args
+    if not (isinstance(chunk, fx.Node) and chunk.op in ("call_method", "call_function")
+            and chunk.target in CHUNK_TARGETS and i in (0, 1)):
+        return None
+    args = list(chunk.args) + [chunk.kwargs[k] for k in ("chunks", "dim") if k in chunk.kwargs]
+    return (chunk, i) if args[1:] == [2, -1] else None
+
+
+def _fused_halves(up: fx.Node, gate: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node, fx.Node, int, int]:
+    """(chunk, linear, gate half, input half) for `act(h[g]) * h[i]` with h = linear(x).chunk(2, -1)."""
+    hu, hg = _half(up), _half(gate)
+    if hu is None or hg is None:
+        raise NoMatch(f"{up.name}: the other factor of the gate is not a Linear, nor half of one "
+                      "(x.chunk(2, dim=-1))")
+    if hu[0] is not hg[0] or hu[1] == hg[1]:
+        raise NoMatch(f"{up.name} and {gate.name} are not the two halves of one chunk")
+    chunk = hu[0]
+    linear = chunk.args[0]
+    if not (isinstance(linear, fx.Node) and _linear(linear, modules)):
+        raise NoMatch(f"{chunk.name} splits a value that is not a Linear's output")
+    return chunk, linear, hg[1], hu[1]
+
+
 def _match_at(out: fx.Node, modules: dict[str, nn.Module]) -> dict:
     """Match an FFN ending at the linear call `out`; raise NoMatch with the reason otherwise."""
     view_out = _linear(out, modules)
@@ -58,22 +91,28 @@ def _match_at(out: fx.Node, modules: dict[str, nn.Module]) -> dict:
         p, h = rate, h.args[0]
     if not isinstance(h, fx.Node):
         raise NoMatch(f"input of {out.target!r} is not computed in the graph")
-    gate = None
+    gate, halves = None, None
     if h.op == "call_function" and h.target in MUL_TARGETS and len(h.args) == 2:
         a, b = h.args
         act_node = next((n for n in (a, b) if isinstance(n, fx.Node) and activation_of(n, modules)), None)
         if act_node is None:
             raise NoMatch(f"{h.name} multiplies but neither factor is an activation")
         lin_node = b if act_node is a else a
-        if not (isinstance(lin_node, fx.Node) and _linear(lin_node, modules)):
-            raise NoMatch(f"{h.name}: the other factor of the gate is not a Linear")
+        if not isinstance(lin_node, fx.Node):
+            raise NoMatch(f"{h.name}: the other factor of the gate is not computed in the graph")
         nodes += [h, act_node]
         gate = act_node.args[0]
         up = lin_node
+        if not _linear(lin_node, modules) and isinstance(gate, fx.Node):
+            chunk, linear, gate_half, in_half = _fused_halves(lin_node, gate, modules)
+            nodes += [lin_node, gate, chunk]
+            up = gate = linear
+            halves = (gate_half, in_half)
     else:
         act_node = h
         if activation_of(act_node, modules) is None:
-            what = act_node.target if act_node.op != "call_module" else type(modules[act_node.target]).__name__
+            what = (type(modules[act_node.target]).__name__ if act_node.op == "call_module"
+                    else getattr(act_node.target, "__name__", act_node.target))  # tanh, not its repr
             raise NoMatch(f"{out.target!r} is fed by {act_node.op} {what}, not an activation")
         nodes.append(act_node)
         up = act_node.args[0]
@@ -82,17 +121,21 @@ def _match_at(out: fx.Node, modules: dict[str, nn.Module]) -> dict:
     if gate is not None and not (isinstance(gate, fx.Node) and _linear(gate, modules)):
         raise NoMatch(f"gate activation {act_node.name} is not applied to a Linear")
     nodes.append(up)
-    if gate is not None:
+    if gate is not None and gate is not up:
         nodes.append(gate)
         if gate.args[0] is not up.args[0]:
             raise NoMatch("the gate and input projections read different tensors")
     x = up.args[0]
     view_in = _linear(up, modules)
     d_model, d_ff = view_in.in_features, view_in.out_features
+    if halves is not None:
+        if d_ff % 2:
+            raise NoMatch(f"{up.target!r} has {d_ff} outputs, which do not split into two halves")
+        d_ff //= 2
     if (view_out.in_features, view_out.out_features) != (d_ff, d_model):
         raise NoMatch(f"{out.target!r} maps {view_out.in_features}->{view_out.out_features}, "
                       f"expected {d_ff}->{d_model} after {up.target!r} ({d_model}->{d_ff})")
-    view_gate = _linear(gate, modules) if gate is not None else None
+    view_gate = _linear(gate, modules) if gate is not None and halves is None else None
     if view_gate is not None and (view_gate.in_features, view_gate.out_features) != (d_model, d_ff):
         raise NoMatch(f"gate {gate.target!r} is {view_gate.in_features}->{view_gate.out_features}, "
                       f"expected {d_model}->{d_ff}")
@@ -105,7 +148,7 @@ def _match_at(out: fx.Node, modules: dict[str, nn.Module]) -> dict:
             raise NoMatch(f"{n.name} is also used by {leaks}, outside the FFN")
     return dict(x=x, nodes=nodes, up=up, gate=gate, act=act_node, d_model=d_model, d_ff=d_ff,
                 bias=view_in.bias is not None, out_bias=view_out.bias is not None, dropout=p,
-                activation=activation_of(act_node, modules))
+                activation=activation_of(act_node, modules), halves=halves)
 
 
 def find_in_region(region: Region) -> tuple[list[FFNSite], list[str]]:
@@ -121,7 +164,8 @@ def find_in_region(region: Region) -> tuple[list[FFNSite], list[str]]:
     for out in calls:
         try:
             m = _match_at(out, modules)
-            shared = [n.target for n in (m["up"], m["gate"], out) if n is not None and targets.count(n.target) > 1]
+            used = (m["up"], m["gate"], out)  # up and gate are one node for a fused gate-up projection
+            shared = sorted({n.target for n in used if n is not None and targets.count(n.target) > 1})
             if shared:
                 raise NoMatch(f"{shared} are called more than once")
         except NoMatch as e:
@@ -139,7 +183,8 @@ def find_in_region(region: Region) -> tuple[list[FFNSite], list[str]]:
             w_gate=m["gate"].target if m["gate"] is not None else None, w_out=out.target,
             d_model=m["d_model"], d_ff=m["d_ff"], bias=m["bias"], out_bias=m["out_bias"],
             dropout=m["dropout"], activation=m["activation"],
-            nodes=tuple(n.name for n in sorted(m["nodes"], key=position.__getitem__)), whole_region=whole)
+            nodes=tuple(n.name for n in sorted(m["nodes"], key=position.__getitem__)), whole_region=whole,
+            halves=m["halves"])
         found.append(site)
     if len(found) > 1:  # several FFNs inside one region get distinct names
         for i, site in enumerate(found):

@@ -1,11 +1,14 @@
-"""Capture: trace candidate FFN regions of a model with torch.fx, keeping submodules as leaves."""
+"""Capture: trace candidate FFN regions of a model with torch.fx, keeping submodules as leaves (or inlined)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import fx, nn
+
+from moeify.conversion.tracing import RegionTracer, trace_module
 
 
 class LinearView(NamedTuple):
@@ -49,17 +52,6 @@ def linear_view(m: nn.Module) -> LinearView | None:
     return None
 
 
-class RegionTracer(fx.Tracer):
-    """Traces only the region's own forward: every submodule stays a call_module leaf.
-
-    Whole transformers models and their attention modules do not trace, and norms such as
-    T5LayerNorm branch on dtype; an FFN container's own forward is plain dataflow.
-    """
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return True
-
-
 @dataclass
 class Region:
     """A module traced on its own. graph_module is None when tracing failed (see error)."""
@@ -68,32 +60,52 @@ class Region:
     module: nn.Module
     graph_module: fx.GraphModule | None
     error: str | None = None
+    inlined: tuple[str, ...] = ()  # children traced through rather than kept as leaves
 
     @property
     def type_name(self) -> str:
         return type(self.module).__name__
 
 
-def candidate_regions(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Modules with at least two direct linear-like children: where an FFN's dataflow lives."""
-    for name, module in model.named_modules():
-        linears = [c for c in module.children() if linear_view(c) is not None]
-        if len(linears) >= 2:
-            yield name, module
+def _holds_one_linear(module: nn.Module) -> bool:
+    """A small child such as BertIntermediate or BertOutput: one linear-like module, its own direct child."""
+    if linear_view(module) is not None:
+        return False
+    linears = list(islice((m for m in module.modules() if linear_view(m) is not None), 2))
+    return len(linears) == 1 and any(c is linears[0] for c in module.children())
 
 
-def trace_region(name: str, module: nn.Module) -> Region:
+def _traces_alone(module: nn.Module) -> bool:
     try:
-        graph = RegionTracer().trace(module)
+        RegionTracer().trace(module)
+    except Exception:  # fx raises many types; such a child stays a leaf
+        return False
+    return True
+
+
+def candidate_regions(model: nn.Module) -> Iterator[tuple[str, nn.Module, frozenset[str]]]:
+    """Where an FFN's dataflow lives: modules whose direct children hold two linear-like modules, each
+    a child itself or the one linear of a small child that traces alone (BertLayer: intermediate.dense,
+    output.dense). Yields the name, the module and the small children to trace through."""
+    for name, module in model.named_modules():
+        direct = sum(linear_view(c) is not None for c in module.children())
+        small = [(n, c) for n, c in module.named_children() if _holds_one_linear(c)]
+        if direct + len(small) < 2:
+            continue
+        inline = frozenset(n for n, c in small if _traces_alone(c))
+        if direct + len(inline) >= 2:
+            yield name, module, inline
+
+
+def trace_region(name: str, module: nn.Module, inline: frozenset[str] = frozenset()) -> Region:
+    try:
+        gm = trace_module(module, inline, where=name or "<root>")
     except Exception as e:  # fx raises many types; the reason is what users need
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        return Region(name, module, None, reason)
-    gm = fx.GraphModule(module, graph, type(module).__name__)
-    gm.graph.eliminate_dead_code()  # e.g. unused parameter reads left by dtype checks
-    gm.recompile()
-    return Region(name, module, gm)
+        return Region(name, module, None, reason, tuple(sorted(inline)))
+    return Region(name, module, gm, inlined=tuple(sorted(inline)))
 
 
 def capture(model: nn.Module) -> list[Region]:
     """Trace every candidate region of `model`, in module order."""
-    return [trace_region(name, module) for name, module in candidate_regions(model)]
+    return [trace_region(name, module, inline) for name, module, inline in candidate_regions(model)]

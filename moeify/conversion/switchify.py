@@ -10,6 +10,7 @@ from moeify.config import MoEConfig
 from moeify.conversion.dense_weights import dense_ffn
 from moeify.conversion.find_ffn import FFNSite
 from moeify.conversion.init import initialise
+from moeify.conversion.moefy import expert_d_ff
 from moeify.conversion.regions import Region, linear_view
 from moeify.layers import SwitchFFN
 
@@ -18,10 +19,11 @@ ORIGIN_KEY = "moeify.origin"
 
 def build_switch(site: FFNSite, modules: dict[str, nn.Module], config: MoEConfig,
                  generator: torch.Generator | None) -> SwitchFFN:
-    """A SwitchFFN shaped like `site`; initialised per config.init, or left empty when generator is None."""
+    """A SwitchFFN shaped like `site` (moefy: experts d_ff / E wide); initialised per config.init, or left
+    empty when generator is None."""
     w_in = linear_view(modules[site.w_in])
     layer = SwitchFFN(
-        site.d_model, site.d_ff, config.routing, site.activation, gated=site.gated,
+        site.d_model, expert_d_ff(site.name, site.d_ff, config), config.routing, site.activation, gated=site.gated,
         bias=site.bias, out_bias=site.out_bias,
         dropout=site.dropout if config.expert_dropout is None else config.expert_dropout,
         dtype=w_in.weight.dtype, device=w_in.weight.device)
@@ -43,9 +45,32 @@ def _rewrite(gm: fx.GraphModule, site: FFNSite, layer: SwitchFFN) -> None:
     out.replace_all_uses_with(call)
     for node in reversed(matched):  # users before producers
         gm.graph.erase_node(node)
-    gm.delete_all_unused_submodules()
+    for name in dict.fromkeys(n.target for n in matched if n.op == "call_module"):
+        _delete_if_unused(gm, name)
     gm.graph.lint()  # a malformed rewrite fails here, naming the graph, not later in forward
     gm.recompile()
+
+
+def _delete_if_unused(gm: fx.GraphModule, name: str) -> None:
+    """Drop the replaced module `name`, then the containers it leaves empty (BertLayer's `intermediate`).
+
+    Only what the site replaced: modules the graph reaches through get_attr (an attention called with
+    the forward's **kwargs) keep their submodules although no call_module names them.
+    """
+    def referenced(name: str) -> bool:
+        return any(isinstance(n.target, str) and (n.target == name or n.target.startswith(name + "."))
+                   for n in gm.graph.nodes if n.op in ("call_module", "get_attr"))
+
+    def empty(m: nn.Module) -> bool:
+        return all(next(it, None) is None for it in (m.children(), m.parameters(), m.buffers()))
+
+    if referenced(name):
+        return
+    gm.delete_submodule(name)
+    parent = name.rpartition(".")[0]
+    while parent and not referenced(parent) and empty(gm.get_submodule(parent)):
+        gm.delete_submodule(parent)
+        parent = parent.rpartition(".")[0]
 
 
 def switchify(model: nn.Module, regions: list[Region], sites: list[FFNSite], config: MoEConfig, *,

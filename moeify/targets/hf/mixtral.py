@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moeify.config import MoEConfig
+from moeify.conversion.moefy import expert_d_ff
 from moeify.errors import MoeifyError, opt
 from moeify.targets.hf.decoder import (
     carry_config,
@@ -57,7 +58,9 @@ def mixtral_config(dense: Any, moe: MoEConfig, dtype: torch.dtype) -> Any:
     """MixtralConfig of the dense LLaMA / Mistral config with moeify's routing."""
     from transformers import MixtralConfig
 
+    # Every Mixtral layer is sparse, so its one FFN width is the experts' (d_ff / E after --init moefy).
     routing = {"num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+               "intermediate_size": expert_d_ff("model.layers.N.mlp", dense.intermediate_size, moe),
                "router_jitter_noise": moe.jitter, "router_aux_loss_coef": moe.aux_loss_coef,
                "dtype": str(dtype).removeprefix("torch.")}
     # Mistral's sliding_window and every shared field (rope_parameters, head_dim, ...) carry over by name.

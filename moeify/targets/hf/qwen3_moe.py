@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moeify.config import MoEConfig
+from moeify.conversion.moefy import expert_d_ff
 from moeify.errors import MoeifyError
 from moeify.targets.hf.decoder import (
     carry_config,
@@ -62,8 +63,10 @@ def qwen3_moe_config(dense: Any, moe: MoEConfig, layers: list[int], dtype: torch
 
     step, mlp_only = sparse_layout(layers, dense.num_hidden_layers)
     routing = {"num_experts": moe.num_experts, "num_experts_per_tok": moe.top_k, "norm_topk_prob": moe.normalize_gates,
-               # Upcycled or random, experts keep the dense FFN's width; dense layers keep intermediate_size.
-               "moe_intermediate_size": dense.intermediate_size, "decoder_sparse_step": step,
+               # Upcycled or random, experts keep the dense FFN's width (moefy: d_ff / E); dense layers
+               # keep intermediate_size.
+               "moe_intermediate_size": expert_d_ff("model.layers.N.mlp", dense.intermediate_size, moe),
+               "decoder_sparse_step": step,
                "mlp_only_layers": mlp_only, "router_aux_loss_coef": moe.aux_loss_coef,
                # Not a Qwen3MoeConfig field, but its attention and rotary embedding read it (default
                # hidden_size // heads, while Qwen3's is its own); hub Qwen3-MoE configs carry it too.

@@ -35,6 +35,12 @@ def refuse(meta: dict, flags: dict) -> None:
     if any(layer["gated"] for layer in layers):
         raise MoeifyError("SwitchTransformers experts are Linear -> activation -> Linear; it has no gated form "
                           "(T5 v1.1, Flan-T5): export this model to onnx instead")
+    d_ff = (meta.get("dense_config") or {}).get("d_ff")
+    narrow = next((layer["d_ff"] for layer in layers if d_ff is not None and layer["d_ff"] != d_ff), None)
+    if narrow is not None:
+        raise MoeifyError(f"SwitchTransformers gives dense and expert FFNs one d_ff, but this model's experts are "
+                          f"{narrow} wide and its dense FFNs {d_ff} ({opt('init', moe.init)}): export it to onnx or "
+                          f"torch instead, or convert again with {opt('init', 'upcycle')}")
     if any(layer["bias"] for layer in layers):
         raise MoeifyError("SwitchTransformers FFNs have no biases, but this model's have: export it to onnx instead")
     if moe.top_k != 1:

@@ -160,3 +160,11 @@ def test_what_mixtral_cannot_express_is_refused_by_name(case):
     with pytest.raises(MoeifyError) as e:  # to_hf checks the same, for Python callers
         mixtral.to_hf(model, {})
     assert str(e.value) == message
+
+
+def test_moefied_experts_are_exported_at_their_width(tmp_path):
+    """--init moefy: experts d_ff / E wide, and every Mixtral layer sparse, so intermediate_size is theirs."""
+    moe_model = converted(llama(), tmp_path, top_k=2, init="moefy", **MIXTRAL)
+    ckpt = mixtral.to_hf(moe_model, {})
+    assert ckpt.config.intermediate_size == 12  # LLaMA's 48 neurons in 4 experts
+    assert_same_logits(moe_model, written(ckpt, MixtralForCausalLM, tmp_path), batch())

@@ -128,3 +128,10 @@ def test_a_source_field_the_target_lacks_is_refused_unless_at_its_default():
                             "export this model to onnx instead")
     source.mlp_bias = False  # at its default: nothing to express
     assert carry_config(source, Qwen3MoeConfig, "Qwen3-MoE", {}, frozenset({"head_dim"})).hidden_size == 32
+
+
+def test_moefied_experts_are_exported_at_their_width_beside_full_width_dense_layers(tmp_path):
+    moe_model = converted(qwen3(), tmp_path, top_k=2, every=2, dropless=True, init="moefy")
+    ckpt = qwen3_moe.to_hf(moe_model, {})
+    assert (ckpt.config.moe_intermediate_size, ckpt.config.intermediate_size) == (12, 48)  # 48 neurons / 4 experts
+    assert_same_logits(moe_model, written(ckpt, Qwen3MoeForCausalLM, tmp_path), batch())

@@ -157,6 +157,9 @@ REFUSED = {
     "expert_dropout": (lambda: tiny_t5(), dict(expert_dropout=0.2), "SwitchTransformers experts drop out at the "
                        "model's dropout_rate (0.0), but this model's at expert_dropout=0.2: convert again without "
                        "expert_dropout"),
+    "moefy": (lambda: tiny_t5(), dict(init="moefy"), "SwitchTransformers gives dense and expert FFNs one d_ff, but "
+              "this model's experts are 8 wide and its dense FFNs 32 (init='moefy'): export it to onnx or torch "
+              "instead, or convert again with init='upcycle'"),
     "llama": (lambda: LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                    num_hidden_layers=2, num_attention_heads=2)), dict(),
               "hf-switch exports converted T5ForConditionalGeneration models, not LlamaForCausalLM: export it with "
