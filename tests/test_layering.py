@@ -1,6 +1,6 @@
 """The package's import graph points one way: each folder imports only the stages before it.
 
-    errors, config < layers < conversion < checkpoint < planner < targets < cli
+    errors, config < layers < conversion < checkpoint < planner < targets < training < cli
 
 The planner never builds a torch model: apart from calibration (which runs one), its modules and
 the torch-free records they read import no torch at all.
@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moeify"
-ORDER = ["errors", "config", "layers", "conversion", "checkpoint", "planner", "targets", "cli"]
+ORDER = ["errors", "config", "layers", "conversion", "checkpoint", "planner", "targets", "training", "cli"]
 # Modules that stand outside the order: the public API and the two launch-name shims re-export.
 ENTRY = {"moeify/__init__.py", "moeify/run.py", "moeify/distributed.py"}
 TORCH_FREE = ["planner/cost.py", "planner/draw.py", "planner/hardware.py", "planner/nvidia_smi.py",
               "planner/placement.py", "planner/plan.py", "planner/search.py", "planner/topology.py",
               "planner/workload.py", "checkpoint/records.py", "checkpoint/files.py", "checkpoint/model_presets.py",
               "planner/__init__.py", "config.py", "errors.py", "conversion/report.py",
-              "conversion/__init__.py"]
+              "conversion/__init__.py", "training/runs.py", "training/compare.py"]
 
 
 def stage(path: Path) -> str:

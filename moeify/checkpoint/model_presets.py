@@ -9,6 +9,10 @@ from typing import Any
 from moeify.errors import MoeifyError
 
 T5_VOCAB = 32128  # T5's SentencePiece vocabulary, padded to a multiple of 128
+# t5-tiny trains on UTF-8 bytes (no tokenizer to ship): 3 specials (pad, eos, unk) + 256 byte tokens
+# + 125 ids at the top, where span corruption puts its sentinels (T5 keeps 100 there), = 384, a
+# multiple of 128 as T5 pads its vocabulary. 32128 would spend 99% of the embedding on unused ids.
+T5_TINY_VOCAB = 384
 # Token ids of every released T5 config: generation and label shifting need them.
 T5_TOKENS = dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
@@ -68,10 +72,10 @@ class Preset:
         return self.family.ffn or self.config["feed_forward_proj"]
 
 
-def _t5_v1_0(d_model: int, d_ff: int, d_kv: int, heads: int, layers: int) -> dict[str, Any]:
+def _t5_v1_0(d_model: int, d_ff: int, d_kv: int, heads: int, layers: int, vocab: int = T5_VOCAB) -> dict[str, Any]:
     # Raffel et al. 2020, Table 14 / the released t5-* configs: ReLU FFN, tied embeddings.
     return dict(d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=heads, num_layers=layers,
-                vocab_size=T5_VOCAB, feed_forward_proj="relu", tie_word_embeddings=True, **T5_TOKENS)
+                vocab_size=vocab, feed_forward_proj="relu", tie_word_embeddings=True, **T5_TOKENS)
 
 
 def _t5_v1_1(d_model: int, d_ff: int, d_kv: int, heads: int, layers: int) -> dict[str, Any]:
@@ -81,6 +85,8 @@ def _t5_v1_1(d_model: int, d_ff: int, d_kv: int, heads: int, layers: int) -> dic
 
 
 _PRESETS = [
+    Preset("t5-tiny", "T5 v1.0 tiny, 1.9M, byte vocabulary: trains on a CPU",
+           _t5_v1_0(128, 512, 32, 4, 4, vocab=T5_TINY_VOCAB)),
     Preset("t5-small", "T5 v1.0 small, 60M (ReLU FFN)", _t5_v1_0(512, 2048, 64, 8, 6)),
     Preset("t5-base", "T5 v1.0 base, 220M", _t5_v1_0(768, 3072, 64, 12, 12)),
     Preset("t5-large", "T5 v1.0 large, 770M", _t5_v1_0(1024, 4096, 64, 16, 24)),

@@ -5,6 +5,7 @@ import click
 
 from moeify.cli.calibrate import calibrate_cmd
 from moeify.cli.common import console, option_flag
+from moeify.cli.compare import compare_cmd
 from moeify.cli.convert import convert_cmd
 from moeify.cli.export import export_cmd
 from moeify.cli.inspect import inspect_cmd
@@ -42,7 +43,8 @@ def main() -> None:
     """
 
 
-for command in (convert_cmd, plan_cmd, calibrate_cmd, export_cmd, run_cmd, inspect_cmd, presets_cmd):
+for command in (convert_cmd, plan_cmd, calibrate_cmd, export_cmd, run_cmd, inspect_cmd, presets_cmd,
+                compare_cmd):
     main.add_command(command)
 
 __all__ = ["main", "console"]

@@ -41,7 +41,7 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
         raise MoeifyError(f"{path} is structure only (converted on meta): calibration needs weights")
     from moeify.checkpoint.store import load
     from moeify.cli.progress import progress_bars
-    from moeify.conversion.text import local_tokenizer, stdlib_text, text_batches, token_ids
+    from moeify.conversion.text import local_tokenizer, read_text, stdlib_text, text_batches, token_ids
     from moeify.planner.calibration import calibrate
 
     model = load(path)
@@ -52,7 +52,7 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
                           "with moeify.planner.calibration.calibrate(model, batches)")
     source = Path(meta["source"]["path"]) if meta["source"].get("path") else None
     tokenizer = local_tokenizer([path] + ([source] if source else []))
-    text = text_file.read_text(errors="replace") if text_file else stdlib_text()
+    text = read_text(text_file) if text_file else stdlib_text()
     ids = token_ids(text, vocab, tokenizer)
     if len(ids) < batch_size * (seq_len + seq_len // 4 + 1):
         raise MoeifyError(f"the text has {len(ids)} tokens, fewer than one batch: give more text or a smaller --seq-len")

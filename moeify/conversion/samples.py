@@ -9,7 +9,7 @@ from torch import nn
 
 from moeify.config import MoEConfig
 from moeify.conversion.find_ffn import FFNSite
-from moeify.conversion.text import stdlib_text, text_batches, token_ids
+from moeify.conversion.text import read_text, stdlib_text, text_batches, token_ids
 from moeify.errors import MoeifyError, opt
 
 # 4 x 8 sequences of 128 tokens: 4096 tokens per encoder or decoder-only site (T5 decoders see a
@@ -29,7 +29,7 @@ def calibration_ids(config: MoEConfig, vocab_size: int, tokenizer=None) -> torch
         text = stdlib_text()
     else:
         try:
-            text = Path(config.text).read_text(errors="replace")
+            text = read_text(Path(config.text))
         except OSError as e:
             raise MoeifyError(f"{opt('text', config.text)} cannot be read ({e.strerror}): give a UTF-8 text "
                               "file, or leave it unset for the Python standard library's source") from None

@@ -1,4 +1,4 @@
-"""Calibration text and its token batches: the Python standard library's own source, nothing downloaded."""
+"""Text and its token ids, for calibration and training: by default the standard library's own source."""
 from __future__ import annotations
 
 import sysconfig
@@ -7,13 +7,26 @@ from typing import Iterator
 
 import torch
 
+# Without a tokenizer a UTF-8 byte b is token b + BYTE_OFFSET: ids 0, 1, 2 stay T5's pad, eos and unk.
+PAD_ID, EOS_ID, BYTE_OFFSET = 0, 1, 3
+BYTE_VOCAB = BYTE_OFFSET + 256  # the smallest vocabulary that holds every byte token
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's top-level `.py` files, sorted: the same text on every machine with this Python."""
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def read_text(path: Path) -> str:
+    """A file's text; bytes that are not UTF-8 become U+FFFD instead of refusing a mostly-text file."""
+    return Path(path).read_text(encoding="utf-8", errors="replace")
+
 
 def stdlib_text(max_bytes: int = 2_000_000) -> str:
     """Python's own standard library source: real text on every machine, nothing to download."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     chunks, size = [], 0
-    for f in files:
-        text = f.read_text(errors="replace")
+    for f in stdlib_files():
+        text = read_text(f)
         chunks.append(text)
         size += len(text)
         if size >= max_bytes:
@@ -22,12 +35,12 @@ def stdlib_text(max_bytes: int = 2_000_000) -> str:
 
 
 def token_ids(text: str, vocab_size: int, tokenizer=None) -> torch.Tensor:
-    """Token ids of `text`: the model's tokenizer when there is one, else UTF-8 bytes (+3 past
+    """Token ids of `text`: the model's tokenizer when there is one, else UTF-8 bytes (+BYTE_OFFSET past
     T5's pad/eos/unk ids), which still gives real-text statistics to the routers."""
     if tokenizer is not None:
         return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
-    return (data + 3) % vocab_size
+    return (data + BYTE_OFFSET) % vocab_size
 
 
 def text_batches(ids: torch.Tensor, batches: int, batch_size: int, seq_len: int,

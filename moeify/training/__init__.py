@@ -1,0 +1,1 @@
+"""Training: data, objectives, the loop, run directories and comparisons."""
