@@ -12,6 +12,7 @@ from moeify.cli.inspect import inspect_cmd
 from moeify.cli.plan import plan_cmd
 from moeify.cli.presets import presets_cmd
 from moeify.cli.run import run_cmd
+from moeify.cli.train import train_cmd
 from moeify.errors import MoeifyError
 
 
@@ -39,12 +40,13 @@ def main() -> None:
     moeify export out/switch-t5-small --target torch-distributed \\
         --world-size 4 -o out/dist4                   # one shard per rank
     moeify run out/dist4 --steps 10 --train   # torchrun, one process per rank
+    moeify train t5-tiny --experts 4 --steps 200 -o runs/e4  # train on text
     moeify presets                                     # built-in model configs
     """
 
 
 for command in (convert_cmd, plan_cmd, calibrate_cmd, export_cmd, run_cmd, inspect_cmd, presets_cmd,
-                compare_cmd):
+                compare_cmd, train_cmd):
     main.add_command(command)
 
 __all__ = ["main", "console"]

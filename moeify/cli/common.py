@@ -45,7 +45,7 @@ def human(n: float) -> str:
     return str(int(n))
 
 
-def moe_options(f):
+def moe_options(f, skip: tuple[str, ...] = ()):
     """One flag per MoEConfig field, shared by `convert` and `plan` (which converts presets on meta).
 
     Types, defaults and help come from the dataclass itself, so the CLI never restates them.
@@ -54,6 +54,8 @@ def moe_options(f):
     options = []
     for field in dataclasses.fields(MoEConfig):
         name, default = field.name, field.default
+        if name in skip:  # a command that defines this flag its own way (train: --text, --seed)
+            continue
         text = field.metadata["help"]
         flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
         shown = ("on" if default else "off") if isinstance(default, bool) else default
@@ -112,3 +114,50 @@ def option_flag(name: str, value: str | None) -> str:
     if value == "False":
         return f"--no-{flag[2:]}"
     return f"{flag} {value}"
+
+
+def converted_model(source: str, config: MoEConfig, flags: dict, device: str, progress=None):
+    """SOURCE converted (shared by `convert` and `train`): a SwitchTransformers directory is imported
+    as it is (its experts are its weights), any other dense model converted with `config`."""
+    from moeify.checkpoint.hf_switch import is_switch_directory
+
+    if is_switch_directory(source):
+        from moeify.checkpoint.switch_import import import_switch
+
+        return import_switch(source, device=device, overrides=flags, progress=progress)
+    from moeify.checkpoint.sources import load_dense
+    from moeify.conversion.pipeline import convert
+
+    dense = load_dense(source, device=device, seed=config.seed)
+    tokenizer = None
+    if config.reads_text and device != "meta" and dense.source.get("path"):
+        from moeify.conversion.text import local_tokenizer
+
+        tokenizer = local_tokenizer([Path(dense.source["path"])])  # else the text's UTF-8 bytes
+    return convert(dense.model, config, inplace=True, source=dense.source, progress=progress, tokenizer=tokenizer)
+
+
+def dataclass_options(cls, choices: dict[str, tuple[str, ...]] | None = None):
+    """One flag per field of dataclass `cls` (TrainConfig, DataConfig), help and default from its metadata.
+
+    Every default is None, so a command sees which flags were given and the dataclass supplies the rest.
+    """
+    choices = choices or {}
+
+    def decorate(f):
+        options = []
+        for field in dataclasses.fields(cls):
+            name, default = field.name, field.default
+            text = field.metadata["help"]
+            shown = f" [default: {default}]" if default is not None and "[default" not in text else ""
+            kw: dict = {"default": None, "help": text[0].upper() + text[1:] + shown + "."}
+            if name in choices:
+                kw["type"] = click.Choice(choices[name])
+            elif "Path" in str(field.type):
+                kw["type"] = click.Path(path_type=Path)
+            else:
+                kw["type"] = type(default)
+            options.append(click.option("--" + name.replace("_", "-"), name, **kw))
+        return functools.reduce(lambda g, option: option(g), reversed(options), f)
+
+    return decorate

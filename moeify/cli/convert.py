@@ -8,7 +8,15 @@ import click
 
 from moeify.checkpoint.files import check_writable
 from moeify.checkpoint.model_presets import resolve_source
-from moeify.cli.common import console, human, moe_config, moe_options, print_init_reports, table
+from moeify.cli.common import (
+    console,
+    converted_model,
+    human,
+    moe_config,
+    moe_options,
+    print_init_reports,
+    table,
+)
 from moeify.config import MoEConfig
 from moeify.errors import MoeifyError
 
@@ -29,34 +37,13 @@ def _check_memory(source: str, config: MoEConfig, flags: dict) -> None:
 
     from moeify.checkpoint.summary import summarize
 
-    summary = summarize(_converted(source, config, flags, "meta"))
+    summary = summarize(converted_model(source, config, flags, "meta"))
     need = summary.total_params * torch.finfo(getattr(torch, summary.dtype)).bits // 8
     available = _available_bytes()
     if available is not None and need > 0.8 * available:
         raise MoeifyError(
             f"the converted model needs {need / 2**30:.1f} GiB for its weights but {available / 2**30:.1f} GiB "
             f"of memory is available: use --device meta for a structure-only conversion, or fewer --experts")
-
-
-def _converted(source: str, config: MoEConfig, flags: dict, device: str, progress=None):
-    """SOURCE converted: a SwitchTransformers directory is imported as it is (its experts are its
-    weights), any other dense model converted with `config`."""
-    from moeify.checkpoint.hf_switch import is_switch_directory
-
-    if is_switch_directory(source):
-        from moeify.checkpoint.switch_import import import_switch
-
-        return import_switch(source, device=device, overrides=flags, progress=progress)
-    from moeify.checkpoint.sources import load_dense
-    from moeify.conversion.pipeline import convert
-
-    dense = load_dense(source, device=device, seed=config.seed)
-    tokenizer = None
-    if config.reads_text and device != "meta" and dense.source.get("path"):
-        from moeify.conversion.text import local_tokenizer
-
-        tokenizer = local_tokenizer([Path(dense.source["path"])])  # else the text's UTF-8 bytes
-    return convert(dense.model, config, inplace=True, source=dense.source, progress=progress, tokenizer=tokenizer)
 
 
 @click.command("convert", short_help="Convert a preset or a Hugging Face model into a Switch model.")
@@ -106,7 +93,7 @@ def convert_cmd(source: str, output: Path | None, device: str, force: bool, chec
         _check_memory(source, config, flags)
     t0 = time.perf_counter()
     with progress_bars(console) as progress:
-        sparse = _converted(source, config, flags, device, progress)
+        sparse = converted_model(source, config, flags, device, progress)
     elapsed = time.perf_counter() - t0
     _print_conversion(sparse, source, elapsed, verbose)
     imported = sparse.moeify_record.source

@@ -11,9 +11,9 @@ import torch
 
 from moeify.conversion.text import read_text, stdlib_files
 from moeify.errors import MoeifyError, opt
+from moeify.training.config import VALIDATION_FRACTION
 from moeify.training.tokens import Tokens
 
-VALIDATION_FRACTION = 0.05  # of the documents (files or JSONL lines) held out for validation
 SNIFF_BYTES = 8000  # a file with a NUL byte in its first 8000 bytes is binary and skipped (git's rule)
 
 

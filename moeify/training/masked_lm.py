@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-MASK_RATE = 0.15  # BERT's masked_lm_prob
+from moeify.training.config import MASK_RATE
+
 IGNORE = -100  # transformers' cross-entropy ignore_index: positions with no prediction
 
 

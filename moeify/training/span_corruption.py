@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 
 from moeify.errors import MoeifyError, opt
+from moeify.training.config import MEAN_NOISE_SPAN, NOISE_DENSITY
 
-NOISE_DENSITY = 0.15  # the fraction of tokens corrupted (T5's default)
-MEAN_NOISE_SPAN = 3.0  # their mean span length, in tokens (T5's default)
 
 
 def span_counts(length: int, density: float = NOISE_DENSITY, mean_span: float = MEAN_NOISE_SPAN) -> tuple[int, int]:

@@ -1,0 +1,197 @@
+"""`moeify train`: train a converted (or dense baseline) model in one process, with metrics and checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import shutil
+from pathlib import Path
+
+import click
+
+from moeify.checkpoint.files import check_writable
+from moeify.checkpoint.metadata import MOEIFY_FILE
+from moeify.cli.common import console, converted_model, dataclass_options, moe_config, moe_options
+from moeify.config import MoEConfig
+from moeify.errors import MoeifyError, opt
+from moeify.training.config import OPTIMIZERS, PRECISIONS, DataConfig, TrainConfig
+from moeify.training.schedule import SCHEDULES
+
+# Data and conversion share --seed (one seed per run, as run.json records) and --text (with --router-init
+# hidden the router is calibrated on the training text).
+SHARED = ("text", "seed")
+MOE_FIELDS = tuple(f.name for f in dataclasses.fields(MoEConfig) if f.name not in SHARED)
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+DATA_FIELDS = tuple(f.name for f in dataclasses.fields(DataConfig))
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
+
+
+@click.command("train", short_help="Train a Switch model or its dense baseline on text.")
+@click.argument("source", required=False)
+@click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path), required=True,
+              help="The run directory: metrics.csv, run.json and checkpoints/.")
+@functools.partial(moe_options, skip=SHARED)
+@dataclass_options(TrainConfig, {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS})
+@dataclass_options(DataConfig)
+@click.option("--dense", is_flag=True, help="Train SOURCE unconverted: the dense baseline.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in RUN_DIR with its saved "
+                                             "options (only --steps may change).")
+@click.option("--force", is_flag=True, help="Replace RUN_DIR if it exists.")
+def train_cmd(source: str | None, run_dir: Path, dense: bool, resume: bool, force: bool, **flags) -> None:
+    """Train SOURCE (a preset, a local Hugging Face directory or a moeify directory) into RUN_DIR.
+
+    A dense SOURCE is converted first with the MoE flags, exactly as `moeify convert` does; --dense
+    trains it unconverted; a moeify directory trains as it is. The loss is the model's
+    cross-entropy plus its routers' weighted load-balancing and z-losses. Ctrl-C saves a checkpoint
+    and stops (exit 130); a second Ctrl-C stops at once. Single process: --nproc is coming.
+
+    \b
+    Examples:
+      moeify train t5-tiny --experts 4 --steps 200 --seq-len 64 -o runs/switch-4
+      moeify train t5-tiny --dense --steps 200 --seq-len 64 -o runs/dense
+      moeify train t5-tiny -o runs/switch-4 --resume --steps 400
+    """
+    given = {k: v for k, v in flags.items() if v is not None}
+    moe = {k: v for k, v in given.items() if k in MOE_FIELDS}
+    train = {k: v for k, v in given.items() if k in TRAIN_FIELDS}
+    data = {k: v for k, v in given.items() if k in DATA_FIELDS}
+    if resume:
+        other = [k for k in given if k != "steps"] + (["dense"] if dense else []) + (["force"] if force else [])
+        if other:
+            raise MoeifyError(f"--resume continues with the run's saved options: drop {opt(other[0])}")
+        _resume(run_dir, source, train.get("steps"))
+    else:
+        _start(source, run_dir, dense, force, moe, TrainConfig(**train), DataConfig(**data))
+
+
+def _start(source: str | None, run_dir: Path, dense: bool, force: bool, moe: dict, train: TrainConfig,
+           data_config: DataConfig) -> None:
+    """Check everything, load or convert the model and cut the data, and only then create RUN_DIR."""
+    if source is None:
+        raise MoeifyError("give SOURCE: a preset, a local Hugging Face directory or a moeify directory")
+    if run_dir.exists() and not force:
+        raise MoeifyError(f"{run_dir} already exists: pass --resume to continue it, --force to replace it, "
+                          "or choose another -o")
+    check_writable(run_dir, force)
+    is_moeify = (Path(source) / MOEIFY_FILE).is_file()
+    if (is_moeify or dense) and moe:
+        what = "a moeify directory trains as it was converted" if is_moeify else "--dense trains unconverted"
+        raise MoeifyError(f"{what}: drop {opt(next(iter(moe)))}")
+    config = None
+    if not is_moeify and not dense:
+        config = moe_config(source, {**moe, "seed": data_config.seed})
+        if config.reads_text and data_config.text is not None:
+            config = dataclasses.replace(config, text=str(data_config.text))
+    from moeify.checkpoint.model_presets import resolve_source
+
+    if not is_moeify:
+        resolve_source(source)  # a typo fails here, before torch is imported
+    import torch
+
+    from moeify.checkpoint.summary import summarize
+    from moeify.cli.progress import progress_bars
+    from moeify.training.data import prepare_data
+    from moeify.training.runs import RunInfo, write_run_info
+
+    with progress_bars(console) as progress:
+        if is_moeify:
+            from moeify.checkpoint.store import load
+
+            model = load(source, progress=progress)
+        elif dense:
+            from moeify.checkpoint.sources import load_dense
+
+            model = load_dense(source, seed=data_config.seed).model
+        else:
+            model = converted_model(source, config, {**moe, "seed": data_config.seed}, "cpu", progress)
+    data = prepare_data(model, data_config, _tokenizer(source))  # a bad --text fails here, before RUN_DIR
+    record = getattr(model, "moeify_record", None)
+    summary = summarize(model)
+    info = RunInfo(name=run_dir.name, source=source, dense=record is None, seed=data_config.seed,
+                   params_total=summary.total_params, params_active=summary.active_params,
+                   moe_config=record.config.to_dict() if record is not None else None, steps=train.steps,
+                   batch_size=data_config.batch_size, seq_len=data_config.seq_len, objective=data.objective.kind)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    write_run_info(run_dir, info)
+    torch.manual_seed(data_config.seed)  # dropout and router jitter draw from the global generator
+    from moeify.training.fit import RunState
+    from moeify.training.loop import Trainer
+
+    _train(Trainer(model, train), data, data_config, run_dir, RunState())
+
+
+def _resume(run_dir: Path, source: str | None, steps: int | None) -> None:
+    from moeify.training.checkpoints import latest_checkpoint, read_trainer
+    from moeify.training.runs import read_run_info, write_run_info
+
+    checkpoint = latest_checkpoint(run_dir)
+    info = read_run_info(run_dir)
+    if source is not None and source != info.source:
+        raise MoeifyError(f"{run_dir} trains {info.source}, not {source}: drop SOURCE or pass {info.source}")
+    saved = read_trainer(checkpoint)
+    train = TrainConfig(**{**saved["train"], **({"steps": steps} if steps is not None else {})})
+    if train.steps <= saved["step"]:
+        raise MoeifyError(f"{run_dir} has done {saved['step']} of its {train.steps} steps: pass --steps "
+                          f"above {saved['step']} to train on")
+    data_config = DataConfig(**{k: (Path(v) if k in ("text", "data") and v is not None else v)
+                                for k, v in saved["data"].items()})
+    from moeify.training.batches import DataPosition
+    from moeify.training.checkpoints import load_model, restore_trainer, trim_metrics
+    from moeify.training.data import prepare_data
+    from moeify.training.fit import RunState
+    from moeify.training.loop import Trainer
+    from moeify.training.runs import METRICS_FILE
+
+    model = load_model(checkpoint)
+    data = prepare_data(model, data_config, _tokenizer(info.source), DataPosition.from_dict(saved["data_position"]))
+    trainer = Trainer(model, train, step=saved["step"])
+    restore_trainer(checkpoint, trainer.optimizer, saved)
+    trim_metrics(run_dir / METRICS_FILE, trainer.step)  # rows after the checkpoint are logged again
+    if train.steps != info.steps:
+        write_run_info(run_dir, dataclasses.replace(info, steps=train.steps))
+    console.print(f"resuming {run_dir} from {checkpoint.name}")
+    _train(trainer, data, data_config, run_dir,
+           RunState(saved["tokens"], saved["wall_seconds"], saved["best_val_loss"]))
+
+
+def _tokenizer(source: str):
+    """The source directory's own tokenizer (a moeify directory carries a copy); presets train on UTF-8 bytes."""
+    if not Path(source).is_dir():
+        return None
+    from moeify.conversion.text import local_tokenizer
+
+    return local_tokenizer([Path(source)])
+
+
+def _train(trainer, data, data_config: DataConfig, run_dir: Path, state) -> None:
+    import signal
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from moeify.training.fit import StopRequest, fit
+
+    for line in data.corpus.describe():
+        console.print(line)
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[status]}"))
+    stop = StopRequest()
+    previous = stop.install()
+    try:
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+            task = bar.add_task("train", total=trainer.config.steps, completed=trainer.step, status="")
+
+            def on_step(result, tokens_per_s: float) -> None:
+                dropped = "" if result.dropped_fraction is None else f" dropped {result.dropped_fraction:.1%}"
+                bar.update(task, completed=trainer.step,
+                           status=f"loss {result.ce_loss:.3f} {tokens_per_s:,.0f} tok/s{dropped}")
+
+            saved = fit(trainer, data, data_config, run_dir, state, on_step, stop)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if saved is not None:
+        console.print(f"interrupted at step {trainer.step}: saved {saved}; continue with "
+                      f"moeify train -o {run_dir} --resume", soft_wrap=True)  # one line: paths stay whole
+        raise SystemExit(EXIT_INTERRUPTED)
+    best = "" if state.best_val_loss is None else f", best validation loss {state.best_val_loss:.4f}"
+    console.print(f"trained {trainer.step} steps, {state.tokens:,} tokens{best}: {run_dir}")
