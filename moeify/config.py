@@ -16,7 +16,7 @@ from moeify.errors import MoeifyError, opt
 
 INIT_METHODS = ("upcycle", "random", "moefy")
 ROUTER_INITS = ("random", "hidden")
-ROUTER_DTYPES = ("float32", "float64")
+ROUTER_DTYPES = ("float32", "float64", "bfloat16")
 
 
 def _field(default: Any, help: str) -> Any:
@@ -57,7 +57,8 @@ class RoutingConfig:
     aux_loss_coef: float = _field(1e-2, "alpha of the load-balancing loss (paper: 1e-2)")
     z_loss_coef: float = _field(1e-3, "router z-loss coefficient (ST-MoE); 0 turns it off")
     jitter: float = _field(0.0, "multiplicative router input noise U(1-j, 1+j) in training; 0 is off")
-    router_dtype: str = _field("float32", "the router's dtype (selective precision: never bf16/fp16)")
+    router_dtype: str = _field("float32", "the router's dtype: float32 is the paper's selective precision; "
+                                          "bfloat16 is there to measure what that buys")
 
     def capacity(self, num_tokens: int, training: bool) -> int | None:
         """Slots per expert for a batch of `num_tokens`, with the train or eval capacity factor;

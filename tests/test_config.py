@@ -91,7 +91,7 @@ def test_cli_flags_reach_the_config(tmp_path):
     (dict(offset=-1), "offset must be >= 0, got -1"),
     (dict(capacity_factor=float("nan")), "capacity_factor must be a finite number, got nan"),
     (dict(every=2.5), "every must be an integer, got 2.5"),
-    (dict(router_dtype="bfloat16"), "router_dtype must be one of float32, float64, got 'bfloat16'"),
+    (dict(router_dtype="float16"), "router_dtype must be one of float32, float64, bfloat16, got 'float16'"),
     (dict(num_experts=4, top_k=5), "top_k must be between 1 and the 4 experts, got 5: try top_k=2"),
     (dict(top_k=0), "top_k must be between 1 and the 8 experts, got 0"),
     (dict(dropless=1), "dropless must be True or False, got 1"),

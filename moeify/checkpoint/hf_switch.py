@@ -200,8 +200,8 @@ def switch_moe_config(switch: Any, where: str | Path, overrides: dict[str, Any] 
                               "experts come from its weights: drop it")
     config = {**own, **given}
     if config["router_dtype"] not in ("float32", "float64"):
-        raise MoeifyError(f"{where} routes in {config['router_dtype']}, moeify in float32 or float64 (selective "
-                          f"precision): pass {opt('router_dtype', 'float32')} to import it routing in float32")
+        raise MoeifyError(f"{where} routes in {config['router_dtype']}, moeify imports float32 or float64 routers "
+                          f"(selective precision): pass {opt('router_dtype', 'float32')} to import it routing in float32")
     return MoEConfig(**config)
 
 

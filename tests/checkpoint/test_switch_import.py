@@ -124,8 +124,8 @@ REFUSED = {
     "untied": (dict(tie_word_embeddings=False), [], "{path} keeps its lm_head apart from its embeddings "
                "(tie_word_embeddings: false), and transformers' T5ForConditionalGeneration always ties them: moeify "
                "cannot import this checkpoint"),
-    "router_dtype": (dict(router_dtype="bfloat16"), [], "{path} routes in bfloat16, moeify in float32 or float64 "
-                     "(selective precision): pass --router-dtype 'float32' to import it routing in float32"),
+    "router_dtype": (dict(router_dtype="bfloat16"), [], "{path} routes in bfloat16, moeify imports float32 or float64 "
+                     "routers (selective precision): pass --router-dtype 'float32' to import it routing in float32"),
 }
 
 

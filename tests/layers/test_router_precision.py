@@ -84,3 +84,31 @@ def test_the_lowered_layer_keeps_a_float32_router():
     part = lower_expert_parallel(sparse, default_plan(layers, 1), ExpertGroup(0, 1)).bfloat16()
     routers = [m.router for m in part.modules() if isinstance(m, moeify.SwitchFFN)]
     assert routers and all(r.weight.dtype == torch.float32 for r in routers)
+
+
+def test_a_bfloat16_router_routes_in_bfloat16_and_keeps_it_through_casts_and_save(tmp_path):
+    # --router-dtype bfloat16 exists to measure what selective precision buys: it must really be bf16.
+    sparse = moeify.convert(tiny_t5(), moeify.MoEConfig(num_experts=4, router_dtype="bfloat16")).eval()
+    layer = next(m for m in sparse.modules() if isinstance(m, moeify.SwitchFFN))
+    assert layer.router.weight.dtype == torch.bfloat16
+    x = torch.randn(5, 16)
+    out = layer.router(x)
+    assert out.logits.dtype == out.probs.dtype == torch.bfloat16
+    assert torch.equal(out.logits, torch.nn.functional.linear(x.bfloat16(), layer.router.weight))
+    sparse.float()  # a float32 model keeps its bf16 routers, as a bf16 model keeps float32 ones
+    assert layer.router.weight.dtype == torch.bfloat16 and layer.experts.w_in.dtype == torch.float32
+    moeify.save(sparse, tmp_path / "out")
+    again = moeify.load(tmp_path / "out").eval()
+    routers = [m.router.weight for m in again.modules() if isinstance(m, moeify.SwitchFFN)]
+    assert routers and all(w.dtype == torch.bfloat16 for w in routers)
+    assert torch.equal(again(**t5_batch()).logits, sparse(**t5_batch()).logits)
+
+
+def test_the_onnx_export_refuses_a_bfloat16_router(tmp_path):
+    from moeify.targets.onnx import OnnxOptions, export_onnx
+
+    sparse = moeify.convert(tiny_t5(), moeify.MoEConfig(num_experts=2, router_dtype="bfloat16")).eval()
+    with pytest.raises(moeify.MoeifyError, match="routes in bfloat16, which the ONNX export does not write: "
+                                                 "convert again with router_dtype='float32'"):
+        export_onnx(sparse, tmp_path / "onnx", OnnxOptions())
+    assert not (tmp_path / "onnx").exists()

@@ -50,7 +50,7 @@ def refuse(meta: dict, flags: dict) -> None:
         raise MoeifyError("SwitchTransformers scales an expert's output by its router probability, but this model "
                           f"renormalises its gates: convert again with {opt('normalize_gates', False)}")
     if moe.router_dtype != "float32":
-        raise MoeifyError("SwitchTransformers routes in float32, bfloat16 or float16, but this model in "
+        raise MoeifyError(f"hf-switch writes float32 routers (selective precision), but this model routes in "
                           f"{moe.router_dtype}: convert again with {opt('router_dtype', 'float32')}")
     rate = (meta.get("dense_config") or {}).get("dropout_rate")
     if moe.expert_dropout is not None and rate is not None and moe.expert_dropout != rate:

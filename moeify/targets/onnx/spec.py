@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from moeify.checkpoint.summary import layer_record
-from moeify.errors import MoeifyError
+from moeify.errors import MoeifyError, opt
 from moeify.layers.switch import SwitchFFN
 from moeify.targets.onnx.activation_ops import Activation, identify
 from moeify.targets.onnx.emit import ONNX_DTYPES
@@ -34,6 +34,9 @@ class LayerSpec:
             raise MoeifyError(f"{name or 'the model'} holds {e.w_in.dtype} experts: moeify exports float32 "
                               "and float16 models; call model.float() first (--dtype fp16 halves it for you)")
         r = record.routing
+        if layer.router.router_dtype not in ONNX_DTYPES:
+            raise MoeifyError(f"{name or 'the model'} routes in {r.router_dtype}, which the ONNX export does not "
+                              f"write: convert again with {opt('router_dtype', 'float32')}")
         return cls(name, record.num_experts, record.d_model, record.d_ff, r.eval_capacity_factor, r.min_capacity,
                    r.top_k, r.normalize_gates, r.dropless, identify(e.act), record.gated,
                    ONNX_DTYPES[e.w_in.dtype], ONNX_DTYPES[layer.router.router_dtype])

@@ -152,8 +152,8 @@ REFUSED = {
     "normalize_gates": (lambda: tiny_t5(), dict(normalize_gates=True), "SwitchTransformers scales an expert's output "
                         "by its router probability, but this model renormalises its gates: convert again with "
                         "normalize_gates=False"),
-    "router_dtype": (lambda: tiny_t5(), dict(router_dtype="float64"), "SwitchTransformers routes in float32, "
-                     "bfloat16 or float16, but this model in float64: convert again with router_dtype='float32'"),
+    "router_dtype": (lambda: tiny_t5(), dict(router_dtype="float64"), "hf-switch writes float32 routers "
+                     "(selective precision), but this model routes in float64: convert again with router_dtype='float32'"),
     "expert_dropout": (lambda: tiny_t5(), dict(expert_dropout=0.2), "SwitchTransformers experts drop out at the "
                        "model's dropout_rate (0.0), but this model's at expert_dropout=0.2: convert again without "
                        "expert_dropout"),
