@@ -35,19 +35,13 @@ def save(model: nn.Module, path: str | Path, *, force: bool = False,
     """
     from safetensors.torch import save_file
 
-    record = _record_of(model)
+    described = conversion_metadata(model)
     out = Path(path)
     state = model.state_dict()
     aliases = tied_aliases(model)  # tied weights are stored once
     tensors = {k: v for k, v in state.items() if k not in aliases}
     structure_only = any(t.is_meta for t in tensors.values())
     shards = [] if structure_only else _shard(tensors, max_shard_bytes)
-    config = getattr(model, "config", None)
-    # No config.json (and weights under WEIGHTS_STEM): transformers would otherwise load the directory
-    # as the dense model, every converted FFN silently initialised at random. The dense config lives
-    # in moeify.json; the hf-* export targets write checkpoints that transformers does load.
-    dense_config = (json.loads(config.to_json_string(use_diff=False))
-                    if config is not None and hasattr(config, "to_json_string") else None)
     with atomic_directory(out, force=force) as tmp:
         files = []
         for i, names in enumerate(shards):
@@ -61,15 +55,25 @@ def save(model: nn.Module, path: str | Path, *, force: bool = False,
             index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                      "weight_map": {k: f for f, names in files for k in names}}
             (tmp / f"{WEIGHTS_STEM}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        meta = {
-            "format": "moeify", "format_version": FORMAT_VERSION, "weights": not structure_only,
-            "source": record.source, "dense_config": dense_config, "moe_config": record.config.to_dict(),
-            "sites": record.site_names, "skipped": record.skipped, "aliases": aliases,
-            "summary": summarize(model).to_dict(),
-        }
+        meta = {"format": "moeify", "format_version": FORMAT_VERSION, "weights": not structure_only,
+                **described, "aliases": aliases}
         (tmp / MOEIFY_FILE).write_text(json.dumps(meta, indent=2))
-        copy_tokenizer(_tokenizer_dir(record.source, tokenizer_from), tmp)
+        copy_tokenizer(_tokenizer_dir(described["source"], tokenizer_from), tmp)
     return out
+
+
+def conversion_metadata(model: nn.Module) -> dict:
+    """What moeify.json says of a converted model: source, dense_config, moe_config, sites, skipped
+    and summary. save() writes it; the hf-* families check a live model against the same dict."""
+    record = _record_of(model)
+    config = getattr(model, "config", None)
+    # No config.json (and weights under WEIGHTS_STEM): transformers would otherwise load the directory
+    # as the dense model, every converted FFN silently initialised at random. The dense config lives
+    # in moeify.json; the hf-* export targets write checkpoints that transformers does load.
+    dense_config = (json.loads(config.to_json_string(use_diff=False))
+                    if config is not None and hasattr(config, "to_json_string") else None)
+    return {"source": record.source, "dense_config": dense_config, "moe_config": record.config.to_dict(),
+            "sites": record.site_names, "skipped": record.skipped, "summary": summarize(model).to_dict()}
 
 
 def load(path: str | Path, *, model: nn.Module | None = None, device: str | None = None,
@@ -105,7 +109,7 @@ def _tokenizer_dir(source: dict, given: str | Path | None) -> Path | None:
 def _record_of(model: nn.Module) -> ConversionRecord:
     record = getattr(model, "moeify_record", None)
     if not isinstance(record, ConversionRecord):
-        raise MoeifyError("this model was not produced by moeify.convert: convert it before saving")
+        raise MoeifyError("this model was not produced by moeify.convert: convert it first")
     if not record.source:
         import transformers
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from typing import Any
 
@@ -48,16 +47,6 @@ def converted_layers(meta: dict) -> list[int]:
     if bad:
         raise MoeifyError(f"a Switch layer at {bad[0]}, not at model.layers.N.mlp: {BUG}")
     return sorted(int(m.group(1)) for m in found)
-
-
-def live_meta(model: nn.Module) -> dict:
-    """What refuse() reads from moeify.json, taken from a live converted model instead."""
-    record = getattr(model, "moeify_record", None)
-    if record is None:
-        raise MoeifyError("this model was not produced by moeify.convert: convert it before exporting")
-    return {"source": {**record.source, "architecture": type(model).__name__},
-            "moe_config": record.config.to_dict(), "sites": record.site_names, "skipped": record.skipped,
-            "dense_config": json.loads(model.config.to_json_string(use_diff=False))}
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

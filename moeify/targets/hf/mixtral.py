@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeify.checkpoint.store import conversion_metadata
 from moeify.config import MoEConfig
 from moeify.conversion.moefy import expert_d_ff
 from moeify.errors import MoeifyError, opt
@@ -14,7 +15,6 @@ from moeify.targets.hf.decoder import (
     converted_layers,
     dense_config,
     fused_tensors,
-    live_meta,
     model_dtype,
     require_source,
     routing_notes,
@@ -69,7 +69,7 @@ def mixtral_config(dense: Any, moe: MoEConfig, dtype: torch.dtype) -> Any:
 
 def to_hf(model: nn.Module, flags: dict) -> HFCheckpoint:
     """The converted LLaMA / Mistral `model` as a MixtralForCausalLM checkpoint."""
-    refuse(live_meta(model), flags)
+    refuse(conversion_metadata(model), flags)
     moe, dtype = model.moeify_record.config, model_dtype(model)
     notes = routing_notes(moe, "Mixtral", model.config.num_hidden_layers, dtype)
     if moe.jitter:

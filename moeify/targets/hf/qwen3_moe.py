@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeify.checkpoint.store import conversion_metadata
 from moeify.config import MoEConfig
 from moeify.conversion.moefy import expert_d_ff
 from moeify.errors import MoeifyError
@@ -15,7 +16,6 @@ from moeify.targets.hf.decoder import (
     converted_layers,
     dense_config,
     fused_tensors,
-    live_meta,
     model_dtype,
     require_source,
     routing_notes,
@@ -76,7 +76,7 @@ def qwen3_moe_config(dense: Any, moe: MoEConfig, layers: list[int], dtype: torch
 
 def to_hf(model: nn.Module, flags: dict) -> HFCheckpoint:
     """The converted Qwen3 `model` as a Qwen3MoeForCausalLM checkpoint."""
-    meta = live_meta(model)
+    meta = conversion_metadata(model)
     refuse(meta, flags)
     moe, layers, dtype = model.moeify_record.config, converted_layers(meta), model_dtype(model)
     notes = routing_notes(moe, "Qwen3-MoE", len(layers), dtype)

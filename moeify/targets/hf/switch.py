@@ -7,16 +7,15 @@ from torch import nn
 from moeify.checkpoint.hf_switch import (
     DEFAULT_SEQ_LEN,
     SWITCH_CLASS,
-    T5_CLASS,
     stack_positions,
     switch_config_fields,
     switch_layout,
     switch_names,
 )
-from moeify.checkpoint.summary import summarize
+from moeify.checkpoint.store import conversion_metadata
 from moeify.config import MoEConfig, expert_capacity
 from moeify.errors import MoeifyError, opt
-from moeify.targets.hf.decoder import BUG, TARGET_OF, live_meta, model_dtype
+from moeify.targets.hf.decoder import BUG, model_dtype, require_source
 from moeify.targets.hf.family import HFCheckpoint
 
 TARGET = "hf-switch"
@@ -24,12 +23,7 @@ TARGET = "hf-switch"
 
 def refuse(meta: dict, flags: dict) -> None:
     """Refuse, from moeify.json alone, a conversion SwitchTransformers cannot express, with the reason."""
-    source = meta.get("source") or {}
-    arch = source.get("architecture") or source.get("class") or "a custom module"
-    if arch != T5_CLASS:
-        fix = (f"export it with the {TARGET_OF[arch]} target" if arch in TARGET_OF
-               else "`moeify export --help` lists the targets that accept it")
-        raise MoeifyError(f"{TARGET} exports converted {T5_CLASS} models, not {arch}: {fix}")
+    require_source(meta, TARGET)
     moe = MoEConfig.from_dict(meta["moe_config"])
     layers = meta["summary"]["moe_layers"]
     if any(layer["gated"] for layer in layers):
@@ -68,7 +62,7 @@ def to_hf(model: nn.Module, flags: dict) -> HFCheckpoint:
     """The SwitchTransformersForConditionalGeneration checkpoint of a converted T5 (`moeify.load`'s model)."""
     from transformers import SwitchTransformersConfig
 
-    refuse({**live_meta(model), "summary": summarize(model).to_dict()}, flags)
+    refuse(conversion_metadata(model), flags)
     record = model.moeify_record
     moe, dtype, seq_len = record.config, model_dtype(model), flags.get("seq_len", DEFAULT_SEQ_LEN)
     layout = switch_layout(stack_positions(record.site_names, record.skipped))

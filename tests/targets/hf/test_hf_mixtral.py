@@ -24,9 +24,9 @@ from transformers import (
 )
 
 import moeify
+from moeify.checkpoint.store import conversion_metadata
 from moeify.errors import MoeifyError
 from moeify.targets.hf import mixtral
-from moeify.targets.hf.decoder import live_meta
 
 MIXTRAL = dict(every=1, normalize_gates=True, dropless=True)
 Z_LOSS = "Mixtral has no router z-loss: z_loss_coef (0.001) is not carried over (training only)"
@@ -155,7 +155,7 @@ def test_what_mixtral_cannot_express_is_refused_by_name(case):
     dense, moe, message = REFUSED[case]
     model = moeify.convert(dense(), moeify.MoEConfig(num_experts=4, **moe))
     with pytest.raises(MoeifyError) as e:
-        mixtral.refuse(live_meta(model), {})
+        mixtral.refuse(conversion_metadata(model), {})
     assert str(e.value) == message
     with pytest.raises(MoeifyError) as e:  # to_hf checks the same, for Python callers
         mixtral.to_hf(model, {})

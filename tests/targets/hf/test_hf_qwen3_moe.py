@@ -21,9 +21,10 @@ from transformers import (
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 import moeify
+from moeify.checkpoint.store import conversion_metadata
 from moeify.errors import MoeifyError
 from moeify.targets.hf import qwen3_moe
-from moeify.targets.hf.decoder import carry_config, live_meta
+from moeify.targets.hf.decoder import carry_config
 
 Z_LOSS = "Qwen3-MoE has no router z-loss: z_loss_coef (0.001) is not carried over (training only)"
 
@@ -113,7 +114,7 @@ def test_what_qwen3_moe_cannot_express_is_refused_by_name(case):
     dense, message = REFUSED[case]
     model = moeify.convert(dense(), moeify.MoEConfig(num_experts=4, every=1))
     with pytest.raises(MoeifyError) as e:
-        qwen3_moe.refuse(live_meta(model), {})
+        qwen3_moe.refuse(conversion_metadata(model), {})
     assert str(e.value) == message
     with pytest.raises(MoeifyError) as e:  # to_hf checks the same, for Python callers
         qwen3_moe.to_hf(model, {})

@@ -8,10 +8,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, SwitchTransformersForCon
 
 import moeify
 from moeify.checkpoint.hf_switch import sparse_positions, sparse_step
-from moeify.checkpoint.summary import summarize
+from moeify.checkpoint.store import conversion_metadata
 from moeify.errors import MoeifyError
 from moeify.targets.hf import switch
-from moeify.targets.hf.decoder import live_meta
 
 SWITCH = SwitchTransformersForConditionalGeneration
 FLAGS = {"seq_len": 64}
@@ -153,7 +152,8 @@ REFUSED = {
                         "by its router probability, but this model renormalises its gates: convert again with "
                         "normalize_gates=False"),
     "router_dtype": (lambda: tiny_t5(), dict(router_dtype="float64"), "hf-switch writes float32 routers "
-                     "(selective precision), but this model routes in float64: convert again with router_dtype='float32'"),
+                     "(selective precision), but this model routes in float64: convert again with "
+                     "router_dtype='float32'"),
     "expert_dropout": (lambda: tiny_t5(), dict(expert_dropout=0.2), "SwitchTransformers experts drop out at the "
                        "model's dropout_rate (0.0), but this model's at expert_dropout=0.2: convert again without "
                        "expert_dropout"),
@@ -168,7 +168,7 @@ REFUSED = {
 
 
 def meta_of(model) -> dict:
-    return {**live_meta(model), "summary": summarize(model).to_dict()}
+    return conversion_metadata(model)
 
 
 @pytest.mark.parametrize("case", REFUSED)
