@@ -19,7 +19,8 @@ ROUTER_INITS = ("random", "hidden")
 ROUTER_DTYPES = ("float32", "float64", "bfloat16")
 
 
-def _field(default: Any, help: str) -> Any:
+def option_field(default: Any, help: str) -> Any:
+    """A dataclass field with its `help`: the CLI generates the flag, its help and shown default from it."""
     return field(default=default, metadata={"help": help})
 
 
@@ -45,20 +46,21 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, m
 class RoutingConfig:
     """What a Switch layer needs at run time: its experts, capacity and router losses."""
 
-    num_experts: int = _field(8, "experts per converted FFN")
-    top_k: int = _field(1, "experts per token (Switch: 1); k > 1 keeps the k most probable, as GShard and Mixtral")
-    normalize_gates: bool = _field(False, "renormalise the k kept probabilities to sum to 1 (Mixtral); off: "
-                                          "gate = probability, as in the Switch paper")
-    dropless: bool = _field(False, "no capacity limit: every token reaches its experts (MegaBlocks, Mixtral); "
-                                   "capacity factors are then ignored")
-    capacity_factor: float = _field(1.25, "training capacity factor (paper: 1.0-1.25)")
-    eval_capacity_factor: float = _field(2.0, "evaluation capacity factor: more slack when drops hurt quality")
-    min_capacity: int = _field(4, "minimum slots per expert, so tiny batches do not drop nearly every token")
-    aux_loss_coef: float = _field(1e-2, "alpha of the load-balancing loss (paper: 1e-2)")
-    z_loss_coef: float = _field(1e-3, "router z-loss coefficient (ST-MoE); 0 turns it off")
-    jitter: float = _field(0.0, "multiplicative router input noise U(1-j, 1+j) in training; 0 is off")
-    router_dtype: str = _field("float32", "the router's dtype: float32 is the paper's selective precision; "
-                                          "bfloat16 is there to measure what that buys")
+    num_experts: int = option_field(8, "experts per converted FFN")
+    top_k: int = option_field(1, "experts per token (Switch: 1); k > 1 keeps the k most probable, "
+                                 "as GShard and Mixtral")
+    normalize_gates: bool = option_field(False, "renormalise the k kept probabilities to sum to 1 (Mixtral); off: "
+                                                "gate = probability, as in the Switch paper")
+    dropless: bool = option_field(False, "no capacity limit: every token reaches its experts (MegaBlocks, Mixtral); "
+                                         "capacity factors are then ignored")
+    capacity_factor: float = option_field(1.25, "training capacity factor (paper: 1.0-1.25)")
+    eval_capacity_factor: float = option_field(2.0, "evaluation capacity factor: more slack when drops hurt quality")
+    min_capacity: int = option_field(4, "minimum slots per expert, so tiny batches do not drop nearly every token")
+    aux_loss_coef: float = option_field(1e-2, "alpha of the load-balancing loss (paper: 1e-2)")
+    z_loss_coef: float = option_field(1e-3, "router z-loss coefficient (ST-MoE); 0 turns it off")
+    jitter: float = option_field(0.0, "multiplicative router input noise U(1-j, 1+j) in training; 0 is off")
+    router_dtype: str = option_field("float32", "the router's dtype: float32 is the paper's selective precision; "
+                                                "bfloat16 is there to measure what that buys")
 
     def capacity(self, num_tokens: int, training: bool) -> int | None:
         """Slots per expert for a batch of `num_tokens`, with the train or eval capacity factor;
@@ -89,30 +91,31 @@ class MoEConfig:
     top_k: int = _routing("top_k")
     normalize_gates: bool = _routing("normalize_gates")
     dropless: bool = _routing("dropless")
-    every: int = _field(2, "convert one FFN in EVERY within each stack (paper: every other layer)")
-    offset: int | None = _field(None, "index of the first converted FFN in each stack; unset means EVERY - 1, "
-                                      "the last of each group (EVERY 2: FFNs 1, 3, 5, ... as in the paper)")
-    layers: str | None = _field(None, "regex (re.search) over the dense FFN module names; overrides every/offset")
-    init: str = _field("upcycle", "upcycle: experts copy the dense FFN; random: the paper's truncated normal; "
-                                  "moefy: each expert is one of E balanced clusters of the FFN's neurons "
-                                  "(d_ff / E wide, MoEfication)")
-    init_scale: float = _field(0.1, "random init: truncated normal with std sqrt(init_scale / fan_in) (paper: 0.1)")
-    upcycle_noise: float = _field(0.0, "relative noise added to upcycled experts; 0 keeps them exact copies")
-    upcycle_scale: str | float = _field("none", "multiply upcycled experts' outputs by this: none, auto (E / k for "
-                                                "gate = probability, 1 for renormalised gates: a fresh layer then "
-                                                "starts near the dense FFN) or a positive number")
-    router_init: str = _field("random", "random: the paper's truncated normal; hidden: router rows are the "
-                                        "normalised k-means centroids of each site's inputs on calibration text")
-    text: str | None = _field(None, "UTF-8 calibration text file for --router-init hidden and --init moefy's "
-                                    "report; unset: the Python standard library's source")
-    seed: int = _field(0, "seeds the router, any random expert init and a preset's random weights")
+    every: int = option_field(2, "convert one FFN in EVERY within each stack (paper: every other layer)")
+    offset: int | None = option_field(None, "index of the first converted FFN in each stack; unset means EVERY - 1, "
+                                            "the last of each group (EVERY 2: FFNs 1, 3, 5, ... as in the paper)")
+    layers: str | None = option_field(None, "regex (re.search) over the dense FFN module names; overrides every/offset")
+    init: str = option_field("upcycle", "upcycle: experts copy the dense FFN; random: the paper's truncated normal; "
+                                        "moefy: each expert is one of E balanced clusters of the FFN's neurons "
+                                        "(d_ff / E wide, MoEfication)")
+    init_scale: float = option_field(0.1, "random init: truncated normal with std sqrt(init_scale / fan_in) "
+                                          "(paper: 0.1)")
+    upcycle_noise: float = option_field(0.0, "relative noise added to upcycled experts; 0 keeps them exact copies")
+    upcycle_scale: str | float = option_field(
+        "none", "multiply upcycled experts' outputs by this: none, auto (E / k for gate = probability, 1 for "
+                "renormalised gates: a fresh layer then starts near the dense FFN) or a positive number")
+    router_init: str = option_field("random", "random: the paper's truncated normal; hidden: router rows are the "
+                                              "normalised k-means centroids of each site's inputs on calibration text")
+    text: str | None = option_field(None, "UTF-8 calibration text file for --router-init hidden and --init moefy's "
+                                          "report; unset: the Python standard library's source")
+    seed: int = option_field(0, "seeds the router, any random expert init and a preset's random weights")
     capacity_factor: float = _routing("capacity_factor")
     eval_capacity_factor: float = _routing("eval_capacity_factor")
     min_capacity: int = _routing("min_capacity")
     aux_loss_coef: float = _routing("aux_loss_coef")
     z_loss_coef: float = _routing("z_loss_coef")
     jitter: float = _routing("jitter")
-    expert_dropout: float | None = _field(None, "dropout inside experts; unset keeps the dense FFN's rate")
+    expert_dropout: float | None = option_field(None, "dropout inside experts; unset keeps the dense FFN's rate")
     router_dtype: str = _routing("router_dtype")
 
     def __post_init__(self) -> None:

@@ -46,31 +46,11 @@ def human(n: float) -> str:
 
 
 def moe_options(f, skip: tuple[str, ...] = ()):
-    """One flag per MoEConfig field, shared by `convert` and `plan` (which converts presets on meta).
+    """One flag per MoEConfig field, shared by `convert`, `plan` (which converts presets on meta) and `train`.
 
-    Types, defaults and help come from the dataclass itself, so the CLI never restates them.
     Defaults are left to MoEConfig (and a preset's own MoE options), so only given flags override.
     """
-    options = []
-    for field in dataclasses.fields(MoEConfig):
-        name, default = field.name, field.default
-        if name in skip:  # a command that defines this flag its own way (train: --text, --seed)
-            continue
-        text = field.metadata["help"]
-        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        shown = ("on" if default else "off") if isinstance(default, bool) else default
-        kw: dict = {"default": None, "help": text[0].upper() + text[1:] + (
-            f" [default: {shown}]" if default is not None else "") + "."}
-        if isinstance(default, bool):  # a switch; unset (None) leaves the preset's or MoEConfig's value
-            flag = f"{flag}/--no-{flag[2:]}"
-        elif name in CHOICES:
-            kw["type"] = click.Choice(CHOICES[name])
-        elif name in METAVARS:  # free text: a pattern, a number or a keyword, a file
-            kw["metavar"] = METAVARS[name]
-        else:
-            kw["type"] = float if name == "expert_dropout" else type(default) if default is not None else int
-        options.append(click.option(flag, name, **kw))
-    return functools.reduce(lambda g, option: option(g), reversed(options), f)
+    return dataclass_options(MoEConfig, CHOICES, skip=skip, flag_names=FLAG_NAMES, metavars=METAVARS)(f)
 
 
 def print_init_reports(layers, init: str, router_init: str) -> None:
@@ -137,27 +117,39 @@ def converted_model(source: str, config: MoEConfig, flags: dict, device: str, pr
     return convert(dense.model, config, inplace=True, source=dense.source, progress=progress, tokenizer=tokenizer)
 
 
-def dataclass_options(cls, choices: dict[str, tuple[str, ...]] | None = None):
-    """One flag per field of dataclass `cls` (TrainConfig, DataConfig), help and default from its metadata.
+def dataclass_options(cls, choices: dict[str, tuple[str, ...]] | None = None, *, skip: tuple[str, ...] = (),
+                      flag_names: dict[str, str] | None = None, metavars: dict[str, str] | None = None):
+    """One flag per field of dataclass `cls` (MoEConfig, TrainConfig, DataConfig): type, help and the
+    default it shows come from the dataclass itself, so the CLI never restates them.
 
-    Every default is None, so a command sees which flags were given and the dataclass supplies the rest.
+    Every click default is None, so a command sees which flags were given and the dataclass (or a
+    preset) supplies the rest. A bool field is an --x/--no-x switch; `skip` leaves out fields that a
+    command defines its own way; `metavars` marks free-text fields (a pattern, a number or keyword).
     """
-    choices = choices or {}
+    choices, flag_names, metavars = choices or {}, flag_names or {}, metavars or {}
 
     def decorate(f):
         options = []
         for field in dataclasses.fields(cls):
             name, default = field.name, field.default
+            if name in skip:
+                continue
             text = field.metadata["help"]
-            shown = f" [default: {default}]" if default is not None and "[default" not in text else ""
-            kw: dict = {"default": None, "help": text[0].upper() + text[1:] + shown + "."}
-            if name in choices:
+            flag = flag_names.get(name, "--" + name.replace("_", "-"))
+            shown = ("on" if default else "off") if isinstance(default, bool) else default
+            kw: dict = {"default": None, "help": text[0].upper() + text[1:] + (
+                f" [default: {shown}]" if default is not None and "[default" not in text else "") + "."}
+            if isinstance(default, bool):  # a switch; unset (None) leaves the dataclass's value
+                flag = f"{flag}/--no-{flag[2:]}"
+            elif name in choices:
                 kw["type"] = click.Choice(choices[name])
+            elif name in metavars:
+                kw["metavar"] = metavars[name]
             elif "Path" in str(field.type):
                 kw["type"] = click.Path(path_type=Path)
-            else:
-                kw["type"] = type(default)
-            options.append(click.option("--" + name.replace("_", "-"), name, **kw))
+            else:  # the annotation's first type: "float | None" is a float whose default is unset
+                kw["type"] = {"int": int, "float": float, "str": str}[str(field.type).split("|")[0].strip()]
+            options.append(click.option(flag, name, **kw))
         return functools.reduce(lambda g, option: option(g), reversed(options), f)
 
     return decorate

@@ -1,10 +1,10 @@
 """The options of a training run, torch-free so the CLI builds its flags from them: DataConfig and TrainConfig."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from moeify.config import option_field
 from moeify.errors import MoeifyError, opt
 from moeify.training.schedule import SCHEDULES, lr_at
 
@@ -16,25 +16,21 @@ OPTIMIZERS = ("adamw", "adafactor")
 PRECISIONS = ("fp32", "bf16")
 
 
-def _field(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """The data side of a training run; each default lives here."""
 
-    text: Path | None = _field(None, "a UTF-8 file or a directory of text files [default: the Python standard "
-                                     "library's source]")
-    data: Path | None = _field(None, 'a JSONL file with a "text" string per line')
-    seq_len: int = _field(128, "model input tokens per sequence (span corruption: the encoder's)")
-    batch_size: int = _field(8, "sequences per batch")
-    seed: int = _field(0, "seed of the split, the example order and every objective draw")
-    validation_fraction: float = _field(VALIDATION_FRACTION, "fraction of documents (files or lines) held out")
-    validation_batches: int = _field(4, "validation batches, the same ones every evaluation")
-    noise_density: float = _field(NOISE_DENSITY, "span corruption: fraction of tokens corrupted")
-    mean_noise_span: float = _field(MEAN_NOISE_SPAN, "span corruption: mean corrupted span length")
-    mask_rate: float = _field(MASK_RATE, "masked LM: fraction of tokens predicted")
+    text: Path | None = option_field(None, "a UTF-8 file or a directory of text files [default: the Python standard "
+                                           "library's source]")
+    data: Path | None = option_field(None, 'a JSONL file with a "text" string per line')
+    seq_len: int = option_field(128, "model input tokens per sequence (span corruption: the encoder's)")
+    batch_size: int = option_field(8, "sequences per batch")
+    seed: int = option_field(0, "seed of the split, the example order and every objective draw")
+    validation_fraction: float = option_field(VALIDATION_FRACTION, "fraction of documents (files or lines) held out")
+    validation_batches: int = option_field(4, "validation batches, the same ones every evaluation")
+    noise_density: float = option_field(NOISE_DENSITY, "span corruption: fraction of tokens corrupted")
+    mean_noise_span: float = option_field(MEAN_NOISE_SPAN, "span corruption: mean corrupted span length")
+    mask_rate: float = option_field(MASK_RATE, "masked LM: fraction of tokens predicted")
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "validation_batches"):
@@ -51,18 +47,18 @@ class DataConfig:
 class TrainConfig:
     """The optimisation side of a training run; each default lives here."""
 
-    steps: int = _field(1000, "optimizer steps in the whole run (a resumed run counts the steps already done)")
-    optimizer: str = _field("adamw", "adamw (torch.optim.AdamW) or adafactor (torch.optim.Adafactor)")
-    lr: float = _field(1e-3, "peak learning rate")
-    warmup: int = _field(100, "steps of linear warmup to the peak rate")
-    schedule: str = _field("inverse-sqrt", "after warmup: inverse-sqrt (T5, Switch) or cosine (to 0 at --steps)")
-    weight_decay: float = _field(0.0, "decoupled weight decay")
-    clip: float = _field(1.0, "gradient clipping: max global norm; 0 turns it off")
-    precision: str = _field("fp32", "fp32, or bf16 autocast (the routers stay float32)")
-    eval_every: int = _field(100, "steps between validation losses (and best checkpoints); 0: only at the end")
-    log_every: int = _field(10, "steps between metrics.csv rows")
-    save_every: int = _field(500, "steps between checkpoints (one is always saved at the end)")
-    keep: int = _field(2, "step checkpoints kept, the latest ones (best is kept apart)")
+    steps: int = option_field(1000, "optimizer steps in the whole run (a resumed run counts the steps already done)")
+    optimizer: str = option_field("adamw", "adamw (torch.optim.AdamW) or adafactor (torch.optim.Adafactor)")
+    lr: float = option_field(1e-3, "peak learning rate")
+    warmup: int = option_field(100, "steps of linear warmup to the peak rate")
+    schedule: str = option_field("inverse-sqrt", "after warmup: inverse-sqrt (T5, Switch) or cosine (to 0 at --steps)")
+    weight_decay: float = option_field(0.0, "decoupled weight decay")
+    clip: float = option_field(1.0, "gradient clipping: max global norm; 0 turns it off")
+    precision: str = option_field("fp32", "fp32, or bf16 autocast (the routers stay float32)")
+    eval_every: int = option_field(100, "steps between validation losses (and best checkpoints); 0: only at the end")
+    log_every: int = option_field(10, "steps between metrics.csv rows")
+    save_every: int = option_field(500, "steps between checkpoints (one is always saved at the end)")
+    keep: int = option_field(2, "step checkpoints kept, the latest ones (best is kept apart)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "save_every", "keep"):
