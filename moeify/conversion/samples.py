@@ -9,7 +9,7 @@ from torch import nn
 
 from moeify.config import MoEConfig
 from moeify.conversion.find_ffn import FFNSite
-from moeify.conversion.text import read_text, stdlib_text, text_batches, token_ids
+from moeify.conversion.text import read_text, stdlib_text, text_batches, token_ids, window_tokens
 from moeify.errors import MoeifyError, opt
 
 # 4 x 8 sequences of 128 tokens: 4096 tokens per encoder or decoder-only site (T5 decoders see a
@@ -55,7 +55,7 @@ def site_samples(model: nn.Module, sites: list[FFNSite], config: MoEConfig,
                           f"model): use {opt('router_init', 'random')}")
     ids = calibration_ids(config, vocab, tokenizer)
     encoder_decoder = bool(getattr(lm_config, "is_encoder_decoder", False))
-    need = BATCH_SIZE * (SEQ_LEN + max(1, SEQ_LEN // 4))  # text_batches' windows
+    need = window_tokens(BATCH_SIZE, SEQ_LEN)
     if len(ids) < need:
         raise MoeifyError(f"the calibration text has {len(ids)} tokens, fewer than the {need} of one batch: "
                           f"give more text with {opt('text')}")

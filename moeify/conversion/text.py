@@ -43,11 +43,16 @@ def token_ids(text: str, vocab_size: int, tokenizer=None) -> torch.Tensor:
     return (data + BYTE_OFFSET) % vocab_size
 
 
+def window_tokens(batch_size: int, seq_len: int) -> int:
+    """Tokens one text_batches batch reads: each row's encoder window and the decoder's quarter after it."""
+    return batch_size * (seq_len + max(1, seq_len // 4))
+
+
 def text_batches(ids: torch.Tensor, batches: int, batch_size: int, seq_len: int,
                  encoder_decoder: bool) -> Iterator[dict[str, torch.Tensor]]:
     """Consecutive windows of the text: the encoder reads one, the decoder the next quarter."""
     tgt = max(1, seq_len // 4)
-    need = batch_size * (seq_len + tgt)
+    need = window_tokens(batch_size, seq_len)
     for b in range(batches):
         start = (b * need) % max(1, len(ids) - need)
         window = ids[start:start + need].reshape(batch_size, seq_len + tgt)

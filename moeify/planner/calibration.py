@@ -6,7 +6,6 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from moeify.conversion.text import stdlib_text, text_batches, token_ids  # noqa: F401 (calibrate's text)
 from moeify.layers.collector import router_losses
 
 LOAD_SCHEMA = "moeify.load"
