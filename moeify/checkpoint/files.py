@@ -57,12 +57,30 @@ def check_file_writable(path: Path | None, force: bool) -> None:
         raise MoeifyError(f"{path} already exists: pass {opt('force', True)} to replace it, or choose another path")
 
 
+def make_output_dir(directory: Path, out: Path) -> Path:
+    """mkdir -p `directory` for output `out`; a path that cannot be created (under /proc, read-only,
+    a file in the way) is one line naming `out`, not a traceback."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(out, e) from None
+    return directory
+
+
+def cannot_write(out: Path, e: OSError) -> MoeifyError:
+    """The one-line refusal of an output path the system will not let us create."""
+    return MoeifyError(f"cannot write {out} ({e.strerror}): choose another output path")
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """The whole file or nothing: write a temporary sibling, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(path.parent, path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError as e:
+        raise cannot_write(path, e) from None
     tmp.replace(path)
 
 
@@ -81,8 +99,11 @@ def atomic_directory(out: Path, *, force: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     check_writable(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    make_output_dir(out.parent, out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise cannot_write(out, e) from None
     try:
         yield tmp
         old = None

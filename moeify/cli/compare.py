@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moeify.checkpoint.files import check_file_writable
+from moeify.checkpoint.files import cannot_write, check_file_writable, make_output_dir
 from moeify.cli.common import console, human, table
 from moeify.training.compare import Comparison, Curve, compare, curve, group_variants
 from moeify.training.runs import read_run
@@ -99,10 +99,13 @@ def draw(curves: list[Curve], path: Path) -> None:
     by_step.legend(fontsize=8)
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(path.parent, path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=DPI)  # no bbox_inches="tight": the size stays FIGSIZE x DPI
+        try:
+            fig.savefig(tmp, format="png", dpi=DPI)  # no bbox_inches="tight": the size stays FIGSIZE x DPI
+        except OSError as e:
+            raise cannot_write(path, e) from None
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from moeify.checkpoint.files import check_writable
+from moeify.checkpoint.files import check_writable, make_output_dir
 from moeify.checkpoint.metadata import MOEIFY_FILE
 from moeify.cli.common import console, converted_model, dataclass_options, moe_config, moe_options
 from moeify.config import MoEConfig
@@ -112,7 +112,7 @@ def _start(source: str | None, run_dir: Path, dense: bool, force: bool, moe: dic
                    batch_size=data_config.batch_size, seq_len=data_config.seq_len, objective=data.objective.kind)
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    make_output_dir(run_dir, run_dir)
     write_run_info(run_dir, info)
     torch.manual_seed(data_config.seed)  # dropout and router jitter draw from the global generator
     from moeify.training.fit import RunState

@@ -1,11 +1,12 @@
 """read_json: the one JSON reader, and every reader built on it refuses bad files in one line."""
 import json
+import re
 
 import pytest
 from clitools import assert_user_error, run
 
 import moeify
-from moeify.checkpoint.files import read_json
+from moeify.checkpoint.files import atomic_directory, read_json, write_text_atomically
 from moeify.checkpoint.metadata import read_metadata
 from moeify.planner.plan import ShardingPlan
 from moeify.planner.workload import read_load
@@ -49,3 +50,29 @@ def test_the_cli_turns_a_wrong_plan_file_into_one_line(tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text("[]")
     assert_user_error(run("inspect", plan), tmp_path, "holds an array, not an object")
+
+
+@pytest.mark.parametrize("write", [lambda out: write_text_atomically(out, "{}"),
+                                   lambda out: atomic_directory(out).__enter__()])
+def test_an_output_under_a_file_is_one_line_naming_it(tmp_path, write):
+    (tmp_path / "a-file").write_text("in the way")
+    out = tmp_path / "a-file" / "out"
+    with pytest.raises(moeify.MoeifyError) as e:
+        write(out)
+    # The reason is the system's own words ("File exists" on Linux): the line names the path and the fix.
+    assert re.fullmatch(rf"cannot write {re.escape(str(out))} \([^)]+\): choose another output path", str(e.value))
+
+
+def test_the_cli_refuses_an_unwritable_output_in_one_line(tmp_path):
+    from tiny import tiny_t5
+
+    moeify.save(moeify.convert(tiny_t5(), moeify.MoEConfig(num_experts=2)), tmp_path / "src")
+    (tmp_path / "a-file").write_text("in the way")
+    for args in (("export", tmp_path / "src", "--target", "hf-switch", "-o", tmp_path / "a-file" / "hf"),
+                 ("calibrate", tmp_path / "src", "--batches", 1, "-o", tmp_path / "a-file" / "load.json"),
+                 ("train", "t5-tiny", "--steps", 1, "-o", tmp_path / "a-file" / "run")):
+        result = run(*args)
+        assert result.exit_code == 2, result.output
+        assert re.fullmatch(rf"error: cannot write {re.escape(str(args[-1]))} \([^)]+\): choose another output "
+                            r"path\n", result.stderr), result.stderr
+    assert (tmp_path / "a-file").read_text() == "in the way"
