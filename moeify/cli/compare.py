@@ -30,8 +30,9 @@ def compare_cmd(runs: tuple[Path, ...], output: Path | None, threshold: float | 
                 force: bool) -> None:
     """Compare run directories written by `moeify train`: each run's final and best validation loss,
     the steps and wall time it took to reach a common loss, its parameters and tokens/s; and a PNG
-    of validation loss against steps and against wall time. Runs whose run.json agree on everything
-    but name and seed are seeds of one variant: drawn as their mean with a min..max band.
+    of validation loss against steps and against wall time. Runs trained with one --group, or whose
+    run.json agree on everything but name and seed, are seeds of one variant: drawn as their mean
+    with a min..max band.
 
     \b
     Examples:

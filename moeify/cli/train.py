@@ -36,7 +36,11 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in RUN_DIR with its saved "
                                              "options (only --steps may change).")
 @click.option("--force", is_flag=True, help="Replace RUN_DIR if it exists.")
-def train_cmd(source: str | None, run_dir: Path, dense: bool, resume: bool, force: bool, **flags) -> None:
+@click.option("--group", metavar="NAME", default=None,
+              help="Name the variant this run is one seed of: `moeify compare` draws runs of one group as one "
+                   "mean and band [default: runs whose options differ only in --seed].")
+def train_cmd(source: str | None, run_dir: Path, dense: bool, resume: bool, force: bool, group: str | None,
+              **flags) -> None:
     """Train SOURCE (a preset, a local Hugging Face directory or a moeify directory) into RUN_DIR.
 
     A dense SOURCE is converted first with the MoE flags, exactly as `moeify convert` does; --dense
@@ -55,16 +59,17 @@ def train_cmd(source: str | None, run_dir: Path, dense: bool, resume: bool, forc
     train = {k: v for k, v in given.items() if k in TRAIN_FIELDS}
     data = {k: v for k, v in given.items() if k in DATA_FIELDS}
     if resume:
-        other = [k for k in given if k != "steps"] + (["dense"] if dense else []) + (["force"] if force else [])
+        other = ([k for k in given if k != "steps"] + (["dense"] if dense else []) + (["force"] if force else [])
+                 + (["group"] if group is not None else []))
         if other:
             raise MoeifyError(f"--resume continues with the run's saved options: drop {opt(other[0])}")
         _resume(run_dir, source, train.get("steps"))
     else:
-        _start(source, run_dir, dense, force, moe, TrainConfig(**train), DataConfig(**data))
+        _start(source, run_dir, dense, force, group, moe, TrainConfig(**train), DataConfig(**data))
 
 
-def _start(source: str | None, run_dir: Path, dense: bool, force: bool, moe: dict, train: TrainConfig,
-           data_config: DataConfig) -> None:
+def _start(source: str | None, run_dir: Path, dense: bool, force: bool, group: str | None, moe: dict,
+           train: TrainConfig, data_config: DataConfig) -> None:
     """Check everything, load or convert the model and cut the data, and only then create RUN_DIR."""
     if source is None:
         raise MoeifyError("give SOURCE: a preset, a local Hugging Face directory or a moeify directory")
@@ -109,7 +114,8 @@ def _start(source: str | None, run_dir: Path, dense: bool, force: bool, moe: dic
     info = RunInfo(name=run_dir.name, source=source, dense=record is None, seed=data_config.seed,
                    params_total=summary.total_params, params_active=summary.active_params,
                    moe_config=record.config.to_dict() if record is not None else None, steps=train.steps,
-                   batch_size=data_config.batch_size, seq_len=data_config.seq_len, objective=data.objective.kind)
+                   batch_size=data_config.batch_size, seq_len=data_config.seq_len, objective=data.objective.kind,
+                   group=group)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     make_output_dir(run_dir, run_dir)

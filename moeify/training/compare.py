@@ -91,8 +91,13 @@ def compare(runs: list[Run], threshold: float | None = None) -> Comparison:
 
 
 def variant_key(info: RunInfo) -> str:
-    """What makes a variant: every run.json field but the per-seed ones, as canonical JSON."""
+    """What makes a variant: its --group when it has one, else every run.json field but the per-seed ones
+    (the conversion's seed is the run's), as canonical JSON."""
+    if info.group is not None:
+        return json.dumps({"group": info.group})
     fields = {k: v for k, v in dataclasses.asdict(info).items() if k not in PER_SEED}
+    if fields["moe_config"] is not None:
+        fields["moe_config"] = {k: v for k, v in fields["moe_config"].items() if k != "seed"}
     return json.dumps(fields, sort_keys=True)
 
 
@@ -126,6 +131,6 @@ def curve(variant: list[Run]) -> Curve:
                           "validation step: evaluate them at the same steps")
     losses = [[points[s].loss for points in by_run] for s in steps]
     n = len(variant)
-    label = variant[0].info.name + (f" ({n} seeds)" if n > 1 else "")
+    label = (variant[0].info.group or variant[0].info.name) + (f" ({n} seeds)" if n > 1 else "")
     return Curve(label, steps, [sum(points[s].seconds for points in by_run) / n for s in steps],
                  [sum(ls) / n for ls in losses], [min(ls) for ls in losses], [max(ls) for ls in losses])

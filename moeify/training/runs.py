@@ -152,6 +152,7 @@ class RunInfo:
     batch_size: int
     seq_len: int
     objective: str
+    group: str | None = None  # `train --group`: runs with one group are seeds of one variant, whatever else differs
 
     def __post_init__(self):
         problem = _problem(dataclasses.asdict(self))
@@ -163,7 +164,9 @@ class RunInfo:
 
 
 _TYPES = {"name": str, "source": str, "dense": bool, "seed": int, "params_total": int, "params_active": int,
-          "moe_config": (dict, type(None)), "steps": int, "batch_size": int, "seq_len": int, "objective": str}
+          "moe_config": (dict, type(None)), "steps": int, "batch_size": int, "seq_len": int, "objective": str,
+          "group": (str, type(None))}
+OPTIONAL = {"group": None}  # keys a run.json may leave out, and their values then
 
 
 def _problem(info: dict) -> str | None:
@@ -198,7 +201,7 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
         raise MoeifyError(f"{path} is not a moeify run file (schema {data.get('schema')!r}, not {RUN_SCHEMA!r})")
     if data.get("version") != RUN_VERSION:
         raise MoeifyError(f"{path} has version {data.get('version')!r}; this moeify reads version {RUN_VERSION}")
-    fields = {k: v for k, v in data.items() if k not in ("schema", "version")}
+    fields = {**OPTIONAL, **{k: v for k, v in data.items() if k not in ("schema", "version")}}
     missing, unknown = sorted(_TYPES.keys() - fields.keys()), sorted(fields.keys() - _TYPES.keys())
     if missing or unknown:
         parts = [f"{kind} {', '.join(keys)}" for kind, keys in (("missing", missing), ("unknown", unknown)) if keys]

@@ -1,4 +1,5 @@
 """`moeify compare`: table values worked out by hand from the CSVs written here, seeds grouped, the PNG, refusals."""
+import dataclasses
 import json
 import math
 
@@ -14,13 +15,13 @@ LAYER = "encoder.block.1.layer.1.DenseReluDense"
 DENSE, SWITCH = 60_506_624, 200_000_000
 
 
-def write_run(path, name, seed, val, wall, dense=False, steps=1000):
+def write_run(path, name, seed, val, wall, dense=False, steps=1000, **fields):
     """Evaluations at steps 100, 200, 300 (losses `val`, wall seconds `wall[:3]`), then a training-only row at
     step 350 (wall[3]); 512 tokens per step."""
     info = RunInfo(name=name, source="t5-small", dense=dense, seed=seed, params_total=DENSE if dense else SWITCH,
                    params_active=DENSE, moe_config=None if dense else {"num_experts": 8}, steps=steps,
                    batch_size=4, seq_len=128, objective="span-corruption")
-    write_run_info(path, info)
+    write_run_info(path, dataclasses.replace(info, **fields))
     layers = () if dense else (LAYER,)
     with MetricsWriter(path, layers) as w:
         for step, loss, seconds in zip((100, 200, 300, 350), [*val, None], wall):
@@ -95,6 +96,19 @@ def test_seeds_of_a_variant_differ_only_in_name_and_seed(runs, tmp_path):
     longer = read_run(write_run(tmp_path / "s2", "switch-long", 2, [3.0, 2.9, 2.8], [1.0, 2.0, 3.0, 4.0], steps=2000))
     names = [[r.info.name for r in g] for g in group_variants([s0, dense, longer, s1])]
     assert names == [["switch-s0", "switch-s1"], ["dense"], ["switch-long"]]  # in the order first given
+
+
+def test_a_group_or_the_conversion_seed_makes_seeds_of_one_variant(tmp_path):
+    curves = [1.0, 2.0, 3.0, 4.0]
+    a, b = (read_run(write_run(tmp_path / n, n, s, [3.0] * 3, curves, moe_config={"num_experts": 8, "seed": s}))
+            for n, s in (("a", 0), ("b", 1)))
+    # Upcycled from each seed's own dense checkpoint: the sources differ, the --group says they belong together.
+    up0, up1 = (read_run(write_run(tmp_path / n, n, s, [3.0] * 3, curves, source=f"runs/pre-s{s}/step-9", group="up"))
+                for n, s in (("up0", 0), ("up1", 1)))
+    lone = read_run(write_run(tmp_path / "c", "c", 2, [3.0] * 3, curves, source="runs/pre-s2/step-9"))
+    assert [[r.info.name for r in g] for g in group_variants([a, up0, lone, b, up1])] == [
+        ["a", "b"], ["up0", "up1"], ["c"]]
+    assert curve([up0, up1]).label == "up (2 seeds)"
 
 
 def test_a_variant_curve_is_the_mean_with_a_min_max_band(runs):

@@ -113,7 +113,7 @@ def test_run_info_round_trip_is_atomic_and_versioned(tmp_path):
     path = write_run_info(tmp_path, info())
     data = json.loads(path.read_text())
     assert list(data) == ["schema", "version", "name", "source", "dense", "seed", "params_total", "params_active",
-                          "moe_config", "steps", "batch_size", "seq_len", "objective"]
+                          "moe_config", "steps", "batch_size", "seq_len", "objective", "group"]
     assert (data["schema"], data["version"], data["moe_config"]) == ("moeify.run", 1, {"num_experts": 8})
     assert read_run_info(tmp_path) == info()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]  # the temporary was renamed

@@ -110,13 +110,14 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, text, optimizer)
 
 def test_dense_baseline_trains_unconverted_and_resumes(tmp_path, text):
     out = tmp_path / "out"
-    assert train("t5-tiny", out, text, "--dense", "--steps", 2, "--log-every", 1).exit_code == 0
+    assert train("t5-tiny", out, text, "--dense", "--steps", 2, "--log-every", 1, "--group", "dense").exit_code == 0
     info = json.loads((out / "run.json").read_text())
-    assert (info["dense"], info["moe_config"]) == (True, None)
+    assert (info["dense"], info["moe_config"], info["group"]) == (True, None, "dense")
     assert [r["aux_loss"] for r in rows(out)] == ["", ""] and list(rows(out)[0])[-1] == "load_cv_mean"
     assert (out / "checkpoints/step-2/config.json").is_file()
     assert run("train", "-o", out, "--resume", "--steps", 3).exit_code == 0
     assert [r["step"] for r in rows(out)] == ["1", "2", "3"]
+    assert json.loads((out / "run.json").read_text())["group"] == "dense"  # kept by --resume
 
 
 def test_causal_lm_from_a_local_directory_and_bf16(tmp_path, text):
@@ -208,6 +209,8 @@ def test_run_directory_errors(tmp_path):
     assert result.stderr.startswith(f"error: {out} has no checkpoint to resume from"), result.stderr
     result = run("train", "-o", out, "--resume", "--lr", 0.1)
     assert result.stderr == "error: --resume continues with the run's saved options: drop --lr\n"
+    result = run("train", "-o", out, "--resume", "--group", "g")
+    assert result.stderr == "error: --resume continues with the run's saved options: drop --group\n"
     assert list(out.iterdir()) == []
 
 
