@@ -163,11 +163,19 @@ def _resume(run_dir: Path, source: str | None, steps: int | None) -> None:
 
 def _tokenizer(source: str):
     """The source directory's own tokenizer (a moeify directory carries a copy); presets train on UTF-8 bytes."""
-    if not Path(source).is_dir():
-        return None
-    from moeify.conversion.text import local_tokenizer
+    from moeify.training.data import source_tokenizer
 
-    return local_tokenizer([Path(source)])
+    return source_tokenizer(source)
+
+
+def _stopped_at_once(run_dir: Path) -> None:
+    from moeify.training.checkpoints import step_checkpoints
+
+    found = step_checkpoints(run_dir)
+    last = (f"the last complete checkpoint is {found[-1][1]}; continue with moeify train -o {run_dir} --resume"
+            if found else "no checkpoint was complete yet")
+    click.echo(f"stopped at once: {last}", err=True)
+    raise SystemExit(EXIT_INTERRUPTED)
 
 
 def _train(trainer, data, data_config: DataConfig, run_dir: Path, state) -> None:
@@ -193,6 +201,8 @@ def _train(trainer, data, data_config: DataConfig, run_dir: Path, state) -> None
                            status=f"loss {result.ce_loss:.3f} {tokens_per_s:,.0f} tok/s{dropped}")
 
             saved = fit(trainer, data, data_config, run_dir, state, on_step, stop)
+    except KeyboardInterrupt:  # the second Ctrl-C: a save in progress was dropped whole by its atomic write
+        _stopped_at_once(run_dir)
     finally:
         signal.signal(signal.SIGINT, previous)
     if saved is not None:

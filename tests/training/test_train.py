@@ -171,6 +171,43 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, text, monkeypatch):
     assert json.loads((out / "checkpoints/step-1/trainer.json").read_text())["step"] == 1
 
 
+def test_a_second_ctrl_c_during_the_save_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, text, monkeypatch):
+    """Both signals are real SIGINTs to this process, through the handler `moeify train` installs: the first
+    after step 3, the second while step 3's checkpoint is half written (weights on disk, trainer.json not)."""
+    import os
+
+    from moeify.checkpoint import store
+    from moeify.training.loop import Trainer
+
+    train_step, save = Trainer.train_step, store.save
+
+    def step_then_ctrl_c(self, batch):
+        result = train_step(self, batch)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    def save_then_ctrl_c(model, path, **kw):
+        save(model, path, **kw)
+        if signal.getsignal(signal.SIGINT).requested:  # the handler of this run: the stop checkpoint
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    monkeypatch.setattr(store, "save", save_then_ctrl_c)
+    out = tmp_path / "out"
+    result = train("t5-tiny", out, text, "--experts", 2, "--steps", 10, "--save-every", 2, "--eval-every", 0,
+                   "--log-every", 1)
+    assert result.exit_code == 130, result.output
+    assert result.stderr == (f"stopped at once: the last complete checkpoint is {out / 'checkpoints' / 'step-2'}; "
+                             f"continue with moeify train -o {out} --resume\n")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]  # step 3's temporary is gone
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    monkeypatch.undo()
+    resumed = run("train", "-o", out, "--resume", "--steps", 4)
+    assert resumed.exit_code == 0, resumed.output
+    assert [int(r["step"]) for r in rows(out)] == [1, 2, 3, 4]  # step 3's row was logged again
+
+
 @pytest.mark.parametrize("args, message", [
     (("--text", "missing.txt"), "--text 'missing.txt' does not exist"),
     (("--steps", 0), "--steps 0 must be at least 1"),
