@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import click
 
 from moeify.errors import MoeifyError
-from moeify.targets.distributed.entry import option_args, run_options
+from moeify.targets.distributed.entry import option_args, run_options, torchrun
 
 
 def torchrun_command(directory: Path, nproc: int, options: dict) -> list[str]:
-    """The torchrun invocation (`python -m torch.distributed.run`, the same program as `torchrun`)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "moeify.run", str(directory), *option_args(options)]
+    return torchrun(nproc, "moeify.run", str(directory), *option_args(options))
 
 
 @click.command("run", short_help="Run a torch-distributed export with torchrun.")

@@ -39,6 +39,12 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 @click.option("--group", metavar="NAME", default=None,
               help="Name the variant this run is one seed of: `moeify compare` draws runs of one group as one "
                    "mean and band [default: runs whose options differ only in --seed].")
+@click.option("--nproc", type=int, default=None,
+              help="Train on N processes through the torch-distributed target (torchrun; gloo on CPUs, NCCL on "
+                   "GPUs), each rank on its slice of every batch.")
+@click.option("--expert-parallel", type=int, default=None,
+              help="With --nproc: ranks per expert-parallel group; the rest is data parallel [default: the largest "
+                   "size that divides --nproc and every expert count].")
 def train_cmd(source: str | None, run_dir: Path, dense: bool, resume: bool, force: bool, group: str | None,
               **flags) -> None:
     """Train SOURCE (a preset, a local Hugging Face directory or a moeify directory) into RUN_DIR.
@@ -46,30 +52,43 @@ def train_cmd(source: str | None, run_dir: Path, dense: bool, resume: bool, forc
     A dense SOURCE is converted first with the MoE flags, exactly as `moeify convert` does; --dense
     trains it unconverted; a moeify directory trains as it is. The loss is the model's
     cross-entropy plus its routers' weighted load-balancing and z-losses. Ctrl-C saves a checkpoint
-    and stops (exit 130); a second Ctrl-C stops at once. Single process: --nproc is coming.
+    and stops (exit 130); a second Ctrl-C stops at once.
+
+    --nproc N exports the model to a temporary directory and trains it on N processes under torchrun,
+    experts spread over each expert-parallel group: every rank takes its contiguous slice of each
+    global batch of --batch-size sequences (a multiple of N); metrics and checkpoints are those of one
+    process (checkpoints gathered into one moeify directory), and --resume keeps the run's N.
 
     \b
     Examples:
       moeify train t5-tiny --experts 4 --steps 200 --seq-len 64 -o runs/switch-4
       moeify train t5-tiny --dense --steps 200 --seq-len 64 -o runs/dense
       moeify train t5-tiny -o runs/switch-4 --resume --steps 400
+      moeify train out/switch-t5-small --nproc 2 --steps 50 -o runs/ep2
     """
+    nproc, expert_parallel = flags.pop("nproc"), flags.pop("expert_parallel")
     given = {k: v for k, v in flags.items() if v is not None}
     moe = {k: v for k, v in given.items() if k in MOE_FIELDS}
     train = {k: v for k, v in given.items() if k in TRAIN_FIELDS}
     data = {k: v for k, v in given.items() if k in DATA_FIELDS}
     if resume:
         other = ([k for k in given if k != "steps"] + (["dense"] if dense else []) + (["force"] if force else [])
-                 + (["group"] if group is not None else []))
+                 + (["group"] if group is not None else []) + (["nproc"] if nproc is not None else [])
+                 + (["expert_parallel"] if expert_parallel is not None else []))
         if other:
             raise MoeifyError(f"--resume continues with the run's saved options: drop {opt(other[0])}")
         _resume(run_dir, source, train.get("steps"))
     else:
-        _start(source, run_dir, dense, force, group, moe, TrainConfig(**train), DataConfig(**data))
+        from moeify.training.launch import check_options
+
+        check_options(nproc, expert_parallel, dense)
+        _start(source, run_dir, dense, force, group, moe, TrainConfig(**train), DataConfig(**data),
+               nproc, expert_parallel)
 
 
 def _start(source: str | None, run_dir: Path, dense: bool, force: bool, group: str | None, moe: dict,
-           train: TrainConfig, data_config: DataConfig) -> None:
+           train: TrainConfig, data_config: DataConfig, nproc: int | None = None,
+           expert_parallel: int | None = None) -> None:
     """Check everything, load or convert the model and cut the data, and only then create RUN_DIR."""
     if source is None:
         raise MoeifyError("give SOURCE: a preset, a local Hugging Face directory or a moeify directory")
@@ -109,6 +128,11 @@ def _start(source: str | None, run_dir: Path, dense: bool, force: bool, group: s
         else:
             model = converted_model(source, config, {**moe, "seed": data_config.seed}, "cpu", progress)
     data = prepare_data(model, data_config, _tokenizer(source))  # a bad --text fails here, before RUN_DIR
+    plan = None
+    if nproc is not None:
+        from moeify.training.launch import check_mesh
+
+        plan = check_mesh(model, nproc, expert_parallel, data_config.batch_size)
     record = getattr(model, "moeify_record", None)
     summary = summarize(model)
     info = RunInfo(name=run_dir.name, source=source, dense=record is None, seed=data_config.seed,
@@ -120,6 +144,8 @@ def _start(source: str | None, run_dir: Path, dense: bool, force: bool, group: s
         shutil.rmtree(run_dir)
     make_output_dir(run_dir, run_dir)
     write_run_info(run_dir, info)
+    if plan is not None:
+        return _train_ranks(model, plan, run_dir, source, train, data, data_config)
     torch.manual_seed(data_config.seed)  # dropout and router jitter draw from the global generator
     from moeify.training.fit import RunState
     from moeify.training.loop import Trainer
@@ -151,12 +177,22 @@ def _resume(run_dir: Path, source: str | None, steps: int | None) -> None:
 
     model = load_model(checkpoint)
     data = prepare_data(model, data_config, _tokenizer(info.source), DataPosition.from_dict(saved["data_position"]))
-    trainer = Trainer(model, train, step=saved["step"])
-    restore_trainer(checkpoint, trainer.optimizer, saved)
-    trim_metrics(run_dir / METRICS_FILE, trainer.step)  # rows after the checkpoint are logged again
+    mesh = saved.get("distributed")  # {nproc, expert_parallel} of a --nproc run, which resumes on as many ranks
+    if mesh:
+        from moeify.training.launch import check_mesh
+
+        plan = check_mesh(model, mesh["nproc"], mesh["expert_parallel"], data_config.batch_size)
+    else:
+        trainer = Trainer(model, train, step=saved["step"])
+        restore_trainer(checkpoint, trainer.optimizer, saved)
+    trim_metrics(run_dir / METRICS_FILE, saved["step"])  # rows after the checkpoint are logged again
     if train.steps != info.steps:
         write_run_info(run_dir, dataclasses.replace(info, steps=train.steps))
     console.print(f"resuming {run_dir} from {checkpoint.name}")
+    if mesh:
+        resume = {k: saved[k] for k in ("step", "data_position", "tokens", "wall_seconds", "best_val_loss")}
+        return _train_ranks(model, plan, run_dir, info.source, train, data, data_config,
+                            {**resume, "checkpoint": str(checkpoint)})
     _train(trainer, data, data_config, run_dir,
            RunState(saved["tokens"], saved["wall_seconds"], saved["best_val_loss"]))
 
@@ -205,9 +241,31 @@ def _train(trainer, data, data_config: DataConfig, run_dir: Path, state) -> None
         _stopped_at_once(run_dir)
     finally:
         signal.signal(signal.SIGINT, previous)
+    _finish(run_dir, trainer.step, state.tokens, state.best_val_loss, saved)
+
+
+def _finish(run_dir: Path, step: int, tokens: int, best_val_loss: float | None, saved) -> None:
+    """The run's last line: done, or interrupted with the checkpoint saved (exit 130)."""
     if saved is not None:
-        console.print(f"interrupted at step {trainer.step}: saved {saved}; continue with "
+        console.print(f"interrupted at step {step}: saved {saved}; continue with "
                       f"moeify train -o {run_dir} --resume", soft_wrap=True)  # one line: paths stay whole
         raise SystemExit(EXIT_INTERRUPTED)
-    best = "" if state.best_val_loss is None else f", best validation loss {state.best_val_loss:.4f}"
-    console.print(f"trained {trainer.step} steps, {state.tokens:,} tokens{best}: {run_dir}")
+    best = "" if best_val_loss is None else f", best validation loss {best_val_loss:.4f}"
+    console.print(f"trained {step} steps, {tokens:,} tokens{best}: {run_dir}", soft_wrap=True)
+
+
+def _train_ranks(model, plan, run_dir: Path, source: str, train: TrainConfig, data, data_config: DataConfig,
+                 resume: dict | None = None) -> None:
+    """The --nproc run: torchrun trains the ranks (moeify.training.rank); this process reports."""
+    from moeify.training.launch import run_ranks
+
+    for line in data.corpus.describe():
+        console.print(line)
+    mesh = f"{plan.world_size // plan.expert_parallel_size} x {plan.expert_parallel_size}"
+    console.print(f"training on {plan.world_size} rank{'s' if plan.world_size > 1 else ''} "
+                  f"(data parallel x expert parallel: {mesh})")
+    try:
+        result = run_ranks(model, plan, run_dir, source, train, data_config, resume)
+    except KeyboardInterrupt:  # the second Ctrl-C: the ranks stopped at once
+        _stopped_at_once(run_dir)
+    _finish(run_dir, result["step"], result["tokens"], result["best_val_loss"], result["saved"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -58,11 +58,14 @@ class RouterLosses:
 
 
 @contextlib.contextmanager
-def router_losses(model: nn.Module) -> Iterator[RouterLosses]:
+def router_losses(model: nn.Module, fractions: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+                  ) -> Iterator[RouterLosses]:
     """Collect every Switch layer's router losses during forward calls inside the block.
 
     Forward passes return plain outputs; this explicit collector observes the routers
-    through forward hooks, so no loss is ever stashed on a module.
+    through forward hooks, so no loss is ever stashed on a module. `fractions(routed, tokens)`,
+    if given, turns a layer's assignments per expert and its token count into the f of its
+    load-balancing loss (a distributed step: the global batch's, summed over ranks).
     """
     from moeify.layers.switch import SwitchFFN, switch_layers
 
@@ -77,7 +80,8 @@ def router_losses(model: nn.Module) -> Iterator[RouterLosses]:
             capacity = layer.capacity(out.expert_index.shape[0])
             collected.layers.append(LayerRouting(
                 name=name,
-                aux_loss=load_balancing_loss(out.probs, out.expert_index),
+                aux_loss=load_balancing_loss(out.probs, out.expert_index, None if fractions is None
+                                             else fractions(routed, out.expert_index.shape[0])),
                 z_loss=router_z_loss(out.logits),
                 aux_loss_coef=layer.routing.aux_loss_coef,
                 z_loss_coef=layer.routing.z_loss_coef,

@@ -23,6 +23,17 @@ class TrainingData:
     validation: list[dict]  # fixed batches, the same every evaluation
 
 
+def source_tokenizer(source: str) -> Any:
+    """A source directory's own tokenizer (a moeify directory carries a copy); presets train on UTF-8 bytes (None)."""
+    from pathlib import Path
+
+    if not Path(source).is_dir():
+        return None
+    from moeify.conversion.text import local_tokenizer
+
+    return local_tokenizer([Path(source)])
+
+
 def prepare_data(model: nn.Module, config: DataConfig = DataConfig(), tokenizer: Any = None,
                  position: DataPosition | None = None) -> TrainingData:
     """The objective `model`'s head trains on, its text tokenised by `tokenizer` (None: UTF-8 bytes), and

@@ -1,6 +1,7 @@
 """A run from its current step to --steps: train steps, evaluations, metrics rows and checkpoints; Ctrl-C stops it."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import time
@@ -49,22 +50,30 @@ def trainer_record(trainer: Trainer, state: RunState, data: TrainingData, data_c
 
 def fit(trainer: Trainer, data: TrainingData, data_config: DataConfig, run_dir: Path, state: RunState,
         on_step: Callable[[StepResult, float], None] = lambda result, tokens_per_s: None,
-        stop: StopRequest | None = None) -> Path | None:
-    """Train until trainer.config.steps. Returns None when done, or the checkpoint saved on a stop request."""
+        stop: StopRequest | None = None, save: Callable[[Path, Trainer, dict], Path] | None = None,
+        lead: bool = True) -> Path | None:
+    """Train until trainer.config.steps. Returns None when done, or the checkpoint saved on a stop request.
+
+    `save(path, trainer, record)` writes a checkpoint (default: save_checkpoint); `lead` False (the
+    ranks but 0 of a distributed run) writes no metrics rows and prunes nothing.
+    """
     config = trainer.config
     layers = list(switch_layers(trainer.model))
     start, wall0 = time.perf_counter(), state.wall_seconds
 
     def checkpoint(path: Path) -> Path:
         state.wall_seconds = wall0 + time.perf_counter() - start
-        return save_checkpoint(path, trainer.model, trainer.optimizer, trainer_record(trainer, state, data, data_config))
+        record = trainer_record(trainer, state, data, data_config)
+        if save is not None:
+            return save(path, trainer, record)
+        return save_checkpoint(path, trainer.model, trainer.optimizer, record)
 
-    with MetricsWriter(run_dir, layers) as metrics:
+    with MetricsWriter(run_dir, layers) if lead else contextlib.nullcontext() as metrics:
         while trainer.step < config.steps:
             t0 = time.perf_counter()
             batch = next(data.train)
             result = trainer.train_step(batch)
-            n = int(batch["input_ids"].numel())
+            n = trainer.tokens(batch)
             state.tokens += n
             step, last = trainer.step, trainer.step == config.steps
             val = None
@@ -73,7 +82,7 @@ def fit(trainer: Trainer, data: TrainingData, data_config: DataConfig, run_dir: 
                 if state.best_val_loss is None or val < state.best_val_loss:
                     state.best_val_loss = val
                     checkpoint(run_dir / CHECKPOINTS / BEST)
-            if step % config.log_every == 0 or last or val is not None:
+            if lead and (step % config.log_every == 0 or last or val is not None):
                 loads = result.load_cv
                 metrics.append(MetricsRow(
                     step, state.tokens, wall0 + time.perf_counter() - start, config.lr_at(step), result.ce_loss,
@@ -83,7 +92,8 @@ def fit(trainer: Trainer, data: TrainingData, data_config: DataConfig, run_dir: 
             stopping = stop is not None and stop.requested
             if step % config.save_every == 0 or last or stopping:
                 saved = checkpoint(step_dir(run_dir, step))
-                prune(run_dir, config.keep)
+                if lead:
+                    prune(run_dir, config.keep)
                 if stopping:
                     return saved
     return None

@@ -44,12 +44,14 @@ class Trainer:
 
     def __init__(self, model: nn.Module, config: TrainConfig, step: int = 0) -> None:
         self.model, self.config, self.step = model, config, step
+        self.forward: nn.Module = model  # what a step calls: the model, or a wrapper of it (DDP on a rank)
         self.optimizer = make_optimizer(model, config)
         self.switch = bool(switch_layers(model))
 
     def _autocast(self):
-        if self.config.precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+        if self.config.precision == "bf16":  # on the device the weights are on: a rank's GPU, or the CPU
+            device = next(self.model.parameters()).device.type
+            return torch.autocast(device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _routing(self):
@@ -62,14 +64,25 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         with self._routing() as routing, self._autocast():
-            ce = self.model(**batch).loss
+            ce = self.forward(**batch).loss
             loss = ce.float() + (routing.total() if routing is not None else 0.0)
         loss.backward()
+        self.after_backward()
         if self.config.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip, foreach=False)
+            self.clip_gradients(self.config.clip)
         self.optimizer.step()
         self.step += 1
         return self._result(loss.detach(), float(ce.detach()), routing)
+
+    def after_backward(self) -> None:
+        """Between backward and clipping: where a distributed trainer reduces its gradients."""
+
+    def clip_gradients(self, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=False)
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Input tokens a step trained on (a distributed trainer counts every rank's)."""
+        return int(batch["input_ids"].numel())
 
     @staticmethod
     def _result(loss: torch.Tensor, ce: float, routing: RouterLosses | None) -> StepResult:

@@ -1,10 +1,12 @@
 """`torchrun -m moeify.run DIR`: every process loads its rank's part of an export and runs steps."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Iterator, NoReturn
 
 import click
 
@@ -45,6 +47,46 @@ def option_args(values: dict) -> list[str]:
     return args
 
 
+def torchrun(nproc: int, module: str, *args: str) -> list[str]:
+    """`python -m torch.distributed.run` (the same program as `torchrun`) starting `python -m MODULE ARGS`
+    once per rank on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", module, *args]
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """`error: MESSAGE` on stderr and exit `code`."""
+    from moeify.targets.distributed import comm
+
+    click.echo(f"error: {message}", err=True)
+    if comm.is_initialized():
+        # A normal exit would run gloo's destructors with peers gone or mid-collective, which
+        # can abort the process (SIGABRT) and lose the exit status: leave at once instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def rank_errors(report: Callable[[str, int], None] | None = None) -> Iterator[None]:
+    """A rank's errors as the exit-status convention: another rank failed (RankFailure) 3, a user error 2,
+    each one line `error: [rank R: ]MESSAGE`. `report(message, code)` sees the message first, its option
+    references unrendered (MoeifyError.render), e.g. to pass it on to a launcher."""
+    from moeify.targets.distributed import comm
+    from moeify.targets.distributed.failures import RankFailure
+
+    try:
+        yield
+    except MoeifyError as e:
+        code = 3 if isinstance(e, RankFailure) else 2
+        rank = comm.get_rank() if comm.is_initialized() and code == 2 else None
+        prefix = "" if rank is None else f"rank {rank}: "
+        if report is not None:
+            report(prefix + (str(e.args[0]) if e.args else ""), code)
+        fail(prefix + str(e), code)
+
+
 def print_report(report, console) -> None:
     """Rank 0's summary: throughput, then router statistics in a table that reads at 80 columns."""
     from rich import box
@@ -75,8 +117,7 @@ def print_report(report, console) -> None:
 @click.command("moeify.run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("directory", type=click.Path(path_type=Path))
 @run_options
-@click.pass_context
-def main(ctx: click.Context, directory: Path, **options) -> None:
+def main(directory: Path, **options) -> None:
     """Run one rank of a torch-distributed export (launched by torchrun, which sets RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR and MASTER_PORT). Rank 0 prints throughput and router statistics.
 
@@ -88,26 +129,10 @@ def main(ctx: click.Context, directory: Path, **options) -> None:
     from rich.console import Console
 
     from moeify.targets.distributed import comm
-    from moeify.targets.distributed.failures import RankFailure
     from moeify.targets.distributed.steps import RunConfig, run_steps
 
-    def fail(message: str, code: int) -> None:
-        click.echo(f"error: {message}", err=True)
-        if comm.is_initialized():
-            # A normal exit would run gloo's destructors with peers gone or mid-collective, which
-            # can abort the process (SIGABRT) and lose the exit status: leave at once instead.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        ctx.exit(code)
-
-    try:
+    with rank_errors():
         report = run_steps(RunConfig(path=directory, **options), log=functools.partial(print, flush=True))
-    except RankFailure as e:
-        fail(str(e), 3)
-    except MoeifyError as e:
-        rank = comm.get_rank() if comm.is_initialized() else None
-        fail(f"{'' if rank is None else f'rank {rank}: '}{e}", 2)
     if comm.get_rank() == 0:
         # Under torchrun stdout is a pipe, where rich would wrap at 80 columns: let rows be one line.
         print_report(report, Console(highlight=False, width=None if sys.stdout.isatty() else 200))
