@@ -214,27 +214,35 @@ def _stopped_at_once(run_dir: Path) -> None:
     raise SystemExit(EXIT_INTERRUPTED)
 
 
+def _progress():
+    """The training bar: steps done, elapsed time and the last step's loss, tokens/s and dropped fraction."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[status]}"))
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+
+
+def _status(loss: float, tokens_per_s: float, dropped: float | None) -> str:
+    return f"loss {loss:.3f} {tokens_per_s:,.0f} tok/s" + ("" if dropped is None else f" dropped {dropped:.1%}")
+
+
 def _train(trainer, data, data_config: DataConfig, run_dir: Path, state) -> None:
     import signal
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from moeify.training.fit import StopRequest, fit
 
     for line in data.corpus.describe():
         console.print(line)
-    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[status]}"))
     stop = StopRequest()
     previous = stop.install()
     try:
-        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        with _progress() as bar:
             task = bar.add_task("train", total=trainer.config.steps, completed=trainer.step, status="")
 
             def on_step(result, tokens_per_s: float) -> None:
-                dropped = "" if result.dropped_fraction is None else f" dropped {result.dropped_fraction:.1%}"
                 bar.update(task, completed=trainer.step,
-                           status=f"loss {result.ce_loss:.3f} {tokens_per_s:,.0f} tok/s{dropped}")
+                           status=_status(result.ce_loss, tokens_per_s, result.dropped_fraction))
 
             saved = fit(trainer, data, data_config, run_dir, state, on_step, stop)
     except KeyboardInterrupt:  # the second Ctrl-C: a save in progress was dropped whole by its atomic write
@@ -264,8 +272,23 @@ def _train_ranks(model, plan, run_dir: Path, source: str, train: TrainConfig, da
     mesh = f"{plan.world_size // plan.expert_parallel_size} x {plan.expert_parallel_size}"
     console.print(f"training on {plan.world_size} rank{'s' if plan.world_size > 1 else ''} "
                   f"(data parallel x expert parallel: {mesh})")
+    from moeify.training.runs import read_metrics
+
     try:
-        result = run_ranks(model, plan, run_dir, source, train, data_config, resume)
+        with _progress() as bar:
+            task = bar.add_task("train", total=train.steps, completed=resume["step"] if resume else 0, status="")
+
+            def poll() -> None:  # rank 0 appends a metrics.csv row per logged step: the bar follows it
+                try:
+                    rows = read_metrics(run_dir).rows
+                except MoeifyError:  # not written yet, or a row half-flushed: the next poll reads it
+                    return
+                if rows:
+                    r = rows[-1]
+                    bar.update(task, completed=r.step,
+                               status=_status(r.train_loss, r.tokens / max(r.wall_seconds, 1e-9), r.dropped_fraction))
+
+            result = run_ranks(model, plan, run_dir, source, train, data_config, resume, poll)
     except KeyboardInterrupt:  # the second Ctrl-C: the ranks stopped at once
         _stopped_at_once(run_dir)
     _finish(run_dir, result["step"], result["tokens"], result["best_val_loss"], result["saved"])

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from moeify.errors import MoeifyError
 from moeify.training.config import DataConfig, TrainConfig
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 WORK = ".nproc"  # RUN_DIR/.nproc: the export, the scratch of the checkpoints, the ranks' reports; removed after
 TIMEOUT_S = 300.0  # a rank that hangs this long makes the others fail
+POLL_S = 0.5
 
 
 def check_options(nproc: int | None, expert_parallel: int | None, dense: bool) -> None:
@@ -62,9 +63,10 @@ def check_mesh(model: nn.Module, nproc: int, expert_parallel: int | None, batch_
 
 
 def run_ranks(model: nn.Module, plan: ShardingPlan, run_dir: Path, source: str, train: TrainConfig,
-              data: DataConfig, resume: dict | None = None) -> dict:
+              data: DataConfig, resume: dict | None = None, poll: Callable[[], None] = lambda: None) -> dict:
     """Save and export `model`, train it on plan.world_size ranks under torchrun, and return rank 0's
-    result ({step, tokens, best_val_loss, saved}); a rank's user error becomes this process's MoeifyError."""
+    result ({step, tokens, best_val_loss, saved}); a rank's user error becomes this process's MoeifyError.
+    `poll()` is called about twice a second while the ranks run (the CLI's progress bar)."""
     from moeify.checkpoint.store import save
     from moeify.targets.distributed.entry import torchrun
     from moeify.targets.distributed.export import export_distributed
@@ -84,7 +86,7 @@ def run_ranks(model: nn.Module, plan: ShardingPlan, run_dir: Path, source: str, 
                   "expert_parallel": plan.expert_parallel_size, "resume": resume}
         (work / "launch.json").write_text(json.dumps(launch, indent=2))
         code, interrupted = _torchrun(torchrun(plan.world_size, "moeify.training.rank", str(work / "launch.json")),
-                                      work / "torchrun.log")
+                                      work / "torchrun.log", poll)
         result = work / "result.json"
         if result.is_file():  # also after a Ctrl-C, which torchrun reports as its own failure: the ranks saved
             return json.loads(result.read_text())
@@ -95,7 +97,7 @@ def run_ranks(model: nn.Module, plan: ShardingPlan, run_dir: Path, source: str, 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _torchrun(command: list[str], log: Path) -> tuple[int, bool]:
+def _torchrun(command: list[str], log: Path, poll: Callable[[], None]) -> tuple[int, bool]:
     """torchrun in its own session, its output (the ranks' too) in `log`; its exit status and whether a
     Ctrl-C came. A Ctrl-C here is passed on once per press: torchrun hands it to the ranks, which
     checkpoint and stop (within torchrun's 30 s grace); a second one stops them at once."""
@@ -111,7 +113,11 @@ def _torchrun(command: list[str], log: Path) -> tuple[int, bool]:
 
         previous = signal.signal(signal.SIGINT, forward)
         try:
-            return proc.wait(), bool(presses)
+            while True:
+                try:
+                    return proc.wait(timeout=POLL_S), bool(presses)
+                except subprocess.TimeoutExpired:
+                    poll()
         finally:
             signal.signal(signal.SIGINT, previous)
 

@@ -145,3 +145,15 @@ def test_a_rank_user_error_is_the_launcher_one_line(tmp_path):
 def test_resume_keeps_the_run_mesh(tmp_path):
     result = run("train", "-o", tmp_path / "out", "--resume", "--nproc", 2)
     assert_user_error(result, tmp_path, "--resume continues with the run's saved options: drop --nproc")
+
+
+def test_the_launcher_polls_while_the_ranks_run(tmp_path):
+    """The CLI's progress bar follows rank 0's metrics.csv through this poll, about twice a second."""
+    import sys
+
+    from moeify.training.launch import POLL_S, _torchrun
+
+    polls = []
+    code, interrupted = _torchrun([sys.executable, "-c", f"import time; time.sleep({POLL_S * 3.5})"],
+                                  tmp_path / "log", lambda: polls.append(1))
+    assert (code, interrupted) == (0, False) and len(polls) >= 2
