@@ -17,6 +17,7 @@ from moeify.errors import MoeifyError, opt
 INIT_METHODS = ("upcycle", "random", "moefy")
 ROUTER_INITS = ("random", "hidden")
 ROUTER_DTYPES = ("float32", "float64", "bfloat16")
+KERNELS = ("auto", "reference", "cpu", "cuda")  # moeify.layers.kernels: the backends of the experts' GEMMs
 
 
 def option_field(default: Any, help: str) -> Any:
@@ -61,6 +62,8 @@ class RoutingConfig:
     jitter: float = option_field(0.0, "multiplicative router input noise U(1-j, 1+j) in training; 0 is off")
     router_dtype: str = option_field("float32", "the router's dtype: float32 is the paper's selective precision; "
                                                 "bfloat16 is there to measure what that buys")
+    kernel: str = option_field("auto", "the experts' grouped GEMMs: reference (a plain loop, the oracle), cpu "
+                                       "(batched bmm), cuda (grouped_mm); auto: cuda on CUDA, else cpu")
 
     def capacity(self, num_tokens: int, training: bool) -> int | None:
         """Slots per expert for a batch of `num_tokens`, with the train or eval capacity factor;
@@ -117,6 +120,7 @@ class MoEConfig:
     jitter: float = _routing("jitter")
     expert_dropout: float | None = option_field(None, "dropout inside experts; unset keeps the dense FFN's rate")
     router_dtype: str = _routing("router_dtype")
+    kernel: str = _routing("kernel")
 
     def __post_init__(self) -> None:
         def fail(name: str, problem: str, fix: str = "") -> None:
@@ -179,6 +183,8 @@ class MoEConfig:
             fail("expert_dropout", f"must be in [0, 1), got {self.expert_dropout}")
         if self.router_dtype not in ROUTER_DTYPES:
             fail("router_dtype", f"must be one of {', '.join(ROUTER_DTYPES)}, got {self.router_dtype!r}")
+        if self.kernel not in KERNELS:
+            fail("kernel", f"must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
 
     @property
     def first(self) -> int:

@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 
 from moeify.checkpoint.model_presets import PRESETS
-from moeify.config import INIT_METHODS, ROUTER_DTYPES, ROUTER_INITS, MoEConfig
+from moeify.config import INIT_METHODS, KERNELS, ROUTER_DTYPES, ROUTER_INITS, MoEConfig
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -76,7 +76,7 @@ def _maybe(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-CHOICES = {"init": INIT_METHODS, "router_init": ROUTER_INITS, "router_dtype": ROUTER_DTYPES}
+CHOICES = {"init": INIT_METHODS, "router_init": ROUTER_INITS, "router_dtype": ROUTER_DTYPES, "kernel": KERNELS}
 METAVARS = {"layers": "REGEX", "upcycle_scale": "none|auto|FLOAT", "text": "FILE"}
 
 

@@ -1,205 +1,13 @@
-"""Stacked expert FFNs, computed one contiguous token group per expert."""
+"""Stacked expert FFNs, computed one contiguous token group per expert by the configured kernel."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from moeify.layers import memory
-from moeify.layers.memory import gradient_buffer, zero_pages_
+from moeify.layers.kernels import Counts, Kernel, get_kernel
 from moeify.layers.router import truncated_normal_
-
-# Cost model for choosing how to batch experts into bmm calls, in units of "one padded row".
-# Reading an expert's weight costs as much as ~10 rows of GEMM (2 * 150 GFLOP/s / 30 GB/s for
-# float32), and each bmm call ~0.1 ms of overhead. Measured on a 2-core AVX-512 machine.
-WEIGHT_READ_ROWS = 10.0
-CALL_SECONDS = 1e-4
-_FLOPS = 150e9
-PLAN = "auto"  # or force "span" (one bmm) / "pairs"; for tests and measurements
-
-# From this many rows per expert the forward runs one oneDNN linear per expert: MKL is ~15%
-# slower on x @ w.T with a transposed weight, while oneDNN runs it at dense-GEMM speed.
-DNNL_MIN_ROWS = 64
-
-
-def _probe_dnnl():
-    """torch's oneDNN linear op if present and correct here, else None (then bmm does it all)."""
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-        if not torch.backends.mkldnn.is_available():
-            return None
-        x, w, b = torch.arange(15.).view(3, 5), torch.arange(20.).view(4, 5).cos(), torch.ones(4)  # no RNG use
-        if torch.allclose(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t()), atol=1e-5):
-            return op
-    except (AttributeError, RuntimeError):
-        pass
-    return None
-
-
-_DNNL = _probe_dnnl()
-
-
-def _use_dnnl(x: torch.Tensor, rows: int) -> bool:
-    return (_DNNL is not None and rows >= DNNL_MIN_ROWS and x.dtype == torch.float32
-            and x.device.type == "cpu" and torch.backends.mkldnn.enabled)
-
-
-class _Batch(NamedTuple):
-    """Experts first, first + step, ... (k of them), `slots` padded rows each, as one bmm."""
-    first: int
-    step: int
-    k: int
-    slots: int
-    row: int  # first padded row of the batch
-
-
-def _experts_view(t: torch.Tensor, b: _Batch) -> torch.Tensor:
-    """t[b.first :: b.step][: b.k] as a strided view: (k, *t.shape[1:])."""
-    return t.as_strided((b.k, *t.shape[1:]), (b.step * t.stride(0), *t.stride()[1:]),
-                        t.storage_offset() + b.first * t.stride(0))
-
-
-def _plan(counts: list[int], weight_numel: int) -> list[_Batch]:
-    """Batches covering every expert with rows. Either one bmm over the span of used experts,
-    padded to the largest count (best when counts are even), or pairs of used experts with
-    similar counts (skips unused experts' weights, pads little, still spreads over two cores).
-    """
-    used = [e for e, n in enumerate(counts) if n]
-    if not used:
-        return []
-    call_rows = CALL_SECONDS * _FLOPS / (2 * weight_numel)
-    lo, span, top = used[0], used[-1] + 1 - used[0], max(counts)
-    one_cost = WEIGHT_READ_ROWS * span + span * top + call_rows
-    ranked = sorted(used, key=lambda e: -counts[e])
-    pairs = [sorted(ranked[i:i + 2]) for i in range(0, len(ranked), 2)]
-    pair_rows = sum(len(p) * max(counts[e] for e in p) for p in pairs)
-    pair_cost = WEIGHT_READ_ROWS * len(used) + pair_rows + call_rows * len(pairs)
-    if PLAN == "span" or PLAN == "auto" and one_cost <= pair_cost:
-        return [_Batch(lo, 1, span, top, 0)]
-    batches, row = [], 0
-    for p in pairs:
-        slots = max(counts[e] for e in p)
-        batches.append(_Batch(p[0], max(1, p[-1] - p[0]), len(p), slots, row))
-        row += len(p) * slots
-    return batches
-
-
-class _GroupedLinear(torch.autograd.Function):
-    """y = x @ w[e].T + b[e] on padded rows: batch b holds experts' rows as (k, slots, in) blocks.
-
-    Written by hand because plain autograd over per-expert views of a stacked weight
-    makes backward materialise a full-size zero gradient per expert (O(E^2) traffic).
-    Here each expert's weight gradient is written once into a single stacked buffer, and
-    experts without rows cost nothing when that buffer is fresh (it reads as zeros).
-    Padding rows must get zero output gradient, so that they add nothing to the weight gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, batches):  # x: (R, in), weight: (E, out, in), bias: (E, out)
-        y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device)  # (R, out)
-        for b in batches:
-            rows = slice(b.row, b.row + b.k * b.slots)
-            xb, yb = x[rows].view(b.k, b.slots, -1), y[rows].view(b.k, b.slots, -1)
-            if _use_dnnl(x, b.slots):
-                for j in range(b.k):
-                    e = b.first + j * b.step
-                    yb[j].copy_(_DNNL(xb[j], weight[e], None if bias is None else bias[e], "none", [], ""))
-                continue
-            w = _experts_view(weight, b).transpose(1, 2)  # (k, in, out)
-            if bias is None:
-                torch.bmm(xb, w, out=yb)
-            else:
-                torch.baddbmm(_experts_view(bias, b).unsqueeze(1), xb, w, out=yb)
-        ctx.batches = batches
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):  # grad_y: (R, out)
-        x, weight = ctx.saved_tensors
-        batches = ctx.batches
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_y = grad_y.contiguous()
-        grad_x = memory.empty(tuple(x.shape), x.dtype, x.device)[0] if need_x else None  # (R, in)
-        grad_w, w_zero = gradient_buffer(weight) if need_w else (None, True)  # (E, out, in)
-        grad_b = weight.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None  # (E, out)
-        covered = [False] * weight.shape[0]
-        for b in batches:
-            rows = slice(b.row, b.row + b.k * b.slots)
-            g = grad_y[rows].view(b.k, b.slots, -1)  # (k, slots, out)
-            if grad_x is not None:
-                torch.bmm(g, _experts_view(weight, b), out=grad_x[rows].view(b.k, b.slots, -1))
-            if grad_w is not None:
-                torch.bmm(g.transpose(1, 2), x[rows].view(b.k, b.slots, -1), out=_experts_view(grad_w, b))
-            if grad_b is not None:
-                torch.sum(g, dim=1, out=_experts_view(grad_b, b))
-            for j in range(b.k):
-                covered[b.first + j * b.step] = True
-        if grad_w is not None and not w_zero:
-            e = 0  # zero the uncovered experts, one call per run of them
-            while e < len(covered):
-                start = e
-                while e < len(covered) and not covered[e]:
-                    e += 1
-                if e > start:
-                    zero_pages_(grad_w[start:e])
-                e += 1
-        return grad_x, grad_w, grad_b, None
-
-
-class _Layout:
-    """Maps rows grouped by expert, (N, d), to the padded rows of a plan, (R, d), and back."""
-
-    def __init__(self, counts: list[int], weight_numel: int, device: torch.device) -> None:
-        self.batches = _plan(counts, weight_numel)
-        self.rows = sum(b.k * b.slots for b in self.batches)
-        self.n = sum(counts)
-        base = [0] * len(counts)  # padded row of each expert's first row
-        order = []  # experts in padded order
-        for b in self.batches:
-            for j in range(b.k):
-                base[b.first + j * b.step] = b.row + j * b.slots
-                order.append(b.first + j * b.step)
-        starts = [0] * len(counts)
-        for e in range(1, len(counts)):
-            starts[e] = starts[e - 1] + counts[e - 1]
-        # Identity when the plan is one unpadded batch: then pad and unpad are free.
-        self.identity = self.rows == self.n and all(base[e] == starts[e] for e, n in enumerate(counts) if n)
-        if not self.identity:
-            c, b0, s0 = (torch.tensor(v, device=device) for v in (counts, base, starts))
-            group = torch.repeat_interleave(torch.arange(len(counts), device=device), c)  # (N,)
-            self.index = torch.arange(self.n, device=device) + (b0 - s0)[group]  # (N,) slot of each row
-            # Padding slots repeat the expert's last row rather than holding zeros: one gather, no
-            # fill. Their output is dropped by unpad, so their gradient is exactly zero and they
-            # add nothing to the weight gradient.
-            slots = torch.tensor([b.slots for b in self.batches for _ in range(b.k)], device=device)
-            slot_expert = torch.repeat_interleave(torch.tensor(order, device=device), slots)  # (R,)
-            rank = torch.arange(self.rows, device=device) - b0[slot_expert]
-            last = torch.minimum(rank, c[slot_expert] - 1)
-            self.source = (s0[slot_expert] + last).clamp(0, self.n - 1)  # (R,) row each slot copies
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:  # (N, d) -> (R, d)
-        return x.contiguous() if self.identity else x.index_select(0, self.source)
-
-    def unpad(self, y: torch.Tensor) -> torch.Tensor:  # (R, d) -> (N, d)
-        return y if self.identity else y.index_select(0, self.index)
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches)
-
-
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   counts: list[int]) -> torch.Tensor:
-    """Apply expert e's linear to the e-th group of `counts[e]` consecutive rows of x."""
-    assert sum(counts) == x.shape[0], f"counts sum to {sum(counts)} but x has {x.shape[0]} rows"
-    assert len(counts) == weight.shape[0], f"{len(counts)} counts for {weight.shape[0]} experts"
-    if x.dtype != weight.dtype:
-        x = x.to(weight.dtype)
-    layout = _Layout(counts, weight.shape[1] * weight.shape[2], x.device)
-    return layout.unpad(layout.linear(layout.pad(x), weight, bias))
 
 
 class Experts(nn.Module):
@@ -240,11 +48,11 @@ class Experts(nn.Module):
             if b is not None and not b.is_meta:
                 nn.init.zeros_(b)
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x: (N, d_model), rows grouped by expert with counts[e] rows for expert e."""
-        assert sum(counts) == x.shape[0], f"counts sum to {sum(counts)} but x has {x.shape[0]} rows"
+    def forward(self, x: torch.Tensor, counts: Counts, kernel: str | Kernel = "auto") -> torch.Tensor:
+        """x: (N, d_model), rows grouped by expert with counts[e] rows for expert e (a list, or an (E,) tensor
+        on x's device); `kernel` computes the grouped GEMMs (moeify.layers.kernels)."""
         assert len(counts) == self.num_experts, f"{len(counts)} counts for {self.num_experts} experts"
-        layout = _Layout(counts, self.d_model * self.d_ff, x.device)  # pad once, unpad once
+        layout = get_kernel(kernel, x.device).layout(counts, self.d_model * self.d_ff, x.device)  # pad once, unpad once
         x = layout.pad(x.to(self.w_in.dtype))  # (R, d_model)
         h = layout.linear(x, self.w_in, self.b_in)  # (R, d_ff)
         if self.gated:

@@ -3,20 +3,23 @@ import torch
 from torch import nn
 
 from moeify.layers import Experts, grouped_linear, memory
-from moeify.layers import experts as experts_mod
+from moeify.layers.kernels import cpu
+from moeify.layers.kernels.cpu import CpuKernel
 
 COUNTS = [3, 0, 1, 0, 0, 4, 2, 0]  # zero-count experts at the ends of runs and inside them
 
 
-@pytest.fixture(params=["span", "pairs", "auto", "pairs-dnnl-pooled"])
+@pytest.fixture(params=["reference", "cuda", "span", "pairs", "auto", "pairs-dnnl-pooled"])
 def layout(request, monkeypatch):
-    """Each way of batching experts; the last also takes the oneDNN forward and pools every buffer."""
+    """Each kernel, and each way the cpu kernel batches experts; the last also takes the oneDNN forward and
+    pools every buffer. (The cuda kernel runs grouped_mm on CPU where widths allow, else the loop.)"""
+    if request.param in ("reference", "cuda"):
+        return request.param
     plan, *extra = request.param.split("-")
-    monkeypatch.setattr(experts_mod, "PLAN", plan)
     if extra:
-        monkeypatch.setattr(experts_mod, "DNNL_MIN_ROWS", 1)
         monkeypatch.setattr(memory, "_MIN_BYTES", 1)
-    return request.param
+        return CpuKernel(batching=plan, dnnl_min_rows=1)
+    return CpuKernel(batching=plan)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -29,7 +32,7 @@ def test_grouped_linear_gradcheck(layout, bias, counts):
     b = torch.randn(e, d_out, dtype=torch.double, generator=g, requires_grad=True) if bias else None
     inputs = (x, w, b) if bias else (x, w)
     assert torch.autograd.gradcheck(
-        lambda x, w, b=None: grouped_linear(x, w, b, counts), inputs)
+        lambda x, w, b=None: grouped_linear(x, w, b, counts, layout), inputs)
 
 
 def reference(ex: Experts, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -60,7 +63,7 @@ def test_experts_match_per_expert_loop(layout, gated, bias, counts):
     x = torch.randn(sum(counts), 6, generator=g, requires_grad=True)
     gy = torch.randn(sum(counts), 6, generator=g)
 
-    y = ex(x, counts)
+    y = ex(x, counts, layout)
     grads = torch.autograd.grad(y, [x, *params], gy)
     y_ref = reference(ex, x, counts)
     grads_ref = torch.autograd.grad(y_ref, [x, *params], gy)
@@ -74,20 +77,20 @@ def test_experts_match_per_expert_loop(layout, gated, bias, counts):
                 assert not got[e].any()
 
 
-def _grads(ex: Experts, batches) -> dict[str, torch.Tensor]:
+def _grads(ex: Experts, batches, kernel) -> dict[str, torch.Tensor]:
     """.grad of every parameter after one backward per (x, counts) batch, from no gradient."""
     ex.zero_grad(set_to_none=True)
     for x, counts in batches:
         gy = torch.randn(x.shape[0], ex.d_model, generator=torch.Generator().manual_seed(x.shape[0]))
-        ex(x, counts).backward(gy)
+        ex(x, counts, kernel).backward(gy)
     return {n: p.grad.clone() for n, p in ex.named_parameters()}
 
 
-def _accumulation_check(ex: Experts, first, second) -> None:
+def _accumulation_check(ex: Experts, first, second, kernel) -> None:
     """Backward passes add up in .grad: twice one batch gives exactly twice its gradient, two
     batches the sum of their gradients; experts without rows in either batch stay exactly zero."""
-    once, other = _grads(ex, [first]), _grads(ex, [second])
-    twice, both = _grads(ex, [first, first]), _grads(ex, [first, second])
+    once, other = _grads(ex, [first], kernel), _grads(ex, [second], kernel)
+    twice, both = _grads(ex, [first, first], kernel), _grads(ex, [first, second], kernel)
     for name, p in ex.named_parameters():
         assert once[name].abs().sum() > 0 and other[name].abs().sum() > 0, name  # not vacuous
         assert p.grad.shape == p.shape and p.grad.layout == torch.strided, name
@@ -109,7 +112,7 @@ def test_backward_accumulates_into_param_grad(layout, counts, other):
     for b in (ex.b_in, ex.b_gate, ex.b_out):
         nn.init.normal_(b, generator=g)
     _accumulation_check(ex, (torch.randn(sum(counts), 4, generator=g), counts),
-                        (torch.randn(sum(other), 4, generator=g), other))
+                        (torch.randn(sum(other), 4, generator=g), other), layout)
 
 
 @pytest.fixture
@@ -121,14 +124,15 @@ def big(monkeypatch):
     memory.empty_cache()
 
 
-def test_recycled_gradient_buffers_are_zeroed(layout, big):
+@pytest.mark.parametrize("layout", [CpuKernel(batching=b) for b in ("span", "pairs", "auto")], ids=str)
+def test_recycled_gradient_buffers_are_zeroed(layout, big):  # the pool is the cpu kernel's
     # 8 experts x 256 x 2048 floats = 16 MiB per weight: pooled buffers, 2 MiB per expert.
     ex = Experts(8, 256, 2048, nn.ReLU())
     ex.reset_parameters(1.0, torch.Generator().manual_seed(3))
     x = torch.randn(6, 256)
     for counts in ([1, 0, 2, 0, 0, 0, 3, 0], [0, 3, 0, 0, 3, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 6]):
         ex.zero_grad(set_to_none=True)  # frees the last gradients into the cache
-        ex(x, counts).sum().backward()
+        ex(x, counts, layout).sum().backward()
         ex.w_in.grad.add_(1.0)  # a caller may write into the buffer before it is recycled
         for e, n in enumerate(counts):
             assert bool(ex.w_in.grad[e].eq(1.0).all()) == (n == 0)
@@ -136,10 +140,10 @@ def test_recycled_gradient_buffers_are_zeroed(layout, big):
 
 
 def test_plan_pairs_similar_counts():
-    batches = experts_mod._plan([5, 0, 1, 4, 0, 2, 0, 0], 1 << 20)
+    batches = cpu._plan([5, 0, 1, 4, 0, 2, 0, 0], 1 << 20)
     assert [(b.first, b.step, b.k, b.slots) for b in batches] == [(0, 3, 2, 5), (2, 3, 2, 2)]
     assert [b.row for b in batches] == [0, 10]
-    (b,) = experts_mod._plan([3, 3, 2, 3], 1 << 20)  # even counts: one bmm over the span
+    (b,) = cpu._plan([3, 3, 2, 3], 1 << 20)  # even counts: one bmm over the span
     assert (b.first, b.step, b.k, b.slots) == (0, 1, 4, 3)
 
 
@@ -174,12 +178,12 @@ def test_gradient_buffer_cache():
     memory.empty_cache()
 
 
-def test_backward_accumulates_in_pooled_gradient_buffers(big, monkeypatch):
+def test_backward_accumulates_in_pooled_gradient_buffers(big):
     # 16 MiB per weight: gradients come from the huge-page pool, and later backward passes get
     # recycled buffers, whose experts without rows must be zeroed before they are added.
-    monkeypatch.setattr(experts_mod, "PLAN", "pairs")  # skips unused experts: they must be zeroed
     ex = Experts(8, 256, 2048, nn.ReLU())
     ex.reset_parameters(1.0, torch.Generator().manual_seed(4))
     g = torch.Generator().manual_seed(6)
     _accumulation_check(ex, (torch.randn(6, 256, generator=g), [1, 0, 2, 0, 0, 0, 3, 0]),
-                        (torch.randn(5, 256, generator=g), [0, 5, 0, 0, 0, 0, 0, 0]))
+                        (torch.randn(5, 256, generator=g), [0, 5, 0, 0, 0, 0, 0, 0]),
+                        CpuKernel(batching="pairs"))  # skips unused experts: they must be zeroed

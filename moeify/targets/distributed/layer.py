@@ -137,7 +137,7 @@ class ExpertParallelFFN(SwitchFFN):
             back[order] = torch.arange(order.numel(), device=order.device)
             self._arrival = (key, order, back, counts)
         _, order, back, counts = self._arrival
-        y = self.experts(received.index_select(0, order), counts)
+        y = self.experts(received.index_select(0, order), counts, self.routing.kernel)
         return y.index_select(0, back)  # in arrival order again, for the return exchange
 
     def _grouping(self, capacities: list[int], device: torch.device) -> tuple[torch.Tensor, list[int]]:

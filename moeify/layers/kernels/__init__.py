@@ -1,0 +1,63 @@
+"""Grouped expert GEMMs behind one interface, by backend: rows grouped by expert times each expert's weight."""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from moeify.config import KERNELS
+from moeify.errors import MoeifyError
+
+Counts = Sequence[int] | torch.Tensor  # rows per expert: a host list, or an (E,) tensor on the rows' device
+
+
+class Layout(Protocol):
+    """One grouping of rows, reused for every linear of an expert FFN: pad once, linear(s), unpad once."""
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor: ...
+
+
+class Kernel(Protocol):
+    name: str
+
+    def layout(self, counts: Counts, weight_numel: int, device: torch.device) -> Layout: ...
+
+
+def get_kernel(kernel: str | Kernel, device: torch.device) -> Kernel:
+    """The backend `kernel` names (an instance is used as it is: tests and benchmarks pass tuned ones)."""
+    if not isinstance(kernel, str):
+        return kernel
+    if kernel == "auto":
+        kernel = "cuda" if device.type == "cuda" else "cpu"
+    if kernel == "reference":
+        from moeify.layers.kernels.reference import ReferenceKernel
+
+        return ReferenceKernel()
+    if kernel == "cpu":
+        from moeify.layers.kernels.cpu import CpuKernel
+
+        return CpuKernel()
+    if kernel == "cuda":
+        from moeify.layers.kernels.cuda import CudaKernel
+
+        return CudaKernel()
+    raise MoeifyError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+
+
+def host_counts(counts: Counts) -> list[int]:
+    """Counts as a Python list: free for a list, a device sync for a CUDA tensor (host-planned kernels only)."""
+    return counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: Counts,
+                   kernel: str | Kernel = "auto") -> torch.Tensor:
+    """y[rows of e] = x[rows of e] @ weight[e].T + bias[e]: x (N, in) holds counts[e] consecutive rows of expert e,
+    weight is (E, out, in) (nn.Linear layout), bias (E, out) or None. Returns (N, out)."""
+    if x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    layout = get_kernel(kernel, x.device).layout(counts, weight.shape[1] * weight.shape[2], x.device)
+    return layout.unpad(layout.linear(layout.pad(x), weight, bias))

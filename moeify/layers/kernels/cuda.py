@@ -1,0 +1,63 @@
+"""The CUDA kernel: one torch.nn.functional.grouped_mm per linear, offsets on the device, no host synchronisation.
+
+It runs anywhere grouped_mm does (CPU too, which is how its logic is tested here). grouped_mm wants every
+stride a multiple of 16 bytes; a layer whose widths are not (tiny test models) takes the reference loop.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeify.layers.kernels import Counts
+from moeify.layers.kernels.reference import ReferenceLayout
+
+ALIGN_BYTES = 16
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: grouped_mm's backward refuses the expanded,
+    zero-stride ones that a .sum() produces."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def aligned(*tensors: torch.Tensor) -> bool:
+    return all(t.shape[-1] * t.element_size() % ALIGN_BYTES == 0 for t in tensors)
+
+
+class CudaLayout:
+    def __init__(self, counts: Counts, device: torch.device) -> None:
+        counts = torch.as_tensor(counts, device=device)  # a list is uploaded; a device tensor stays put
+        self.counts = counts
+        self.offsets = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end row of each expert
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not aligned(x, weight):
+            return ReferenceLayout(self.counts.tolist()).linear(x, weight, bias)
+        # weight (E, out, in) read as (E, in, out): a transposed view, no copy.
+        y = _ContiguousGrad.apply(F.grouped_mm(x, weight.transpose(1, 2), offs=self.offsets))
+        if bias is not None:
+            # Each row's expert, found on the device: the rows before offsets[e] belong to experts <= e.
+            rows = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
+            expert = torch.searchsorted(self.offsets, rows, right=True)
+            y = y + bias.index_select(0, expert)
+        return y
+
+
+class CudaKernel:
+    name = "cuda"
+
+    def layout(self, counts: Counts, weight_numel: int, device: torch.device) -> CudaLayout:
+        return CudaLayout(counts, device)

@@ -1,0 +1,31 @@
+"""The reference kernel: a plain loop over each expert's contiguous rows, with ordinary autograd. The oracle."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeify.layers.kernels import Counts, host_counts
+
+
+class ReferenceLayout:
+    def __init__(self, counts: list[int]) -> None:
+        self.counts = counts
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        assert sum(self.counts) == x.shape[0] and len(self.counts) == weight.shape[0]
+        parts = x.split(self.counts)
+        out = [F.linear(part, weight[e], None if bias is None else bias[e]) for e, part in enumerate(parts) if len(part)]
+        return torch.cat(out) if out else x.new_zeros(0, weight.shape[1])
+
+
+class ReferenceKernel:
+    name = "reference"
+
+    def layout(self, counts: Counts, weight_numel: int, device: torch.device) -> ReferenceLayout:
+        return ReferenceLayout(host_counts(counts))

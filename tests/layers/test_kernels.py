@@ -1,0 +1,138 @@
+"""The expert kernels: every pair of backends agrees on outputs and all gradients; each is chosen by config."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from moeify.config import MoEConfig, RoutingConfig
+from moeify.errors import MoeifyError
+from moeify.layers import Experts, SwitchFFN
+from moeify.layers.kernels import cpu, cuda, get_kernel, grouped_linear
+from moeify.layers.kernels.cpu import CpuKernel
+
+BACKENDS = ["reference", "cpu", "cuda"]  # cuda: grouped_mm runs on CPU too, so its logic is tested here
+# Widths a multiple of 16 bytes in bf16 and float32, so the cuda kernel takes grouped_mm, not its fallback.
+D_MODEL, D_FF = 16, 32
+CASES = {  # counts per expert
+    "empty experts": [3, 0, 5, 0, 1, 0, 0, 7],
+    "one expert": [9],
+    "all in one of four": [0, 0, 6, 0],
+    "no rows": [0, 0, 0],
+}
+# Largest difference, relative to the tensor's largest magnitude: bf16 keeps 8 bits of mantissa, and backends
+# accumulate in different orders.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def run(kernel, counts, gated, bias, dtype):
+    """Output and every gradient (input and parameters) of one Experts forward + backward, seeded."""
+    g = torch.Generator().manual_seed(0)
+    ex = Experts(len(counts), D_MODEL, D_FF, nn.GELU(), gated=gated, bias=bias)
+    ex.reset_parameters(1.0, g)
+    for b in (ex.b_in, ex.b_gate, ex.b_out):
+        if b is not None:
+            nn.init.normal_(b, generator=g)
+    ex.to(dtype)
+    x = torch.randn(sum(counts), D_MODEL, generator=g).to(dtype).requires_grad_()
+    gy = torch.randn(sum(counts), D_MODEL, generator=g).to(dtype)
+    y = ex(x, counts, kernel)
+    params = [x, *ex.parameters()]
+    grads = torch.autograd.grad(y, params, gy, allow_unused=True) if y.numel() else [None] * len(params)
+    return [y, *grads]
+
+
+@pytest.mark.parametrize("first, second", list(itertools.combinations(BACKENDS, 2)))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("gated, bias", [(False, False), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_pair_of_backends_agrees(first, second, case, gated, bias, dtype):
+    counts = CASES[case]
+    a, b = run(first, counts, gated, bias, dtype), run(second, counts, gated, bias, dtype)
+    for i, (got, want) in enumerate(zip(a, b)):
+        if got is None or want is None:  # no rows at all: nothing flows back
+            assert got is None or not got.any(), i
+            assert want is None or not want.any(), i
+            continue
+        assert got.shape == want.shape, i
+        if not want.numel():
+            continue
+        error = (got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30)
+        assert error <= TOLERANCE[dtype], (i, float(error))
+
+
+def test_the_cuda_kernel_takes_grouped_mm_when_widths_allow(monkeypatch):
+    calls = []
+    real = cuda.F.grouped_mm
+    monkeypatch.setattr(cuda.F, "grouped_mm", lambda *a, **kw: calls.append(kw["offs"].tolist()) or real(*a, **kw))
+    x, w = torch.randn(6, 16), torch.randn(3, 8, 16)
+    grouped_linear(x, w, None, [2, 0, 4], "cuda")
+    assert calls == [[2, 2, 6]]  # one call, the experts' end rows on the device
+    grouped_linear(torch.randn(6, 3), torch.randn(3, 8, 3), None, [2, 0, 4], "cuda")  # 12-byte rows: the loop
+    assert len(calls) == 1
+
+
+def test_the_kernel_comes_from_the_config_and_reaches_the_experts(monkeypatch):
+    seen = []
+    forward = Experts.forward
+    monkeypatch.setattr(Experts, "forward", lambda self, x, counts, kernel="auto": seen.append(kernel)
+                        or forward(self, x, counts, kernel))
+    torch.manual_seed(0)
+    layers = {k: SwitchFFN(D_MODEL, D_FF, RoutingConfig(num_experts=4, kernel=k), nn.ReLU()) for k in BACKENDS}
+    for layer in layers.values():
+        layer.load_state_dict(layers["reference"].state_dict())
+    x = torch.randn(2, 5, D_MODEL)
+    outputs = [layer(x) for layer in layers.values()]
+    assert seen == BACKENDS
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], rtol=1e-5, atol=1e-5)
+    assert MoEConfig().kernel == "auto" and RoutingConfig.from_moe(MoEConfig(kernel="cpu")).kernel == "cpu"
+
+
+def test_auto_and_unknown_kernels():
+    assert get_kernel("auto", torch.device("cpu")).name == "cpu"
+    assert get_kernel("auto", torch.device("cuda")).name == "cuda"
+    tuned = CpuKernel(batching="pairs")
+    assert get_kernel(tuned, torch.device("cpu")) is tuned
+    with pytest.raises(MoeifyError, match="kernel 'tpu' is not one of auto, reference, cpu, cuda"):
+        get_kernel("tpu", torch.device("cpu"))
+    with pytest.raises(MoeifyError, match="kernel must be one of auto, reference, cpu, cuda, got 'tpu'"):
+        MoEConfig(kernel="tpu")
+
+
+class _NoLinear:
+    def __getattr__(self, name):
+        raise AttributeError(name)
+
+
+@pytest.mark.parametrize("op", ["missing", "wrong", "raises"])
+def test_the_onednn_probe_falls_back_silently(monkeypatch, op):
+    """A torch without the private op, or with one that computes something else or fails: no oneDNN, same
+    results from bmm alone."""
+    if op == "missing":
+        monkeypatch.setattr(torch.ops, "mkldnn", _NoLinear())
+    else:
+        def fake(x, w, b, *args):
+            if op == "raises":
+                raise RuntimeError("not built with oneDNN")
+            return torch.zeros(x.shape[0], w.shape[0])
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", fake)
+    assert cpu.probe_dnnl() is None
+    monkeypatch.setattr(cpu, "_DNNL", [])  # probed again on next use, under the patch
+    x, w, b = torch.randn(70, 16), torch.randn(2, 8, 16), torch.randn(2, 8)
+    y = grouped_linear(x, w, b, [64, 6], CpuKernel(dnnl_min_rows=1))
+    assert cpu._DNNL == [None]
+    torch.testing.assert_close(y, grouped_linear(x, w, b, [64, 6], "reference"))
+
+
+def test_the_onednn_probe_finds_the_op_where_torch_has_it(monkeypatch):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    assert cpu.probe_dnnl() is torch.ops.mkldnn._linear_pointwise
+    used = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(cpu, "_DNNL", [lambda *a: used.append(a[0].shape[0]) or real(*a)])
+    x, w, b = torch.randn(70, 16), torch.randn(2, 8, 16), torch.randn(2, 8)
+    y = grouped_linear(x, w, b, [64, 6], CpuKernel(batching="pairs"))  # 64 rows reach oneDNN's minimum
+    assert used == [64, 64]  # both experts of the pair: the pair is padded to 64 rows each
+    torch.testing.assert_close(y, grouped_linear(x, w, b, [64, 6], "reference"), rtol=1e-5, atol=1e-5)
