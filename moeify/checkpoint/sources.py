@@ -168,6 +168,45 @@ def load_weights(model: nn.Module, files: list[Path], *, progress=None) -> None:
                           "the checkpoint is incomplete or for another configuration")
 
 
+def assign_weights(model: nn.Module, files: list[Path], *, buffers: dict[str, torch.Tensor] | None = None,
+                   device: str | torch.device = "cpu", progress=None) -> None:
+    """Fill `model`, built on the meta device, from safetensors `files`: each tensor read is assigned, not copied,
+    so the weights exist once; then tied weights are restored and `buffers` (values no checkpoint holds, such as
+    rotary tables) registered. Every tensor must end up with a value."""
+    from safetensors.torch import load_file
+
+    aliases = tied_aliases(model)  # identity still tells ties apart on meta
+    expected = set(model.state_dict())
+    seen: set[str] = set()
+    for i, f in enumerate(files):
+        check_safetensors(f)
+        tensors = load_file(str(f), device=str(device))
+        unexpected = sorted(set(tensors) - expected)
+        if unexpected:
+            raise MoeifyError(f"{f} holds weights the model does not have ({unexpected[:3]}): "
+                              "it belongs to a different model or configuration")
+        model.load_state_dict(tensors, strict=False, assign=True)
+        seen |= set(tensors)
+        del tensors
+        if progress:
+            progress("load", i + 1, len(files))
+    missing = expected - seen - set(aliases)
+    if missing:
+        raise MoeifyError(f"the weights lack {len(missing)} tensors ({sorted(missing)[:3]}): "
+                          "the checkpoint is incomplete or for another configuration")
+    values = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    for alias, target in aliases.items():
+        owner, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, values[target])
+    for name, value in (buffers or {}).items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(leaf, value.to(device), persistent=False)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise MoeifyError(f"the weights leave {left[:2]} without values: the checkpoint is incomplete or for "
+                          "another configuration")
+
+
 def tied_aliases(model: nn.Module) -> dict[str, str]:
     """{name: earlier name} for tensors reachable under two names (tied weights), stored once."""
     first: dict[int, str] = {}

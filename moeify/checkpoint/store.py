@@ -10,12 +10,8 @@ from torch import nn
 
 from moeify.checkpoint.files import atomic_directory, copy_tokenizer
 from moeify.checkpoint.metadata import FORMAT_VERSION, MOEIFY_FILE, WEIGHTS_STEM, read_metadata
-from moeify.checkpoint.skeleton import dense_skeleton, replay
-from moeify.checkpoint.sources import (
-    load_weights,
-    tied_aliases,
-    weight_files,
-)
+from moeify.checkpoint.skeleton import dense_skeleton, replay, skeleton
+from moeify.checkpoint.sources import assign_weights, tied_aliases, weight_files
 from moeify.checkpoint.summary import summarize
 from moeify.conversion.pipeline import ConversionRecord
 from moeify.errors import MoeifyError
@@ -85,18 +81,19 @@ def load(path: str | Path, *, model: nn.Module | None = None, device: str | None
     """
     path = Path(path)
     meta = read_metadata(path)
-    has_weights = bool(meta["weights"])
-    device = device or ("cpu" if has_weights else "meta")
-    sparse = replay(path, meta, model if model is not None else
-                    dense_skeleton(path, meta, "cpu" if has_weights else "meta"))
-    # The skeleton is built in float32; a bfloat16 or float16 save loads in its own dtype (the
-    # routers stay float32: Router keeps its dtype through casts).
-    dtype = getattr(torch, str(meta["summary"].get("dtype", "float32")), None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != torch.float32:
-        sparse = sparse.to(dtype)
-    if has_weights:
-        load_weights(sparse, weight_files(path, WEIGHTS_STEM), progress=progress)
-    return sparse.to(device) if device not in ("cpu", "meta") else sparse
+    if not meta["weights"]:
+        sparse = replay(path, meta, model if model is not None else dense_skeleton(path, meta, "meta"))
+        # The skeleton is built in float32; a bfloat16 or float16 save keeps its own dtype (the routers stay
+        # float32: Router keeps its dtype through casts).
+        dtype = getattr(torch, str(meta["summary"].get("dtype", "float32")), None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != torch.float32:
+            sparse = sparse.to(dtype)
+        return sparse  # structure only: it stays on meta
+    # Built on meta and filled by assignment: the weights exist once, in the dtypes they were saved in.
+    buffers: dict[str, torch.Tensor] = {}
+    sparse = skeleton(path, model, buffers)
+    assign_weights(sparse, weight_files(path, WEIGHTS_STEM), buffers=buffers, progress=progress)
+    return sparse.to(device) if device not in (None, "cpu") else sparse
 
 
 def _tokenizer_dir(source: dict, given: str | Path | None) -> Path | None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from moeify.checkpoint.skeleton import skeleton
-from moeify.checkpoint.sources import check_safetensors, tied_aliases
+from moeify.checkpoint.sources import assign_weights
 from moeify.errors import MoeifyError
 from moeify.planner.plan import ShardingPlan
 from moeify.targets.distributed import comm
@@ -56,7 +56,7 @@ def load_rank(path: str | Path, *, model: nn.Module | None = None, device: str |
     if local_expert_ids(part) != shard.experts:
         raise MoeifyError(f"{path / shard.file} holds other experts than the plan gives rank {rank}: "
                           "re-run `moeify export`")
-    _fill(part, path / shard.file, device, buffers)
+    assign_weights(part, [path / shard.file], buffers=buffers, device=device)
     return RankPart(part, groups)
 
 
@@ -76,25 +76,3 @@ def _verify_everywhere(path: Path, manifest, shard: str, rank: int, device: torc
         raise error
     if refused.item() >= 0:
         raise MoeifyError(f"rank {refused.item()} refused its files (see its error), so no rank starts")
-
-
-def _fill(part: nn.Module, shard: Path, device: torch.device, buffers: dict[str, torch.Tensor]) -> None:
-    """Replace every meta tensor: shard tensors are assigned (no second copy), then ties restored."""
-    from safetensors.torch import load_file
-
-    aliases = tied_aliases(part)  # identity still tells ties apart on meta
-    check_safetensors(shard)
-    missing, unexpected = part.load_state_dict(load_file(str(shard), device=str(device)), strict=False, assign=True)
-    if unexpected or set(missing) - set(aliases):
-        raise MoeifyError(f"{shard} does not fit this model (missing {sorted(set(missing) - set(aliases))[:2]}, "
-                          f"unexpected {sorted(unexpected)[:2]}): re-run `moeify export`")
-    tensors = dict(part.named_parameters(remove_duplicate=False)) | dict(part.named_buffers())
-    for alias, target in aliases.items():
-        owner, _, leaf = alias.rpartition(".")
-        setattr(part.get_submodule(owner), leaf, tensors[target])
-    for name, value in buffers.items():
-        owner, _, leaf = name.rpartition(".")
-        part.get_submodule(owner).register_buffer(leaf, value.to(device), persistent=False)
-    left = [n for n, t in list(part.named_parameters()) + list(part.named_buffers()) if t.is_meta]
-    if left:
-        raise MoeifyError(f"{shard} leaves {left[:2]} without values: re-run `moeify export`")
