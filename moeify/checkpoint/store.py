@@ -29,28 +29,15 @@ def save(model: nn.Module, path: str | Path, *, force: bool = False,
     Tokenizer files are copied from `tokenizer_from`, or else from the local Hugging Face
     directory the model was converted from, so that exports can carry them on.
     """
-    from safetensors.torch import save_file
-
     described = conversion_metadata(model)
     out = Path(path)
     state = model.state_dict()
     aliases = tied_aliases(model)  # tied weights are stored once
     tensors = {k: v for k, v in state.items() if k not in aliases}
     structure_only = any(t.is_meta for t in tensors.values())
-    shards = [] if structure_only else _shard(tensors, max_shard_bytes)
     with atomic_directory(out, force=force) as tmp:
-        files = []
-        for i, names in enumerate(shards):
-            fname = (f"{WEIGHTS_STEM}.safetensors" if len(shards) == 1
-                     else f"{WEIGHTS_STEM}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-            save_file({k: tensors[k].contiguous() for k in names}, str(tmp / fname), metadata={"format": "pt"})
-            files.append((fname, names))
-            if progress:
-                progress("save", i + 1, len(shards))
-        if len(files) > 1:
-            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                     "weight_map": {k: f for f, names in files for k in names}}
-            (tmp / f"{WEIGHTS_STEM}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if not structure_only:
+            write_weights(tmp, tensors, lambda name: tensors[name].contiguous(), max_shard_bytes, progress)
         meta = {"format": "moeify", "format_version": FORMAT_VERSION, "weights": not structure_only,
                 **described, "aliases": aliases}
         (tmp / MOEIFY_FILE).write_text(json.dumps(meta, indent=2))
@@ -116,6 +103,28 @@ def _record_of(model: nn.Module) -> ConversionRecord:
         else:
             record.source = {"kind": "module", "class": f"{cls.__module__}.{cls.__qualname__}"}
     return record
+
+
+def write_weights(directory: Path, like: dict[str, torch.Tensor], values: Callable[[str], torch.Tensor],
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None) -> None:
+    """moeify's weight files in `directory`: the tensors named by `like` (their shapes and sizes; meta will do) cut
+    into files of at most `max_shard_bytes`, each file's tensors from values(name) and written before the next
+    file's are asked for; an index when there are several files."""
+    from safetensors.torch import save_file
+
+    shards = _shard(like, max_shard_bytes)
+    files = []
+    for i, names in enumerate(shards):
+        fname = (f"{WEIGHTS_STEM}.safetensors" if len(shards) == 1
+                 else f"{WEIGHTS_STEM}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+        save_file({name: values(name) for name in names}, str(directory / fname), metadata={"format": "pt"})
+        files.append((fname, names))
+        if progress:
+            progress("save", i + 1, len(shards))
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in like.values())},
+                 "weight_map": {k: f for f, names in files for k in names}}
+        (directory / f"{WEIGHTS_STEM}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:

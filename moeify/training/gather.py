@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from moeify.checkpoint.files import atomic_directory, copy_tokenizer
-from moeify.checkpoint.metadata import MOEIFY_FILE, WEIGHTS_STEM
+from moeify.checkpoint.metadata import MOEIFY_FILE
 from moeify.checkpoint.skeleton import skeleton
 from moeify.checkpoint.sources import tied_aliases
-from moeify.checkpoint.store import DEFAULT_SHARD_BYTES, _shard
+from moeify.checkpoint.store import write_weights
 from moeify.errors import MoeifyError
 from moeify.targets.distributed import comm
 from moeify.targets.distributed.failures import communication
@@ -44,7 +44,7 @@ class Gather:
         self.model_dir, self.scratch, self.expert_parallel = Path(model_dir), Path(scratch), expert_parallel
         self.device = device  # of the collectives (NCCL's are on the GPU)
         self.rank, self.world = comm.get_rank(), comm.get_world_size()
-        self._layout: tuple[list[list[str]], dict[str, torch.Tensor]] | None = None
+        self._layout: dict[str, torch.Tensor] | None = None
 
     def __call__(self, path: Path, trainer: Trainer, record: dict) -> Path:
         stage = self.scratch / path.name
@@ -87,46 +87,33 @@ class Gather:
             save_file({name: state[name].detach().cpu().contiguous() for name in rows},
                       str(stage / EXPERTS_FILE.format(rank=self.rank)), metadata={"rows": json.dumps(rows)})
 
-    def layout(self) -> tuple[list[list[str]], dict[str, torch.Tensor]]:
-        """moeify.save's weight files of the whole model (tensor names per file) and its tensors, on meta."""
+    def layout(self) -> dict[str, torch.Tensor]:
+        """The whole model's tensors as moeify.save stores them (tied ones once), on meta."""
         if self._layout is None:
             structure = skeleton(self.model_dir)
             aliases = tied_aliases(structure)
-            tensors = {k: v for k, v in structure.state_dict().items() if k not in aliases}
-            self._layout = (_shard(tensors, DEFAULT_SHARD_BYTES), tensors)
+            self._layout = {k: v for k, v in structure.state_dict().items() if k not in aliases}
         return self._layout
 
     def _assemble(self, path: Path, stage: Path, trainer: Trainer, record: dict) -> None:
         from safetensors import safe_open
-        from safetensors.torch import save_file
 
-        shards, like = self.layout()
+        like = self.layout()
         own = trainer.model.state_dict()
-        sources = [stage / EXPERTS_FILE.format(rank=r) for r in range(self.expert_parallel)]
+        handles = [safe_open(str(stage / EXPERTS_FILE.format(rank=r)), "pt") for r in range(self.expert_parallel)]
+        rows = [json.loads(h.metadata()["rows"]) for h in handles]
+
+        def values(name: str) -> torch.Tensor:
+            """An expert stack filled from the ranks' rows, or a dense weight from rank 0's own part."""
+            if name not in rows[0]:
+                return own[name].detach().cpu().contiguous()
+            full = torch.empty(like[name].shape, dtype=like[name].dtype)
+            for h, ids in zip(handles, rows):
+                full[torch.tensor(ids[name], dtype=torch.long)] = h.get_tensor(name)
+            return full
+
         with atomic_directory(path, force=True) as tmp:
-            handles = [safe_open(str(s), "pt") for s in sources]
-            rows = [json.loads(h.metadata()["rows"]) for h in handles]
-            files = []
-            for i, names in enumerate(shards):
-                out = {}
-                for name in names:
-                    if name in rows[0]:
-                        full = torch.empty(like[name].shape, dtype=like[name].dtype)
-                        for h, ids in zip(handles, rows):
-                            full[torch.tensor(ids[name], dtype=torch.long)] = h.get_tensor(name)
-                        out[name] = full
-                    else:
-                        out[name] = own[name].detach().cpu().contiguous()
-                fname = (f"{WEIGHTS_STEM}.safetensors" if len(shards) == 1
-                         else f"{WEIGHTS_STEM}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-                save_file(out, str(tmp / fname), metadata={"format": "pt"})
-                files.append((fname, names))
-                del out
-            del handles
-            if len(files) > 1:
-                index = {"metadata": {"total_size": sum(t.nbytes for t in like.values())},
-                         "weight_map": {k: f for f, names in files for k in names}}
-                (tmp / f"{WEIGHTS_STEM}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            write_weights(tmp, like, values)  # one weight file at a time
             shutil.copyfile(self.model_dir / MOEIFY_FILE, tmp / MOEIFY_FILE)
             copy_tokenizer(self.model_dir, tmp)
             for r in range(self.world):
