@@ -4,11 +4,15 @@ One process: the model is converted from the t5-small preset (random weights: no
 downloaded), exported in both modes, and every configuration runs interleaved on the same inputs:
 a full encoder + decoder forward, teacher-forced (no KV cache), sequence length 128 on both sides.
 PyTorch and onnxruntime get the same number of threads. Fused graphs are dropless; PyTorch and the
-portable graph apply the eval capacity factor. Usage: python benchmarks/bench_onnx.py [--reps 7]
+portable graph apply the eval capacity factor. Then greedy generation (the `generate` part): tokens/s
+of PyTorch eager generate(), and of the fused graphs in onnxruntime without the KV cache (the whole
+prefix each step) and with it (--with-past graphs), EOS disabled so every run makes the same number
+of tokens. Usage: python benchmarks/bench_onnx.py [--reps 7] [--parts forward generate]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -25,6 +29,7 @@ from _report import report  # noqa: E402
 import moeify  # noqa: E402
 from moeify.checkpoint.sources import load_dense  # noqa: E402
 from moeify.targets.onnx import OnnxOptions, export_onnx, session  # noqa: E402
+from moeify.targets.onnx.generate import Seq2SeqGenerator  # noqa: E402
 
 SEQUENCE = 128
 
@@ -123,14 +128,83 @@ def measure(num_experts: int, batches: list[int], reps: int, threads: int, scrat
     return rows
 
 
+def measure_generation(num_experts: int, batches: list[int], reps: int, threads: int, scratch: Path,
+                       new_tokens: int) -> list[tuple[str, ...]]:
+    model = build(num_experts)
+    model.generation_config.eos_token_id = None  # random weights: never stop early, same work everywhere
+    out = scratch / f"generate-{num_experts}"
+    export_onnx(model, out, OnnxOptions(mode="fused", with_past=True, optimize=False, verify=False))
+    ort = Seq2SeqGenerator(out, threads=threads, spinning=False)
+
+    def eager(x):
+        with torch.no_grad():
+            return model.generate(input_ids=torch.from_numpy(x["input_ids"]), do_sample=False, num_beams=1,
+                                  attention_mask=torch.from_numpy(x["attention_mask"]),
+                                  max_new_tokens=new_tokens).numpy()
+
+    runners = {"eager": eager,
+               "no cache": lambda x: ort.greedy(x["input_ids"], x["attention_mask"], new_tokens, cache=False),
+               "cache": lambda x: ort.greedy(x["input_ids"], x["attention_mask"], new_tokens)}
+    rows = []
+    for batch in batches:
+        x = inputs(batch)
+        tokens = {name: fn(x) for name, fn in runners.items()}  # warm-up, and what each generates
+        assert all(t.shape == (batch, 1 + new_tokens) for t in tokens.values())
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for r in range(reps):
+            names = list(runners)
+            for name in names[r % 3:] + names[:r % 3]:
+                times[name].append(_timed(functools.partial(runners[name], x)))
+        rate = {name: batch * new_tokens / statistics.median(t) for name, t in times.items()}
+        same = {name: float((tokens[name] == tokens["eager"]).mean()) for name in ("no cache", "cache")}
+        rows.append((str(num_experts), str(batch), f"{rate['eager']:.1f}", f"{rate['no cache']:.1f}",
+                     f"{rate['cache']:.1f}", f"{rate['no cache'] / rate['eager']:.2f}x",
+                     f"{rate['cache'] / rate['eager']:.2f}x", f"{same['no cache']:.0%}", f"{same['cache']:.0%}"))
+    return rows
+
+
+def report_generation(rows, args, threads) -> None:
+    import onnxruntime
+
+    title = (f"Switch t5-small, greedy generation of {args.new_tokens} tokens from {SEQUENCE} input tokens, "
+             f"median of {args.reps}, {threads} threads; torch {torch.__version__}, onnxruntime "
+             f"{onnxruntime.__version__}")
+    header = ["experts", "batch", "eager tok/s", "ORT no cache tok/s", "ORT cache tok/s", "no cache / eager",
+              "cache / eager", "same tokens (no cache)", "same tokens (cache)"]
+    notes = ["tok/s = batch x new tokens / wall time of one whole generation, encoder included (higher is better).",
+             "eager = PyTorch generate(do_sample=False, num_beams=1), which uses transformers' KV cache; ORT = the "
+             "fused graphs",
+             "exported with --with-past, run by moeify.targets.onnx.generate (no cache: decoder_model.onnx over the "
+             "whole prefix each step).",
+             "same tokens = share of generated tokens equal to eager's: fused layers are dropless, eager applies the "
+             "eval capacity factor."]
+    report(title, header, rows, args.gen_out, notes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="for PyTorch and onnxruntime alike [default: torch's]; 1 where other work shares the "
+                             "cores (PyTorch's threads wait on each other when one is descheduled)")
+    parser.add_argument("--parts", nargs="+", choices=["forward", "generate"], default=["forward", "generate"])
+    parser.add_argument("--new-tokens", type=int, default=32, help="generate: tokens per sequence")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_onnx.md")
+    parser.add_argument("--gen-out", type=Path, default=Path(__file__).parent / "results" / "bench_onnx_generate.md")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    if "generate" in args.parts:
+        rows = []
+        with tempfile.TemporaryDirectory() as scratch:
+            for e in args.experts:
+                rows += measure_generation(e, args.batch, args.reps, threads, Path(scratch), args.new_tokens)
+        report_generation(rows, args, threads)
+    if "forward" not in args.parts:
+        return
     rows = []
     peak = gemm_flops_per_second()
     with tempfile.TemporaryDirectory() as scratch:

@@ -72,6 +72,10 @@ written. What the family cannot express is refused with the flags to convert wit
               help="Also write <graph>_optimized.onnx, optimised for this machine and provider.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Run each graph in onnxruntime and PyTorch on a sample batch and report the difference.")
+@click.option("--with-past", is_flag=True,
+              help="onnx: a KV cache in optimum's with-past layout (T5: decoder_model.onnx also returns "
+                   "present.*, decoder_with_past_model.onnx takes past_key_values.*; decoder-only: model.onnx "
+                   "takes and returns them).")
 @click.option("--plan", type=click.Path(path_type=Path), default=None,
               help="torch-distributed: a `moeify plan` JSON that places the experts.")
 @click.option("--world-size", type=int, default=None,

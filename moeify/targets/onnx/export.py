@@ -46,6 +46,7 @@ class ExportReport:
     options: OnnxOptions
     layers: list[LayerLowering]
     graphs: list[GraphReport] = field(default_factory=list)
+    generation: dict | None = None  # transformers models: the token ids generate.py needs
 
     @property
     def fallbacks(self) -> list[LayerLowering]:
@@ -55,7 +56,8 @@ class ExportReport:
     def to_dict(self) -> dict:
         return {"options": asdict(self.options),
                 "layers": [_layer_dict(p) for p in self.layers],
-                "graphs": [asdict(g) for g in self.graphs]}
+                "graphs": [asdict(g) for g in self.graphs],
+                **({"generation": self.generation} if self.generation else {})}
 
 
 def _layer_dict(plan: LayerLowering) -> dict:
@@ -64,6 +66,20 @@ def _layer_dict(plan: LayerLowering) -> dict:
             "num_experts": s.num_experts, "top_k": s.top_k, "normalize_gates": s.normalize_gates,
             "dropless": s.dropless, "eval_capacity_factor": s.eval_capacity_factor,
             "min_capacity": s.min_capacity, "activation_type": plan.activation_type, "reason": plan.reason}
+
+
+def generation_ids(model: nn.Module) -> dict | None:
+    """decoder_start, eos and pad token ids, as model.generate() would take them; None for custom modules."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "vocab_size", None):
+        return None
+    gen = getattr(model, "generation_config", None)
+
+    def pick(key: str):
+        value = getattr(gen, key, None)
+        return value if value is not None else getattr(config, key, None)
+
+    return {key: pick(key) for key in ("decoder_start_token_id", "eos_token_id", "pad_token_id")}
 
 
 def load_for_export(path: Path) -> nn.Module:
@@ -87,7 +103,8 @@ def export_onnx(source: nn.Module | str | Path, out: str | Path, options: OnnxOp
                 progress: Progress | None = None) -> ExportReport:
     """Export a moeify model (or output directory) to ONNX in `out`; atomically, never half-written.
 
-    Encoder-decoder models give encoder_model.onnx and decoder_model.onnx; others model.onnx.
+    Encoder-decoder models give encoder_model.onnx and decoder_model.onnx (and decoder_with_past_model.onnx
+    with options.with_past); others model.onnx.
     Custom modules need `example_inputs`. Returns what was written, node counts and parity.
     """
     options = options or OnnxOptions()
@@ -97,9 +114,10 @@ def export_onnx(source: nn.Module | str | Path, out: str | Path, options: OnnxOp
     reference = load_for_export(Path(source)) if isinstance(source, (str, Path)) else source.eval()
     exported = half_precision(reference) if options.dtype == "fp16" else reference
     plans = plan_layers(exported, options.mode)
-    references = graphs_for(reference, example_inputs)
-    graphs = references if exported is reference else graphs_for(exported, _half_inputs(example_inputs))
-    report = ExportReport(out, options, plans)
+    references = graphs_for(reference, example_inputs, options.with_past)
+    graphs = references if exported is reference else graphs_for(exported, _half_inputs(example_inputs),
+                                                                  options.with_past)
+    report = ExportReport(out, options, plans, generation=generation_ids(reference))
     with atomic_directory(out, force=force) as tmp, tempfile.TemporaryDirectory() as scratch:
         job = _Job(options, exported, reference, plans, tmp, Path(scratch))
         for i, (graph, ref) in enumerate(zip(graphs, references)):

@@ -53,12 +53,17 @@ class _CausalLM(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+def outputs(graph: Graph, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The graph's outputs in PyTorch, as a tuple whether its module returns one tensor or several."""
+    with torch.no_grad():
+        out = graph.module(*inputs)
+    return out if isinstance(out, tuple) else (out,)
+
+
 def static_sizes(graph: Graph) -> dict[str, list[int | None]]:
     """Output sizes from one small PyTorch run, None on the dynamic axes."""
-    with torch.no_grad():
-        out = graph.module(*graph.sample(1, 2, 0))
-    axes = graph.dynamic_axes.get(graph.output_names[0], {})
-    return {graph.output_names[0]: [None if i in axes else n for i, n in enumerate(out.shape)]}
+    return {name: [None if i in graph.dynamic_axes.get(name, {}) else n for i, n in enumerate(t.shape)]
+            for name, t in zip(graph.output_names, outputs(graph, graph.sample(1, 2, 0)))}
 
 
 def _ids(vocab: int, batch: int, seq: int, g: torch.Generator) -> torch.Tensor:
@@ -73,7 +78,7 @@ def _mask(batch: int, seq: int) -> torch.Tensor:
     return mask
 
 
-def transformers_graphs(model: nn.Module) -> list[Graph]:
+def transformers_graphs(model: nn.Module, with_past: bool = False) -> list[Graph]:
     config = model.config
     vocab = config.vocab_size
     if getattr(config, "is_encoder_decoder", False):
@@ -89,15 +94,21 @@ def transformers_graphs(model: nn.Module) -> list[Graph]:
 
         enc_axes = {0: "batch_size", 1: "encoder_sequence_length"}
         dec_axes = {0: "batch_size", 1: "decoder_sequence_length"}
-        return [
-            Graph("encoder_model.onnx", _Encoder(model), ["input_ids", "attention_mask"], ["last_hidden_state"],
-                  {"input_ids": enc_axes, "attention_mask": enc_axes, "last_hidden_state": enc_axes},
-                  encoder_sample),
-            Graph("decoder_model.onnx", _Decoder(model),
-                  ["input_ids", "encoder_hidden_states", "encoder_attention_mask"], ["logits"],
-                  {"input_ids": dec_axes, "encoder_hidden_states": enc_axes, "encoder_attention_mask": enc_axes,
-                   "logits": dec_axes}, decoder_sample),
-        ]
+        encoder = Graph("encoder_model.onnx", _Encoder(model), ["input_ids", "attention_mask"], ["last_hidden_state"],
+                        {"input_ids": enc_axes, "attention_mask": enc_axes, "last_hidden_state": enc_axes},
+                        encoder_sample)
+        if with_past:
+            from moeify.targets.onnx.past import seq2seq_decoders
+
+            return [encoder, *seq2seq_decoders(model)]
+        return [encoder, Graph("decoder_model.onnx", _Decoder(model),
+                               ["input_ids", "encoder_hidden_states", "encoder_attention_mask"], ["logits"],
+                               {"input_ids": dec_axes, "encoder_hidden_states": enc_axes,
+                                "encoder_attention_mask": enc_axes, "logits": dec_axes}, decoder_sample)]
+    if with_past:
+        from moeify.targets.onnx.past import causal_lm_with_past
+
+        return [causal_lm_with_past(model)]
     axes = {0: "batch_size", 1: "sequence_length"}
 
     def sample(batch, seq, seed):
@@ -136,11 +147,14 @@ def module_graph(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> 
     return Graph("model.onnx", model, names, ["output"], axes, sample)
 
 
-def graphs_for(model: nn.Module, example_inputs: tuple[torch.Tensor, ...] | None) -> list[Graph]:
+def graphs_for(model: nn.Module, example_inputs: tuple[torch.Tensor, ...] | None,
+               with_past: bool = False) -> list[Graph]:
     if example_inputs is not None:
+        if with_past:
+            raise MoeifyError("the KV-cache export (with_past) is for transformers models, not custom modules")
         return [module_graph(model, tuple(example_inputs))]
     if getattr(getattr(model, "config", None), "vocab_size", None):
-        return transformers_graphs(model)
+        return transformers_graphs(model, with_past)
     raise MoeifyError(f"{type(model).__name__} is not a transformers model: pass example_inputs=(tensor, ...) "
                       "so that moeify knows what its forward takes")
 

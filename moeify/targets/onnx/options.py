@@ -23,6 +23,7 @@ class OnnxOptions:
     save_optimized: bool = False  # also write <graph>_optimized.onnx for that provider
     dynamo: bool = False  # torch.export route (needs onnxscript); default is the TorchScript exporter
     verify: bool = True  # run the exported graphs and PyTorch on a sample batch and compare
+    with_past: bool = False  # transformers models: a KV cache, optimum's -with-past layouts (docs/onnx.md)
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("dtype", DTYPES), ("provider", PROVIDERS)):
@@ -35,5 +36,7 @@ class OnnxOptions:
             route = "the dynamo exporter" if self.dynamo else "the TorchScript exporter"
             raise MoeifyError(f"unsupported opset {self.opset}: {route} writes opsets "
                               f"{opsets.start}-{opsets.stop - 1}; try --opset {opsets.start}")
+        if self.with_past and self.dynamo:  # the cache wrappers are tested on the TorchScript route only
+            raise MoeifyError("--with-past exports with the TorchScript exporter: drop --dynamo")
         if self.save_optimized and not self.optimize:
             raise MoeifyError("--save-optimized needs --optimize")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from moeify.layers.switch import switch_layers
-from moeify.targets.onnx.graphs import Graph
+from moeify.targets.onnx.graphs import Graph, outputs
 
 # Another batch and sequence length than the trace's (2, 7): the dynamic axes get exercised.
 CHECK_BATCH, CHECK_SEQUENCE = 3, 11
@@ -33,19 +33,23 @@ def dropless(model: nn.Module, names: set[str]) -> Iterator[None]:
                 layer.routing = saved[name]
 
 
-def feed(session: ort.InferenceSession, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
-    """Inputs as the session wants them (fp16 graphs take fp16 hidden states)."""
+def feed(session: ort.InferenceSession, inputs: tuple[torch.Tensor, ...],
+         names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Inputs as the session wants them (fp16 graphs take fp16 hidden states); by name where `names`
+    are given, else in the session's order."""
     types = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64}
-    return {i.name: t.numpy().astype(types.get(i.type, t.numpy().dtype)) for i, t in zip(session.get_inputs(), inputs)}
+    wanted = {i.name: i.type for i in session.get_inputs()}
+    names = names or list(wanted)
+    return {n: t.numpy().astype(types.get(wanted[n], t.numpy().dtype)) for n, t in zip(names, inputs) if n in wanted}
 
 
 def max_abs_diff(graph: Graph, model: nn.Module, session: ort.InferenceSession, dropless_layers: set[str]) -> float:
-    """max |onnxruntime - PyTorch eval| on one batch; `graph` must compute with `model`."""
+    """max |onnxruntime - PyTorch eval| over every output on one batch; `graph` must compute with `model`."""
     inputs = graph.sample(CHECK_BATCH, CHECK_SEQUENCE, 1)
     was_training = model.training
     model.eval()
-    with torch.no_grad(), dropless(model, dropless_layers):
-        expected = graph.module(*inputs).float().numpy()
+    with dropless(model, dropless_layers):
+        expected = outputs(graph, inputs)
     model.train(was_training)
-    got = session.run(None, feed(session, inputs))[0].astype(np.float32)
-    return float(np.abs(got - expected).max())
+    got = session.run(graph.output_names, feed(session, inputs, graph.input_names))
+    return max(float(np.abs(g.astype(np.float32) - e.float().numpy()).max()) for g, e in zip(got, expected))
