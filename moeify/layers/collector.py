@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from moeify.errors import MoeifyError
+from moeify.layers.dispatch import expert_counts
 from moeify.layers.losses import load_balancing_loss, router_z_loss
 
 
@@ -23,7 +24,13 @@ class LayerRouting:
     z_loss_coef: float
     tokens_per_expert: torch.Tensor  # (E,) assignments (token, choice) to each expert, before capacity
     capacity: int | None  # slots per expert; None when dropless
-    dropped: int  # assignments over capacity: they add nothing to their token's output
+    # Assignments over capacity (they add nothing to their token's output), kept on the device: reading `dropped`
+    # waits for it, which a CUDA forward must not do.
+    dropped_count: torch.Tensor
+
+    @property
+    def dropped(self) -> int:
+        return int(self.dropped_count)
 
     @property
     def tokens(self) -> int:
@@ -76,7 +83,7 @@ def router_losses(model: nn.Module, fractions: Callable[[torch.Tensor, int], tor
 
     def make_hook(name: str, layer: SwitchFFN):
         def hook(_router, _inputs, out) -> None:
-            routed = torch.bincount(out.expert_index.detach().reshape(-1), minlength=layer.num_experts)
+            routed = expert_counts(out.expert_index.detach().reshape(-1), layer.num_experts)
             capacity = layer.capacity(out.expert_index.shape[0])
             collected.layers.append(LayerRouting(
                 name=name,
@@ -87,7 +94,8 @@ def router_losses(model: nn.Module, fractions: Callable[[torch.Tensor, int], tor
                 z_loss_coef=layer.routing.z_loss_coef,
                 tokens_per_expert=routed,
                 capacity=capacity,
-                dropped=0 if capacity is None else int((routed - routed.clamp(max=capacity)).sum()),
+                dropped_count=(routed - routed.clamp(max=capacity)).sum() if capacity is not None
+                else routed.new_zeros(()),
             ))
         return hook
 

@@ -1,4 +1,7 @@
-"""Pure functions for capacity dispatch: which (token, choice) assignments each expert keeps, in what order."""
+"""Pure functions for capacity dispatch: which (token, choice) assignments each expert keeps, in what order.
+
+dispatch() plans on the host (counts as a list: the cpu and reference kernels want them there); dispatch_static()
+keeps every shape static and every count on the device, so that a CUDA step never waits for the host."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -15,6 +18,12 @@ class Dispatch(NamedTuple):
     capacity: int  # slots per expert: the limit, or when dropless the busiest expert's count
 
 
+def expert_counts(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) how many entries of `flat` name each expert. Not torch.bincount, whose output size depends on the
+    largest value, which a CUDA bincount reads back to the host."""
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def dispatch(expert_index: torch.Tensor, num_experts: int, capacity: int | None) -> Dispatch:
     """Sort assignments by expert and keep the first `capacity` of each (all of them when None).
 
@@ -26,7 +35,7 @@ def dispatch(expert_index: torch.Tensor, num_experts: int, capacity: int | None)
     flat = expert_index.t().reshape(-1)  # (A,) choice-major: a = choice * T + token
     # A stable sort keeps that order inside each expert.
     order = torch.argsort(flat, stable=True)  # (A,)
-    routed = torch.bincount(flat, minlength=num_experts)  # (E,)
+    routed = expert_counts(flat, num_experts)  # (E,)
     if capacity is None:
         capacity = int(routed.max()) if flat.numel() else 0
         assignment = order
@@ -37,3 +46,39 @@ def dispatch(expert_index: torch.Tensor, num_experts: int, capacity: int | None)
     counts = routed.clamp(max=capacity).tolist()
     token_index = assignment if expert_index.shape[1] == 1 else assignment % num_tokens
     return Dispatch(assignment, token_index, flat.index_select(0, assignment), counts, routed, capacity)
+
+
+class StaticDispatch(NamedTuple):
+    """Every assignment, in a static shape: the kept ones grouped by expert (ascending), then the dropped ones."""
+
+    assignment: torch.Tensor  # (A,) a = choice * T + token: kept ones by expert, then the dropped ones
+    token_index: torch.Tensor  # (A,) the token of each
+    keep: torch.Tensor  # (A,) bool: within its expert's capacity
+    counts: torch.Tensor  # (E,) rows per expert, on the device; the last expert's also holds the dropped rows
+    routed: torch.Tensor  # (E,) assignments that chose each expert, before dropping
+
+
+def dispatch_static(expert_index: torch.Tensor, num_experts: int, capacity: int | None) -> StaticDispatch:
+    """dispatch() without a host round trip: the same kept assignments in the same order, followed by the dropped
+    ones (which the caller zeroes), so every shape is known from (T, k) alone. The dropped rows count as the last
+    expert's, so a grouped GEMM covers all rows; zero inputs and masked outputs make them add nothing, gradients
+    included."""
+    num_tokens = expert_index.shape[0]
+    flat = expert_index.t().reshape(-1)  # (A,) choice-major
+    order = torch.argsort(flat, stable=True)  # (A,) grouped by expert, earlier assignments first
+    routed = expert_counts(flat, num_experts)  # (E,)
+    if capacity is None:
+        keep = torch.ones_like(order, dtype=torch.bool)
+        kept = routed
+    else:
+        starts = torch.cumsum(routed, 0) - routed
+        keep = (torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]) < capacity  # (A,) sorted order
+        kept = routed.clamp(max=capacity)
+    # Kept first, by expert; then the dropped, in the same order: a stable sort on (expert, or E when dropped).
+    key = torch.where(keep, flat.index_select(0, order), num_experts)
+    regroup = torch.argsort(key, stable=True)
+    assignment = order.index_select(0, regroup)
+    counts = kept.clone()
+    counts[-1] += flat.numel() - kept.sum()  # the dropped rows ride with the last expert
+    token_index = assignment if expert_index.shape[1] == 1 else assignment % num_tokens
+    return StaticDispatch(assignment, token_index, keep.index_select(0, regroup), counts, routed)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from moeify.layers.dispatch import expert_counts
+
 
 def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor,
                         fractions: torch.Tensor | None = None) -> torch.Tensor:
@@ -16,7 +18,7 @@ def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor,
     if fractions is not None:
         f = fractions.to(probs.dtype)
     else:
-        f = torch.bincount(expert_index.reshape(-1), minlength=num_experts).to(probs.dtype) / num_tokens  # (E,)
+        f = expert_counts(expert_index.reshape(-1), num_experts).to(probs.dtype) / num_tokens  # (E,)
     p = probs.mean(dim=0)  # (E,)
     return num_experts * torch.sum(f * p)
 

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from moeify.config import RoutingConfig
-from moeify.layers.dispatch import Dispatch, dispatch
+from moeify.layers.dispatch import Dispatch, dispatch, dispatch_static
 from moeify.layers.experts import Experts
+from moeify.layers.kernels import get_kernel
 from moeify.layers.router import Router, RouterOutput
 
 
@@ -16,7 +17,13 @@ class SwitchFFN(nn.Module):
     A token gives the sum over its kept choices of gate * expert(x); a token whose every choice
     was dropped gives exactly zero, so the residual connection around the FFN carries it
     unchanged (paper, Section 2.2). With top_k = 1 this is the paper's layer.
+
+    With the cuda kernel the layer plans on the device (dispatch_static): no count goes to the host, so a
+    CUDA forward never waits for it.
     """
+
+    # A subclass whose _expert_step sizes buffers on the host (ExpertParallelFFN) sets this False.
+    device_dispatch = True
 
     def __init__(self, d_model: int, d_ff: int, routing: RoutingConfig, activation: nn.Module, *,
                  gated: bool = False, bias: bool = False, out_bias: bool | None = None,
@@ -57,6 +64,8 @@ class SwitchFFN(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d_model), flattened (batch, position) order
         route = self.router(x)
+        if self.device_dispatch and get_kernel(self.routing.kernel, x.device).name == "cuda":
+            return self._static_forward(x, route).view(*shape[:-1], -1)
         plan = dispatch(route.expert_index, self.num_experts, self.capacity(x.shape[0]))
         y = self._expert_step(x, route, plan)  # (K, d_model)
         gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (K,)
@@ -65,6 +74,18 @@ class SwitchFFN(nn.Module):
         # One kept assignment per token with k = 1: a copy; with k > 1 a token sums its choices.
         out = out.index_copy(0, plan.token_index, y) if self.top_k == 1 else out.index_add(0, plan.token_index, y)
         return out.view(*shape[:-1], y.shape[-1])
+
+    def _static_forward(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """forward's arithmetic over every assignment (static shapes): dropped ones enter as zeros and leave
+        masked, so they add nothing, gradients included. (T, d_model)."""
+        plan = dispatch_static(route.expert_index, self.num_experts, self.capacity(x.shape[0]))
+        keep = plan.keep.unsqueeze(-1)  # (A, 1)
+        rows = x.index_select(0, plan.token_index) * keep  # (A, d_model)
+        y = self.experts(rows, plan.counts, self.routing.kernel)
+        gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (A,)
+        y = torch.where(keep, y * gate.unsqueeze(-1), 0.0)
+        out = y.new_zeros(x.shape[0], y.shape[-1])
+        return out.index_copy(0, plan.token_index, y) if self.top_k == 1 else out.index_add(0, plan.token_index, y)
 
     def _expert_step(self, x: torch.Tensor, route: RouterOutput, plan: Dispatch) -> torch.Tensor:
         """Expert outputs of the kept assignments, ungated, in plan.assignment order: (K, d_model).

@@ -77,8 +77,10 @@ def test_the_kernel_comes_from_the_config_and_reaches_the_experts(monkeypatch):
     forward = Experts.forward
     monkeypatch.setattr(Experts, "forward", lambda self, x, counts, kernel="auto": seen.append(kernel)
                         or forward(self, x, counts, kernel))
-    torch.manual_seed(0)
     layers = {k: SwitchFFN(D_MODEL, D_FF, RoutingConfig(num_experts=4, kernel=k), nn.ReLU()) for k in BACKENDS}
+    g = torch.Generator().manual_seed(0)
+    layers["reference"].router.reset_parameters(1.0, g)
+    layers["reference"].experts.reset_parameters(1.0, g)
     for layer in layers.values():
         layer.load_state_dict(layers["reference"].state_dict())
     x = torch.randn(2, 5, D_MODEL)

@@ -27,8 +27,9 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def aligned(*tensors: torch.Tensor) -> bool:
-    return all(t.shape[-1] * t.element_size() % ALIGN_BYTES == 0 for t in tensors)
+def aligned(weight: torch.Tensor) -> bool:
+    """Whether rows of the input (in) and of the output (out) of weight (E, out, in) are whole 16-byte units."""
+    return all(n * weight.element_size() % ALIGN_BYTES == 0 for n in weight.shape[1:])
 
 
 class CudaLayout:
@@ -44,7 +45,7 @@ class CudaLayout:
         return y
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if not aligned(x, weight):
+        if not aligned(weight):
             return ReferenceLayout(self.counts.tolist()).linear(x, weight, bias)
         # weight (E, out, in) read as (E, in, out): a transposed view, no copy.
         y = _ContiguousGrad.apply(F.grouped_mm(x, weight.transpose(1, 2), offs=self.offsets))

@@ -49,6 +49,8 @@ class ExpertParallelFFN(SwitchFFN):
     experts (copies of replicated ones too), in ascending id (`expert_ids`).
     """
 
+    device_dispatch = False  # the exchange sizes its buffers from host counts
+
     def __init__(self, switch: SwitchFFN, placement: list[int], group: ExpertGroup,
                  replicas: dict[str, list[int]] | None = None) -> None:
         num_experts = switch.num_experts
