@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -11,15 +12,19 @@ from pathlib import Path
 from moeify.training.runs import Run, read_run
 
 ROOT = Path(__file__).resolve().parents[2]
-# (section, [(label, run-name prefix before "-s<seed>")]): the comparisons docs/results.md reports.
+# (section, [(label, run-name prefix before "-s<seed>", its step-time key in step_time.json or None)]): the
+# comparisons docs/results.md reports. Equal time is taken from step_time.py's quiet measurement, because the
+# study's own wall clocks ran on a shared machine.
 SECTIONS = [
-    ("From scratch (600 steps)", [("dense", "dense"), ("Switch-8", "switch8"), ("Switch-16", "switch16")]),
-    ("Upcycling (300 dense steps, then 300 more)", [("dense, continued", "dense-continued"),
-                                                     ("upcycled Switch-8, scale none", "upcycled8"),
-                                                     ("upcycled Switch-8, scale auto", "upcycled8-auto")]),
-    ("Router precision (Switch-8, bf16 autocast)", [("router float32", "bf16-router-fp32"),
-                                                     ("router bfloat16", "bf16-router-bf16")]),
+    ("From scratch (600 steps)", [("dense", "dense", "dense"), ("Switch-8", "switch8", "Switch-8"),
+                                  ("Switch-16", "switch16", "Switch-16")]),
+    ("Upcycling (300 dense steps, then 300 more)", [("dense, continued", "dense-continued", "dense"),
+                                                     ("upcycled Switch-8, scale none", "upcycled8", "Switch-8"),
+                                                     ("upcycled Switch-8, scale auto", "upcycled8-auto", "Switch-8")]),
+    ("Router precision (Switch-8, bf16 autocast)", [("router float32", "bf16-router-fp32", None),
+                                                     ("router bfloat16", "bf16-router-bf16", None)]),
 ]
+STEP_TIMES = ROOT / "docs/results/step_time.json"
 LATE = 0.5  # "late in training": the second half of the logged steps
 
 
@@ -27,17 +32,15 @@ def seeds(runs: Path, prefix: str) -> list[Run]:
     return [read_run(p) for p in sorted(runs.glob(f"{prefix}-s[0-9]"))]
 
 
-def val_at_time(run: Run, seconds: float) -> float:
-    """The validation loss at `seconds` of wall time, linear between evaluations (the last one before, past it)."""
-    points = [(r.wall_seconds, r.val_loss) for r in run.metrics.rows if r.val_loss is not None]
-    before = [p for p in points if p[0] <= seconds]
-    after = [p for p in points if p[0] > seconds]
-    if not before:
-        return points[0][1]
+def val_at_step(run: Run, step: float) -> float:
+    """The validation loss at `step`, linear between evaluations."""
+    points = [(r.step, r.val_loss) for r in run.metrics.rows if r.val_loss is not None]
+    before = [p for p in points if p[0] <= step] or points[:1]
+    after = [p for p in points if p[0] > step]
     if not after:
         return before[-1][1]
-    (t0, v0), (t1, v1) = before[-1], after[0]
-    return v0 + (v1 - v0) * (seconds - t0) / (t1 - t0)
+    (s0, v0), (s1, v1) = before[-1], after[0]
+    return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
 
 
 def mean_sd(values: list[float], digits: int = 3) -> str:
@@ -53,21 +56,24 @@ def late(run: Run, field: str) -> list[float]:
     return [v for v in values if v is not None]
 
 
-def section(runs: Path, title: str, variants: list[tuple[str, str]]) -> list[str]:
-    found = [(label, seeds(runs, prefix)) for label, prefix in variants]
-    found = [(label, rs) for label, rs in found if rs]
+def section(runs: Path, title: str, variants: list[tuple[str, str, str | None]], step_times: dict) -> list[str]:
+    found = [(label, seeds(runs, prefix), key) for label, prefix, key in variants]
+    found = [(label, rs, key) for label, rs, key in found if rs]
     if not found:
         return []
-    # Equal time: the shortest run of the section, so that every run has reached it.
-    budget = min(r.metrics.rows[-1].wall_seconds for _, rs in found for r in rs)
+    timed_ok = all(key in step_times for _, _, key in found)
     lines = [f"### {title}", "",
-             f"Mean ± standard deviation over seeds. Equal time: {budget:.0f} s of wall time, the shortest run's.", "",
-             "| variant | seeds | val loss, last step | val loss at equal time | tokens/s | dropped, 2nd half "
-             "| max dropped, 2nd half | load CV, 2nd half | aux / uniform, 2nd half |",
+             "Mean ± standard deviation over seeds. At equal time: the validation loss at the step a variant "
+             "reaches in the time the section's fastest variant takes for all its steps (step times from "
+             "step_time.py)." if timed_ok else "Mean ± standard deviation over seeds.", "",
+             "| variant | seeds | val loss, last step | val loss at equal time | tokens/s (shared machine) "
+             "| dropped, 2nd half | max dropped, 2nd half | load CV, 2nd half | aux / uniform, 2nd half |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for label, rs in found:
+    fastest = min(step_times[key] for _, _, key in found) if timed_ok else None
+    for label, rs, key in found:
         final = [[r.val_loss for r in run.metrics.rows if r.val_loss is not None][-1] for run in rs]
-        timed = [val_at_time(run, budget) for run in rs]
+        timed = ([val_at_step(run, run.metrics.rows[-1].step * fastest / step_times[key]) for run in rs]
+                 if timed_ok else [])
         speed = [run.metrics.rows[-1].tokens / run.metrics.rows[-1].wall_seconds for run in rs]
         switch = rs[0].metrics.layers
         dropped = [statistics.mean(late(run, "dropped_fraction")) for run in rs] if switch else []
@@ -82,8 +88,9 @@ def section(runs: Path, title: str, variants: list[tuple[str, str]]) -> list[str
 
 
 def main(runs: Path) -> None:
+    step_times = json.loads(STEP_TIMES.read_text()) if STEP_TIMES.is_file() else {}
     for title, variants in SECTIONS:
-        print("\n".join(section(runs, title, variants)))
+        print("\n".join(section(runs, title, variants, step_times)))
 
 
 if __name__ == "__main__":
