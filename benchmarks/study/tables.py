@@ -26,6 +26,7 @@ SECTIONS = [
 ]
 STEP_TIMES = ROOT / "docs/results/step_time.json"
 LATE = 0.5  # "late in training": the second half of the logged steps
+LAST_EVALS = 3  # validation losses averaged at the end (evaluations every 50 steps: the last 100 steps)
 
 
 def seeds(runs: Path, prefix: str) -> list[Run]:
@@ -43,11 +44,20 @@ def val_at_step(run: Run, step: float) -> float:
     return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
 
 
-def mean_sd(values: list[float], digits: int = 3) -> str:
+def mean_sd(values: list[float], digits: int = 3, signed: bool = False) -> str:
     if not values:
         return "-"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+    return f"{statistics.mean(values):{'+' if signed else ''}.{digits}f} ± {sd:.{digits}f}"
+
+
+def late_val(run: Run, end: float | None = None) -> float:
+    """The mean validation loss at the last LAST_EVALS evaluation steps up to `end` (default: the run's last
+    step), interpolated where `end` falls between evaluations: one evaluation moves by a few hundredths."""
+    steps = [r.step for r in run.metrics.rows if r.val_loss is not None]
+    end = steps[-1] if end is None else end
+    every = steps[-1] - steps[-2]
+    return statistics.mean(val_at_step(run, end - i * every) for i in range(LAST_EVALS))
 
 
 def late(run: Run, field: str) -> list[float]:
@@ -63,27 +73,37 @@ def section(runs: Path, title: str, variants: list[tuple[str, str, str | None]],
         return []
     timed_ok = all(key in step_times for _, _, key in found)
     lines = [f"### {title}", "",
-             "Mean ± standard deviation over seeds. At equal time: the validation loss at the step a variant "
-             "reaches in the time the section's fastest variant takes for all its steps (step times from "
-             "step_time.py)." if timed_ok else "Mean ± standard deviation over seeds.", "",
-             "| variant | seeds | val loss, last step | val loss at equal time | tokens/s (shared machine) "
-             "| dropped, 2nd half | max dropped, 2nd half | load CV, 2nd half | aux / uniform, 2nd half |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Mean ± standard deviation over 3 seeds. Each seed has its own train/validation split, so losses "
+             "differ more between seeds than between variants: Δ compares each run with the first row's run of "
+             "the same seed (same split, same batches). At equal time: the validation loss at the step a variant "
+             "reaches in the time the fastest variant takes for all its steps (step times from step_time.py)."
+             if timed_ok else "Mean ± standard deviation over 3 seeds; Δ paired by seed, as above.", "",
+             "| variant | seeds | val loss, last 3 evals | Δ vs first row, paired by seed | better in "
+             "| Δ at equal time | dropped, 2nd half | max dropped | load CV, 2nd half | aux / uniform, 2nd half "
+             "| tokens/s (shared machine) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     fastest = min(step_times[key] for _, _, key in found) if timed_ok else None
+    base_runs, base_key = found[0][1], found[0][2]
+    base = {run.info.seed: late_val(run) for run in base_runs}
+    base_timed = {run.info.seed: late_val(run, run.metrics.rows[-1].step * fastest / step_times[base_key])
+                  for run in base_runs} if timed_ok else {}
     for label, rs, key in found:
-        final = [[r.val_loss for r in run.metrics.rows if r.val_loss is not None][-1] for run in rs]
-        timed = ([val_at_step(run, run.metrics.rows[-1].step * fastest / step_times[key]) for run in rs]
-                 if timed_ok else [])
+        losses = [late_val(run) for run in rs]
+        deltas = [late_val(run) - base[run.info.seed] for run in rs if run.info.seed in base]
+        timed = ([late_val(run, run.metrics.rows[-1].step * fastest / step_times[key]) - base_timed[run.info.seed]
+                  for run in rs if run.info.seed in base_timed] if timed_ok else [])
         speed = [run.metrics.rows[-1].tokens / run.metrics.rows[-1].wall_seconds for run in rs]
         switch = rs[0].metrics.layers
-        dropped = [statistics.mean(late(run, "dropped_fraction")) for run in rs] if switch else []
-        worst = [max(late(run, "dropped_fraction")) for run in rs] if switch else []
+        dropped = [100 * statistics.mean(late(run, "dropped_fraction")) for run in rs] if switch else []
+        worst = [100 * max(late(run, "dropped_fraction")) for run in rs] if switch else []
         cv = [statistics.mean(late(run, "load_cv_mean")) for run in rs] if switch else []
         aux = [statistics.mean(late(run, "aux_loss")) / len(run.metrics.layers) for run in rs] if switch else []
-        pct = [100 * d for d in dropped]
-        lines.append(f"| {label} | {len(rs)} | {mean_sd(final)} | {mean_sd(timed)} | {statistics.mean(speed):,.0f} "
-                     f"| {mean_sd(pct, 2) + ' %' if pct else '-'} | "
-                     f"{f'{100 * max(worst):.2f} %' if worst else '-'} | {mean_sd(cv)} | {mean_sd(aux)} |")
+        first = label == found[0][0]
+        lines.append(f"| {label} | {len(rs)} | {mean_sd(losses)} | {'-' if first else mean_sd(deltas, signed=True)} "
+                     f"| {'-' if first else f'{sum(d < 0 for d in deltas)} of {len(deltas)}'} "
+                     f"| {'-' if first or not timed else mean_sd(timed, signed=True)} "
+                     f"| {mean_sd(dropped, 2) + ' %' if dropped else '-'} | {f'{max(worst):.1f} %' if worst else '-'} "
+                     f"| {mean_sd(cv)} | {mean_sd(aux)} | {statistics.mean(speed):,.0f} |")
     return lines + [""]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 from dataclasses import dataclass
 
 from moeify.errors import MoeifyError
@@ -109,6 +111,12 @@ def group_variants(runs: list[Run]) -> list[list[Run]]:
     return list(groups.values())
 
 
+def variant_name(names: list[str]) -> str:
+    """What seeds' run names share, less a trailing seed marker: dense-s0, dense-s1 -> dense."""
+    shared = re.sub(r"[-_. ]*(seed|s)?$", "", os.path.commonprefix(names))
+    return shared or names[0]
+
+
 @dataclass(frozen=True)
 class Curve:
     """A variant's validation loss at the steps all its runs evaluated: mean, min and max over seeds.
@@ -131,6 +139,6 @@ def curve(variant: list[Run]) -> Curve:
                           "validation step: evaluate them at the same steps")
     losses = [[points[s].loss for points in by_run] for s in steps]
     n = len(variant)
-    label = (variant[0].info.group or variant[0].info.name) + (f" ({n} seeds)" if n > 1 else "")
+    label = (variant[0].info.group or variant_name([r.info.name for r in variant])) + (f" ({n} seeds)" if n > 1 else "")
     return Curve(label, steps, [sum(points[s].seconds for points in by_run) / n for s in steps],
                  [sum(ls) / n for ls in losses], [min(ls) for ls in losses], [max(ls) for ls in losses])

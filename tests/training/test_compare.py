@@ -111,9 +111,17 @@ def test_a_group_or_the_conversion_seed_makes_seeds_of_one_variant(tmp_path):
     assert curve([up0, up1]).label == "up (2 seeds)"
 
 
+@pytest.mark.parametrize("names, label", [(["dense-s0", "dense-s1"], "dense"), (["e8_seed1", "e8_seed2"], "e8"),
+                                          (["a", "b"], "a"), (["run-1", "run-2"], "run")])
+def test_a_variant_is_named_by_what_its_seeds_names_share(names, label):
+    from moeify.training.compare import variant_name
+
+    assert variant_name(names) == label
+
+
 def test_a_variant_curve_is_the_mean_with_a_min_max_band(runs):
     c = curve([read_run(runs[1]), read_run(runs[2])])
-    assert (c.label, c.steps, c.seconds) == ("switch-s0 (2 seeds)", [100, 200, 300], [13.0, 26.0, 39.0])
+    assert (c.label, c.steps, c.seconds) == ("switch (2 seeds)", [100, 200, 300], [13.0, 26.0, 39.0])
     assert c.mean == pytest.approx([3.65, 3.4, 3.05])
     assert (c.low, c.high) == ([3.4, 3.2, 3.0], [3.9, 3.6, 3.1])
     single = curve([read_run(runs[0])])
