@@ -91,7 +91,8 @@ def _take(nbytes: int) -> tuple[_Block, bool]:
     return _Block(-(-nbytes // _HUGE) * _HUGE), True
 
 
-def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, bool]:
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+          pool: bool = True) -> tuple[torch.Tensor, bool]:
     """(tensor, is_zero): an uninitialised contiguous tensor, and whether it reads as all zeros.
 
     Large CPU buffers come from huge-page backed anonymous mappings that are recycled when the
@@ -103,7 +104,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     """
     numel = math.prod(shape)
     nbytes = numel * dtype.itemsize
-    if _madvise is None or torch.device(device).type != "cpu" or nbytes < max(_MIN_BYTES, 1):
+    if not pool or _madvise is None or torch.device(device).type != "cpu" or nbytes < max(_MIN_BYTES, 1):
         return torch.empty(shape, dtype=dtype, device=device), False
     block, is_zero = _take(nbytes)
     view = memoryview(block.map)
@@ -115,9 +116,9 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     return out, is_zero
 
 
-def gradient_buffer(like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def gradient_buffer(like: torch.Tensor, pool: bool = True) -> tuple[torch.Tensor, bool]:
     """`empty` shaped like `like`: (buffer, is_zero)."""
-    return empty(tuple(like.shape), like.dtype, like.device)
+    return empty(tuple(like.shape), like.dtype, like.device, pool)
 
 
 def zero_pages_(t: torch.Tensor) -> None:

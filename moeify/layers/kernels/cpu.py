@@ -98,8 +98,8 @@ class _GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, batches, dnnl):  # x: (R, in), weight: (E, out, in), bias: (E, out)
-        y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device)  # (R, out)
+    def forward(ctx, x, weight, bias, batches, dnnl, pool):  # x: (R, in), weight: (E, out, in), bias: (E, out)
+        y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)  # (R, out)
         for b in batches:
             rows = slice(b.row, b.row + b.k * b.slots)
             xb, yb = x[rows].view(b.k, b.slots, -1), y[rows].view(b.k, b.slots, -1)
@@ -113,7 +113,7 @@ class _GroupedLinear(torch.autograd.Function):
                 torch.bmm(xb, w, out=yb)
             else:
                 torch.baddbmm(_experts_view(bias, b).unsqueeze(1), xb, w, out=yb)
-        ctx.batches = batches
+        ctx.batches, ctx.pool = batches, pool
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
         return y
@@ -124,8 +124,8 @@ class _GroupedLinear(torch.autograd.Function):
         batches = ctx.batches
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_y = grad_y.contiguous()
-        grad_x = memory.empty(tuple(x.shape), x.dtype, x.device)[0] if need_x else None  # (R, in)
-        grad_w, w_zero = gradient_buffer(weight) if need_w else (None, True)  # (E, out, in)
+        grad_x = memory.empty(tuple(x.shape), x.dtype, x.device, ctx.pool)[0] if need_x else None  # (R, in)
+        grad_w, w_zero = gradient_buffer(weight, ctx.pool) if need_w else (None, True)  # (E, out, in)
         grad_b = weight.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None  # (E, out)
         covered = [False] * weight.shape[0]
         for b in batches:
@@ -148,7 +148,7 @@ class _GroupedLinear(torch.autograd.Function):
                 if e > start:
                     zero_pages_(grad_w[start:e])
                 e += 1
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class CpuLayout:
@@ -190,17 +190,21 @@ class CpuLayout:
         return y if self.identity else y.index_select(0, self.index)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(x))
+        return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(x),
+                                    self.kernel.pool)
 
 
 @dataclass(frozen=True)
 class CpuKernel:
     """batching: "auto" (the cost model's choice), "span" (one bmm) or "pairs"; dnnl_min_rows: rows per expert
-    from which the forward takes oneDNN's linear; dnnl: whether to use it at all (when the probe finds it)."""
+    from which the forward takes oneDNN's linear; dnnl: whether to use it at all (when the probe finds it);
+    pool: large buffers from moeify.layers.memory's recycled huge-page mappings, else torch.empty. Each trick
+    can be switched off, which is how benchmarks/bench_kernels.py measures what it buys."""
 
     batching: str = "auto"
     dnnl_min_rows: int = DNNL_MIN_ROWS
     dnnl: bool = True
+    pool: bool = True
     name: str = "cpu"
 
     def dnnl_for(self, x: torch.Tensor) -> tuple | None:

@@ -1,0 +1,88 @@
+"""What each trick of the cpu kernel buys: the Switch layer's training step with each one switched off.
+
+One process, every variant interleaved on identical weights and inputs, medians of --reps. Variants: the
+cpu kernel as shipped; without oneDNN's linear; without the huge-page buffer pool; with the cost model
+replaced by one bmm over all experts (span) or by pairs; the reference loop; the cuda kernel's grouped_mm
+(which runs on CPU too). Usage: python benchmarks/bench_kernels.py [--reps 7] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from _report import report
+from moeify.config import RoutingConfig
+from moeify.layers import SwitchFFN
+from moeify.layers.dispatch import dispatch
+from moeify.layers.kernels.cpu import CpuKernel
+
+D_MODEL, D_FF = 512, 2048  # t5-small's FFN
+VARIANTS = {
+    "cpu": CpuKernel(),
+    "no oneDNN": CpuKernel(dnnl=False),
+    "no pool": CpuKernel(pool=False),
+    "span only": CpuKernel(batching="span"),
+    "pairs only": CpuKernel(batching="pairs"),
+    "reference": "reference",
+    "grouped_mm": "cuda",
+}
+
+
+def layer(num_experts: int) -> SwitchFFN:
+    m = SwitchFFN(D_MODEL, D_FF, RoutingConfig(num_experts=num_experts), nn.ReLU())
+    g = torch.Generator().manual_seed(0)
+    m.router.reset_parameters(0.1, g)
+    m.experts.reset_parameters(1.0, g)
+    return m.train()
+
+
+def routed_rows(m: SwitchFFN, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The rows the experts get from the layer's router and capacity dispatch, and their counts per expert."""
+    with torch.no_grad():
+        plan = dispatch(m.router(x).expert_index, m.num_experts, m.capacity(x.shape[0]))
+    return x.index_select(0, plan.token_index), plan.counts
+
+
+def step(m: SwitchFFN, rows: torch.Tensor, counts: list[int], kernel) -> float:
+    """One forward + backward of the experts (what the kernels differ in; router and dispatch are common)."""
+    m.zero_grad(set_to_none=True)
+    rows = rows.detach().requires_grad_()
+    start = time.perf_counter()
+    m.experts(rows, counts, kernel).sum().backward()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_kernels.md")
+    args = parser.parse_args()
+    rows = []
+    for e in args.experts:
+        m = layer(e)
+        for tokens in args.tokens:
+            rows_, counts = routed_rows(m, torch.randn(tokens, D_MODEL, generator=torch.Generator().manual_seed(1)))
+            times = {name: [] for name in VARIANTS}
+            for name, kernel in VARIANTS.items():  # warm-up
+                step(m, rows_, counts, kernel)
+            for _ in range(args.reps):
+                for name, kernel in VARIANTS.items():
+                    times[name].append(step(m, rows_, counts, kernel))
+            base = statistics.median(times["cpu"])
+            rows.append((str(e), str(tokens), f"{1e3 * base:.1f}",
+                         *(f"{statistics.median(times[n]) / base:.2f}x" for n in VARIANTS if n != "cpu")))
+    report(f"Experts' forward + backward on the rows a Switch layer routes them, d_model {D_MODEL}, d_ff {D_FF}, capacity factor 1.25, "
+           f"{torch.get_num_threads()} threads, median of {args.reps}: each variant's time over the cpu kernel's",
+           ["E", "tokens", "cpu ms", *(n for n in VARIANTS if n != "cpu")], rows, args.out,
+           ["Above 1.00x the trick switched off pays (the variant is slower without it)."])
+
+
+if __name__ == "__main__":
+    main()
