@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from moeify.errors import MoeifyError
 from moeify.layers.dispatch import expert_counts
@@ -82,6 +83,7 @@ def router_losses(model: nn.Module, fractions: Callable[[torch.Tensor, int], tor
     collected = RouterLosses()
 
     def make_hook(name: str, layer: SwitchFFN):
+        @record_function("moeify::router_losses")
         def hook(_router, _inputs, out) -> None:
             routed = expert_counts(out.expert_index.detach().reshape(-1), layer.num_experts)
             capacity = layer.capacity(out.expert_index.shape[0])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from moeify.config import RoutingConfig
 from moeify.layers.dispatch import Dispatch, dispatch, dispatch_static
@@ -63,16 +64,21 @@ class SwitchFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d_model), flattened (batch, position) order
-        route = self.router(x)
+        # The record_function scopes name the phases in torch.profiler traces (benchmarks/profile_step.py).
+        with record_function("moeify::router"):
+            route = self.router(x)
         if self.device_dispatch and get_kernel(self.routing.kernel, x.device).name == "cuda":
             return self._static_forward(x, route).view(*shape[:-1], -1)
-        plan = dispatch(route.expert_index, self.num_experts, self.capacity(x.shape[0]))
-        y = self._expert_step(x, route, plan)  # (K, d_model)
-        gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (K,)
-        y = y * gate.unsqueeze(-1)  # the gate is how the router learns
-        out = y.new_zeros(x.shape[0], y.shape[-1])  # (T, d_model)
-        # One kept assignment per token with k = 1: a copy; with k > 1 a token sums its choices.
-        out = out.index_copy(0, plan.token_index, y) if self.top_k == 1 else out.index_add(0, plan.token_index, y)
+        with record_function("moeify::dispatch"):
+            plan = dispatch(route.expert_index, self.num_experts, self.capacity(x.shape[0]))
+        with record_function("moeify::experts"):
+            y = self._expert_step(x, route, plan)  # (K, d_model)
+        with record_function("moeify::combine"):
+            gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (K,)
+            y = y * gate.unsqueeze(-1)  # the gate is how the router learns
+            out = y.new_zeros(x.shape[0], y.shape[-1])  # (T, d_model)
+            # One kept assignment per token with k = 1: a copy; with k > 1 a token sums its choices.
+            out = out.index_copy(0, plan.token_index, y) if self.top_k == 1 else out.index_add(0, plan.token_index, y)
         return out.view(*shape[:-1], y.shape[-1])
 
     def _static_forward(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
