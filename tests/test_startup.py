@@ -91,3 +91,4 @@ def test_the_cli_choices_spelled_out_match_the_modules_they_mirror():
     assert plan.OPTIMIZERS == tuple(sorted(cost.OPTIMIZER_BYTES_PER_PARAM))
     assert (plan.LAYOUTS, plan.ALGORITHMS) == (search.LAYOUTS, search.ALGORITHMS)
     assert (export.MODES, export.DTYPES, export.PROVIDERS) == (options.MODES, options.DTYPES, options.PROVIDERS)
+    assert export.QUANTIZE == options.QUANTIZE

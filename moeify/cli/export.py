@@ -16,6 +16,7 @@ from moeify.errors import MoeifyError
 MODES = ("fused", "portable")
 DTYPES = ("fp32", "fp16")
 PROVIDERS = ("cpu", "cuda")
+QUANTIZE = ("int8", "int4")
 
 HELP = """Export the converted model at SOURCE (a `moeify convert` output).
 
@@ -24,6 +25,8 @@ Examples:
   moeify export out/switch-t5-small --target onnx -o out/onnx  # fused
   moeify export out/switch-t5-small --target onnx --mode portable \\
       -o out/onnx-portable
+  moeify export out/switch-t5-small --target onnx --quantize int4 \\
+      -o out/onnx-int4   # QMoE: 4-bit experts
   moeify inspect out/onnx/encoder_model.onnx   # ops, MoE nodes, sizes
   moeify export out/switch-t5-small --target torch-distributed \\
       --world-size 4 -o out/dist4   # then: moeify run out/dist4
@@ -33,7 +36,8 @@ Examples:
 onnx: encoder-decoder models give encoder_model.onnx and decoder_model.onnx, other models
 model.onnx; batch and sequence axes are dynamic. Fused mode (the default) is DROPLESS:
 com.microsoft.MoE keeps every token, so it equals PyTorch only where the eval capacity
-drops none; portable mode reproduces the capacity.
+drops none; portable mode reproduces the capacity. --quantize int8|int4 writes the experts
+as com.microsoft.QMoE (fused mode only, dropless too).
 
 torch-distributed: one safetensors file per rank (the dense weights and that rank's
 experts), the plan and a sha256 manifest, written one shard at a time. Run it with
@@ -72,6 +76,9 @@ written. What the family cannot express is refused with the flags to convert wit
               help="Also write <graph>_optimized.onnx, optimised for this machine and provider.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Run each graph in onnxruntime and PyTorch on a sample batch and report the difference.")
+@click.option("--quantize", type=click.Choice(QUANTIZE), default=None,
+              help="onnx, fused mode: int8 or int4 expert weights (symmetric, per output channel) in "
+                   "com.microsoft.QMoE nodes, dropless like MoE; routers and dense layers stay float.")
 @click.option("--with-past", is_flag=True,
               help="onnx: a KV cache in optimum's with-past layout (T5: decoder_model.onnx also returns "
                    "present.*, decoder_with_past_model.onnx takes past_key_values.*; decoder-only: model.onnx "

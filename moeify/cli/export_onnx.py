@@ -24,16 +24,23 @@ def export_onnx_target(target: Target, source: Path, output: Path, force: bool, 
     t = table("graph", ("nodes\nexported", "right"), ("nodes\nsaved", "right"),
               (f"optimised\n({options.provider})", "right"), ("MoE\nnodes", "right"), ("MiB", "right"),
               ("max |Δ| vs\nPyTorch", "right"))
-    console.print(f"{source} -> {output}: {options.mode} mode, {options.dtype}, opset {options.opset}, {route}, "
+    weights = f"{options.dtype}, {options.quantize} experts" if options.quantize else options.dtype
+    console.print(f"{source} -> {output}: {options.mode} mode, {weights}, opset {options.opset}, {route}, "
                   f"{time.perf_counter() - t0:.1f}s")
     for g in report.graphs:
         t.add_row(g.file, str(g.nodes_exported), str(g.nodes),
                   "-" if g.nodes_optimized is None else str(g.nodes_optimized), str(g.moe_nodes),
                   f"{g.megabytes:.2f}", "-" if g.max_abs_diff is None else f"{g.max_abs_diff:.1e}")
     console.print(t)
-    fused = [p for p in report.layers if p.lowering == "fused"]
+    fused = [p for p in report.layers if p.lowering in ("fused", "qmoe")]
     portable = [p for p in report.layers if p.lowering == "portable"]
-    if options.mode == "fused":
+    if options.quantize:
+        console.print(f"{len(fused)} Switch layers as com.microsoft.QMoE with {options.quantize} experts "
+                      f"({_routes(fused)}dropless: every token is kept), {len(portable)} portable in float "
+                      f"({_routes(portable)}{_capacity(portable)})")
+        for plan in report.fallbacks:
+            console.print(f"[yellow]portable fallback[/] {plan.spec.name}: {plan.reason}")
+    elif options.mode == "fused":
         console.print(f"{len(fused)} Switch layers fused into com.microsoft.MoE ({_routes(fused)}dropless: every "
                       f"token is kept), {len(portable)} portable ({_routes(portable)}{_capacity(portable)})")
         for plan in report.fallbacks:
@@ -43,7 +50,12 @@ def export_onnx_target(target: Target, source: Path, output: Path, force: bool, 
                       f"({_routes(portable)}{_capacity(portable)})")
     if options.verify:
         reference = "PyTorch eval, dropless for fused layers" if fused else "PyTorch eval"
+        if options.quantize:
+            reference += " and with the graph's dequantized expert weights"
         console.print(f"[dim]max |Δ|: onnxruntime vs {reference}, batch 3 x 11 tokens[/]")
+        if options.quantize:
+            errors = ", ".join(f"{g.file} {g.max_abs_diff_float:.1e}" for g in report.graphs)
+            console.print(f"quantization error, max |Δ| vs the float model: {errors}")
     if options.save_optimized:
         console.print(f"[dim]*_optimized.onnx are optimised for this machine and --provider {options.provider}[/]")
 

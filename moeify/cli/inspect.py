@@ -103,11 +103,12 @@ def _inspect_onnx(path: Path, as_json: bool) -> None:
     for op, n in list(data["ops"].items())[:SHOWN_OPS]:
         ops.add_row(op, str(n))
     rest = list(data["ops"].items())[SHOWN_OPS:]
-    moe = "com.microsoft.MoE"
-    if moe in dict(rest):  # never hide the fused nodes
-        ops.add_row(moe, str(data["ops"][moe]))
+    moe = {"com.microsoft.MoE", "com.microsoft.QMoE"}
+    for op, n in rest:  # never hide the fused nodes
+        if op in moe:
+            ops.add_row(op, str(n))
     if rest:
-        ops.add_row(f"{len(rest)} more (--json)", str(sum(n for op, n in rest if op != moe)))
+        ops.add_row(f"{len(rest)} more (--json)", str(sum(n for op, n in rest if op not in moe)))
     console.print(ops)
     if data["switch_layers"]:
         layers = table("layer", "lowering", "ffn", ("experts", "right"), "capacity",
@@ -117,9 +118,10 @@ def _inspect_onnx(path: Path, as_json: bool) -> None:
         for row in data["switch_layers"]:
             # Files written before top-k lack top_k, normalize_gates and dropless: top-1 with a capacity.
             k = row.get("top_k", 1)
-            capacity = ("dropless" if row["lowering"] == "fused" or row.get("dropless", False)
+            capacity = ("dropless" if row["lowering"] in ("fused", "qmoe") or row.get("dropless", False)
                         else f"{row['eval_capacity_factor']} (min {row['min_capacity']})")
-            layers.add_row(row["name"], row["lowering"], ("gated " if row["gated"] else "") + row["activation"],
+            lowering = f"qmoe int{row['weight_bits']}" if "weight_bits" in row else row["lowering"]
+            layers.add_row(row["name"], lowering, ("gated " if row["gated"] else "") + row["activation"],
                            f"{k} of {row['num_experts']}" if k > 1 else str(row["num_experts"]),
                            ("norm, " if row.get("normalize_gates", False) else "") + capacity)
         console.print(layers)
@@ -128,7 +130,8 @@ def _inspect_onnx(path: Path, as_json: bool) -> None:
                 console.print(f"[yellow]portable fallback[/] {escape(row['name'])}: {escape(row['reason'])}")
     for n in data["moe_nodes"]:
         k = f"k={n['k']}" + (" normalised" if n["normalize_routing_weights"] else "")
-        console.print(escape(f"MoE node {n['name']}: {k}, {n['activation_type']}, fc1 {n['fc1_shape']}"))
+        op = f"QMoE node (int{n['weight_bits']})" if n.get("op") == "QMoE" else "MoE node"
+        console.print(escape(f"{op} {n['name']}: {k}, {n['activation_type']}, fc1 {n['fc1_shape']}"))
 
 
 SHOWN_RANKS = 16  # placement rows of the first expert-parallel group; --json has them all

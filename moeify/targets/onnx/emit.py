@@ -8,7 +8,7 @@ import onnx
 import torch
 
 _T = onnx.TensorProto
-FLOAT, DOUBLE, FLOAT16, INT64 = _T.FLOAT, _T.DOUBLE, _T.FLOAT16, _T.INT64
+FLOAT, DOUBLE, FLOAT16, INT64, UINT8 = _T.FLOAT, _T.DOUBLE, _T.FLOAT16, _T.INT64, _T.UINT8
 ONNX_DTYPES = {torch.float32: FLOAT, torch.float64: DOUBLE, torch.float16: FLOAT16}
 
 

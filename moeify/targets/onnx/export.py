@@ -23,7 +23,7 @@ from moeify.targets.onnx.options import OnnxOptions
 from moeify.targets.onnx.session import execution_providers, session
 from moeify.targets.onnx.trace import trace_graph
 from moeify.targets.onnx.unit import LayerLowering, plan_layers
-from moeify.targets.onnx.verify import max_abs_diff
+from moeify.targets.onnx.verify import dequantized, max_abs_diff
 
 REPORT_FILE = "moeify_onnx.json"
 Progress = Callable[[str, int, int], None]
@@ -35,9 +35,11 @@ class GraphReport:
     nodes_exported: int  # as torch.onnx wrote it
     nodes: int  # saved: dropout removed, constants folded
     nodes_optimized: int | None  # after onnxruntime's full optimisation for the provider
-    moe_nodes: int  # com.microsoft.MoE nodes
+    moe_nodes: int  # com.microsoft.MoE and QMoE nodes
     megabytes: float
-    max_abs_diff: float | None  # against PyTorch eval (dropless where fused), on another batch shape
+    max_abs_diff: float | None  # against PyTorch eval (dropless where fused), on another batch shape;
+    # quantized experts: PyTorch with the same dequantized weights, so that it checks the packing
+    max_abs_diff_float: float | None = None  # quantized experts: against the float model, the quantization error
 
 
 @dataclass
@@ -65,7 +67,8 @@ def _layer_dict(plan: LayerLowering) -> dict:
     return {"name": s.name, "lowering": plan.lowering, "activation": s.activation.name, "gated": s.gated,
             "num_experts": s.num_experts, "top_k": s.top_k, "normalize_gates": s.normalize_gates,
             "dropless": s.dropless, "eval_capacity_factor": s.eval_capacity_factor,
-            "min_capacity": s.min_capacity, "activation_type": plan.activation_type, "reason": plan.reason}
+            "min_capacity": s.min_capacity, "activation_type": plan.activation_type, "reason": plan.reason,
+            **({"weight_bits": plan.quantized.bits} if plan.quantized else {})}
 
 
 def generation_ids(model: nn.Module) -> dict | None:
@@ -113,7 +116,7 @@ def export_onnx(source: nn.Module | str | Path, out: str | Path, options: OnnxOp
     check_writable(out, force)
     reference = load_for_export(Path(source)) if isinstance(source, (str, Path)) else source.eval()
     exported = half_precision(reference) if options.dtype == "fp16" else reference
-    plans = plan_layers(exported, options.mode)
+    plans = plan_layers(exported, options.mode, options.quantize)
     references = graphs_for(reference, example_inputs, options.with_past)
     graphs = references if exported is reference else graphs_for(exported, _half_inputs(example_inputs),
                                                                   options.with_past)
@@ -155,24 +158,31 @@ class _Job:
         fold_constants(model)
         optimize.pin_output_dims(model, static_sizes(graph))
         optimize.annotate(model, {"mode": options.mode, "dtype": options.dtype,
+                                  **({"quantize": options.quantize} if options.quantize else {}),
                                   "layers": [_layer_dict(p) for p in self.plans if p.spec.name in called]})
         optimize.save(model, final)
         onnx.checker.check_model(str(final), full_check=True)
-        nodes_optimized, diff = self._run(final, ref)
+        nodes_optimized, diff, diff_float = self._run(final, ref)
         size = sum(p.stat().st_size for p in self.out.glob(f"{graph.filename}*"))
-        moe = sum(1 for n in model.graph.node if n.op_type == "MoE" and n.domain == "com.microsoft")
+        moe = sum(1 for n in model.graph.node if n.op_type in ("MoE", "QMoE") and n.domain == "com.microsoft")
         return GraphReport(graph.filename, nodes_exported, optimize.node_count(model), nodes_optimized, moe,
-                           round(size / 2**20, 2), diff)
+                           round(size / 2**20, 2), diff, diff_float)
 
-    def _run(self, path: Path, ref: Graph) -> tuple[int | None, float | None]:
-        """onnxruntime on the saved graph: node count after its optimisation, and the parity check."""
+    def _run(self, path: Path, ref: Graph) -> tuple[int | None, float | None, float | None]:
+        """onnxruntime on the saved graph: node count after its optimisation, the parity check and, with
+        quantized experts, the difference from the float model."""
         options = self.options
         if not (options.optimize or options.verify):
-            return None, None
+            return None, None, None
         stem = path.name.removesuffix(".onnx")
         target = (self.out if options.save_optimized else self.scratch) / f"{stem}_optimized.onnx"
         sess = session(path, options.provider, level="all" if options.optimize else "basic",
                        save_to=target if options.optimize else None)
         nodes = optimize.node_count(onnx.load(str(target), load_external_data=False)) if options.optimize else None
-        dropless_layers = {p.spec.name for p in self.plans if p.lowering == "fused"}
-        return nodes, max_abs_diff(ref, self.reference, sess, dropless_layers) if options.verify else None
+        if not options.verify:
+            return nodes, None, None
+        dropless_layers = {p.spec.name for p in self.plans if p.lowering in ("fused", "qmoe")}
+        quantized = {p.spec.name: p.quantized for p in self.plans if p.quantized}
+        with dequantized(self.reference, quantized):
+            diff = max_abs_diff(ref, self.reference, sess, dropless_layers)
+        return nodes, diff, max_abs_diff(ref, self.reference, sess, dropless_layers) if quantized else None

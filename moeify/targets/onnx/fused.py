@@ -35,24 +35,29 @@ def fused_activation(spec: LayerSpec) -> tuple[str | None, str | None]:
     return act.fused, None
 
 
-def _interleave(op: Emit, gate: Any, up: Any, rows: list[int]) -> Any:
+def interleave(op: Emit, gate: Any, up: Any, rows: list[int]) -> Any:
     """[g0, u0, g1, u1, ...] along the d_ff axis: the only SwiGLU layout the CPU kernel reads."""
     pair = op("Concat", op("Unsqueeze", gate, op.const([2], INT64)), op("Unsqueeze", up, op.const([2], INT64)), axis=2)
     return op("Reshape", pair, op.const(rows, INT64))
 
 
-def lower_fused(op: Emit, spec: LayerSpec, x: Any, w: Weights, activation_type: str) -> Any:
+def router_input(op: Emit, spec: LayerSpec, x: Any, router_weight: Any) -> tuple[Any, Any, Any]:
+    """(x's shape, the tokens (T, d), router logits (T, E) in the router dtype)."""
     shape = op("Shape", x)
     x2 = op("Reshape", x, op.const([-1, spec.d_model], INT64))
-    logits = router_logits(op, spec, x2, w.router)
+    return shape, x2, router_logits(op, spec, x2, router_weight)
+
+
+def lower_fused(op: Emit, spec: LayerSpec, x: Any, w: Weights, activation_type: str) -> Any:
+    shape, x2, logits = router_input(op, spec, x, w.router)
     if spec.router_dtype != spec.dtype:
         logits = op("Cast", logits, to=spec.dtype)  # the kernel wants one type; the matmul stayed float32
     fc1, fc1_bias, attrs = w.w_in, w.b_in, {}
     if activation_type == "swiglu":
         e, f, d = spec.num_experts, spec.d_ff, spec.d_model
-        fc1 = _interleave(op, w.w_gate, w.w_in, [e, 2 * f, d])
+        fc1 = interleave(op, w.w_gate, w.w_in, [e, 2 * f, d])
         if w.b_in is not None:
-            fc1_bias = _interleave(op, w.b_gate, w.b_in, [e, 2 * f])
+            fc1_bias = interleave(op, w.b_gate, w.b_in, [e, 2 * f])
         attrs = dict(swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0)
     maybe = lambda v: op.absent() if v is None else v  # noqa: E731
     y = op("MoE", x2, logits, fc1, maybe(fc1_bias), w.w_out, maybe(w.b_out), domain=DOMAIN,

@@ -8,6 +8,7 @@ from moeify.errors import MoeifyError
 MODES = ("fused", "portable")
 DTYPES = ("fp32", "fp16")
 PROVIDERS = ("cpu", "cuda")
+QUANTIZE = ("int8", "int4")  # weight-only, com.microsoft.QMoE (qmoe.py)
 # The TorchScript exporter writes opsets 17-20; the dynamo exporter (onnxscript) 18 and later.
 LEGACY_OPSETS = range(17, 21)
 DYNAMO_OPSETS = range(18, 24)
@@ -24,6 +25,7 @@ class OnnxOptions:
     dynamo: bool = False  # torch.export route (needs onnxscript); default is the TorchScript exporter
     verify: bool = True  # run the exported graphs and PyTorch on a sample batch and compare
     with_past: bool = False  # transformers models: a KV cache, optimum's -with-past layouts (docs/onnx.md)
+    quantize: str | None = None  # int8 / int4 expert weights in com.microsoft.QMoE; None: float
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("dtype", DTYPES), ("provider", PROVIDERS)):
@@ -38,5 +40,12 @@ class OnnxOptions:
                               f"{opsets.start}-{opsets.stop - 1}; try --opset {opsets.start}")
         if self.with_past and self.dynamo:  # the cache wrappers are tested on the TorchScript route only
             raise MoeifyError("--with-past exports with the TorchScript exporter: drop --dynamo")
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZE:
+                raise MoeifyError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+            if self.mode != "fused":  # QMoE is a contrib op; portable mode promises standard ops only
+                raise MoeifyError("--quantize writes com.microsoft.QMoE nodes: it needs --mode fused, not portable")
+            if self.dynamo:  # tested on the TorchScript route only
+                raise MoeifyError("--quantize exports with the TorchScript exporter: drop --dynamo")
         if self.save_optimized and not self.optimize:
             raise MoeifyError("--save-optimized needs --optimize")

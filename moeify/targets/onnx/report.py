@@ -42,10 +42,11 @@ def describe(path: Path) -> dict:
         by_dtype[_dtype(t.data_type)] = by_dtype.get(_dtype(t.data_type), 0) + _nbytes(t)
     moe_nodes = []
     for n in graph.node:
-        if n.op_type == "MoE" and n.domain == "com.microsoft":
+        if n.op_type in ("MoE", "QMoE") and n.domain == "com.microsoft":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-            fc1 = weights.get(n.input[2])
-            moe_nodes.append({"name": n.name, "k": attrs.get("k", 1),
+            fc1 = weights.get(n.input[2])  # QMoE: packed, (E, rows, d_model * bits / 8)
+            quantized = {"weight_bits": attrs.get("expert_weight_bits", 4)} if n.op_type == "QMoE" else {}
+            moe_nodes.append({"name": n.name, "op": n.op_type, **quantized, "k": attrs.get("k", 1),
                               "normalize_routing_weights": attrs.get("normalize_routing_weights", 0),
                               "activation_type": (attrs.get("activation_type") or b"relu").decode(),
                               "fc1_shape": list(fc1.dims) if fc1 is not None else None})

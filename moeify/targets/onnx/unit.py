@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -18,6 +18,7 @@ from moeify.layers.switch import SwitchFFN, switch_layers
 from moeify.targets.onnx.emit import Emit, LegacyEmit
 from moeify.targets.onnx.fused import fused_activation, lower_fused
 from moeify.targets.onnx.lower import lower_portable
+from moeify.targets.onnx.qmoe import QuantizedExperts, lower_qmoe, qmoe_blocker
 from moeify.targets.onnx.spec import LayerSpec, Weights
 
 
@@ -26,24 +27,35 @@ class LayerLowering:
     """How one Switch layer is lowered; `reason` says why a fused-mode layer stayed portable."""
 
     spec: LayerSpec
-    lowering: str  # "fused" or "portable"
-    activation_type: str | None = None  # com.microsoft.MoE activation_type when fused
+    lowering: str  # "fused", "qmoe" (quantized experts) or "portable"
+    activation_type: str | None = None  # com.microsoft.MoE / QMoE activation_type
     reason: str | None = None
+    quantized: QuantizedExperts | None = field(default=None, compare=False, repr=False)  # "qmoe" only
 
     def lower(self, op: Emit, x: Any, w: Weights) -> Any:
         if self.lowering == "fused":
             return lower_fused(op, self.spec, x, w, self.activation_type)
+        if self.lowering == "qmoe":
+            return lower_qmoe(op, self.spec, x, w, self.activation_type, self.quantized)
         return lower_portable(op, self.spec, x, w)
 
 
-def plan_layers(model: nn.Module, mode: str) -> list[LayerLowering]:
+def plan_layers(model: nn.Module, mode: str, quantize: str | None = None) -> list[LayerLowering]:
+    """Each layer's lowering; with `quantize` ("int8", "int4"), fused layers become QMoE."""
     plans = []
     for name, layer in switch_layers(model).items():
         spec = LayerSpec.of(name, layer)
         if mode == "portable":
             plans.append(LayerLowering(spec, "portable"))
             continue
-        activation_type, reason = fused_activation(spec)
+        activation_type, reason = fused_activation(spec)  # QMoE's CPU kernel has MoE's activations
+        if activation_type and quantize:
+            reason = qmoe_blocker(spec, quantize)
+            if reason is None:
+                plans.append(LayerLowering(spec, "qmoe", activation_type,
+                                           quantized=QuantizedExperts.of(layer, quantize)))
+                continue
+            activation_type = None  # quantized exports have no float MoE layers: portable, with the reason
         plans.append(LayerLowering(spec, "fused", activation_type) if activation_type
                      else LayerLowering(spec, "portable", reason=reason))
     return plans

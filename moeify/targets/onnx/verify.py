@@ -33,6 +33,25 @@ def dropless(model: nn.Module, names: set[str]) -> Iterator[None]:
                 layer.routing = saved[name]
 
 
+@contextlib.contextmanager
+def dequantized(model: nn.Module, quantized: dict) -> Iterator[None]:
+    """Give the named layers the dequantized expert weights their QMoE nodes compute with
+    (`quantized`: layer name -> qmoe.QuantizedExperts), so that the check compares like with like."""
+    saved = []
+    try:
+        for name, layer in switch_layers(model).items():
+            if name in quantized:
+                for attr in ("w_in", "w_gate", "w_out"):
+                    q, param = getattr(quantized[name], attr), getattr(layer.experts, attr)
+                    if q is not None:
+                        saved.append((param, param.data))
+                        param.data = q.dequantized().to(param.dtype)
+        yield
+    finally:
+        for param, data in saved:
+            param.data = data
+
+
 def feed(session: ort.InferenceSession, inputs: tuple[torch.Tensor, ...],
          names: list[str] | None = None) -> dict[str, np.ndarray]:
     """Inputs as the session wants them (fp16 graphs take fp16 hidden states); by name where `names`
