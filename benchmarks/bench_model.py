@@ -2,7 +2,7 @@
 SwitchTransformersForConditionalGeneration built from the identical config with the identical weights.
 
 Targets (issue 13): moeify within 1.3x the dense step, and faster than transformers. One process, the three
-interleaved on one span-corruption batch, AdamW steps, medians of --reps.
+interleaved on one span-corruption batch, fused AdamW steps (moeify train's), medians of --reps.
 Usage: python benchmarks/bench_model.py [--reps 5] [--batch 8] [--seq-len 128] [--out FILE]
 """
 from __future__ import annotations
@@ -62,7 +62,8 @@ def main() -> None:
     args = parser.parse_args()
     built = models(args.preset, args.experts, args.seq_len)
     batch = next(prepare_data(built["dense"], DataConfig(seq_len=args.seq_len, batch_size=args.batch)).train)
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in built.items()}
+    # The optimizer `moeify train` uses (fused AdamW), the same for all three.
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in built.items()}
     for name, m in built.items():  # warm-up: the optimizers' state, first allocations
         step(name, m, optimizers[name], batch)
     times: dict[str, list[float]] = {name: [] for name in built}
