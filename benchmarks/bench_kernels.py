@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import torch
+from _report import report
 from torch import nn
 
-from _report import report
 from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN
 from moeify.layers.dispatch import dispatch
@@ -78,7 +78,8 @@ def main() -> None:
             base = statistics.median(times["cpu"])
             rows.append((str(e), str(tokens), f"{1e3 * base:.1f}",
                          *(f"{statistics.median(times[n]) / base:.2f}x" for n in VARIANTS if n != "cpu")))
-    report(f"Experts' forward + backward on the rows a Switch layer routes them, d_model {D_MODEL}, d_ff {D_FF}, capacity factor 1.25, "
+    report(f"Experts' forward + backward on the rows a Switch layer routes them, d_model {D_MODEL}, d_ff {D_FF}, "
+           "capacity factor 1.25, "
            f"{torch.get_num_threads()} threads, median of {args.reps}: each variant's time over the cpu kernel's",
            ["E", "tokens", "cpu ms", *(n for n in VARIANTS if n != "cpu")], rows, args.out,
            ["Above 1.00x the trick switched off pays (the variant is slower without it)."])

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import torch
+from _report import report
 from transformers import SwitchTransformersForConditionalGeneration
 
-from _report import report
 from moeify.checkpoint.sources import load_dense
 from moeify.config import MoEConfig
 from moeify.conversion.pipeline import convert

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import torch
+from _report import report
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from _report import report
 from moeify.checkpoint.sources import load_dense
 from moeify.config import MoEConfig
 from moeify.conversion.pipeline import convert

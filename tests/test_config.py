@@ -80,8 +80,9 @@ def test_cli_help_is_generated_from_the_config(command):
 def test_cli_flags_reach_the_config(tmp_path):
     from moeify.cli.common import moe_config
 
-    flags = {"num_experts": 3, "top_k": 2, "normalize_gates": True, "dropless": True, "capacity_factor": 1.7, "eval_capacity_factor": 3.5, "min_capacity": 7,
-             "aux_loss_coef": 0.03, "z_loss_coef": 0.004, "jitter": 0.05, "router_dtype": "float64", "kernel": "reference",
+    flags = {"num_experts": 3, "top_k": 2, "normalize_gates": True, "dropless": True, "capacity_factor": 1.7,
+             "eval_capacity_factor": 3.5, "min_capacity": 7, "aux_loss_coef": 0.03, "z_loss_coef": 0.004,
+             "jitter": 0.05, "router_dtype": "float64", "kernel": "reference",
              "every": None, "offset": None}
     assert moe_config("t5-small", flags).routing == RoutingConfig(**ODD)
     assert moe_config("switch-base-128", {"num_experts": None}).num_experts == 128  # a preset's own MoE options

@@ -10,8 +10,13 @@ from torch import nn
 
 from moeify.errors import MoeifyError, opt
 from moeify.training.masked_lm import MASK_RATE, masked_lm
-from moeify.training.span_corruption import MEAN_NOISE_SPAN, NOISE_DENSITY, example_lengths, span_corruption, \
-    span_counts
+from moeify.training.span_corruption import (
+    MEAN_NOISE_SPAN,
+    NOISE_DENSITY,
+    example_lengths,
+    span_corruption,
+    span_counts,
+)
 from moeify.training.tokens import Tokens
 
 SPAN_CORRUPTION, CAUSAL_LM, MASKED_LM = "span_corruption", "causal_lm", "masked_lm"

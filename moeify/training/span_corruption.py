@@ -7,7 +7,6 @@ from moeify.errors import MoeifyError, opt
 from moeify.training.config import MEAN_NOISE_SPAN, NOISE_DENSITY
 
 
-
 def span_counts(length: int, density: float = NOISE_DENSITY, mean_span: float = MEAN_NOISE_SPAN) -> tuple[int, int]:
     """(noise tokens, noise spans) of a `length`-token example, counted as T5's random_spans_noise_mask:
     round(length * density) tokens kept within [1, length - 1], round(noise / mean_span) >= 1 spans.

@@ -2,17 +2,33 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM, BertModel, GPT2Config,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel,
-                          T5ForConditionalGeneration)
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+)
 
 import moeify
 from moeify.checkpoint.sources import load_dense
 from moeify.errors import MoeifyError
 from moeify.training.masked_lm import masked_lm
 from moeify.training.objectives import CAUSAL_LM, MASKED_LM, SPAN_CORRUPTION, causal_lm, make_objective, objective_for
-from moeify.training.span_corruption import corrupt, example_lengths, random_spans_noise_mask, span_corruption, \
-    span_counts
+from moeify.training.span_corruption import (
+    corrupt,
+    example_lengths,
+    random_spans_noise_mask,
+    span_corruption,
+    span_counts,
+)
 from moeify.training.tokens import Tokens, byte_tokens
 
 S0, S1, S2 = 383, 382, 381  # the first sentinels of a 384-id vocabulary: the highest ids, descending (T5)

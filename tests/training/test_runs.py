@@ -5,8 +5,15 @@ import math
 import pytest
 
 from moeify.errors import MoeifyError
-from moeify.training.runs import (MetricsRow, MetricsWriter, RunInfo, read_metrics, read_run, read_run_info,
-                                  write_run_info)
+from moeify.training.runs import (
+    MetricsRow,
+    MetricsWriter,
+    RunInfo,
+    read_metrics,
+    read_run,
+    read_run_info,
+    write_run_info,
+)
 
 LAYERS = ("encoder.block.1.layer.1.DenseReluDense", "decoder.block.1.layer.2.DenseReluDense")
 HEADER = ("step,tokens,wall_seconds,lr,train_loss,val_loss,aux_loss,z_loss,dropped_fraction,load_cv_mean,"

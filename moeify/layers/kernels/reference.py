@@ -20,7 +20,8 @@ class ReferenceLayout:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         assert sum(self.counts) == x.shape[0] and len(self.counts) == weight.shape[0]
         parts = x.split(self.counts)
-        out = [F.linear(part, weight[e], None if bias is None else bias[e]) for e, part in enumerate(parts) if len(part)]
+        out = [F.linear(part, weight[e], None if bias is None else bias[e])
+               for e, part in enumerate(parts) if len(part)]
         return torch.cat(out) if out else x.new_zeros(0, weight.shape[1])
 
 

@@ -80,7 +80,8 @@ class SwitchUnit(torch.autograd.Function):
         return y
 
 
-def _unit_forward(layer: SwitchFFN, plan: LayerLowering, opset: int, called: list[str], x: torch.Tensor) -> torch.Tensor:
+def _unit_forward(layer: SwitchFFN, plan: LayerLowering, opset: int, called: list[str],
+                  x: torch.Tensor) -> torch.Tensor:
     called.append(plan.spec.name)
     return SwitchUnit.apply(x, *Weights.of(layer), plan, opset)
 

@@ -6,16 +6,9 @@ import onnx
 import onnxruntime
 import pytest
 from clitools import assert_fits, assert_user_error, run
-from tiny import tiny_net, tiny_t5
+from tiny import tiny_net
 
 import moeify
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "switch"
-    moeify.save(moeify.convert(tiny_t5("relu"), moeify.MoEConfig(num_experts=4)), path)
-    return path
 
 
 def test_fused_export_then_inspect(converted, tmp_path):

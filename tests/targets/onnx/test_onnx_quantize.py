@@ -176,13 +176,6 @@ def test_int4_needs_even_sizes_and_falls_back_with_the_reason(tmp_path):
     assert report.graphs[0].max_abs_diff < 1e-5 and report.graphs[0].moe_nodes == 0
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "switch"
-    moeify.save(moeify.convert(tiny_t5("relu"), moeify.MoEConfig(num_experts=4)), path)
-    return path
-
-
 def test_cli_export_records_the_quantization(converted, tmp_path):
     result = run("export", converted, "--target", "onnx", "--quantize", "int8", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
