@@ -1,8 +1,11 @@
-"""Time moeify's SwitchFFN against the dense FFN and transformers' SwitchTransformersSparseMLP.
+"""Time moeify's SwitchFFN against the dense FFN, transformers' SwitchTransformersSparseMLP and the roofline.
 
 All three run in one process, interleaved, on identical weights and inputs; the table reports
 medians and ratios. Batch 1 keeps capacity like-for-like: transformers counts capacity per
-sequence, moeify per batch. Usage: python benchmarks/bench_layer.py [--reps 7] [--out FILE]
+sequence, moeify per batch. The roofline is measured in the same run: this machine's GEMM rate and
+memory bandwidth; a point's bound is the larger of the FLOP time of capacity factor x the dense
+FFN's work and the time to move the expert weights (and in training their gradients).
+Usage: python benchmarks/bench_layer.py [--reps 5] [--experts ...] [--tokens ...] [--dtypes fp32 bf16]
 """
 from __future__ import annotations
 
@@ -12,8 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from _report import report
 from torch import nn
 from transformers import SwitchTransformersConfig
 from transformers.models.switch_transformers.modeling_switch_transformers import (
@@ -24,6 +26,41 @@ from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN
 
 D_MODEL, D_FF, CAPACITY_FACTOR = 512, 2048, 1.25  # t5-small's FFN, the paper's training factor
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def gemm_rate(dtype: torch.dtype, reps: int = 5) -> float:
+    """FLOP/s of this machine's (1024 x 512) @ (512 x 2048), the shape of a dense FFN's first GEMM."""
+    a, b = torch.randn(1024, D_MODEL, dtype=dtype), torch.randn(D_MODEL, D_FF, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * 1024 * D_MODEL * D_FF / statistics.median(times)
+
+
+def bandwidth(reps: int = 5) -> float:
+    """Bytes/s of a 256 MiB copy (read + write)."""
+    src, dst = torch.empty(64 << 20), torch.empty(64 << 20)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.nbytes / statistics.median(times)
+
+
+def roofline(num_experts: int, tokens: int, backward: bool, dtype: torch.dtype, rate: float, bw: float) -> float:
+    """Seconds no implementation can beat: FLOPs of capacity factor x the dense FFN (x3 with backward) at the
+    GEMM rate, or the expert weights read (and, with backward, read again and their gradients written)."""
+    flops = CAPACITY_FACTOR * 2 * 2 * tokens * D_MODEL * D_FF * (3 if backward else 1)
+    weight_bytes = num_experts * 2 * D_MODEL * D_FF * dtype.itemsize * (3 if backward else 1)
+    return max(flops / rate, weight_bytes / bw)
 
 
 def build(num_experts: int, tokens: int):
@@ -61,12 +98,15 @@ def step(module: nn.Module, x: torch.Tensor, backward: bool) -> float:
     return time.perf_counter() - t0
 
 
-def measure(num_experts: int, tokens: int, reps: int) -> dict[str, dict[str, float]]:
+def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype) -> dict[str, dict[str, float]]:
     modules = build(num_experts, tokens)
     x = torch.randn(1, tokens, D_MODEL, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():  # the comparison is only meaningful if both layers agree
+    with torch.no_grad():  # the comparison is only meaningful if both layers agree (in float32: bf16 may flip ties)
         diff = (modules["moeify"](x) - modules["transformers"](x)).abs().max().item()
     assert diff < 1e-4, f"moeify and transformers disagree by {diff} at E={num_experts}, T={tokens}"
+    if dtype != torch.float32:  # moeify's router stays float32 through .to(); transformers routes in float32 too
+        modules = {name: m.to(dtype) for name, m in modules.items()}
+        x = x.to(dtype)
     times: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwd+bwd": []} for n in modules}
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         for name, m in modules.items():  # warm-up
@@ -80,34 +120,33 @@ def measure(num_experts: int, tokens: int, reps: int) -> dict[str, dict[str, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 128])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 1024])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--experts", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 1024, 8192])
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_layer.md")
     args = parser.parse_args()
-
-    table = Table(title=f"SwitchFFN d_model={D_MODEL} d_ff={D_FF}, capacity factor {CAPACITY_FACTOR}, "
-                        f"{torch.get_num_threads()} threads, median of {args.reps}")
-    for col in ("E", "tokens", "mode", "dense ms", "transformers ms", "moeify ms",
-                "moeify / transformers", "moeify / dense"):
-        table.add_column(col, justify="right")
+    bw = bandwidth()
+    rates = {name: gemm_rate(DTYPES[name]) for name in args.dtypes}
+    header = ["E", "tokens", "dtype", "mode", "dense ms", "transformers ms", "moeify ms", "roofline ms",
+              "moeify / transformers", "moeify / dense", "moeify / roofline"]
     rows = []
-    for e in args.experts:
-        for t in args.tokens:
-            res = measure(e, t, args.reps)
-            for mode in ("fwd", "fwd+bwd"):
-                d, h, o = (res[n][mode] * 1e3 for n in ("dense", "transformers", "moeify"))
-                row = (str(e), str(t), mode, f"{d:.1f}", f"{h:.1f}", f"{o:.1f}", f"{o / h:.2f}x", f"{o / d:.2f}x")
-                table.add_row(*row)
-                rows.append(row)
-    console = Console()
-    console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    header = [c.header for c in table.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    args.out.write_text(f"{table.title}\n\n" + "\n".join(lines) + "\n")
-    console.print(f"wrote {args.out}")
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for e in args.experts:
+            for t in args.tokens:
+                res = measure(e, t, args.reps, dtype)
+                for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+                    d, h, o = (res[n][mode] * 1e3 for n in ("dense", "transformers", "moeify"))
+                    bound = roofline(e, t, backward, dtype, rates[dtype_name], bw) * 1e3
+                    rows.append((str(e), str(t), dtype_name, mode, f"{d:.1f}", f"{h:.1f}", f"{o:.1f}", f"{bound:.1f}",
+                                 f"{o / h:.2f}x", f"{o / d:.2f}x", f"{o / bound:.2f}x"))
+    notes = [f"Measured in this run: GEMM rate {', '.join(f'{n} {r / 1e9:.0f} GFLOP/s' for n, r in rates.items())}; "
+             f"memory bandwidth {bw / 1e9:.1f} GB/s.",
+             "Targets: moeify / transformers <= 0.5x at E >= 64 and < 1x everywhere; moeify / roofline <= 1.5x at "
+             ">= 1024 tokens for E <= 32; E = 1 within 1.15x of dense."]
+    report(f"SwitchFFN d_model={D_MODEL} d_ff={D_FF}, capacity factor {CAPACITY_FACTOR}, batch 1, "
+           f"{torch.get_num_threads()} threads, median of {args.reps}", header, rows, args.out, notes)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,18 @@ def test_the_onednn_probe_falls_back_silently(monkeypatch, op):
     torch.testing.assert_close(y, grouped_linear(x, w, b, [64, 6], "reference"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_onednn_forward_agrees_with_the_reference(dtype):
+    """Every group through oneDNN's linear (from one row), fp32 and bf16, against the loop."""
+    if cpu.dnnl_op() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    a, b = run(CpuKernel(dnnl_min_rows=1), CASES["empty experts"], True, True, dtype), \
+        run("reference", CASES["empty experts"], True, True, dtype)
+    for got, want in zip(a, b):
+        error = (got.float() - want.float()).abs().max() / want.float().abs().max()
+        assert error <= TOLERANCE[dtype], float(error)
+
+
 def test_the_onednn_probe_finds_the_op_where_torch_has_it(monkeypatch):
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN")

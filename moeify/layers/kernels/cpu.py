@@ -209,7 +209,9 @@ class CpuKernel:
 
     def dnnl_for(self, x: torch.Tensor) -> tuple | None:
         """(op, min rows) when the forward may take oneDNN's linear for x, else None."""
-        if not (self.dnnl and x.dtype == torch.float32 and x.device.type == "cpu" and torch.backends.mkldnn.enabled):
+        # bfloat16 too: oneDNN's bf16 linear (AMX / AVX512-BF16) beats bmm by 1.1-1.7x at E <= 64 here.
+        if not (self.dnnl and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+                and torch.backends.mkldnn.enabled):
             return None
         op = dnnl_op()
         return None if op is None else (op, self.dnnl_min_rows)
