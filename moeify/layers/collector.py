@@ -10,7 +10,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from moeify.errors import MoeifyError
-from moeify.layers.dispatch import expert_counts
+from moeify.layers.dispatch import assignments_per_expert
 from moeify.layers.losses import load_balancing_loss, router_z_loss
 
 
@@ -85,7 +85,7 @@ def router_losses(model: nn.Module, fractions: Callable[[torch.Tensor, int], tor
     def make_hook(name: str, layer: SwitchFFN):
         @record_function("moeify::router_losses")
         def hook(_router, _inputs, out) -> None:
-            routed = expert_counts(out.expert_index.detach().reshape(-1), layer.num_experts)
+            routed = assignments_per_expert(out.expert_index.detach().reshape(-1), layer.num_experts)
             capacity = layer.capacity(out.expert_index.shape[0])
             collected.layers.append(LayerRouting(
                 name=name,

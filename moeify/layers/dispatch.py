@@ -18,10 +18,24 @@ class Dispatch(NamedTuple):
     capacity: int  # slots per expert: the limit, or when dropless the busiest expert's count
 
 
-def expert_counts(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+def assignments_per_expert(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(E,) how many entries of `flat` name each expert. Not torch.bincount, whose output size depends on the
     largest value, which a CUDA bincount reads back to the host."""
     return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def _sorted(expert_index: torch.Tensor, num_experts: int, capacity: int | None):
+    """What both plans start from: the assignments choice-major, flat (A,); their order grouped by expert, a
+    stable sort so earlier assignments come first within an expert (A,); the assignments per expert (E,); and
+    which of the sorted ones fit their expert's capacity (A,), None when dropless."""
+    flat = expert_index.t().reshape(-1)  # (A,) choice-major: a = choice * T + token
+    order = torch.argsort(flat, stable=True)  # (A,)
+    routed = assignments_per_expert(flat, num_experts)  # (E,)
+    if capacity is None:
+        return flat, order, routed, None
+    starts = torch.cumsum(routed, 0) - routed  # (E,) first sorted slot of each expert
+    keep = (torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]) < capacity  # (A,)
+    return flat, order, routed, keep
 
 
 def dispatch(expert_index: torch.Tensor, num_experts: int, capacity: int | None) -> Dispatch:
@@ -31,20 +45,14 @@ def dispatch(expert_index: torch.Tensor, num_experts: int, capacity: int | None)
     within a choice earlier tokens (flattened (batch, position) order) come first: so first
     choices win the slots, and with k = 1 this is the paper's "earlier tokens win".
     """
-    num_tokens = expert_index.shape[0]
-    flat = expert_index.t().reshape(-1)  # (A,) choice-major: a = choice * T + token
-    # A stable sort keeps that order inside each expert.
-    order = torch.argsort(flat, stable=True)  # (A,)
-    routed = expert_counts(flat, num_experts)  # (E,)
-    if capacity is None:
+    flat, order, routed, keep = _sorted(expert_index, num_experts, capacity)
+    if keep is None:
         capacity = int(routed.max()) if flat.numel() else 0
         assignment = order
     else:
-        starts = torch.cumsum(routed, 0) - routed  # (E,) first sorted slot of each expert
-        slot = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # (A,)
-        assignment = order[slot < capacity]  # (K,)
+        assignment = order[keep]  # (K,)
     counts = routed.clamp(max=capacity).tolist()
-    token_index = assignment if expert_index.shape[1] == 1 else assignment % num_tokens
+    token_index = assignment if expert_index.shape[1] == 1 else assignment % expert_index.shape[0]
     return Dispatch(assignment, token_index, flat.index_select(0, assignment), counts, routed, capacity)
 
 
@@ -63,16 +71,10 @@ def dispatch_static(expert_index: torch.Tensor, num_experts: int, capacity: int 
     ones (which the caller zeroes), so every shape is known from (T, k) alone. The dropped rows count as the last
     expert's, so a grouped GEMM covers all rows; zero inputs and masked outputs make them add nothing, gradients
     included."""
-    num_tokens = expert_index.shape[0]
-    flat = expert_index.t().reshape(-1)  # (A,) choice-major
-    order = torch.argsort(flat, stable=True)  # (A,) grouped by expert, earlier assignments first
-    routed = expert_counts(flat, num_experts)  # (E,)
-    if capacity is None:
-        keep = torch.ones_like(order, dtype=torch.bool)
-        kept = routed
+    flat, order, routed, keep = _sorted(expert_index, num_experts, capacity)
+    if keep is None:
+        keep, kept = torch.ones_like(order, dtype=torch.bool), routed
     else:
-        starts = torch.cumsum(routed, 0) - routed
-        keep = (torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]) < capacity  # (A,) sorted order
         kept = routed.clamp(max=capacity)
     # Kept first, by expert; then the dropped, in the same order: a stable sort on (expert, or E when dropped).
     key = torch.where(keep, flat.index_select(0, order), num_experts)
@@ -80,5 +82,5 @@ def dispatch_static(expert_index: torch.Tensor, num_experts: int, capacity: int 
     assignment = order.index_select(0, regroup)
     counts = kept.clone()
     counts[-1] += flat.numel() - kept.sum()  # the dropped rows ride with the last expert
-    token_index = assignment if expert_index.shape[1] == 1 else assignment % num_tokens
+    token_index = assignment if expert_index.shape[1] == 1 else assignment % expert_index.shape[0]
     return StaticDispatch(assignment, token_index, keep.index_select(0, regroup), counts, routed)

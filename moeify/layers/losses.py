@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from moeify.layers.dispatch import expert_counts
+from moeify.layers.dispatch import assignments_per_expert
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor,
@@ -18,7 +18,7 @@ def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor,
     if fractions is not None:
         f = fractions.to(probs.dtype)
     else:
-        f = expert_counts(expert_index.reshape(-1), num_experts).to(probs.dtype) / num_tokens  # (E,)
+        f = assignments_per_expert(expert_index.reshape(-1), num_experts).to(probs.dtype) / num_tokens  # (E,)
     p = probs.mean(dim=0)  # (E,)
     return num_experts * torch.sum(f * p)
 
