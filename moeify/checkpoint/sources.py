@@ -145,34 +145,11 @@ def _load_directory(path: Path, device: str) -> nn.Module:
     return model
 
 
-def load_weights(model: nn.Module, files: list[Path], *, progress=None) -> None:
-    """Copy safetensors weights into `model`, which must expect exactly these names."""
-    from safetensors.torch import load_file
-
-    expected = set(model.state_dict())
-    seen: set[str] = set()
-    for i, f in enumerate(files):
-        check_safetensors(f)
-        tensors = load_file(str(f))
-        unexpected = sorted(set(tensors) - expected)
-        if unexpected:
-            raise MoeifyError(f"{f} holds weights the model does not have ({unexpected[:3]}): "
-                              "it belongs to a different model or configuration")
-        model.load_state_dict(tensors, strict=False)
-        seen |= set(tensors)
-        if progress:
-            progress("load", i + 1, len(files))
-    missing = expected - seen - set(tied_aliases(model))
-    if missing:
-        raise MoeifyError(f"the weights lack {len(missing)} tensors ({sorted(missing)[:3]}): "
-                          "the checkpoint is incomplete or for another configuration")
-
-
-def assign_weights(model: nn.Module, files: list[Path], *, buffers: dict[str, torch.Tensor] | None = None,
-                   device: str | torch.device = "cpu", progress=None) -> None:
-    """Fill `model`, built on the meta device, from safetensors `files`: each tensor read is assigned, not copied,
-    so the weights exist once; then tied weights are restored and `buffers` (values no checkpoint holds, such as
-    rotary tables) registered. Every tensor must end up with a value."""
+def load_weights(model: nn.Module, files: list[Path], *, progress=None, assign: bool = False,
+                 device: str | torch.device = "cpu") -> dict[str, str]:
+    """Copy safetensors weights into `model`, which must expect exactly these names; with `assign`, each tensor
+    read becomes the parameter itself (no second copy: `model` may be on meta). Returns the tied aliases, found
+    before loading, since assignment separates what they name."""
     from safetensors.torch import load_file
 
     aliases = tied_aliases(model)  # identity still tells ties apart on meta
@@ -185,7 +162,7 @@ def assign_weights(model: nn.Module, files: list[Path], *, buffers: dict[str, to
         if unexpected:
             raise MoeifyError(f"{f} holds weights the model does not have ({unexpected[:3]}): "
                               "it belongs to a different model or configuration")
-        model.load_state_dict(tensors, strict=False, assign=True)
+        model.load_state_dict(tensors, strict=False, assign=assign)
         seen |= set(tensors)
         del tensors
         if progress:
@@ -194,6 +171,15 @@ def assign_weights(model: nn.Module, files: list[Path], *, buffers: dict[str, to
     if missing:
         raise MoeifyError(f"the weights lack {len(missing)} tensors ({sorted(missing)[:3]}): "
                           "the checkpoint is incomplete or for another configuration")
+    return aliases
+
+
+def assign_weights(model: nn.Module, files: list[Path], *, buffers: dict[str, torch.Tensor] | None = None,
+                   device: str | torch.device = "cpu", progress=None) -> None:
+    """Fill `model`, built on the meta device, from safetensors `files`: each tensor read is assigned, not copied,
+    so the weights exist once; then tied weights are restored and `buffers` (values no checkpoint holds, such as
+    rotary tables) registered. Every tensor must end up with a value."""
+    aliases = load_weights(model, files, progress=progress, assign=True, device=device)
     values = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     for alias, target in aliases.items():
         owner, _, leaf = alias.rpartition(".")
