@@ -64,6 +64,12 @@ def run_torch(model, x) -> tuple[float, float, np.ndarray]:
     return t1 - t0, t2 - t1, logits.numpy()
 
 
+def ort_runner(out: Path, threads: int):
+    """run_ort over an export's encoder and decoder, sessions opened once."""
+    sessions = [session(out / f, threads=threads, spinning=False) for f in ("encoder_model.onnx", "decoder_model.onnx")]
+    return lambda x: run_ort(sessions, x)
+
+
 def run_ort(sessions, x) -> tuple[float, float, np.ndarray]:
     encoder, decoder = sessions
     t0 = time.perf_counter()
@@ -106,9 +112,7 @@ def measure(num_experts: int, batches: list[int], reps: int, threads: int, scrat
     for mode in ("portable", "fused"):
         out = scratch / f"{mode}-{num_experts}"
         export_onnx(model, out, OnnxOptions(mode=mode, optimize=False, verify=False))
-        sessions = [session(out / f, threads=threads, spinning=False)
-                    for f in ("encoder_model.onnx", "decoder_model.onnx")]
-        runners[mode] = lambda x, s=sessions: run_ort(s, x)
+        runners[mode] = ort_runner(out, threads)
     rows = []
     for batch in batches:
         x = inputs(batch)
@@ -195,9 +199,7 @@ def measure_quantization(num_experts: int, batches: list[int], reps: int, thread
         export_onnx(model, out, OnnxOptions(quantize=None if scheme == "float" else scheme, optimize=False,
                                             verify=False))
         sizes[scheme] = sum(p.stat().st_size for p in out.glob("*.onnx*")) / 2**20
-        sessions = [session(out / f, threads=threads, spinning=False)
-                    for f in ("encoder_model.onnx", "decoder_model.onnx")]
-        runners[scheme] = lambda x, s=sessions: run_ort(s, x)
+        runners[scheme] = ort_runner(out, threads)
     rows = []
     for batch in batches:
         x = inputs(batch)
