@@ -108,7 +108,10 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
         return torch.empty(shape, dtype=dtype, device=device), False
     block, is_zero = _take(nbytes)
     view = memoryview(block.map)
-    out = torch.frombuffer(view, dtype=dtype, count=numel, offset=block.offset).view(shape)
+    flat = torch.frombuffer(view, dtype=dtype, count=numel, offset=block.offset)
+    # A tensor of its own on that storage rather than flat.view(shape): a view may not be modified in place
+    # once it leaves a custom autograd Function (the activation runs in place on the kernel's output).
+    out = torch.empty(0, dtype=dtype).set_(flat.untyped_storage(), flat.storage_offset(), shape)
     with _lock:
         _live[out.data_ptr()] = block
     # The tensor's storage holds `view` until it dies; then the block goes back to the cache.

@@ -52,9 +52,10 @@ def reference(ex: Experts, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("gated,bias", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("counts", [COUNTS, [0, 0, 5, 0, 0, 0, 0, 0], [2] * 8])
-def test_experts_match_per_expert_loop(layout, gated, bias, counts):
+@pytest.mark.parametrize("act", [nn.GELU, nn.ReLU])  # the cpu kernel applies ReLU in place
+def test_experts_match_per_expert_loop(layout, gated, bias, counts, act):
     g = torch.Generator().manual_seed(1)
-    ex = Experts(len(counts), 6, 10, nn.GELU(), gated=gated, bias=bias)
+    ex = Experts(len(counts), 6, 10, act(), gated=gated, bias=bias)
     ex.reset_parameters(1.0, g)
     params = [p for p in ex.parameters()]
     for b in (ex.b_in, ex.b_gate, ex.b_out):

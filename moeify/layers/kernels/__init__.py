@@ -12,7 +12,12 @@ Counts = Sequence[int] | torch.Tensor  # rows per expert: a host list, or an (E,
 
 
 class Layout(Protocol):
-    """One grouping of rows, reused for every linear of an expert FFN: pad once, linear(s), unpad once."""
+    """One grouping of rows, reused for every linear of an expert FFN: pad once, linear(s), unpad once.
+
+    in_place: linear() returns a fresh tensor that is no view and that autograd saved nowhere, so an
+    activation may overwrite it."""
+
+    in_place: bool
 
     def pad(self, x: torch.Tensor) -> torch.Tensor: ...
 

@@ -18,9 +18,10 @@ WEIGHT_READ_ROWS = 10.0
 CALL_SECONDS = 1e-4
 _FLOPS = 150e9
 
-# From this many rows per expert the forward runs one oneDNN linear per expert: MKL is ~15%
-# slower on x @ w.T with a transposed weight, while oneDNN runs it at dense-GEMM speed.
-DNNL_MIN_ROWS = 64
+# From this many rows per expert the forward runs one oneDNN linear per expert instead of a bmm over
+# a batch of experts: MKL packs the transposed weight on every call, oneDNN streams it (1.2-1.9x
+# faster from 8 float32 rows; bfloat16 bmm is as fast as oneDNN up to ~64 rows). docs/performance.md.
+DNNL_MIN_ROWS = {torch.float32: 8, torch.bfloat16: 64}
 
 
 def probe_dnnl():
@@ -108,6 +109,16 @@ class _GroupedLinear(torch.autograd.Function):
                     e = b.first + j * b.step
                     yb[j].copy_(dnnl[0](xb[j], weight[e], None if bias is None else bias[e], "none", [], ""))
                 continue
+            if b.step > 1 and x.dtype != torch.float32:
+                # Reduced-precision bmm copies a transposed weight view whose experts are not adjacent (a pair
+                # with a gap) into a contiguous temporary first: 16x slower than one mm per expert here.
+                for j in range(b.k):
+                    e = b.first + j * b.step
+                    if bias is None:
+                        torch.mm(xb[j], weight[e].t(), out=yb[j])
+                    else:
+                        torch.addmm(bias[e], xb[j], weight[e].t(), out=yb[j])
+                continue
             w = _experts_view(weight, b).transpose(1, 2)  # (k, in, out)
             if bias is None:
                 torch.bmm(xb, w, out=yb)
@@ -153,6 +164,8 @@ class _GroupedLinear(torch.autograd.Function):
 
 class CpuLayout:
     """Maps rows grouped by expert, (N, d), to the padded rows of a plan, (R, d), and back."""
+
+    in_place = True  # _GroupedLinear writes into a fresh buffer and saves only its inputs
 
     def __init__(self, counts: list[int], weight_numel: int, device: torch.device, kernel: CpuKernel) -> None:
         self.kernel = kernel
@@ -202,7 +215,7 @@ class CpuKernel:
     can be switched off, which is how benchmarks/bench_kernels.py measures what it buys."""
 
     batching: str = "auto"
-    dnnl_min_rows: int = DNNL_MIN_ROWS
+    dnnl_min_rows: int | None = None  # None: DNNL_MIN_ROWS for the dtype
     dnnl: bool = True
     pool: bool = True
     name: str = "cpu"
@@ -210,11 +223,11 @@ class CpuKernel:
     def dnnl_for(self, x: torch.Tensor) -> tuple | None:
         """(op, min rows) when the forward may take oneDNN's linear for x, else None."""
         # bfloat16 too: oneDNN's bf16 linear (AMX / AVX512-BF16) beats bmm by 1.1-1.7x at E <= 64 here.
-        if not (self.dnnl and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+        if not (self.dnnl and x.dtype in DNNL_MIN_ROWS and x.device.type == "cpu"
                 and torch.backends.mkldnn.enabled):
             return None
         op = dnnl_op()
-        return None if op is None else (op, self.dnnl_min_rows)
+        return None if op is None else (op, self.dnnl_min_rows or DNNL_MIN_ROWS[x.dtype])
 
     def layout(self, counts: Counts, weight_numel: int, device: torch.device) -> CpuLayout:
         return CpuLayout(host_counts(counts), weight_numel, device, self)

@@ -33,6 +33,8 @@ def aligned(weight: torch.Tensor) -> bool:
 
 
 class CudaLayout:
+    in_place = False  # the output is _ContiguousGrad's view
+
     def __init__(self, counts: Counts, device: torch.device) -> None:
         counts = torch.as_tensor(counts, device=device)  # a list is uploaded; a device tensor stays put
         self.counts = counts

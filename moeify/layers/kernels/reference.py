@@ -8,6 +8,8 @@ from moeify.layers.kernels import Counts, host_counts
 
 
 class ReferenceLayout:
+    in_place = False  # the oracle stays plain autograd
+
     def __init__(self, counts: list[int]) -> None:
         self.counts = counts
 
