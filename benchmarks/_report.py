@@ -1,6 +1,7 @@
-"""Shared by the benchmarks: print a rich table and write the same rows as Markdown for the README."""
+"""Shared by the benchmarks: print a rich table and write the same rows as Markdown (for the README) and JSON."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -22,4 +23,14 @@ def report(title: str, header: list[str], rows: list[tuple[str, ...]], out: Path
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines + [""] + list(notes)) + "\n")
-    console.print(f"wrote {out}")
+    records = [{col: _value(cell) for col, cell in zip(header, row)} for row in rows]
+    out.with_suffix(".json").write_text(json.dumps({"title": title, "rows": records, "notes": list(notes)}, indent=1))
+    console.print(f"wrote {out} and {out.with_suffix('.json').name}")
+
+
+def _value(cell: str) -> float | str:
+    """A number where the cell holds one ("12.5", "0.91x", "3"), else the text."""
+    try:
+        return float(cell.removesuffix("x"))
+    except ValueError:
+        return cell
