@@ -6,7 +6,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from moeify.config import RoutingConfig
-from moeify.layers.dispatch import Dispatch, dispatch, dispatch_static
+from moeify.layers.dispatch import Dispatch, StaticDispatch, dispatch, dispatch_static
 from moeify.layers.experts import Experts
 from moeify.layers.kernels import get_kernel
 from moeify.layers.router import Router, RouterOutput
@@ -86,12 +86,17 @@ class SwitchFFN(nn.Module):
         masked, so they add nothing, gradients included. (T, d_model)."""
         plan = dispatch_static(route.expert_index, self.num_experts, self.capacity(x.shape[0]))
         keep = plan.keep.unsqueeze(-1)  # (A, 1)
-        rows = x.index_select(0, plan.token_index) * keep  # (A, d_model)
-        y = self.experts(rows, plan.counts, self.routing.kernel)
+        y = self._static_expert_step(x, route, plan)  # (A, d_model)
         gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (A,)
         y = torch.where(keep, y * gate.unsqueeze(-1), 0.0)
         out = y.new_zeros(x.shape[0], y.shape[-1])
         return out.index_copy(0, plan.token_index, y) if self.top_k == 1 else out.index_add(0, plan.token_index, y)
+
+    def _static_expert_step(self, x: torch.Tensor, route: RouterOutput, plan: StaticDispatch) -> torch.Tensor:
+        """Expert outputs of every assignment in plan.assignment order, (A, d_model); the dropped ones' rows are
+        masked by the caller. The static plan's step a subclass overrides (see ExpertParallelFFN)."""
+        rows = x.index_select(0, plan.token_index) * plan.keep.unsqueeze(-1)  # (A, d_model), dropped ones zero
+        return self.experts(rows, plan.counts, self.routing.kernel)
 
     def _expert_step(self, x: torch.Tensor, route: RouterOutput, plan: Dispatch) -> torch.Tensor:
         """Expert outputs of the kept assignments, ungated, in plan.assignment order: (K, d_model).

@@ -1,8 +1,7 @@
 """The device-side plan of the cuda kernel: the same assignments as dispatch(), the same layer, no host sync."""
-import contextlib
-
 import pytest
 import torch
+from hostreads import no_host_reads
 from torch import nn
 
 from moeify.config import RoutingConfig
@@ -68,31 +67,17 @@ def test_the_layer_on_the_static_plan_equals_the_host_plan(routing, gated, width
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@contextlib.contextmanager
-def no_host_reads(monkeypatch):
-    """Every Python-level way a tensor's value reaches the host raises (a CPU stand-in for CUDA's sync check)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a tensor value was read on the host")
-
-    with monkeypatch.context() as m:
-        for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero"):
-            m.setattr(torch.Tensor, name, refuse)
-        for name in ("bincount", "nonzero", "unique"):
-            m.setattr(torch, name, refuse)
-        yield
-
-
 @pytest.mark.parametrize("routing", list(ROUTINGS))
-def test_a_training_step_on_the_static_plan_reads_nothing_on_the_host(monkeypatch, routing):
+def test_a_training_step_on_the_static_plan_reads_nothing_on_the_host(routing):
     m = layer("cuda", ROUTINGS[routing], True, 16)
     x = torch.randn(4, 5, 16)
-    with no_host_reads(monkeypatch):
+    with no_host_reads():
         with router_losses(m) as losses:
             y = m(x)
             loss = y.square().mean() + losses.total()
         loss.backward()
     assert losses.layers[0].dropped >= 0 and all(p.grad is not None for p in m.parameters())
-    with pytest.raises(AssertionError, match="read on the host"), no_host_reads(monkeypatch):
+    with pytest.raises(AssertionError, match="read on the host"), no_host_reads():
         layer("cpu", ROUTINGS[routing], True, 16)(x)  # the host plan does read: the check can fail
 
 

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from moeify.layers.dispatch import Dispatch
+from moeify.layers.dispatch import Dispatch, StaticDispatch
 from moeify.layers.experts import Experts
 from moeify.layers.router import RouterOutput
 from moeify.layers.switch import SwitchFFN
@@ -49,7 +49,11 @@ class ExpertParallelFFN(SwitchFFN):
     experts (copies of replicated ones too), in ascending id (`expert_ids`).
     """
 
-    device_dispatch = False  # the exchange sizes its buffers from host counts
+    @property
+    def device_dispatch(self) -> bool:
+        """The static exchange (the cuda kernel's plan) needs one capacity known from shapes alone: not dropless,
+        whose capacity is the busiest expert's count."""
+        return not self.routing.dropless
 
     def __init__(self, switch: SwitchFFN, placement: list[int], group: ExpertGroup,
                  replicas: dict[str, list[int]] | None = None) -> None:
@@ -103,15 +107,47 @@ class ExpertParallelFFN(SwitchFFN):
         back = self._exchange(computed, to_experts, from_members)  # (E * C, d_model), same rows as send
         return back.index_select(0, row)
 
+    def _static_expert_step(self, x: torch.Tensor, route: RouterOutput, plan: StaticDispatch) -> torch.Tensor:
+        """The same exchange with every size from shapes alone, so a CUDA step never waits for the host: every
+        member's C is this rank's (members must route equal token counts, which is checked on the device), and
+        dropped assignments go to a spare row past the buffer. Outputs of every assignment, (A, d_model)."""
+        capacity = self.capacity(x.shape[0])
+        self._check_same_capacity(capacity, x.device)
+        expert = route.expert_index.t().reshape(-1).index_select(0, plan.assignment)  # (A,)
+        kept = plan.routed.clamp(max=capacity)
+        slot = torch.arange(expert.numel(), device=x.device) - (torch.cumsum(kept, 0) - kept)[expert]
+        spare = self.num_experts * capacity
+        row = torch.where(plan.keep, self._block_table(x.device)[expert] * capacity + slot, spare)  # (A,)
+        send = x.new_zeros(spare + 1, x.shape[-1]).index_copy(0, row, x.index_select(0, plan.token_index))[:spare]
+        to_experts = [n * capacity for n in self._per_rank]
+        from_members = [len(f) * capacity for f in self._from]
+        received = self._exchange(send, from_members, to_experts)
+        computed = self._run_experts(received, [capacity] * self.group.size, on_device=True)
+        back = self._exchange(computed, to_experts, from_members)  # (E * C, d_model)
+        return back.index_select(0, torch.where(plan.keep, row, 0))  # dropped rows: masked by the caller
+
+    def _check_same_capacity(self, capacity: int, device: torch.device) -> None:
+        """Assert on the device, without waiting for it, that every member has this capacity."""
+        if self.group.size == 1:
+            return
+        self._check_group()
+        mine = torch.full((1,), capacity, dtype=torch.long, device=device)
+        every = comm.all_gather_single(mine, self.group.group, self.group.size)
+        torch._assert_async((every == mine).all(), "expert-parallel members route different token counts: the "
+                                                   "cuda kernel's static exchange needs equal batches on every rank")
+
+    def _block_table(self, device: torch.device) -> torch.Tensor:
+        if device not in self._tables:
+            self._tables[device] = torch.tensor(self._block, device=device)
+        return self._tables[device]
+
     def _buffer_rows(self, kept_expert: torch.Tensor, counts: list[int], capacity: int) -> torch.Tensor:
         """Buffer row of each kept assignment: its expert's block * C + its rank among that expert's."""
         device = kept_expert.device
         counts_t = torch.tensor(counts, device=device)
         starts = torch.cumsum(counts_t, 0) - counts_t  # (E,) first kept assignment of each expert
         slot = torch.arange(kept_expert.numel(), device=device) - starts[kept_expert]
-        if device not in self._tables:
-            self._tables[device] = torch.tensor(self._block, device=device)
-        return self._tables[device][kept_expert] * capacity + slot
+        return self._block_table(device)[kept_expert] * capacity + slot
 
     def _capacities(self, capacity: int, device: torch.device) -> list[int]:
         """Each group member's capacity, in group order (one tiny all-gather per call)."""
@@ -128,8 +164,9 @@ class ExpertParallelFFN(SwitchFFN):
         self._check_group()
         return comm.all_to_all(x, receive, send, self.group.group)
 
-    def _run_experts(self, received: torch.Tensor, capacities: list[int]) -> torch.Tensor:
-        """Rows arrive as [member][its experts for this rank][C_member]; experts want them grouped by expert."""
+    def _run_experts(self, received: torch.Tensor, capacities: list[int], on_device: bool = False) -> torch.Tensor:
+        """Rows arrive as [member][its experts for this rank][C_member]; experts want them grouped by expert.
+        on_device: hand the kernel its counts as a device tensor (uploaded once per shape), not a list."""
         if not self.expert_ids:
             return received.new_zeros(0, self.experts.d_model)
         key = (tuple(capacities), received.device)
@@ -137,9 +174,10 @@ class ExpertParallelFFN(SwitchFFN):
             order, counts = self._grouping(capacities, received.device)
             back = torch.empty_like(order)
             back[order] = torch.arange(order.numel(), device=order.device)
-            self._arrival = (key, order, back, counts)
-        _, order, back, counts = self._arrival
-        y = self.experts(received.index_select(0, order), counts, self.routing.kernel)
+            self._arrival = (key, order, back, counts, torch.tensor(counts, device=received.device))
+        _, order, back, counts, device_counts = self._arrival
+        y = self.experts(received.index_select(0, order), device_counts if on_device else counts,
+                         self.routing.kernel)
         return y.index_select(0, back)  # in arrival order again, for the return exchange
 
     def _grouping(self, capacities: list[int], device: torch.device) -> tuple[torch.Tensor, list[int]]:
