@@ -17,7 +17,7 @@ ENTRY = {"moeify/__init__.py", "moeify/run.py", "moeify/distributed.py"}
 TORCH_FREE = ["planner/cost.py", "planner/draw.py", "planner/hardware.py", "planner/nvidia_smi.py",
               "planner/placement.py", "planner/plan.py", "planner/search.py", "planner/topology.py",
               "planner/workload.py", "checkpoint/records.py", "checkpoint/files.py", "checkpoint/model_presets.py",
-              "planner/__init__.py", "config.py", "errors.py", "conversion/report.py",
+              "checkpoint/schemas.py", "planner/__init__.py", "config.py", "errors.py", "conversion/report.py",
               "conversion/__init__.py", "training/runs.py", "training/compare.py"]
 
 

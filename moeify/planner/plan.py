@@ -6,10 +6,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moeify.checkpoint.files import read_json, write_text_atomically
+from moeify.checkpoint.schemas import PLAN_SCHEMA as SCHEMA
+from moeify.checkpoint.schemas import PLAN_VERSION as VERSION  # still 1: the file keeps the derived fields
+from moeify.checkpoint.schemas import validate
 from moeify.errors import MoeifyError
 
-SCHEMA = "moeify.plan"
-VERSION = 1  # the file still carries the derived fields, so storing the grid once did not change it
 MESH_DIMS = ("dp", "ep")
 
 
@@ -166,7 +167,9 @@ class ShardingPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "ShardingPlan":
-        return cls.from_dict(read_json(path, what="plan", fix=f"make one with `moeify plan ... -o {path}`"))
+        """A plan file: its schema checked (checkpoint/schemas.py) before from_dict's checks of the grid."""
+        data = read_json(path, what="plan", fix=f"make one with `moeify plan ... -o {path}`")
+        return cls.from_dict(validate("plan.json", data, path))
 
     def check(self) -> None:
         """Internal consistency: a rank grid holding every rank once, placements inside the groups."""

@@ -18,6 +18,7 @@ from xml.etree.ElementTree import ParseError
 import networkx as nx
 
 from moeify.checkpoint.files import write_text_atomically
+from moeify.checkpoint.schemas import validate
 from moeify.errors import MoeifyError
 from moeify.planner.hardware import (
     DEFAULT_GPU,
@@ -120,8 +121,8 @@ def read_topology(path: Path, nodes: int = 1, gpu: str = DEFAULT_GPU) -> Topolog
         raise MoeifyError(f"topology file {path} not found: pass a preset ({', '.join(TOPOLOGY_PRESETS)}) or an existing file")
     try:
         if path.suffix == ".json":
-            data = json.loads(path.read_text())
-            key = "links" if "links" in data and "edges" not in data else "edges"
+            data = validate("topology", json.loads(path.read_text()), path)
+            key = "links" if "links" in data else "edges"
             graph = nx.node_link_graph(data, directed=False, multigraph=False, edges=key)
         elif path.suffix == ".graphml":
             graph = nx.Graph(nx.read_graphml(path))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from moeify.checkpoint.files import read_json
 from moeify.checkpoint.records import ModelSummary, SwitchLayerRecord
+from moeify.checkpoint.schemas import validate
 from moeify.config import RoutingConfig
 from moeify.errors import MoeifyError
 
@@ -88,9 +89,6 @@ def workload_from_summary(summary: ModelSummary, *, dtype: str = "bfloat16", tok
 
 
 def read_load(path: str | Path) -> dict[str, list[float]]:
-    """Per-layer token fractions from `moeify calibrate` output."""
-    data = read_json(path, what="load file", fix="create it with `moeify calibrate`")
-    try:
-        return {name: [float(x) for x in entry["fraction"]] for name, entry in data["layers"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise MoeifyError(f"{path} is not a `moeify calibrate` load file ({e}): create it again") from None
+    """Per-layer token fractions from `moeify calibrate` output (its schema: checkpoint/schemas.py)."""
+    data = validate("load.json", read_json(path, what="load file", fix="create it with `moeify calibrate`"), path)
+    return {name: [float(x) for x in entry["fraction"]] for name, entry in data["layers"].items()}

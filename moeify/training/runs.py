@@ -10,17 +10,14 @@ from pathlib import Path
 from typing import Sequence
 
 from moeify.checkpoint.files import read_json, write_text_atomically
+from moeify.checkpoint.schemas import METRICS
 from moeify.errors import MoeifyError
 
 METRICS_FILE = "metrics.csv"
 RUN_FILE = "run.json"
 RUN_SCHEMA, RUN_VERSION = "moeify.run", 1
-LOAD_CV_PREFIX = "load_cv/"  # then one column per Switch layer: load_cv/<layer name>
-COLUMNS = ("step", "tokens", "wall_seconds", "lr", "train_loss", "val_loss", "aux_loss", "z_loss",
-           "dropped_fraction", "load_cv_mean")
-INT_COLUMNS = ("step", "tokens")
-# Empty cells mean "not measured": val_loss between evaluations, the router figures in a dense run.
-OPTIONAL_COLUMNS = ("val_loss", "aux_loss", "z_loss", "dropped_fraction", "load_cv_mean")
+# metrics.csv's columns are declared with every file's schema, in checkpoint/schemas.py.
+LOAD_CV_PREFIX, COLUMNS = METRICS.prefix, METRICS.columns  # then one column per Switch layer: load_cv/<layer name>
 WRITTEN_BY = "`moeify train` writes one"
 
 
@@ -110,31 +107,16 @@ def read_metrics(run_dir: str | Path) -> Metrics:
     if not lines:
         raise MoeifyError(f"{path} is empty: it has no header line")
     columns = lines[0]
-    missing = [c for c in COLUMNS if c not in columns]
-    if missing:
-        raise MoeifyError(f"{path} lacks the columns {', '.join(missing)}")
-    unknown = [c for c in columns if c not in COLUMNS and not c.startswith(LOAD_CV_PREFIX)]
-    if unknown:
-        raise MoeifyError(f"{path} has unknown columns {', '.join(unknown)}")
+    METRICS.check_header(columns, path)
     layers = tuple(c.removeprefix(LOAD_CV_PREFIX) for c in columns if c.startswith(LOAD_CV_PREFIX))
     rows = []
     for line, cells in enumerate(lines[1:], start=2):
         if len(cells) != len(columns):
             raise MoeifyError(f"{path} line {line} has {len(cells)} cells, the header {len(columns)}")
-        values = {c: _parse(path, line, c, cell) for c, cell in zip(columns, cells)}
+        values = {c: METRICS.parse(path, line, c, cell) for c, cell in zip(columns, cells)}
         rows.append(MetricsRow(**{c: values[c] for c in COLUMNS},
                                load_cv={name: values[LOAD_CV_PREFIX + name] for name in layers}))
     return Metrics(layers, rows)
-
-
-def _parse(path: Path, line: int, column: str, cell: str) -> float | int | None:
-    if cell == "" and column in OPTIONAL_COLUMNS:
-        return None
-    try:
-        return int(cell) if column in INT_COLUMNS else float(cell)
-    except ValueError:
-        kind = "an integer" if column in INT_COLUMNS else "a number"
-        raise MoeifyError(f"{path} line {line}, column {column}: {cell!r} is not {kind}") from None
 
 
 @dataclass(frozen=True)

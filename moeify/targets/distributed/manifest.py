@@ -7,12 +7,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moeify.checkpoint.files import read_json
+from moeify.checkpoint.schemas import MANIFEST_FORMAT as FORMAT
+from moeify.checkpoint.schemas import MANIFEST_VERSION as VERSION
+from moeify.checkpoint.schemas import validate
 from moeify.errors import MoeifyError
 
 MANIFEST_FILE = "manifest.json"
 PLAN_FILE = "plan.json"
-FORMAT = "moeify.distributed"
-VERSION = 1
 _CHUNK = 1 << 22  # 4 MiB reads: hashing never holds a whole shard in memory
 
 
@@ -35,16 +36,10 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict, where: Path) -> "Manifest":
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise MoeifyError(f"{where} is not a torch-distributed manifest: re-run `moeify export`")
-        if data.get("version") != VERSION:
-            raise MoeifyError(f"{where} has version {data.get('version')}, this moeify reads {VERSION}: "
-                              "re-run `moeify export` with this version")
-        try:
-            return cls(world_size=data["world_size"], files=data["files"],
-                       ranks=[RankShard(**r) for r in data["ranks"]], source=data.get("source", {}))
-        except (KeyError, TypeError) as e:
-            raise MoeifyError(f"{where} is incomplete ({e}): re-run `moeify export`") from None
+        """A manifest read from `where`, its schema checked (checkpoint/schemas.py)."""
+        validate(MANIFEST_FILE, data, where)
+        return cls(world_size=data["world_size"], files=data["files"], ranks=[RankShard(**r) for r in data["ranks"]],
+                   source=data.get("source", {}))
 
 
 def sha256_file(path: Path) -> str:
