@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every performance benchmark, one after the other, each writing Markdown and JSON to benchmarks/results/.
+# Run on a quiet machine: each table's ratios come from variants interleaved in one run, but another busy
+# process still adds noise. About 45 minutes on the 2-core development machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+$PY benchmarks/bench_layer.py                     # the layer vs transformers, dense and the roofline
+$PY benchmarks/bench_kernels.py                   # what each cpu-kernel trick buys: large groups
+$PY benchmarks/bench_kernels.py --experts 64 128 256 --tokens 64 256 --without reference grouped_mm \
+    --out benchmarks/results/bench_kernels_small.md  # few rows per expert
+$PY benchmarks/bench_model.py                     # one training step of t5-small and its Switch-8 conversion
+$PY benchmarks/profile_step.py                    # where that step's time goes
+$PY benchmarks/bench_convert.py                   # conversion and loading: wall time and peak RSS
+$PY benchmarks/bench_onnx.py --parts forward generate quantize  # onnxruntime vs eager, KV cache, QMoE
