@@ -89,3 +89,35 @@ def test_expert_dropout_only_in_training():
     layer.train()
     assert not torch.equal(layer(x), layer(x))
     assert math.isclose(layer.experts.dropout.p, 0.9)
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "cuda"])
+@pytest.mark.parametrize("capacity_factor, shortcut", [(1.0, True), (0.5, False)])
+def test_one_expert_with_room_for_every_token_skips_dispatch_and_changes_nothing(
+        monkeypatch, kernel, capacity_factor, shortcut):
+    """E = 1 with capacity for every token is the identity plan: the shortcut gives the general path's output and
+    every gradient (router included, through its losses); with too little capacity the general path drops tokens."""
+    from moeify.layers.collector import router_losses
+
+    results = []
+    for forced_general in (False, True):
+        routing = RoutingConfig(num_experts=1, capacity_factor=capacity_factor, min_capacity=1, kernel=kernel,
+                                z_loss_coef=1e-2)
+        m = SwitchFFN(16, 32, routing, nn.ReLU())
+        g = torch.Generator().manual_seed(0)
+        m.router.reset_parameters(1.0, g)
+        m.experts.reset_parameters(1.0, g)
+        assert m.keeps_every_token(12) is shortcut
+        if forced_general:
+            monkeypatch.setattr(m, "keeps_every_token", lambda n: False)
+        x = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with router_losses(m) as losses:
+            y = m(x)
+            (y.sin().sum() + losses.total()).backward()
+        results.append((y, x.grad, [p.grad for p in m.parameters()], losses.layers[0].dropped))
+    (y0, gx0, gp0, d0), (y1, gx1, gp1, d1) = results
+    assert d0 == d1 == (0 if shortcut else 6)
+    torch.testing.assert_close(y0, y1)
+    torch.testing.assert_close(gx0, gx1)
+    for a, b in zip(gp0, gp1):
+        torch.testing.assert_close(a, b)
