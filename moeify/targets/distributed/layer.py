@@ -107,6 +107,9 @@ class ExpertParallelFFN(SwitchFFN):
         back = self._exchange(computed, to_experts, from_members)  # (E * C, d_model), same rows as send
         return back.index_select(0, row)
 
+    def keeps_every_token(self, num_tokens: int) -> bool:
+        return False  # the one expert may live on another rank: tokens always take the exchange
+
     def _static_expert_step(self, x: torch.Tensor, route: RouterOutput, plan: StaticDispatch) -> torch.Tensor:
         """The same exchange with every size from shapes alone, so a CUDA step never waits for the host: every
         member's C is this rank's (members must route equal token counts, which is checked on the device), and
