@@ -26,7 +26,6 @@ VARIANTS = {
     "cpu": CpuKernel(),
     "no oneDNN": CpuKernel(dnnl=False),
     "no pool": CpuKernel(pool=False),
-    "no weight side": CpuKernel(weight_side_max_rows=0),
     "span only": CpuKernel(batching="span"),
     "pairs only": CpuKernel(batching="pairs"),
     "reference": "reference",

@@ -150,3 +150,19 @@ def test_the_onednn_probe_finds_the_op_where_torch_has_it(monkeypatch):
     y = grouped_linear(x, w, b, [64, 6], CpuKernel(batching="pairs"))  # 64 rows reach oneDNN's minimum
     assert used == [64, 64]  # both experts of the pair: the pair is padded to 64 rows each
     torch.testing.assert_close(y, grouped_linear(x, w, b, [64, 6], "reference"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("counts", [[1, 3, 0, 2], [9, 12, 0, 16], [70, 1, 0, 64]])
+def test_the_cpu_kernel_gives_the_same_bits_wherever_the_weights_lie(counts):
+    """A loaded checkpoint's tensors sit at the file's offsets, not at an allocator's 64-byte boundary: results must
+    not depend on that, or a model saved and loaded again computes different bits (a `(w @ x.T).T` form did)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(len(counts), 64, 32, generator=g)
+    b = torch.randn(len(counts), 64, generator=g)
+    x = torch.randn(sum(counts), 32, generator=g)
+    want = grouped_linear(x, w, b, counts, CpuKernel())
+    buffer = torch.empty(w.numel() + 16)
+    for offset in range(1, 16):  # 4-byte steps through every 64-byte alignment
+        moved = buffer[offset:offset + w.numel()].view_as(w)
+        moved.copy_(w)
+        assert torch.equal(grouped_linear(x, moved, b, counts, CpuKernel()), want), offset

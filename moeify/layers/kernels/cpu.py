@@ -22,9 +22,6 @@ _FLOPS = 150e9
 # a batch of experts: MKL packs the transposed weight on every call, oneDNN streams it (1.2-1.9x
 # faster from 8 float32 rows; bfloat16 bmm is as fast as oneDNN up to ~64 rows). docs/performance.md.
 DNNL_MIN_ROWS = {torch.float32: 8, torch.bfloat16: 64}
-# Up to this many rows per expert (float32) the forward computes (w @ x.T).T: 1.2-1.5x faster layers
-# at 1-4 rows per expert, neutral at 4-8 (docs/performance.md).
-WEIGHT_SIDE_MAX_ROWS = 4
 
 
 def probe_dnnl():
@@ -102,8 +99,7 @@ class _GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, batches, dnnl, weight_side, pool):
-        # x: (R, in), weight: (E, out, in), bias: (E, out); weight_side: most rows for the (w @ x.T).T form
+    def forward(ctx, x, weight, bias, batches, dnnl, pool):  # x: (R, in), weight: (E, out, in), bias: (E, out)
         y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)  # (R, out)
         for b in batches:
             rows = slice(b.row, b.row + b.k * b.slots)
@@ -122,13 +118,6 @@ class _GroupedLinear(torch.autograd.Function):
                         torch.mm(xb[j], weight[e].t(), out=yb[j])
                     else:
                         torch.addmm(bias[e], xb[j], weight[e].t(), out=yb[j])
-                continue
-            if b.slots <= weight_side and x.dtype == torch.float32:
-                # A few rows: (w @ x.T).T streams each weight once as the long side of the GEMM, where
-                # x @ w.T packs it first (1.4-1.8x faster here at 1-4 rows).
-                yb.copy_(torch.bmm(_experts_view(weight, b), xb.transpose(1, 2)).transpose(1, 2))
-                if bias is not None:
-                    yb.add_(_experts_view(bias, b).unsqueeze(1))
                 continue
             w = _experts_view(weight, b).transpose(1, 2)  # (k, in, out)
             if bias is None:
@@ -170,7 +159,7 @@ class _GroupedLinear(torch.autograd.Function):
                 if e > start:
                     zero_pages_(grad_w[start:e])
                 e += 1
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class CpuLayout:
@@ -215,21 +204,19 @@ class CpuLayout:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(x),
-                                    self.kernel.weight_side_max_rows, self.kernel.pool)
+                                    self.kernel.pool)
 
 
 @dataclass(frozen=True)
 class CpuKernel:
     """batching: "auto" (the cost model's choice), "span" (one bmm) or "pairs"; dnnl_min_rows: rows per expert
     from which the forward takes oneDNN's linear; dnnl: whether to use it at all (when the probe finds it);
-    weight_side_max_rows: up to this many float32 rows per expert the forward computes (w @ x.T).T (0: never);
     pool: large buffers from moeify.layers.memory's recycled huge-page mappings, else torch.empty. Each trick
     can be switched off, which is how benchmarks/bench_kernels.py measures what it buys."""
 
     batching: str = "auto"
     dnnl_min_rows: int | None = None  # None: DNNL_MIN_ROWS for the dtype
     dnnl: bool = True
-    weight_side_max_rows: int = WEIGHT_SIDE_MAX_ROWS
     pool: bool = True
     name: str = "cpu"
 
