@@ -123,7 +123,7 @@ def test_inspect_refuses_a_non_moeify_directory(tmp_path):
 
 
 def test_memory_check_points_to_meta(tmp_path, monkeypatch):
-    monkeypatch.setattr(convert_cli, "_available_bytes", lambda: 10**9)
+    monkeypatch.setattr(convert_cli, "available_memory", lambda: 10**9)
     result = run("convert", "t5-base", "--experts", 128, "-o", tmp_path / "out")
     assert_user_error(result, tmp_path, "use --device meta")
 
@@ -135,7 +135,7 @@ def test_console_script_main_job(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "6 FFNs -> SwitchFFN" in proc.stdout and "forward check" in proc.stdout
-    assert {p.name for p in out.iterdir()} == {"moeify.json", "moeify-model.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"moeify.json", "moeify-model.safetensors", "moeify-manifest.json"}
     bad = subprocess.run([sys.executable, "-m", "moeify.cli", "convert", "t5-small", "--experts", "0"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

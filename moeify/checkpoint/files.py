@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,9 +57,25 @@ def copy_tokenizer(source: Path | None, target: Path) -> list[str]:
 
 
 def check_file_writable(path: Path | None, force: bool) -> None:
-    """Fail early, before any work, when output `path` exists and --force was not given."""
+    """Fail early, before any work, when output `path` exists and --force was not given. Leftover temporaries of
+    `path` from a killed moeify process go first (clean_leftovers), so a previous output they held counts."""
+    if path is not None:
+        clean_leftovers(Path(path))
     if path is not None and path.exists() and not force:
         raise MoeifyError(f"{path} already exists: pass {opt('force', True)} to replace it, or choose another path")
+
+
+def check_not_inside(out: Path, source: Path) -> None:
+    """Refuse an output directory that is `source` or lies inside it, or that holds `source`: replacing it would
+    delete the input that is being read, and a conversion would write into the model it converts."""
+    out_real, source_real = Path(out).resolve(), Path(source).resolve()
+    if out_real == source_real:
+        raise MoeifyError(f"-o {out} is the source directory {source}: choose an output path outside it")
+    if source_real in out_real.parents:
+        raise MoeifyError(f"-o {out} lies inside the source directory {source}: choose an output path outside it")
+    if out_real in source_real.parents:
+        raise MoeifyError(f"-o {out} holds the source directory {source}, which replacing it would delete: "
+                          "choose another output path")
 
 
 def make_output_dir(directory: Path, out: Path) -> Path:
@@ -72,16 +93,152 @@ def cannot_write(out: Path, e: OSError) -> MoeifyError:
     return MoeifyError(f"cannot write {out} ({e.strerror}): choose another output path")
 
 
+# Temporaries name their owner: ".NAME.moeify-HOST-PID-START-RANDOM.tmp" (being written) and ".old" (the previous
+# output moved aside for the instant of the swap), HOST a hash of the host name and START the process's start time
+# (clock ticks after boot, 0 where /proc is missing). A process killed by SIGKILL (or the OOM killer, or a lost
+# node) runs no cleanup, so the next write to the same NAME removes what a dead owner left: the PID tells whether
+# the owner lives, START whether that PID is still the owner and not a recycled one, HOST whether the PID can be
+# asked at all (on a shared file system another machine's temporaries are left alone).
+_TAG = "moeify"
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _proc_stat(pid: int) -> tuple[str, int]:
+    """The process's state and start time from /proc/PID/stat (fields 3 and 22, after the parenthesised name);
+    ("?", 0) if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return fields[0], int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return "?", 0
+
+
+def _start_time(pid: int) -> int:
+    return _proc_stat(pid)[1]
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.{_TAG}-{_host()}-{os.getpid()}-{_start_time(os.getpid())}-"
+
+
+def _leftover_pattern(name: str) -> re.Pattern:
+    # mkstemp and mkdtemp draw the random part from [a-z0-9_]
+    return re.compile(rf"\.{re.escape(name)}\.{_TAG}-([0-9a-f]{{8}})-(\d+)-(\d+)-[a-z0-9_]+\.(tmp|old)")
+
+
+def _owner_alive(host: str, pid: int, start: int) -> bool:
+    """Whether the process that named a temporary may still be writing it (in doubt: yes)."""
+    if host != _host() or pid <= 0:
+        return True  # another machine's process, which we cannot ask
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    except (OverflowError, OSError):
+        return True
+    state, now = _proc_stat(pid)
+    if state in ("Z", "X"):
+        return False  # killed, not yet reaped by its parent
+    return start == 0 or now == 0 or now == start  # a different start time: the pid was recycled
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def clean_leftovers(out: Path) -> list[Path]:
+    """Remove the temporaries of output `out` (see _TAG) whose moeify process is dead, quietly; returns them.
+
+    Nothing else is touched: not other names, not a live process's temporaries, not another host's. A previous
+    output moved aside (".old") by a process killed between its two renames is put back when `out` is missing
+    (one note on stderr says so); otherwise it is removed with the rest."""
+    out = Path(out)
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return []
+    pattern = _leftover_pattern(out.name)
+    removed, moved_aside = [], []
+    for entry in sorted(entries):
+        m = pattern.fullmatch(entry.name)
+        if not m or _owner_alive(m[1], int(m[2]), int(m[3])):
+            continue
+        if m[4] == "old":
+            moved_aside.append(entry)
+            continue
+        clean_leftovers(entry)  # a nested atomic write (a checkpoint's save) names its temporaries after this one
+        _remove(entry)
+        removed.append(entry)
+    for old in moved_aside:
+        if out.exists() or out.is_symlink():
+            _remove(old)
+            removed.append(old)
+            continue
+        try:
+            old.rename(out)
+        except OSError:
+            continue  # left as it is: a previous output is never removed while `out` is missing
+        print(f"note: restored {out}, which a killed moeify process had moved aside", file=sys.stderr)
+    return removed
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc says it (os.umask alone must set it to read it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _open_permissions(directory: Path) -> None:
+    """Give `directory` and everything in it the permissions mkdir and open would under the umask: mkdtemp makes
+    0700 and safetensors' save_file 0600, which would keep a shared output from the rest of a team."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for root, dirs, names in os.walk(directory):
+        for name in dirs + names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):  # a link's target is not ours to change (os.walk does not enter it)
+                executable = os.path.isdir(path) or os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def write_text_atomically(path: Path, text: str) -> None:
-    """The whole file or nothing: write a temporary sibling, then rename it into place."""
+    """The whole file or nothing: write a temporary sibling, then rename it into place. The file gets the
+    permissions open() would give (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
     make_output_dir(path.parent, path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    clean_leftovers(path)
     try:
-        tmp.write_text(text)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise cannot_write(path, e) from None
-    tmp.replace(path)
+    tmp = Path(name)
+    try:
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o666 & ~_umask())
+        except OSError as e:
+            raise cannot_write(path, e) from None
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def check_writable(out: Path, force: bool) -> None:
@@ -92,27 +249,37 @@ def check_writable(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out` only if the block succeeds.
+def atomic_directory(out: Path, *, force: bool = False, manifest: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` only if the block succeeds, with a moeify-manifest.json
+    (integrity.py: every file's sha256 and size) unless `manifest` is False (an export that lists its files itself).
 
-    On any failure the temporary directory is removed, so no half-written output remains.
+    On any failure (an exception, Ctrl-C, SIGTERM through the CLI) the temporary directory is removed, so no
+    half-written output remains; a SIGKILL leaves it, named for its owner, and the next write to `out` removes it
+    (clean_leftovers). The directory gets the permissions mkdir would give (0777 less the umask), not mkdtemp's 0700.
     """
     out = Path(out)
     check_writable(out, force)
     make_output_dir(out.parent, out)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out.name), suffix=".tmp", dir=out.parent))
     except OSError as e:
         raise cannot_write(out, e) from None
+    old = tmp.with_name(tmp.name[:-len(".tmp")] + ".old")
     try:
         yield tmp
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name}")
+        if manifest:
+            from moeify.checkpoint.integrity import write_manifest  # integrity reads JSON through this module
+
+            write_manifest(tmp)
+        _open_permissions(tmp)
+        if out.exists() or out.is_symlink():
             out.rename(old)
         tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if old.exists() or old.is_symlink():
+            _remove(old)
     except BaseException:
+        if old.exists() and not out.exists():  # interrupted between the two renames: the previous output returns
+            with contextlib.suppress(OSError):
+                old.rename(out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise

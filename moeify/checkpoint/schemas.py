@@ -253,6 +253,8 @@ RANKS = List(List(Int(0)))
 SHA256 = Str(pattern="[0-9a-f]{64}", what="a sha256 hex digest")
 # Readers join these to the export directory: a path could point outside it.
 FILE_NAME = Str(pattern=r"(?!\.\.?$)[^/\\]+", what="a file name in the export directory")
+# A file anywhere below the directory, in POSIX form: no absolute path, no "." or ".." part.
+RELATIVE_PATH = Str(pattern=r"(?!(?:.*/)?\.\.?(?:/|$))(?:[^/\\]+/)*[^/\\]+", what="a path inside the directory")
 NUMBER = Num(0)
 
 
@@ -261,6 +263,7 @@ MOEIFY_FORMAT, MOEIFY_VERSION = "moeify", 3
 PLAN_SCHEMA, PLAN_VERSION = "moeify.plan", 1
 LOAD_SCHEMA, LOAD_VERSION = "moeify.load", 1
 MANIFEST_FORMAT, MANIFEST_VERSION = "moeify.distributed", 1
+INTEGRITY_FORMAT, INTEGRITY_VERSION = "moeify.manifest", 1
 
 
 class Schema:
@@ -323,6 +326,11 @@ SCHEMAS = {
         "ranks": List(Obj({"rank": Int(0), "file": FILE_NAME, "experts": Map(List(Int(0)))}))},
         {"source": SOURCE}),
         "re-run `moeify export --target torch-distributed`"),
+    # Every atomic output directory's files (checkpoint/integrity.py); a directory without one is read unverified.
+    "moeify-manifest.json": Schema(Obj({
+        "format": Tag(INTEGRITY_FORMAT, "a moeify file manifest"), "version": Version(INTEGRITY_VERSION),
+        "files": Map(Obj({"sha256": SHA256, "size": Int(0)}), key=RELATIVE_PATH)}),
+        "write the directory again (`moeify convert`/`export`)"),
 }
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from moeify.checkpoint.metadata import MOEIFY_FILE, read_metadata, saved_summary
-from moeify.checkpoint.sources import build_hf, config_from_dict
+from moeify.checkpoint.sources import build_hf, config_errors, config_from_dict
 from moeify.config import MoEConfig
 from moeify.conversion.pipeline import convert
 from moeify.errors import MoeifyError
@@ -19,8 +19,13 @@ def dense_skeleton(path: Path, meta: dict, device: str) -> nn.Module:
     if architecture is None or not isinstance(meta.get("dense_config"), dict):
         raise MoeifyError(f"{path} holds a converted {meta['source'].get('class', 'custom module')}: "
                           "pass a fresh dense instance as model=..., e.g. moeify.load(path, model=YourModel())")
-    return build_hf(config_from_dict(meta["dense_config"], f"{path / MOEIFY_FILE}'s dense_config"), device,
-                    architecture=architecture, init=False)  # the saved weights replace every value
+    where = f"{path / MOEIFY_FILE}'s dense_config"
+    config = config_from_dict(meta["dense_config"], where)
+    try:
+        return build_hf(config, device, architecture=architecture, init=False)  # the saved weights replace every value
+    except config_errors() as e:  # a config value the model cannot use
+        raise MoeifyError(f"{where} does not build a {architecture} ({' '.join(str(e).split())}): convert the model "
+                          "again with `moeify convert`") from None
 
 
 def replay(path: Path, meta: dict, model: nn.Module) -> nn.Module:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from moeify.checkpoint.files import read_json
+from moeify.checkpoint.integrity import Verifier
 from moeify.checkpoint.metadata import MOEIFY_FILE
 from moeify.checkpoint.model_presets import Preset, resolve_source
 from moeify.errors import MoeifyError
@@ -32,11 +33,16 @@ def weight_files(directory: Path, stem: str = "model") -> list[Path]:
     or `stem`.safetensors.index.json (Hugging Face's "model"; moeify outputs use WEIGHTS_STEM)."""
     index = directory / f"{stem}.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = read_json(index, fix="re-save the model")["weight_map"]
-        except (KeyError, TypeError, AttributeError):
-            raise MoeifyError(f"{index} has no weight_map: re-save the model") from None
-        return [directory / name for name in sorted(set(weight_map.values()))]
+        weight_map = read_json(index, fix="re-save the model").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise MoeifyError(f"{index} has no weight_map of tensor names to file names: re-save the model")
+        files = sorted(set(weight_map.values()))
+        # A shard is a file beside the index, never a path elsewhere ("../x", "/etc/x").
+        outside = [name for name in files if Path(name).name != name or name in ("", ".", "..")]
+        if outside:
+            raise MoeifyError(f"{index} names {outside[0]!r}, not a file beside it: re-save the model")
+        return [directory / name for name in files]
     single = directory / f"{stem}.safetensors"
     if single.is_file():
         return [single]
@@ -52,6 +58,14 @@ def hf_config(directory: Path):
     return config_from_dict(data, str(directory / "config.json"))
 
 
+def config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a config value it cannot use: a wrong type or range, in the config's strict
+    field validation (huggingface_hub's own error class) or when a model is built from it."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return ValueError, KeyError, TypeError, AttributeError, IndexError, StrictDataclassError
+
+
 def config_from_dict(data: dict, where: str):
     """A transformers config from its JSON dict (a config.json, or moeify.json's dense_config)."""
     import transformers
@@ -59,10 +73,13 @@ def config_from_dict(data: dict, where: str):
     model_type = data.get("model_type")
     if not model_type:
         raise MoeifyError(f"{where} has no model_type: it is not a transformers config")
+    if model_type not in transformers.CONFIG_MAPPING and data.get("auto_map"):
+        raise MoeifyError(f"{where}: model_type {model_type!r} is defined by the directory's own Python code "
+                          "(auto_map), which moeify never runs: convert a model whose class ships with transformers")
     try:
         return transformers.AutoConfig.for_model(**data)
-    except (ValueError, KeyError, TypeError) as e:
-        raise MoeifyError(f"{where}: transformers cannot read it ({e})") from None
+    except config_errors() as e:  # a value of the wrong type, e.g. id2label "x"
+        raise MoeifyError(f"{where}: transformers cannot read it ({' '.join(str(e).split())})") from None
 
 
 def hf_model_class(config, architecture: str | None = None) -> type[nn.Module]:
@@ -77,10 +94,23 @@ def hf_model_class(config, architecture: str | None = None) -> type[nn.Module]:
         cls = getattr(transformers, name, None)
         if isinstance(cls, type) and issubclass(cls, nn.Module):
             return cls
+    remote = [ref for ref in _auto_map_refs(config) if ref.rpartition(".")[2] in names]
+    if remote:  # the class is the directory's own code: a built-in stand-in would compute something else
+        raise MoeifyError(f"config architectures {names} name the directory's own Python code ({remote[0]} in "
+                          "auto_map), which moeify never runs: convert a model whose class ships with transformers")
     if config.model_type == "t5":
         return transformers.T5ForConditionalGeneration
     raise MoeifyError(f"config architectures {names or '(none)'} are not transformers classes: "
                       "moeify only builds models that ship with transformers (no remote code)")
+
+
+def _auto_map_refs(config) -> list[str]:
+    """The "module.Class" references of a config's auto_map (values may be lists: a tokenizer's slow/fast pair)."""
+    auto_map = getattr(config, "auto_map", None)
+    refs = []
+    for value in (auto_map.values() if isinstance(auto_map, dict) else []):
+        refs += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, str)]
+    return refs
 
 
 def build_hf(config, device: str, seed: int = 0, architecture: str | None = None, *, init: bool = True) -> nn.Module:
@@ -106,11 +136,12 @@ class DenseModel(NamedTuple):
     source: dict[str, Any]
 
 
-def load_dense(source: str, *, device: str = "cpu", seed: int = 0) -> DenseModel:
-    """The dense model named by `source` (a path or a preset)."""
+def load_dense(source: str, *, device: str = "cpu", seed: int = 0, verify: bool = True) -> DenseModel:
+    """The dense model named by `source` (a path or a preset). `verify`: a directory moeify wrote (a dense
+    training checkpoint, a Hugging Face export) is checked against its moeify-manifest.json first."""
     found = resolve_source(source)
     if isinstance(found, Path):
-        model = _load_directory(found, device)
+        model = _load_directory(found, device, verify)
         return DenseModel(model, None, {"kind": "hf", "path": str(found.resolve()),
                                         "architecture": type(model).__name__})
     preset = found
@@ -123,14 +154,17 @@ def load_dense(source: str, *, device: str = "cpu", seed: int = 0) -> DenseModel
                                       "architecture": type(model).__name__})
 
 
-def _load_directory(path: Path, device: str) -> nn.Module:
+def _load_directory(path: Path, device: str, verify: bool = True) -> nn.Module:
     if not path.is_dir():
         raise MoeifyError(f"{path} is a file: pass a Hugging Face model directory (config.json + safetensors)")
     if (path / MOEIFY_FILE).is_file():
         raise MoeifyError(f"{path} is already a moeify output: inspect it with `moeify inspect {path}`")
     if not (path / "config.json").is_file():
         raise MoeifyError(f"{path} has no config.json: pass a Hugging Face model directory")
-    config = hf_config(path)
+    config = hf_config(path)  # first: a config.json transformers cannot read has its own, more precise refusal
+    checked = Verifier(path) if verify else None
+    if checked is not None:
+        checked.check_all(skip=lambda name: name.endswith(".safetensors"))  # the weights as they load
     if config.model_type == "switch_transformers":  # its FFNs are experts already: converting them again is wrong
         raise MoeifyError(f"{path} is a SwitchTransformers checkpoint, sparse already: import it with "
                           f"`moeify convert {path}` (moeify.checkpoint.switch_import.import_switch)")
@@ -140,15 +174,16 @@ def _load_directory(path: Path, device: str) -> nn.Module:
                           "for a structure-only conversion")
     model = build_hf(config, "meta" if device == "meta" else "cpu", init=False)  # load_weights fills it
     if device != "meta":
-        load_weights(model, files)
+        load_weights(model, files, before=checked.check if checked else None)
         model.to(device)
     return model
 
 
 def load_weights(model: nn.Module, files: list[Path], *, progress=None, assign: bool = False,
-                 device: str | torch.device = "cpu") -> dict[str, str]:
+                 device: str | torch.device = "cpu", before: Callable[[Path], None] | None = None) -> dict[str, str]:
     """Copy safetensors weights into `model`, which must expect exactly these names; with `assign`, each tensor
-    read becomes the parameter itself (no second copy: `model` may be on meta). Returns the tied aliases, found
+    read becomes the parameter itself (no second copy: `model` may be on meta). `before`(file) runs just before
+    each file loads (a Verifier's check: the load then reads the pages it hashed). Returns the tied aliases, found
     before loading, since assignment separates what they name."""
     from safetensors.torch import load_file
 
@@ -156,12 +191,19 @@ def load_weights(model: nn.Module, files: list[Path], *, progress=None, assign: 
     expected = set(model.state_dict())
     seen: set[str] = set()
     for i, f in enumerate(files):
-        check_safetensors(f)
+        check_safetensors(f)  # first: a truncated or garbled header has its own, more precise refusal
+        if before is not None:
+            before(f)
         tensors = load_file(str(f), device=str(device))
         unexpected = sorted(set(tensors) - expected)
         if unexpected:
             raise MoeifyError(f"{f} holds weights the model does not have ({unexpected[:3]}): "
                               "it belongs to a different model or configuration")
+        shapes = model.state_dict()
+        wrong = next((k for k, t in tensors.items() if tuple(t.shape) != tuple(shapes[k].shape)), None)
+        if wrong is not None:
+            raise MoeifyError(f"{f} holds {wrong} of shape {list(tensors[wrong].shape)} where the model has "
+                              f"{list(shapes[wrong].shape)}: it belongs to a different model or configuration")
         model.load_state_dict(tensors, strict=False, assign=assign)
         seen |= set(tensors)
         del tensors
@@ -175,11 +217,12 @@ def load_weights(model: nn.Module, files: list[Path], *, progress=None, assign: 
 
 
 def assign_weights(model: nn.Module, files: list[Path], *, buffers: dict[str, torch.Tensor] | None = None,
-                   device: str | torch.device = "cpu", progress=None) -> None:
+                   device: str | torch.device = "cpu", progress=None,
+                   before: Callable[[Path], None] | None = None) -> None:
     """Fill `model`, built on the meta device, from safetensors `files`: each tensor read is assigned, not copied,
     so the weights exist once; then tied weights are restored and `buffers` (values no checkpoint holds, such as
-    rotary tables) registered. Every tensor must end up with a value."""
-    aliases = load_weights(model, files, progress=progress, assign=True, device=device)
+    rotary tables) registered. Every tensor must end up with a value. `before`: as load_weights'."""
+    aliases = load_weights(model, files, progress=progress, assign=True, device=device, before=before)
     values = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     for alias, target in aliases.items():
         owner, _, leaf = alias.rpartition(".")

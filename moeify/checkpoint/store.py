@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from moeify.checkpoint.files import atomic_directory, copy_tokenizer
+from moeify.checkpoint.integrity import Verifier, remember
 from moeify.checkpoint.metadata import FORMAT_VERSION, MOEIFY_FILE, WEIGHTS_STEM, read_metadata
 from moeify.checkpoint.skeleton import dense_skeleton, replay, skeleton
 from moeify.checkpoint.sources import assign_weights, tied_aliases, weight_files
@@ -60,14 +61,23 @@ def conversion_metadata(model: nn.Module) -> dict:
 
 
 def load(path: str | Path, *, model: nn.Module | None = None, device: str | None = None,
-         progress: Progress | None = None) -> nn.Module:
+         progress: Progress | None = None, verify: bool = True) -> nn.Module:
     """Rebuild a saved model: dense structure from its saved config, conversion replayed, weights loaded.
 
     `model` supplies the dense structure for models that are not transformers classes (pass a
     fresh instance of the class you converted). Structure-only outputs load on the meta device.
+    `verify` refuses any file that differs from the directory's moeify-manifest.json (a directory
+    without one, from an older moeify, loads unverified); verify=False skips the hashing, for very
+    large trusted models: a changed or corrupted file then goes unnoticed.
     """
     path = Path(path)
-    meta = read_metadata(path)
+    meta = read_metadata(path)  # first: a moeify.json that is no longer valid has its own, more precise refusal
+    checked = Verifier(path) if verify else None
+    if checked is not None:
+        # moeify.json and the rest now; each weight file just before it loads, so that the load reads the pages
+        # the hash brought in (one pass over the disk). Other safetensors (a checkpoint's trainer state) are not
+        # read by a load.
+        checked.check_all(skip=lambda name: name.endswith(".safetensors"))
     if not meta["weights"]:
         sparse = replay(path, meta, model if model is not None else dense_skeleton(path, meta, "meta"))
         # The skeleton is built in float32; a bfloat16 or float16 save keeps its own dtype (the routers stay
@@ -79,7 +89,8 @@ def load(path: str | Path, *, model: nn.Module | None = None, device: str | None
     # Built on meta and filled by assignment: the weights exist once, in the dtypes they were saved in.
     buffers: dict[str, torch.Tensor] = {}
     sparse = skeleton(path, model, buffers)
-    assign_weights(sparse, weight_files(path, WEIGHTS_STEM), buffers=buffers, progress=progress)
+    assign_weights(sparse, weight_files(path, WEIGHTS_STEM), buffers=buffers, progress=progress,
+                   before=checked.check if checked else None)
     return sparse.to(device) if device not in (None, "cpu") else sparse
 
 
@@ -118,6 +129,10 @@ def write_weights(directory: Path, like: dict[str, torch.Tensor], values: Callab
         fname = (f"{WEIGHTS_STEM}.safetensors" if len(shards) == 1
                  else f"{WEIGHTS_STEM}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
         save_file({name: values(name) for name in names}, str(directory / fname), metadata={"format": "pt"})
+        # Hashed now, for the manifest, while the file's pages are still cached: a model larger than memory is
+        # then read from the disk only once. safetensors writes from Rust, so the bytes cannot be hashed on
+        # their way out; reading them back from the cache costs a pass over memory.
+        remember(directory / fname)
         files.append((fname, names))
         if progress:
             progress("save", i + 1, len(shards))

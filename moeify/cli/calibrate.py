@@ -2,17 +2,32 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
 
-from moeify.checkpoint.files import check_file_writable, write_text_atomically
+from moeify.checkpoint.files import write_text_atomically
 from moeify.checkpoint.metadata import read_metadata
-from moeify.cli.common import console
+from moeify.cli.common import (
+    MEMORY_FRACTION,
+    available_memory,
+    check_output_file,
+    console,
+    human,
+    verify_files_option,
+)
 from moeify.errors import MoeifyError
+
+# The work calibrate takes on: its forward passes at an optimistic 100 GFLOP/s per CPU core (the 2-core
+# development machine reaches ~150 GFLOP/s in all), so the estimate is a lower bound, and at most a day of them.
+FLOPS_PER_CORE = 100e9
+LIMIT_S = 24 * 3600
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 @click.command("calibrate", short_help="Measure tokens per expert, for load-aware plans.")
+@verify_files_option
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--batches", type=int, default=8, show_default=True, help="Batches to run.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per batch.")
@@ -33,15 +48,19 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
     Example:
       moeify calibrate out/switch-t5-small --batches 16 -o load.json
     """
-    check_file_writable(output, force)
+    check_output_file(output, force, "load.json", [path])
     if min(batches, batch_size, seq_len) < 1:
         raise MoeifyError("--batches, --batch-size and --seq-len must be >= 1")
     meta = read_metadata(path)
     if not meta["weights"]:
         raise MoeifyError(f"{path} is structure only (converted on meta): calibration needs weights")
+    _check_work(meta["summary"], batches, batch_size, seq_len)
+    from moeify.conversion.text import text_option
+
+    text = text_option(text_file)  # an empty --text fails before the model loads
     from moeify.checkpoint.store import load
     from moeify.cli.progress import progress_bars
-    from moeify.conversion.text import local_tokenizer, read_text, stdlib_text, text_batches, token_ids
+    from moeify.conversion.text import local_tokenizer, text_batches, token_ids
     from moeify.planner.calibration import calibrate
 
     model = load(path)
@@ -52,7 +71,6 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
                           "with moeify.planner.calibration.calibrate(model, batches)")
     source = Path(meta["source"]["path"]) if meta["source"].get("path") else None
     tokenizer = local_tokenizer([path] + ([source] if source else []))
-    text = read_text(text_file) if text_file else stdlib_text()
     ids = token_ids(text, vocab, tokenizer)
     if len(ids) < batch_size * (seq_len + seq_len // 4 + 1):
         raise MoeifyError(f"the text has {len(ids)} tokens, fewer than one batch: give more text or a smaller --seq-len")
@@ -66,3 +84,26 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
         console.print(f"{name}: busiest expert {max(f) * len(f):.2f}x the mean, "
                       f"dropped {layer['dropped_fraction']:.1%}")
     console.print(f"wrote {output} ({result['tokenizer']} tokens)")
+
+
+def _check_work(summary: dict, batches: int, batch_size: int, seq_len: int) -> None:
+    """Refuse, before the model loads, weights that do not fit in memory and batches that would run for days."""
+    from moeify.conversion.text import window_tokens
+
+    weights = summary["total_params"] * DTYPE_BYTES.get(summary.get("dtype"), 4)
+    available = available_memory()
+    if available is not None and weights > MEMORY_FRACTION * available:
+        raise MoeifyError(f"the model needs {weights / 2**30:.1f} GiB for its weights but {available / 2**30:.1f} GiB "
+                          "of memory is available: calibrate on a machine with more memory, or a model with fewer "
+                          "experts")
+    per_batch = window_tokens(batch_size, seq_len) * 2 * summary["active_params"]  # forward FLOPs
+    cores = os.cpu_count() or 1
+    seconds = batches * per_batch / (FLOPS_PER_CORE * cores)
+    if seconds > LIMIT_S:
+        raise MoeifyError(f"--batches {batches} of {window_tokens(batch_size, seq_len):,} tokens through "
+                          f"{human(summary['active_params'])} active parameters take at least {_duration(seconds)} "
+                          f"on {cores} CPU cores: use a smaller --batches (8 to 64 measure the loads)")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 86400:,.0f} days" if seconds >= 2 * 86400 else f"{seconds / 3600:.0f} hours"

@@ -6,21 +6,27 @@ moeify modules): commands import torch, transformers, onnx and the planner when 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
+import os
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import click
 from rich.console import Console
 
+from moeify.checkpoint.files import cannot_write, check_file_writable, check_not_inside
 from moeify.checkpoint.model_presets import PRESETS
 from moeify.config import INIT_METHODS, KERNELS, ROUTER_DTYPES, ROUTER_INITS, MoEConfig
+from moeify.errors import MoeifyError
 
 if TYPE_CHECKING:
     from rich.table import Table
 
 console = Console(highlight=False)
-FLAG_NAMES = {"num_experts": "--experts"}  # options whose flag is not the parameter name
+MEMORY_FRACTION = 0.8  # of the available memory a command may plan to take, as `convert` allows its weights
+FLAG_NAMES = {"num_experts": "--experts", "verify": "--verify-files"}  # options whose flag is not the parameter name
 
 
 def table(*columns: str | tuple[str, str], title: str | None = None) -> Table:
@@ -51,6 +57,25 @@ def moe_options(f, skip: tuple[str, ...] = ()):
     Defaults are left to MoEConfig (and a preset's own MoE options), so only given flags override.
     """
     return dataclass_options(MoEConfig, CHOICES, skip=skip, flag_names=FLAG_NAMES, metavars=METAVARS)(f)
+
+
+def verify_files_option(f):
+    """--verify-files/--no-verify-files on a command that reads moeify directories: every reader it calls checks the
+    files against their moeify-manifest.json unless --no-verify-files (integrity.unverified). Not --verify, which
+    `export` already has: the ONNX parity check."""
+
+    @click.option("--verify-files/--no-verify-files", "verify_files", default=True, show_default=True,
+                  help="Check the model's files against the sha256 and sizes in its moeify-manifest.json. "
+                       "--no-verify-files skips the hashing, for very large trusted models: a tampered or "
+                       "corrupted file then goes unnoticed.")
+    @functools.wraps(f)
+    def command(*args, verify_files: bool, **kwargs):
+        from moeify.checkpoint.integrity import unverified
+
+        with unverified(not verify_files):
+            return f(*args, **kwargs)
+
+    return command
 
 
 def print_init_reports(layers, init: str, router_init: str) -> None:
@@ -153,3 +178,41 @@ def dataclass_options(cls, choices: dict[str, tuple[str, ...]] | None = None, *,
         return functools.reduce(lambda g, option: option(g), reversed(options), f)
 
     return decorate
+
+
+def available_memory() -> int | None:
+    """Bytes a new allocation can get (MemAvailable), or None where /proc/meminfo is missing."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_output_file(path: Path, force: bool, example: str, inputs: Iterable[str | Path] = ()) -> None:
+    """Before any work: FILE output `path` does not exist (or --force), is no directory, lies in none of the
+    `inputs` that are directories (it would replace a file the command reads: a model's moeify.json, a run's
+    metrics.csv), and its folder can be made or written, so a long run never ends in a refusal to write.
+    `example` is a file name to suggest."""
+    for source in inputs:
+        if Path(source).is_dir():
+            check_not_inside(path, Path(source))
+    check_file_writable(path, force)
+    if path.is_dir():
+        raise MoeifyError(f"{path} is a directory, and this output is a file: name a file, e.g. {path / example}")
+    check_output_parent(path)
+
+
+def check_output_parent(out: Path) -> None:
+    """Refuse output `out` when its nearest existing ancestor is a file or a folder this process cannot write in."""
+    parent = Path(os.path.abspath(out)).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise cannot_write(out, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+    try:  # a nameless file (O_TMPFILE) asks the file system itself: read-only mounts, /proc, permissions
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise cannot_write(out, e) from None

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import click
 
-from moeify.checkpoint.files import cannot_write, check_file_writable, make_output_dir
-from moeify.cli.common import console, human, table
+from moeify.checkpoint.files import cannot_write, make_output_dir
+from moeify.cli.common import check_output_file, console, human, table
+from moeify.errors import MoeifyError
 from moeify.training.compare import Comparison, Curve, compare, curve, group_variants
 from moeify.training.runs import read_run
 
@@ -40,8 +42,12 @@ def compare_cmd(runs: tuple[Path, ...], output: Path | None, threshold: float | 
       moeify compare runs/switch-8e-seed* runs/dense-seed* --threshold 2.5
       moeify compare runs/* --json | jq '.runs[].steps_to_threshold'
     """
+    if threshold is not None and not math.isfinite(threshold):  # nan: no run would ever reach it
+        raise MoeifyError(f"--threshold must be a finite loss, got {threshold}: pass e.g. --threshold 2.5, or leave "
+                          "it unset for the worst run's best validation loss")
     plot = output if output is not None or as_json else DEFAULT_PLOT
-    check_file_writable(plot, force)
+    if plot is not None:  # not into a run it reads (its metrics.csv), nor onto a directory
+        check_output_file(plot, force, DEFAULT_PLOT.name, runs)
     loaded = [read_run(path) for path in runs]
     result = compare(loaded, threshold)
     curves = [curve(variant) for variant in group_variants(loaded)]  # checked before anything is written

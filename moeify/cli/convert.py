@@ -6,9 +6,12 @@ from pathlib import Path
 
 import click
 
-from moeify.checkpoint.files import check_writable
+from moeify.checkpoint.files import check_not_inside, check_writable
 from moeify.checkpoint.model_presets import resolve_source
 from moeify.cli.common import (
+    MEMORY_FRACTION,
+    available_memory,
+    check_output_parent,
     console,
     converted_model,
     human,
@@ -21,16 +24,6 @@ from moeify.config import MoEConfig
 from moeify.errors import MoeifyError
 
 
-def _available_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _check_memory(source: str, config: MoEConfig, flags: dict) -> None:
     """Convert on the meta device first: cheap, and it fails fast when weights cannot fit."""
     import torch
@@ -39,8 +32,8 @@ def _check_memory(source: str, config: MoEConfig, flags: dict) -> None:
 
     summary = summarize(converted_model(source, config, flags, "meta"))
     need = summary.total_params * torch.finfo(getattr(torch, summary.dtype)).bits // 8
-    available = _available_bytes()
-    if available is not None and need > 0.8 * available:
+    available = available_memory()
+    if available is not None and need > MEMORY_FRACTION * available:
         raise MoeifyError(
             f"the converted model needs {need / 2**30:.1f} GiB for its weights but {available / 2**30:.1f} GiB "
             f"of memory is available: use --device meta for a structure-only conversion, or fewer --experts")
@@ -80,7 +73,10 @@ def convert_cmd(source: str, output: Path | None, device: str, force: bool, chec
     config = moe_config(source, flags)
     seed = config.seed
     output = output or Path("out") / f"switch-{Path(source).name}"
+    if Path(source).is_dir():
+        check_not_inside(output, Path(source))
     check_writable(output, force)
+    check_output_parent(output)  # a read-only or impossible -o fails before the conversion, not after it
     resolve_source(source)  # a typo fails here, before torch is imported
     import torch
 

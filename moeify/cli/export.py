@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from moeify.checkpoint.files import check_not_inside
 from moeify.checkpoint.hf_switch import DEFAULT_SEQ_LEN
+from moeify.cli.common import check_output_parent, verify_files_option
 from moeify.cli.targets import TARGETS, targets_help
 from moeify.errors import MoeifyError
 
@@ -52,6 +54,7 @@ written. What the family cannot express is refused with the flags to convert wit
 
 
 @click.command("export", help=HELP, short_help="Export to ONNX, rank shards or a transformers checkpoint.")
+@verify_files_option
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--target", type=click.Choice(list(TARGETS)), required=True,
               help="What to export to (the list below says what each accepts).")
@@ -104,6 +107,8 @@ def export_cmd(ctx: click.Context, source: Path, target: str, output: Path | Non
             owner = next(t.name for t in TARGETS.values() if name in t.options)
             raise MoeifyError(f"--{name.replace('_', '-')} is an option of --target {owner}, not {target}")
     output = output or source.with_name(f"{source.name}-{target}")
+    check_not_inside(output, source)
+    check_output_parent(output)  # a folder that cannot be made fails before the model loads
     module, function = chosen.runner.split(":")
     run = getattr(importlib.import_module(module), function)
     run(chosen, source, output, force, {name: flags[name] for name in chosen.options})

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from moeify.checkpoint.metadata import read_metadata, saved_summary
+from moeify.checkpoint.metadata import WEIGHTS_STEM, read_metadata, saved_summary
 from moeify.cli.common import console, human, print_init_reports, table
 from moeify.cli.plan import print_plan_summary
+from moeify.errors import MoeifyError
 from moeify.planner.plan import ShardingPlan, expert_ranges, id_runs
 
 
@@ -36,6 +37,8 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 
 def _inspect_model(path: Path, as_json: bool) -> None:
     meta = read_metadata(path)
+    if meta["weights"]:
+        check_weight_files(path)
     data = {**meta["summary"], "source": meta["source"], "moe_config": meta["moe_config"],
             "weights": meta["weights"]}
     if as_json:
@@ -66,6 +69,37 @@ def _inspect_model(path: Path, as_json: bool) -> None:
     print_init_reports(layers, moe.get("init", "upcycle"), moe.get("router_init", "random"))
 
 
+def check_weight_files(path: Path) -> None:
+    """Each weight file moeify.json's directory should hold is there with a whole safetensors header, so an
+    empty or cut copy is named here rather than reported as a fine model (the tensors themselves are not read)."""
+    index = path / f"{WEIGHTS_STEM}.safetensors.index.json"
+    if index.is_file():
+        from moeify.checkpoint.files import read_json
+
+        weight_map = read_json(index, fix="convert the model again").get("weight_map")
+        names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        if not names:
+            raise MoeifyError(f"{index} lists no weight files: convert the model again")
+    else:
+        names = [f"{WEIGHTS_STEM}.safetensors"]
+    for name in names:
+        file = path / name
+        if not file.is_file():
+            raise MoeifyError(f"{file} is missing: copy the whole directory again, or convert the model again")
+        size = file.stat().st_size
+        if size == 0:
+            raise MoeifyError(f"{file} is empty (0 bytes): copy it again, or convert the model again")
+        with file.open("rb") as f:
+            head = f.read(8)
+            header = int.from_bytes(head, "little") if len(head) == 8 else None
+            text = f.read(header) if header is not None and 8 + header <= size else b""
+        try:
+            json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise MoeifyError(f"{file} is not a whole safetensors file ({size} bytes, its header cut or unreadable): "
+                              "copy it again, or convert the model again") from None
+
+
 def routing_line(r) -> str:
     """How a layer routes, in words: 'top-1, gate = probability, capacity factor 1.25 (eval 2.0)'."""
     gates = "renormalised gates" if r.normalize_gates else "gate = probability"
@@ -86,7 +120,11 @@ def _inspect_onnx(path: Path, as_json: bool) -> None:
 
     from moeify.targets.onnx.report import describe
 
+    if path.is_file() and path.stat().st_size == 0:
+        raise MoeifyError(f"{path} is empty (0 bytes): export it again with `moeify export ... --target onnx`")
     data = describe(path)
+    if not data["nodes"] and not data["opsets"]:  # an empty protobuf message parses as an empty model
+        raise MoeifyError(f"{path} holds no ONNX graph: export it again with `moeify export ... --target onnx`")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return

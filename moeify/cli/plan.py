@@ -5,12 +5,20 @@ from pathlib import Path
 
 import click
 
-from moeify.checkpoint.files import check_file_writable
 from moeify.checkpoint.metadata import MOEIFY_FILE, read_metadata, saved_summary
 from moeify.checkpoint.model_presets import resolve_source
 from moeify.checkpoint.records import ModelSummary
-from moeify.cli.common import console, moe_config, moe_options, table
-from moeify.errors import MoeifyError
+from moeify.cli.common import (
+    MEMORY_FRACTION,
+    available_memory,
+    check_output_file,
+    console,
+    moe_config,
+    moe_options,
+    table,
+    verify_files_option,
+)
+from moeify.errors import MoeifyError, opt
 from moeify.planner.workload import DTYPE_BYTES
 
 # The planner's choices, spelled out so that `moeify plan --help` imports neither networkx nor
@@ -20,13 +28,19 @@ DEFAULT_GPU = "A100-SXM4-80GB"  # hardware.DEFAULT_GPU
 OPTIMIZERS = ("adafactor", "adam")  # cost.OPTIMIZER_BYTES_PER_PARAM
 LAYOUTS = ("contiguous", "strided")  # search.LAYOUTS
 ALGORITHMS = ("flat", "hierarchical")  # search.ALGORITHMS
+DRAW_FORMATS = ("png", "svg", "pdf")  # matplotlib's savefig writes each, chosen by the suffix
+RUN_TIME_FLAGS = ("capacity_factor",)  # the one MoE flag a plan of a converted model applies (to its workload)
 
 
 def model_summary(source: str, flags: dict) -> ModelSummary:
     """A converted directory's saved summary, or a preset / HF directory converted (a SwitchTransformers
     one imported) on meta."""
     if (Path(source) / MOEIFY_FILE).is_file():
-        return saved_summary(read_metadata(source))
+        meta = read_metadata(source)
+        from moeify.checkpoint.integrity import verify
+
+        verify(source)  # every file, not only moeify.json: refused now, not when the export loads it
+        return saved_summary(meta)
     from moeify.checkpoint.hf_switch import is_switch_directory
 
     if is_switch_directory(source):
@@ -44,6 +58,7 @@ def model_summary(source: str, flags: dict) -> ModelSummary:
 
 
 @click.command("plan", short_help="Plan expert sharding over a GPU cluster, with costs.")
+@verify_files_option
 @click.argument("source")
 @click.option("--topology", "topology_spec", required=True, metavar="SPEC",
               help="A preset (dgx-a100, dgx-h100, hgx-a100-4, pcie-gen4-8, pcie-gen5-8, localhost-gloo), "
@@ -71,7 +86,8 @@ def model_summary(source: str, flags: dict) -> ModelSummary:
 @moe_options
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("plan.json"), show_default=True,
               help="Where to write the plan (JSON, for `moeify export --plan` and `moeify inspect`).")
-@click.option("--draw", type=click.Path(path_type=Path), default=None, help="Also draw the placement as a PNG.")
+@click.option("--draw", type=click.Path(path_type=Path), default=None,
+              help="Also draw the placement: PNG, SVG or PDF by the suffix (.png, .svg, .pdf).")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 def plan_cmd(source: str, topology_spec: str, nodes: int, gpu: str, tokens_per_rank: int, dtype: str, load_file: Path | None,
              replicate_hot: int, allow_uneven: bool, expert_parallel: int | None, layout: str | None,
@@ -92,22 +108,41 @@ def plan_cmd(source: str, topology_spec: str, nodes: int, gpu: str, tokens_per_r
       moeify plan out/x --topology topo.txt --nodes 2 --draw plan.png
       moeify inspect plan.json
     """
-    for path in (output, draw):
-        check_file_writable(path, force)
-    if efficiency <= 0 or efficiency > 1:
-        raise MoeifyError(f"--efficiency must be in (0, 1], got {efficiency}")
+    inputs = [source, *(f for f in (load_file, topology_spec) if f is not None)]
+    check_output_file(output, force, "plan.json", inputs)
+    if draw is not None:
+        if draw.suffix.lower().lstrip(".") not in DRAW_FORMATS:
+            raise MoeifyError(f"--draw {draw}: matplotlib writes the format its suffix names, and "
+                              f"{draw.suffix or 'no suffix'} is none of {', '.join('.' + f for f in DRAW_FORMATS)}: "
+                              f"name the file {draw.with_suffix('.png').name}, or .svg or .pdf")
+        check_output_file(draw, force, "plan.png", inputs)
+    if not 0 < efficiency <= 1:  # also nan, which every comparison fails
+        raise MoeifyError(f"--efficiency must be in (0, 1], got {efficiency}: pass the fraction of peak FLOPs "
+                          "reached, e.g. 0.5")
     if replicate_hot < 0:
         raise MoeifyError(f"--replicate-hot must be >= 0, got {replicate_hot}")
-    if not (Path(source) / MOEIFY_FILE).is_file():
-        moe_config(source, flags)  # bad MoE flags and a typo in SOURCE fail before the planner is imported
+    if replicate_hot and load_file is None:
+        raise MoeifyError("--replicate-hot copies the experts that calibration found hot: add --load load.json "
+                          "(from `moeify calibrate`), or drop --replicate-hot")
+    converted = (Path(source) / MOEIFY_FILE).is_file()
+    if converted:
+        _refuse_moe_flags(source, flags)
+    else:
+        config = moe_config(source, flags)  # bad MoE flags and a typo in SOURCE fail before the planner is imported
         resolve_source(source)
     from moeify.cli.progress import progress_bars
     from moeify.planner.search import Planner, SearchOptions
     from moeify.planner.topology import load_topology
     from moeify.planner.workload import read_load, workload_from_summary
 
+    size = _topology_size(topology_spec, nodes, gpu)
+    # Before the topology is built and the model converted on meta, which take time and memory in the
+    # GPUs and the experts too; again below with every layer's experts.
+    _check_memory(size, 0 if converted else config.num_experts, topology_spec, nodes, "use fewer --experts")
     topology = load_topology(topology_spec, nodes, gpu)
     summary = model_summary(source, flags)
+    _check_memory(size, sum(layer.num_experts for layer in summary.moe_layers), topology_spec, nodes,
+                  "convert with fewer --experts" if converted else "use fewer --experts")
     load = read_load(load_file) if load_file else None
     workload = workload_from_summary(summary, dtype=dtype, tokens_per_rank=tokens_per_rank, load=load,
                                      capacity_factor=flags.get("capacity_factor"))
@@ -118,14 +153,76 @@ def plan_cmd(source: str, topology_spec: str, nodes: int, gpu: str, tokens_per_r
     with progress_bars(console) as progress:
         planner = Planner(topology, workload, options)
         plan = planner.plan(progress)
-    plan.save(output)
-    print_plan_summary(plan)
-    if draw is not None:
+    if draw is not None:  # before the plan is written: a drawing that fails leaves no plan behind
         from moeify.planner.draw import draw_plan
 
         draw_plan(plan, topology, draw)
+    plan.save(output)
+    print_plan_summary(plan)
+    if draw is not None:
         console.print(f"drew {draw}")
     console.print(f"wrote {output}")
+
+
+def _refuse_moe_flags(source: str, flags: dict) -> None:
+    """A converted directory's experts and routing are in its weights and moeify.json: MoE flags would be ignored."""
+    given = {k: v for k, v in flags.items() if v is not None and k not in RUN_TIME_FLAGS}
+    if given:
+        what = "experts are" if "num_experts" in given else "MoE options are"
+        named = ", ".join(opt(k, v) if isinstance(v, bool) else opt(k) for k, v in given.items())
+        raise MoeifyError(f"{source} is already converted; its {what} fixed: drop {named} (or plan the dense "
+                          "model with them)")
+
+
+def _topology_size(spec: str, nodes: int, gpu: str) -> tuple[int, int, int] | None:
+    """(GPUs, graph nodes, GPUs per host) of the topology `spec` x `nodes`, without building the whole
+    graph (a preset builds one host, a file is read once); None where load_topology will refuse the spec."""
+    from moeify.planner.hardware import HOSTS, build_host
+    from moeify.planner.topology import GLOO_PRESET, load_topology
+
+    name, _, count = spec.partition(":")
+    if name == GLOO_PRESET:
+        if nodes != 1 or (count and not (count.isdigit() and int(count) >= 1)):
+            return None
+        ranks = int(count or 2)
+        return ranks, ranks + 1, ranks
+    if spec in HOSTS:
+        host = build_host(HOSTS[spec])
+        per_host = HOSTS[spec].gpus
+    elif nodes < 1:
+        return None
+    else:
+        host = load_topology(spec, 1, gpu)  # one host, cheap: its errors come first anyway
+        per_host, host = len(host.gpus), host.graph
+    return per_host * nodes, len(host) * nodes + 1, per_host
+
+
+def _check_memory(size: tuple[int, int, int] | None, experts: int, spec: str, nodes: int, fewer_experts: str) -> None:
+    """Refuse, before the work, a plan whose routes (every GPU pair) and placements (every expert) would take
+    more memory than this machine has, saying about how much and what fits."""
+    from moeify.planner.cost import DIJKSTRA_BYTES_PER_NODE, ROUTE_BYTES_PER_PAIR, experts_bytes, routes_bytes
+
+    available = available_memory()
+    if available is None or size is None:
+        return
+    gpus, graph_nodes, per_host = size
+    routes, placed = routes_bytes(gpus, graph_nodes), experts_bytes(experts)
+    budget = MEMORY_FRACTION * available
+    if routes + placed <= budget:
+        return
+    if placed >= routes:
+        fix = fewer_experts
+    else:  # the GPU count that fits: routes grow with its square
+        per_pair = ROUTE_BYTES_PER_PAIR + DIJKSTRA_BYTES_PER_NODE * graph_nodes / gpus
+        fits = int((max(budget - placed, 0) / per_pair) ** 0.5)
+        if spec.partition(":")[0] == "localhost-gloo":
+            fix = f"plan fewer ranks, e.g. localhost-gloo:{max(fits, 1)}"
+        else:
+            fix = (f"plan fewer --nodes (about {max(fits // per_host, 1)} fit)" if nodes > 1
+                   else "plan a smaller topology")
+    subject = f"{experts} experts on {gpus} GPUs" if experts else f"{gpus} GPUs"
+    raise MoeifyError(f"planning {subject} needs about {(routes + placed) / 2**30:,.0f} GiB "
+                      f"of memory, {available / 2**30:.1f} GiB is available: {fix}")
 
 
 def print_plan_summary(plan) -> None:

@@ -1,13 +1,19 @@
 """`moeify run DIR --nproc N`: torchrun on this machine, one process per rank of an export."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import click
 
+from moeify.checkpoint.integrity import unverified
 from moeify.errors import MoeifyError
-from moeify.targets.distributed.entry import option_args, run_options, torchrun
+from moeify.targets.distributed.entry import ERRORS_ENV, check_export, check_options, option_args, run_options, torchrun
 
 
 def torchrun_command(directory: Path, nproc: int, options: dict) -> list[str]:
@@ -27,13 +33,64 @@ def run_cmd(ctx: click.Context, directory: Path, nproc: int | None, **options) -
     Examples:
       moeify run out/dist4 --nproc 4 --steps 10 --train
       moeify run out/dist4 --steps 3 --batch 4 --seq 128     # forward only
-    Exit status: torchrun's (0 when every rank finished).
+    Exit status: 0 every rank finished; 2 a user error (one line, found here or by
+    the rank that refused); 3 a rank lost contact with another; else torchrun's.
     """
-    from moeify.targets.distributed.manifest import read_export_manifest
-
-    manifest = read_export_manifest(directory)  # fail here, before starting processes
+    # Everything that can be refused without the ranks is refused here, before any process starts.
+    if nproc is not None and nproc < 1:
+        raise MoeifyError(f"--nproc must be at least 1, got {nproc}")
+    check_options(options)
+    with unverified(options["no_verify_files"]):
+        manifest = check_export(directory)
     nproc = nproc or manifest.world_size
     if nproc != manifest.world_size:
         raise MoeifyError(f"{directory} was exported for {manifest.world_size} ranks: pass --nproc "
                           f"{manifest.world_size}, or export again with --world-size {nproc}")
-    ctx.exit(subprocess.call(torchrun_command(directory, nproc, options)))
+    ctx.exit(launch(torchrun_command(directory, nproc, options)))
+
+
+def launch(command: list[str]) -> int:
+    """Run torchrun with the ranks' stdout passed through and their stderr held back: a rank's user error
+    (which each rank writes to a file for this) becomes one MoeifyError here, a lost peer one line and
+    exit 3; anything else shows the held-back output and keeps torchrun's status."""
+    errors = Path(tempfile.mkdtemp(prefix="moeify-run-"))
+    try:
+        with tempfile.TemporaryFile() as held:
+            proc = subprocess.Popen(command, stderr=held, env={**os.environ, ERRORS_ENV: str(errors)})
+            try:
+                code = proc.wait()
+            except KeyboardInterrupt:  # torchrun got the Ctrl-C too (same process group) and stops the ranks
+                proc.wait()
+                _replay(held)
+                raise
+            reports = _reports(errors)
+            user = [r for r in reports if r["code"] == 2]
+            if code != 0 and user:
+                raise MoeifyError(user[0]["message"])
+            if code != 0 and reports:
+                click.echo(f"error: {reports[0]['message']}", err=True)
+                return reports[0]["code"]
+            _replay(held)
+            return code
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
+
+
+def _reports(errors: Path) -> list[dict]:
+    """The ranks' errors in rank order; one cut short (its rank killed while writing) is left out."""
+    reports = []
+    for path in sorted(errors.glob("rank-*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and isinstance(report.get("message"), str) and report.get("code") in (2, 3):
+            reports.append(report)
+    return reports
+
+
+def _replay(held) -> None:
+    """What the ranks and torchrun wrote on stderr, shown after all (warnings, a crashed rank's traceback)."""
+    held.seek(0)
+    sys.stderr.write(held.read().decode(errors="replace"))
+    sys.stderr.flush()

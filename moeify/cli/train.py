@@ -8,9 +8,16 @@ from pathlib import Path
 
 import click
 
-from moeify.checkpoint.files import check_writable, make_output_dir
+from moeify.checkpoint.files import check_not_inside, check_writable, make_output_dir
 from moeify.checkpoint.metadata import MOEIFY_FILE
-from moeify.cli.common import console, converted_model, dataclass_options, moe_config, moe_options
+from moeify.cli.common import (
+    console,
+    converted_model,
+    dataclass_options,
+    moe_config,
+    moe_options,
+    verify_files_option,
+)
 from moeify.config import MoEConfig
 from moeify.errors import MoeifyError, opt
 from moeify.training.config import OPTIMIZERS, PRECISIONS, DataConfig, TrainConfig
@@ -45,6 +52,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 @click.option("--expert-parallel", type=int, default=None,
               help="With --nproc: ranks per expert-parallel group; the rest is data parallel [default: the largest "
                    "size that divides --nproc and every expert count].")
+@verify_files_option
 def train_cmd(source: str | None, run_dir: Path, dense: bool, resume: bool, force: bool, group: str | None,
               **flags) -> None:
     """Train SOURCE (a preset, a local Hugging Face directory or a moeify directory) into RUN_DIR.
@@ -96,6 +104,8 @@ def _start(source: str | None, run_dir: Path, dense: bool, force: bool, group: s
         raise MoeifyError(f"{run_dir} already exists: pass --resume to continue it, --force to replace it, "
                           "or choose another -o")
     check_writable(run_dir, force)
+    if Path(source).is_dir():
+        check_not_inside(run_dir, Path(source))  # --force would delete the model being trained
     is_moeify = (Path(source) / MOEIFY_FILE).is_file()
     if (is_moeify or dense) and moe:
         what = "a moeify directory trains as it was converted" if is_moeify else "--dense trains unconverted"

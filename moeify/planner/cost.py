@@ -251,3 +251,23 @@ MEMORY_USABLE_FRACTION = 0.9
 def compute_us(flops: float, peak_tflops: float, efficiency: float) -> float:
     """Time of `flops` on a device of `peak_tflops` running at `efficiency` of peak."""
     return flops / (peak_tflops * 1e12 * efficiency) * 1e6
+
+
+# Peak memory of planning, measured on the 2-core development machine (/usr/bin/time's maximum RSS):
+# Routes holds every GPU pair's path, about 400 bytes a pair with a DGX host's hops (dgx-a100 x 512
+# nodes, 4096 GPUs: 6.8 GB), plus Dijkstra's distance and predecessor rows (12 bytes a graph node per
+# GPU); the search keeps about 200 bytes per expert of each Switch layer (t5-tiny with 10^6 experts
+# per layer: 0.6 GB over the base).
+ROUTE_BYTES_PER_PAIR = 400
+DIJKSTRA_BYTES_PER_NODE = 12
+PLAN_BYTES_PER_EXPERT = 200
+
+
+def routes_bytes(gpus: int, graph_nodes: int) -> int:
+    """About the memory Routes takes for `gpus` GPUs in a graph of `graph_nodes` nodes."""
+    return gpus * gpus * ROUTE_BYTES_PER_PAIR + gpus * graph_nodes * DIJKSTRA_BYTES_PER_NODE
+
+
+def experts_bytes(experts: int) -> int:
+    """About the memory the search takes for `experts` experts, summed over the Switch layers."""
+    return experts * PLAN_BYTES_PER_EXPERT

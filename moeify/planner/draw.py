@@ -1,9 +1,10 @@
-"""Draw a plan: hosts, GPUs (with their rank and experts), links coloured by type (matplotlib PNG)."""
+"""Draw a plan: hosts, GPUs (with their rank and experts), links coloured by type (PNG, SVG or PDF by the suffix)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from moeify.errors import MoeifyError
 from moeify.planner.plan import ShardingPlan, expert_ranges
 from moeify.planner.topology import Topology
 
@@ -76,7 +77,13 @@ def draw_plan(plan: ShardingPlan, topology: Topology, path: str | Path) -> None:
     ax.set_axis_off()
     ax.set_aspect("equal")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    # The temporary keeps the real suffix's format: matplotlib would pick PNG from a ".png" temporary.
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=130, bbox_inches="tight")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MoeifyError(f"cannot write {path} ({e.strerror}): choose another --draw path") from None
+    finally:
+        plt.close(fig)

@@ -17,7 +17,7 @@ from xml.etree.ElementTree import ParseError
 
 import networkx as nx
 
-from moeify.checkpoint.files import write_text_atomically
+from moeify.checkpoint.files import read_json, write_text_atomically
 from moeify.checkpoint.schemas import validate
 from moeify.errors import MoeifyError
 from moeify.planner.hardware import (
@@ -117,11 +117,15 @@ def read_topology(path: Path, nodes: int = 1, gpu: str = DEFAULT_GPU) -> Topolog
     """A topology file: `nvidia-smi topo -m` text (.txt; `gpu` names the GPU model, which the
     text does not), node-link JSON (.json) or GraphML."""
     path = Path(path)
+    if path.is_dir():
+        raise MoeifyError(f"topology {path} is a directory: pass a preset ({', '.join(TOPOLOGY_PRESETS)}) or a "
+                          "file (nvidia-smi topo -m text, node-link JSON or GraphML)")
     if not path.is_file():
         raise MoeifyError(f"topology file {path} not found: pass a preset ({', '.join(TOPOLOGY_PRESETS)}) or an existing file")
     try:
         if path.suffix == ".json":
-            data = validate("topology", json.loads(path.read_text()), path)
+            fix = "write node-link JSON as the README's \"Planning the sharding\" describes"
+            data = validate("topology", read_json(path, what="topology", fix=fix, expect=object), path)
             key = "links" if "links" in data else "edges"
             graph = nx.node_link_graph(data, directed=False, multigraph=False, edges=key)
         elif path.suffix == ".graphml":
@@ -130,7 +134,7 @@ def read_topology(path: Path, nodes: int = 1, gpu: str = DEFAULT_GPU) -> Topolog
                 graph.graph.pop(key, None)
         else:
             graph = parse_nvidia_smi(path.read_text(errors="replace"), device=gpu, source=str(path))
-    except (json.JSONDecodeError, ParseError, KeyError, TypeError, AttributeError, nx.NetworkXError) as e:
+    except (ParseError, KeyError, TypeError, AttributeError, nx.NetworkXError) as e:
         raise MoeifyError(f"cannot read topology {path}: {type(e).__name__}: {e}; expected node-link JSON "
                           "(nodes + edges or links), GraphML, or `nvidia-smi topo -m` text") from None
     if nodes > 1:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from moeify.checkpoint.files import atomic_directory, read_json
+from moeify.checkpoint.integrity import Verifier
 from moeify.checkpoint.metadata import MOEIFY_FILE
 from moeify.errors import MoeifyError
 
@@ -100,22 +101,31 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1][1]
 
 
-def read_trainer(path: Path) -> dict:
+def read_trainer(path: Path, *, verify: bool = True) -> dict:
+    """trainer.json of checkpoint `path`. `verify`: the checkpoint's listing and its trainer files (trainer.json, the
+    optimizer and RNG state) are checked against its moeify-manifest.json first; the model's files are checked as
+    load_model reads them."""
+    if verify:
+        checked = Verifier(path)
+        checked.check_listing()
+        for name in sorted(checked.entries or {}):
+            if name.startswith("trainer"):  # trainer.json, trainer.safetensors, trainer-rank-*.safetensors
+                checked.check(name)
     data = read_json(path / TRAINER_JSON, fix="the checkpoint is damaged: resume from another one")
     if data.get("schema") != TRAINER_SCHEMA or data.get("version") != TRAINER_VERSION:
         raise MoeifyError(f"{path / TRAINER_JSON} is not a moeify trainer file of version {TRAINER_VERSION}")
     return data
 
 
-def load_model(path: Path) -> nn.Module:
-    """The checkpoint's model: a moeify directory, or a dense Hugging Face one."""
+def load_model(path: Path, *, verify: bool = True) -> nn.Module:
+    """The checkpoint's model: a moeify directory, or a dense Hugging Face one; `verify` as moeify.load's."""
     if (path / MOEIFY_FILE).is_file():
         from moeify.checkpoint.store import load
 
-        return load(path)
+        return load(path, verify=verify)
     from moeify.checkpoint.sources import load_dense
 
-    return load_dense(str(path)).model
+    return load_dense(str(path), verify=verify).model
 
 
 def restore_trainer(path: Path, optimizer: torch.optim.Optimizer, trainer: dict) -> None:

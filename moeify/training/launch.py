@@ -99,8 +99,9 @@ def run_ranks(model: nn.Module, plan: ShardingPlan, run_dir: Path, source: str, 
 
 def _torchrun(command: list[str], log: Path, poll: Callable[[], None]) -> tuple[int, bool]:
     """torchrun in its own session, its output (the ranks' too) in `log`; its exit status and whether a
-    Ctrl-C came. A Ctrl-C here is passed on once per press: torchrun hands it to the ranks, which
-    checkpoint and stop (within torchrun's 30 s grace); a second one stops them at once."""
+    Ctrl-C or SIGTERM came. A Ctrl-C here is passed on once per press: torchrun hands it to the ranks, which
+    checkpoint and stop (within torchrun's 30 s grace); a second one stops them at once. SIGTERM is passed on
+    as it is: torchrun stops the ranks."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several ranks, without its warning
     with log.open("w") as out:
@@ -109,9 +110,10 @@ def _torchrun(command: list[str], log: Path, poll: Callable[[], None]) -> tuple[
 
         def forward(signum, frame) -> None:
             presses.append(signum)
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
 
-        previous = signal.signal(signal.SIGINT, forward)
+        # SIGTERM too (SLURM, Kubernetes): torchrun ends the ranks, and the work directory is removed only after.
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while True:
                 try:
@@ -119,7 +121,8 @@ def _torchrun(command: list[str], log: Path, poll: Callable[[], None]) -> tuple[
                 except subprocess.TimeoutExpired:
                     poll()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def _fail(work: Path, code: int) -> None:

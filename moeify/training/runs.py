@@ -99,7 +99,8 @@ def read_metrics(run_dir: str | Path) -> Metrics:
     path = Path(run_dir) / METRICS_FILE
     try:
         with path.open(newline="") as f:
-            lines = list(csv.reader(f))
+            text = f.read()
+        lines = list(csv.reader(text.splitlines()))
     except FileNotFoundError:
         raise MoeifyError(f"{Path(run_dir)} has no {METRICS_FILE}: not a run directory ({WRITTEN_BY})") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -109,6 +110,10 @@ def read_metrics(run_dir: str | Path) -> Metrics:
     columns = lines[0]
     METRICS.check_header(columns, path)
     layers = tuple(c.removeprefix(LOAD_CV_PREFIX) for c in columns if c.startswith(LOAD_CV_PREFIX))
+    if len(lines) > 1 and not text.endswith("\n"):
+        # A row still being written, or cut by a kill: the writer ends every row with a newline, and
+        # `train --resume` drops such a row too. The complete rows before it are the run so far.
+        lines = lines[:-1]
     rows = []
     for line, cells in enumerate(lines[1:], start=2):
         if len(cells) != len(columns):

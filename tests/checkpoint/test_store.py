@@ -20,7 +20,8 @@ def test_round_trip_gives_identical_outputs(tmp_path, ff):
     batch = t5_batch()
     assert torch.equal(sparse(**batch).logits, again(**batch).logits)
     assert again.moeify_record.config == sparse.moeify_record.config
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"moeify.json", "moeify-model.safetensors"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"moeify.json", "moeify-model.safetensors",
+                                                             "moeify-manifest.json"}
 
 
 def test_tied_embeddings_are_stored_once_and_stay_tied(tmp_path):

@@ -134,7 +134,7 @@ def test_bad_specs(spec, nodes, message):
 def test_corrupt_and_invalid_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(MoeifyError, match="cannot read topology"):
+    with pytest.raises(MoeifyError, match="bad.json is not valid JSON"):
         read_topology(bad)
     g = nx.Graph()
     g.add_node("a/gpu0", kind="gpu", host="a", device="x", memory_GB=80.0, peak_TFLOPs=1.0)

@@ -186,6 +186,36 @@ def test_an_existing_plot_needs_force(runs, tmp_path):
     assert (tmp_path / "out").read_bytes() == b"old" and result.stdout == ""
 
 
+def test_the_plot_goes_neither_onto_a_directory_nor_into_a_run(runs, tmp_path):
+    metrics = runs[0] / "metrics.csv"
+    before = metrics.read_bytes()
+    (tmp_path / "dir").mkdir()
+    for out, message in ((tmp_path / "dir", f"{tmp_path / 'dir'} is a directory, and this output is a file: name a "
+                                             f"file, e.g. {tmp_path / 'dir' / 'compare.png'}"),
+                         (metrics, f"-o {metrics} lies inside the source directory {runs[0]}: choose an output path "
+                                   "outside it")):
+        result = run("compare", *runs, "-o", out, "--force")
+        assert result.exit_code == 2 and result.stderr.strip() == f"error: {message}", result.output
+    assert metrics.read_bytes() == before and list((tmp_path / "dir").iterdir()) == []
+
+
+def test_a_run_killed_mid_row_compares_on_its_complete_rows(runs, tmp_path):
+    """A still-running or killed `train` leaves a last row without its newline: compare reads the rows before it."""
+    metrics = runs[1] / "metrics.csv"
+    whole = json.loads(run("compare", *runs, "--json").stdout)
+    metrics.write_text(metrics.read_text() + "400,204800,4")  # cut in its third cell
+    result = run("compare", *runs, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == whole
+
+
+def test_a_threshold_that_is_not_a_number_is_refused(runs, tmp_path):
+    result = run("compare", *runs, "--threshold", "nan", "--json")
+    assert result.exit_code == 2 and result.stderr == (
+        "error: --threshold must be a finite loss, got nan: pass e.g. --threshold 2.5, or leave it unset for the "
+        "worst run's best validation loss\n") and result.stdout == ""
+
+
 def test_help_teaches_with_an_example():
     result = run("compare", "--help")
     assert result.exit_code == 0

@@ -248,7 +248,12 @@ def test_run_directory_errors(tmp_path):
     assert result.stderr == "error: --resume continues with the run's saved options: drop --lr\n"
     result = run("train", "-o", out, "--resume", "--group", "g")
     assert result.stderr == "error: --resume continues with the run's saved options: drop --group\n"
-    assert list(out.iterdir()) == []
+    (out / "config.json").write_text("{}")  # a source directory that -o names itself, or lies inside
+    for target, how in ((out, "is the source directory"), (out / "run", "lies inside the source directory")):
+        result = run("train", out, "-o", target, "--force")
+        assert result.exit_code == 2 and result.stderr == f"error: -o {target} {how} {out}: choose an output path " \
+                                                          "outside it\n", result.stderr
+    assert list(out.iterdir()) == [out / "config.json"]  # --force deleted nothing
 
 
 def test_sigint_to_a_real_process_checkpoints_and_the_run_resumes(tmp_path, text):

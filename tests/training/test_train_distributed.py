@@ -157,3 +157,29 @@ def test_the_launcher_polls_while_the_ranks_run(tmp_path):
     code, interrupted = _torchrun([sys.executable, "-c", f"import time; time.sleep({POLL_S * 3.5})"],
                                   tmp_path / "log", lambda: polls.append(1))
     assert (code, interrupted) == (0, False) and len(polls) >= 2
+
+
+def test_sigterm_reaches_torchrun_before_the_launcher_cleans_up(tmp_path):
+    """SLURM's and Kubernetes' SIGTERM goes on to torchrun (its own session), which stops the ranks; the launcher
+    waits for it instead of removing the work directory under running ranks."""
+    import os
+    import signal
+    import sys
+
+    from moeify.training.launch import _torchrun
+
+    ready, got = tmp_path / "ready", tmp_path / "got"
+    child = (f"import pathlib, signal, sys, time\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(got)!r}).write_text('TERM'), sys.exit(0)))\n"
+             f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(60)\n")
+    sent = []
+
+    def poll():
+        if ready.exists() and not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # to the launcher, as a scheduler would
+
+    previous = signal.getsignal(signal.SIGTERM)
+    code, interrupted = _torchrun([sys.executable, "-c", child], tmp_path / "log", poll)
+    assert (code, interrupted) == (0, True) and got.read_text() == "TERM"
+    assert signal.getsignal(signal.SIGTERM) == previous  # the launcher's handler is gone again

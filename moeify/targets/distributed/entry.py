@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Callable, Iterator, NoReturn
 
 import click
 
+from moeify.checkpoint.integrity import unverified
 from moeify.errors import MoeifyError
 
 # (flag, parameter, click options): shared with `moeify run`, which forwards them to torchrun.
@@ -27,6 +30,9 @@ RUN_OPTIONS = [
                                     help="Seconds before a hung or dead rank makes the others fail.")),
     ("--log-every", "log_every", dict(type=int, default=0, show_default=True,
                                       help="Rank 0 prints a line every N steps (0: summary only).")),
+    ("--no-verify-files", "no_verify_files",
+     dict(is_flag=True, help="Skip the sha256 of moeify.json, plan.json and the shards against manifest.json, for "
+                             "very large trusted exports: a tampered or corrupted file then goes unnoticed.")),
 ]
 
 
@@ -45,6 +51,114 @@ def option_args(values: dict) -> list[str]:
         elif value is not None:
             args += [flag, str(value)]
     return args
+
+
+ERRORS_ENV = "MOEIFY_RUN_ERRORS"  # set by `moeify run`: the folder where each rank writes its error for it
+
+
+def check_options(options: dict) -> None:
+    """The run flags, refused where they are given: by `moeify run` before torchrun starts, and by each rank
+    before it joins the others (under a bare torchrun). Torch-free, as the launcher is."""
+    for name in ("steps", "batch", "seq"):
+        value = options.get(name)
+        if value is not None and value < 1:
+            raise MoeifyError(f"--{name} must be >= 1, got {value}")
+    timeout = options.get("timeout_s")
+    if timeout is not None and not 0 < timeout < math.inf:  # nan fails both
+        raise MoeifyError(f"--timeout must be a positive number of seconds, got {timeout}")
+    lr = options.get("lr")
+    if lr is not None and not 0 < lr < math.inf:
+        raise MoeifyError(f"--lr must be a positive number, got {lr}")
+    if (options.get("log_every") or 0) < 0:
+        raise MoeifyError(f"--log-every must be >= 0 (0: the summary only), got {options['log_every']}")
+    if options.get("data") is not None:
+        check_data_file(Path(options["data"]))
+
+
+def check_data_file(path: Path) -> None:
+    """--data: a safetensors file whose header holds a 2-D input_ids with rows (the tensors are not read)."""
+    if not path.is_file():
+        raise MoeifyError(f"--data {path} does not exist: pass a safetensors file with input_ids [N, S]")
+    header = _safetensors_header(path)
+    if header is None:
+        raise MoeifyError(f"--data {path} is not a safetensors file: save the token ids with "
+                          "safetensors.torch.save_file({'input_ids': ids}, PATH)")
+    shape = header.get("input_ids", {}).get("shape") if isinstance(header.get("input_ids"), dict) else None
+    if not isinstance(shape, list) or len(shape) != 2:
+        raise MoeifyError(f"--data {path} has no 2-D input_ids tensor: store token ids as input_ids [N, S]")
+    if 0 in shape:
+        raise MoeifyError(f"--data {path} has input_ids of shape {shape}: give at least one row of tokens")
+
+
+def _safetensors_header(path: Path) -> dict | None:
+    """The JSON header of a safetensors file, or None when the file is not one (empty, cut, another format)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8 or 8 + int.from_bytes(head, "little") > size:
+                return None
+            header = json.loads(f.read(int.from_bytes(head, "little")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def check_export(directory: Path, world_size: int | None = None):
+    """What every process can check alike without the others, before any process group exists: the manifest,
+    `world_size` (the ranks running; None: not yet known), the plan against the model, the shared files'
+    sha256, and that every shard is there, of its manifest size, and made for its rank of this world size.
+    Each rank's own shard is hashed later, by the rank, with all ranks agreeing (loader.load_rank).
+    Returns the Manifest."""
+    from moeify.checkpoint.files import read_json
+    from moeify.checkpoint.metadata import MOEIFY_FILE
+    from moeify.planner.plan import ShardingPlan
+    from moeify.targets.distributed.manifest import PLAN_FILE, read_export_manifest, verify
+
+    manifest = read_export_manifest(directory)
+    world = manifest.world_size
+    if world_size is not None and world_size != world:
+        raise MoeifyError(f"{directory} was exported for {world} ranks but {world_size} are running: "
+                          f"launch with --nproc {world}")
+    if [r.rank for r in manifest.ranks] != list(range(world)):
+        raise MoeifyError(f"{directory / 'manifest.json'} does not list ranks 0..{world - 1}: re-run `moeify export`")
+    for name in (MOEIFY_FILE, PLAN_FILE):
+        if not (directory / name).is_file():
+            raise MoeifyError(f"{directory / name} is missing: copy the whole export directory, or re-run "
+                              "`moeify export`")
+    plan = ShardingPlan.load(directory / PLAN_FILE)
+    meta = read_json(directory / MOEIFY_FILE, fix="re-run `moeify export`")
+    try:
+        layers = {layer["name"]: layer["num_experts"] for layer in meta["summary"]["moe_layers"]}
+    except (KeyError, TypeError):
+        raise MoeifyError(f"{directory / MOEIFY_FILE} lists no Switch layers: re-run `moeify export`") from None
+    planned = {layer.name: layer.num_experts for layer in plan.layers}
+    extra, missing = sorted(set(planned) - set(layers)), sorted(set(layers) - set(planned))
+    if plan.world_size != world:
+        what = f"{plan.world_size} ranks, the export {world}"
+    elif extra:
+        what = f"it places {extra[:2]}, which the model lacks"
+    elif missing:
+        what = f"it lacks {missing[:2]}"
+    else:
+        wrong = [n for n in sorted(layers) if layers[n] != planned[n]]
+        what = f"{wrong[0]} has {layers[wrong[0]]} experts, the plan {planned[wrong[0]]}" if wrong else None
+    if what is not None:
+        raise MoeifyError(f"{directory / PLAN_FILE} is a plan for another model or export ({what}): copy the "
+                          "export's own plan.json back, or re-run `moeify export`")
+    verify(directory, manifest, [MOEIFY_FILE, PLAN_FILE])
+    for shard in manifest.ranks:
+        path = directory / shard.file
+        if not path.is_file():
+            raise MoeifyError(f"{path} is missing: copy the whole export directory, or re-run `moeify export`")
+        entry = manifest.files.get(shard.file, {})
+        header = _safetensors_header(path)
+        made_for = (header or {}).get("__metadata__") or {}
+        if path.stat().st_size != entry.get("bytes") or made_for.get("rank") != str(shard.rank) \
+                or made_for.get("world_size") != str(world):
+            raise MoeifyError(f"{path} is not the shard this export's manifest lists (another export's, or cut "
+                              "short): copy the whole export directory again, or re-run `moeify export`")
+    return manifest
 
 
 def torchrun(nproc: int, module: str, *args: str) -> list[str]:
@@ -74,17 +188,32 @@ def rank_errors(report: Callable[[str, int], None] | None = None) -> Iterator[No
     each one line `error: [rank R: ]MESSAGE`. `report(message, code)` sees the message first, its option
     references unrendered (MoeifyError.render), e.g. to pass it on to a launcher."""
     from moeify.targets.distributed import comm
-    from moeify.targets.distributed.failures import RankFailure
+    from moeify.targets.distributed.failures import PeerRefused, RankFailure
 
     try:
         yield
     except MoeifyError as e:
         code = 3 if isinstance(e, RankFailure) else 2
-        rank = comm.get_rank() if comm.is_initialized() and code == 2 else None
+        # Before the process group exists the rank is torchrun's RANK; outside a launcher there is none.
+        rank = (comm.get_rank() if comm.is_initialized() else os.environ.get("RANK") or None) if code == 2 else None
         prefix = "" if rank is None else f"rank {rank}: "
-        if report is not None:
+        if report is not None and not isinstance(e, PeerRefused):  # the rank that refused reports the cause
             report(prefix + (str(e.args[0]) if e.args else ""), code)
         fail(prefix + str(e), code)
+
+
+def _launcher_report() -> Callable[[str, int], None] | None:
+    """Under `moeify run` (ERRORS_ENV set): write this rank's error where the launcher reads it, so the user sees
+    it once, as one line, instead of once per rank and torchrun's traceback."""
+    folder = os.environ.get(ERRORS_ENV)
+    if not folder:
+        return None
+
+    def report(message: str, code: int) -> None:
+        rank = int(os.environ.get("RANK", "0"))
+        with contextlib.suppress(OSError):  # the launcher then shows torchrun's own output instead
+            Path(folder, f"rank-{rank:05d}.json").write_text(json.dumps({"code": code, "message": message}))
+    return report
 
 
 def print_report(report, console) -> None:
@@ -129,10 +258,18 @@ def main(directory: Path, **options) -> None:
     from rich.console import Console
 
     from moeify.targets.distributed import comm
-    from moeify.targets.distributed.steps import RunConfig, run_steps
+    from moeify.targets.distributed.env import LaunchEnv
 
-    with rank_errors():
-        report = run_steps(RunConfig(path=directory, **options), log=functools.partial(print, flush=True))
+    with rank_errors(_launcher_report()):
+        # Every check that needs no other rank comes before the process group: each rank refuses alike,
+        # at once, instead of joining a group that then waits or times out.
+        env = LaunchEnv.from_environ()
+        check_options(options)
+        with unverified(options.pop("no_verify_files", False)):
+            check_export(directory, env.world_size)
+            from moeify.targets.distributed.steps import RunConfig, run_steps
+
+            report = run_steps(RunConfig(path=directory, **options), log=functools.partial(print, flush=True))
     if comm.get_rank() == 0:
         # Under torchrun stdout is a pipe, where rich would wrap at 80 columns: let rows be one line.
         print_report(report, Console(highlight=False, width=None if sys.stdout.isatty() else 200))

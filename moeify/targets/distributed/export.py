@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from moeify.checkpoint.files import atomic_directory, check_writable
+from moeify.checkpoint.integrity import Verifier, remember
 from moeify.checkpoint.metadata import MOEIFY_FILE, WEIGHTS_STEM, read_metadata
 from moeify.checkpoint.skeleton import skeleton
 from moeify.checkpoint.sources import check_safetensors, tied_aliases, weight_files
@@ -84,12 +85,14 @@ class DistributedExport:
 
 def export_distributed(source: str | Path, output: str | Path, plan: ShardingPlan | str | Path | None = None, *,
                        world_size: int | None = None, allow_uneven: bool = False, force: bool = False,
-                       progress: Progress | None = None, model: nn.Module | None = None) -> DistributedExport:
+                       progress: Progress | None = None, model: nn.Module | None = None,
+                       verify: bool = True) -> DistributedExport:
     """Write `source` (a `moeify convert` output) as one shard per rank of `plan`.
 
     Give `plan` (a ShardingPlan or a plan.json) or `world_size` (a default plan). Streams: the
     structure is built on meta, and each shard is read from the source, written, and freed
-    before the next, so memory peaks near one shard plus the dense weights.
+    before the next, so memory peaks near one shard plus the dense weights. `verify` first checks
+    the source's files against its moeify-manifest.json.
     """
     source, output = Path(source), Path(output)
     if (plan is None) == (world_size is None):
@@ -99,6 +102,8 @@ def export_distributed(source: str | Path, output: str | Path, plan: ShardingPla
     if not meta["weights"]:
         raise MoeifyError(f"{source} is structure only (converted with --device meta): convert it with "
                           "weights to export it")
+    if verify:  # every shard reads from every source file, so all are checked first
+        Verifier(source).check_all()
     structure = skeleton(source, model)
     if plan is None:
         plan = default_plan(expert_counts(structure), world_size, allow_uneven=allow_uneven)
@@ -107,11 +112,13 @@ def export_distributed(source: str | Path, output: str | Path, plan: ShardingPla
     check_plan_fits(structure, plan)
     where = _tensor_files(source)
     shards = []
-    with atomic_directory(output, force=force) as tmp:
+    # manifest.json lists every file with its sha256 and size already: no moeify-manifest.json beside it.
+    with atomic_directory(output, force=force, manifest=False) as tmp:
         for rank in range(plan.world_size):
             part = rank_part(structure, plan, rank)
             name = shard_name(rank, plan.world_size)
             _write_shard(part, where, tmp / name, {"rank": str(rank), "world_size": str(plan.world_size)})
+            remember(tmp / name)  # hashed now, while its pages are cached, not after the later shards
             shards.append(RankShard(rank, name, local_expert_ids(part)))
             if progress:
                 progress("emit", rank + 1, plan.world_size)

@@ -17,6 +17,11 @@ class RankFailure(MoeifyError):
     """Another rank died, hung past the timeout, or the network failed: this rank cannot go on."""
 
 
+class PeerRefused(MoeifyError):
+    """Another rank refused its input (its files), so this one stops too: that rank's own error is the one to
+    show, and launchers that collect the ranks' errors are not told this echo of it."""
+
+
 def reason(error: BaseException) -> str:
     """The useful part of a backend message: no source path, first sentence only."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

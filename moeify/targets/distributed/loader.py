@@ -12,12 +12,13 @@ from moeify.checkpoint.sources import assign_weights
 from moeify.errors import MoeifyError
 from moeify.planner.plan import ShardingPlan
 from moeify.targets.distributed import comm
+from moeify.targets.distributed.entry import check_export
 from moeify.targets.distributed.env import LAUNCH_HINT, default_device
-from moeify.targets.distributed.failures import communication
+from moeify.targets.distributed.failures import PeerRefused, communication
 from moeify.targets.distributed.groups import ParallelGroups, RankPart, build_groups
 from moeify.targets.distributed.layer import ExpertGroup, local_expert_ids
 from moeify.targets.distributed.lower import lower_expert_parallel
-from moeify.targets.distributed.manifest import PLAN_FILE, read_export_manifest, verify
+from moeify.targets.distributed.manifest import PLAN_FILE, verify
 
 
 def load_rank(path: str | Path, *, model: nn.Module | None = None, device: str | torch.device | None = None,
@@ -37,11 +38,8 @@ def load_rank(path: str | Path, *, model: nn.Module | None = None, device: str |
         raise MoeifyError(f"load_rank needs an initialised process group: {LAUNCH_HINT}, "
                           "or call moeify.distributed.init() first")
     path = Path(path)
-    manifest = read_export_manifest(path)
     rank, world = comm.get_rank(), comm.get_world_size()
-    if manifest.world_size != world:
-        raise MoeifyError(f"{path} was exported for {manifest.world_size} ranks but {world} are running: "
-                          f"launch with --nproc {manifest.world_size}")
+    manifest = check_export(path, world)  # what every rank refuses alike, before this function's first collective
     shard = manifest.ranks[rank]
     device = torch.device(device) if device is not None else default_device(int(os.environ.get("LOCAL_RANK", "0")))
     if check:
@@ -75,4 +73,4 @@ def _verify_everywhere(path: Path, manifest, shard: str, rank: int, device: torc
     if error is not None:
         raise error
     if refused.item() >= 0:
-        raise MoeifyError(f"rank {refused.item()} refused its files (see its error), so no rank starts")
+        raise PeerRefused(f"rank {refused.item()} refused its files (see its error), so no rank starts")

@@ -1,12 +1,12 @@
 """manifest.json of a torch-distributed export: every file with its sha256, and each rank's experts."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moeify.checkpoint.files import read_json
+from moeify.checkpoint.integrity import sha256_file, skipped, written_digest
 from moeify.checkpoint.schemas import MANIFEST_FORMAT as FORMAT
 from moeify.checkpoint.schemas import MANIFEST_VERSION as VERSION
 from moeify.checkpoint.schemas import validate
@@ -14,7 +14,6 @@ from moeify.errors import MoeifyError
 
 MANIFEST_FILE = "manifest.json"
 PLAN_FILE = "plan.json"
-_CHUNK = 1 << 22  # 4 MiB reads: hashing never holds a whole shard in memory
 
 
 @dataclass
@@ -42,17 +41,10 @@ class Manifest:
                    source=data.get("source", {}))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def describe(directory: Path, names: list[str]) -> dict[str, dict]:
-    """{name: {"sha256", "bytes"}} for files of `directory`, as the manifest lists them."""
-    return {n: {"sha256": sha256_file(directory / n), "bytes": (directory / n).stat().st_size} for n in names}
+    """{name: {"sha256", "bytes"}} for files of `directory`, as the manifest lists them; a shard's digest is the
+    one taken right after it was written (integrity.remember)."""
+    return {n: {"sha256": written_digest(directory / n), "bytes": (directory / n).stat().st_size} for n in names}
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
@@ -62,6 +54,9 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
 def read_export_manifest(directory: str | Path) -> Manifest:
     directory = Path(directory)
     path = directory / MANIFEST_FILE
+    if directory.exists() and not directory.is_dir():
+        raise MoeifyError(f"{directory} is a file, not a torch-distributed export directory: pass the directory "
+                          "`moeify export MODEL --target torch-distributed -o DIR` wrote")
     if not directory.is_dir():
         raise MoeifyError(f"{directory} does not exist: export a model first with "
                           f"`moeify export MODEL --target torch-distributed -o {directory}`")
@@ -81,6 +76,8 @@ def verify(directory: str | Path, manifest: Manifest, names: list[str]) -> None:
         path = directory / name
         if not path.is_file():
             raise MoeifyError(f"{path} is missing: copy the whole export directory, or re-run `moeify export`")
+        if skipped():  # --no-verify-files: present is enough
+            continue
         got = sha256_file(path)
         if got != entry["sha256"]:
             raise MoeifyError(f"{path} is corrupt: its sha256 is {got[:16]}..., the manifest says "

@@ -108,7 +108,9 @@ def export_onnx(source: nn.Module | str | Path, out: str | Path, options: OnnxOp
 
     Encoder-decoder models give encoder_model.onnx and decoder_model.onnx (and decoder_with_past_model.onnx
     with options.with_past); others model.onnx.
-    Custom modules need `example_inputs`. Returns what was written, node counts and parity.
+    Custom modules need `example_inputs`. Returns what was written, node counts and parity. A directory's files
+    are checked against its moeify-manifest.json as they load (moeify.load; pass a model loaded with verify=False
+    to skip that).
     """
     options = options or OnnxOptions()
     out = Path(out)

@@ -17,7 +17,7 @@ def test_fused_export_then_inspect(converted, tmp_path):
     assert "4 Switch layers fused into com.microsoft.MoE (dropless" in result.stdout
     assert "encoder_model.onnx" in result.stdout and "decoder_model.onnx" in result.stdout
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert files == {"encoder_model.onnx", "decoder_model.onnx", "moeify_onnx.json"}
+    assert files == {"encoder_model.onnx", "decoder_model.onnx", "moeify_onnx.json", "moeify-manifest.json"}
     report = json.loads((tmp_path / "out" / "moeify_onnx.json").read_text())
     assert [g["moe_nodes"] for g in report["graphs"]] == [2, 2]
     assert all(g["max_abs_diff"] < 1e-4 and g["nodes_optimized"] <= g["nodes"] < g["nodes_exported"]

@@ -207,6 +207,7 @@ def test_cli_with_past(tmp_path):
     assert result.exit_code == 0, result.output
     assert "decoder_with_past_model.onnx" in result.stdout
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
-        "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "moeify_onnx.json"}
+        "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx", "moeify_onnx.json",
+        "moeify-manifest.json"}
     result = run("export", tmp_path / "switch", "--target", "torch", "--with-past", "-o", tmp_path / "t")
     assert result.exit_code != 0 and "--with-past is an option of --target onnx" in result.output
