@@ -156,6 +156,16 @@ def test_inspect_names_an_empty_or_cut_weight_file(model, tmp_path, broken):
     assert result.stderr.strip() == expected and not result.stdout
 
 
+def test_inspect_reads_a_shard_index_as_loading_does(model, tmp_path):
+    """The one index reader (files.indexed_shards): a shard outside the directory is refused, not read."""
+    copy = shutil.copytree(model, tmp_path / "copy")
+    (copy / "moeify-model.safetensors.index.json").write_text('{"weight_map": {"a": "../x.safetensors"}}')
+    result = run("inspect", copy)
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        f"error: {copy / 'moeify-model.safetensors.index.json'} names '../x.safetensors', not a file beside it: "
+        "re-save the model") and not result.stdout
+
+
 def test_inspect_names_an_empty_onnx_file(tmp_path):
     graph = tmp_path / "encoder_model.onnx"
     graph.write_bytes(b"")

@@ -41,6 +41,20 @@ def read_json(path: str | Path, *, fix: str, what: str = "", expect: type = dict
     return data
 
 
+def indexed_shards(index: Path) -> list[str]:
+    """The shard file names a `*.safetensors.index.json` maps its tensors to, each a file beside the index."""
+    weight_map = read_json(index, fix="re-save the model").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise MoeifyError(f"{index} has no weight_map of tensor names to file names: re-save the model")
+    names = sorted(set(weight_map.values()))
+    # A shard is a file beside the index, never a path elsewhere ("../x", "/etc/x").
+    outside = [name for name in names if Path(name).name != name or name in ("", ".", "..")]
+    if outside:
+        raise MoeifyError(f"{index} names {outside[0]!r}, not a file beside it: re-save the model")
+    return names
+
+
 # Files of a tokenizer that transformers reads from a model directory; copied as they are.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "spiece.model", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja")

@@ -8,7 +8,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from moeify.checkpoint.files import read_json
+from moeify.checkpoint.files import indexed_shards, read_json
 from moeify.checkpoint.integrity import Verifier
 from moeify.checkpoint.metadata import MOEIFY_FILE
 from moeify.checkpoint.model_presets import Preset, resolve_source
@@ -33,16 +33,7 @@ def weight_files(directory: Path, stem: str = "model") -> list[Path]:
     or `stem`.safetensors.index.json (Hugging Face's "model"; moeify outputs use WEIGHTS_STEM)."""
     index = directory / f"{stem}.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index, fix="re-save the model").get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                       for k, v in weight_map.items()):
-            raise MoeifyError(f"{index} has no weight_map of tensor names to file names: re-save the model")
-        files = sorted(set(weight_map.values()))
-        # A shard is a file beside the index, never a path elsewhere ("../x", "/etc/x").
-        outside = [name for name in files if Path(name).name != name or name in ("", ".", "..")]
-        if outside:
-            raise MoeifyError(f"{index} names {outside[0]!r}, not a file beside it: re-save the model")
-        return [directory / name for name in files]
+        return [directory / name for name in indexed_shards(index)]
     single = directory / f"{stem}.safetensors"
     if single.is_file():
         return [single]

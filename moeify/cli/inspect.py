@@ -74,10 +74,9 @@ def check_weight_files(path: Path) -> None:
     empty or cut copy is named here rather than reported as a fine model (the tensors themselves are not read)."""
     index = path / f"{WEIGHTS_STEM}.safetensors.index.json"
     if index.is_file():
-        from moeify.checkpoint.files import read_json
+        from moeify.checkpoint.files import indexed_shards  # torch-free, as inspect stays
 
-        weight_map = read_json(index, fix="convert the model again").get("weight_map")
-        names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        names = indexed_shards(index)
         if not names:
             raise MoeifyError(f"{index} lists no weight files: convert the model again")
     else:
