@@ -157,18 +157,6 @@ HOSTS = {
 }
 
 
-def available_memory_bytes() -> int | None:
-    """What the kernel says a new allocation can get (MemAvailable), or None where /proc is missing."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _physical_memory_gb() -> float:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
