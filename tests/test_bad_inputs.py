@@ -5,6 +5,8 @@ import shutil
 import pytest
 from clitools import assert_user_error, run
 
+from moeify.planner import resources
+
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
@@ -49,6 +51,9 @@ CALIBRATE = ["calibrate", "MODEL", "--batches", "1", "--batch-size", "1", "--seq
      r"[\d,.]+ GiB is free under .+: export for fewer ranks \(about [\d,]+ fit\), or to another disk with -o"),
     (["export", "MODEL", "--target", "torch-distributed", "--world-size", "0", "-o", "OUT"],
      r"--world-size must be a positive integer, got 0"),
+    (["train", "t5-tiny", "--experts", "1000000000", "-o", "OUT"],
+     r"one training step needs at least [\d,.]+ GiB \(weights, gradients, optimizer state\) but [\d,.]+ GiB of "
+     r"memory is available: train a smaller model or fewer --experts, or use --optimizer adafactor"),
     # Flags that would be silently ignored, or values that mean nothing.
     ([*PLAN, "--experts", "8", "-o", "OUT"],
      r".+/switch is already converted; its experts are fixed: drop --experts \(or plan the dense model with them\)"),
@@ -183,3 +188,33 @@ def test_plan_draws_the_format_its_suffix_names(model, tmp_path, suffix, magic):
     assert result.exit_code == 0, result.output
     assert drawing.read_bytes().startswith(magic)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["p.json", drawing.name])  # no temporaries
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "t5-tiny", "--seq-len", "512", "--batch-size", "64", "-o", "OUT"],
+     r"one training step needs at least [\d.]+ GiB \(weights, gradients, optimizer state, activations\) but "
+     r"1\.0 GiB of memory is available: lower --batch-size or --seq-len"),
+    (["export", "MODEL", "--target", "onnx", "-o", "OUT"],
+     r"--target onnx needs at least [\d.]+ MiB for the model and its graph but 1\.0 MiB of memory is available: "
+     r"export on a machine with more memory"),
+    (["export", "MODEL", "--target", "hf-switch", "-o", "OUT"],
+     r"--target hf-switch needs at least [\d.]+ MiB for the model but 1\.0 MiB of memory is available: export on "
+     r"a machine with more memory"),
+])
+def test_work_that_cannot_fit_in_memory_is_refused_before_it_starts(model, tmp_path, monkeypatch, args, message):
+    """The checks compare lower bounds with the memory there is: with less memory, the same job is refused."""
+    available = 2**30 if args[0] == "train" else 2**20
+    monkeypatch.setattr(resources, "available_memory", lambda: available)
+    result = run(*resolve(args, model, tmp_path))
+    assert_user_error(result, tmp_path, "")
+    assert re.fullmatch(f"error: {message}", result.stderr.strip()), result.stderr
+
+
+@pytest.mark.parametrize("target", ["torch", "onnx", "hf-switch"])
+def test_an_export_the_disk_cannot_hold_is_refused_before_it_starts(model, tmp_path, monkeypatch, target):
+    monkeypatch.setattr(resources, "free_disk", lambda path: (2**20, tmp_path))
+    result = run("export", model, "--target", target, "-o", tmp_path / "out")
+    assert_user_error(result, tmp_path, "")
+    assert re.fullmatch(rf"error: --target {target} writes at least [\d.]+ MiB, 1\.0 MiB is free under "
+                        rf"{re.escape(str(tmp_path))}: export to another disk with -o, or free space",
+                        result.stderr.strip()), result.stderr

@@ -13,6 +13,7 @@ from moeify import cli
 from moeify.checkpoint import sources
 from moeify.checkpoint.sources import DenseModel
 from moeify.cli import convert as convert_cli
+from moeify.planner import resources
 
 
 def test_convert_and_inspect_a_local_hf_directory(hf_t5_dir, tmp_path):
@@ -123,7 +124,7 @@ def test_inspect_refuses_a_non_moeify_directory(tmp_path):
 
 
 def test_memory_check_points_to_meta(tmp_path, monkeypatch):
-    monkeypatch.setattr(convert_cli, "available_memory", lambda: 10**9)
+    monkeypatch.setattr(resources, "available_memory", lambda: 10**9)
     result = run("convert", "t5-base", "--experts", 128, "-o", tmp_path / "out")
     assert_user_error(result, tmp_path, "use --device meta")
 

@@ -10,20 +10,18 @@ import click
 from moeify.checkpoint.files import write_text_atomically
 from moeify.checkpoint.metadata import read_metadata
 from moeify.cli.common import (
-    MEMORY_FRACTION,
-    available_memory,
     check_output_file,
     console,
     human,
     verify_files_option,
 )
 from moeify.errors import MoeifyError
+from moeify.planner.resources import check_memory, weight_bytes
 
 # The work calibrate takes on: its forward passes at an optimistic 100 GFLOP/s per CPU core (the 2-core
 # development machine reaches ~150 GFLOP/s in all), so the estimate is a lower bound, and at most a day of them.
 FLOPS_PER_CORE = 100e9
 LIMIT_S = 24 * 3600
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 @click.command("calibrate", short_help="Measure tokens per expert, for load-aware plans.")
@@ -90,12 +88,8 @@ def _check_work(summary: dict, batches: int, batch_size: int, seq_len: int) -> N
     """Refuse, before the model loads, weights that do not fit in memory and batches that would run for days."""
     from moeify.conversion.text import window_tokens
 
-    weights = summary["total_params"] * DTYPE_BYTES.get(summary.get("dtype"), 4)
-    available = available_memory()
-    if available is not None and weights > MEMORY_FRACTION * available:
-        raise MoeifyError(f"the model needs {weights / 2**30:.1f} GiB for its weights but {available / 2**30:.1f} GiB "
-                          "of memory is available: calibrate on a machine with more memory, or a model with fewer "
-                          "experts")
+    check_memory(weight_bytes(summary), "the model needs {} for its weights",
+                 "calibrate on a machine with more memory, or a model with fewer experts")
     per_batch = window_tokens(batch_size, seq_len) * 2 * summary["active_params"]  # forward FLOPs
     cores = os.cpu_count() or 1
     seconds = batches * per_batch / (FLOPS_PER_CORE * cores)

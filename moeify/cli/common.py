@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 console = Console(highlight=False)
-MEMORY_FRACTION = 0.8  # of the available memory a command may plan to take, as `convert` allows its weights
 FLAG_NAMES = {"num_experts": "--experts", "verify": "--verify-files"}  # options whose flag is not the parameter name
 
 
@@ -180,15 +179,12 @@ def dataclass_options(cls, choices: dict[str, tuple[str, ...]] | None = None, *,
     return decorate
 
 
-def available_memory() -> int | None:
-    """Bytes a new allocation can get (MemAvailable), or None where /proc/meminfo is missing."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+def weight_bytes_of(model) -> int:
+    """The bytes of `model`'s weights (any device, meta included), counted as moeify.json's summary counts them."""
+    from moeify.checkpoint.summary import summarize
+    from moeify.planner.resources import weight_bytes
+
+    return weight_bytes(summarize(model).to_dict())
 
 
 def check_output_file(path: Path, force: bool, example: str, inputs: Iterable[str | Path] = ()) -> None:

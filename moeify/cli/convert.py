@@ -9,8 +9,6 @@ import click
 from moeify.checkpoint.files import check_not_inside, check_writable
 from moeify.checkpoint.model_presets import resolve_source
 from moeify.cli.common import (
-    MEMORY_FRACTION,
-    available_memory,
     check_output_parent,
     console,
     converted_model,
@@ -19,24 +17,18 @@ from moeify.cli.common import (
     moe_options,
     print_init_reports,
     table,
+    weight_bytes_of,
 )
 from moeify.config import MoEConfig
 from moeify.errors import MoeifyError
+from moeify.planner.resources import check_memory
 
 
 def _check_memory(source: str, config: MoEConfig, flags: dict) -> None:
     """Convert on the meta device first: cheap, and it fails fast when weights cannot fit."""
-    import torch
-
-    from moeify.checkpoint.summary import summarize
-
-    summary = summarize(converted_model(source, config, flags, "meta"))
-    need = summary.total_params * torch.finfo(getattr(torch, summary.dtype)).bits // 8
-    available = available_memory()
-    if available is not None and need > MEMORY_FRACTION * available:
-        raise MoeifyError(
-            f"the converted model needs {need / 2**30:.1f} GiB for its weights but {available / 2**30:.1f} GiB "
-            f"of memory is available: use --device meta for a structure-only conversion, or fewer --experts")
+    check_memory(weight_bytes_of(converted_model(source, config, flags, "meta")),
+                 "the converted model needs {} for its weights",
+                 "use --device meta for a structure-only conversion, or fewer --experts")
 
 
 @click.command("convert", short_help="Convert a preset or a Hugging Face model into a Switch model.")

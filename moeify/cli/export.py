@@ -109,7 +109,41 @@ def export_cmd(ctx: click.Context, source: Path, target: str, output: Path | Non
     output = output or source.with_name(f"{source.name}-{target}")
     check_not_inside(output, source)
     check_output_parent(output)  # a folder that cannot be made fails before the model loads
+    check_fits(source, output, target, {name: flags[name] for name in chosen.options})
     module, function = chosen.runner.split(":")
     run = getattr(importlib.import_module(module), function)
     run(chosen, source, output, force, {name: flags[name] for name in chosen.options})
 
+
+# Bytes per expert weight in a --quantize int8|int4 graph (com.microsoft.QMoE; scales are left out).
+QUANTIZED_BYTES = {"int8": 1.0, "int4": 0.5}
+
+
+def check_fits(source: Path, output: Path, target: str, flags: dict) -> None:
+    """Refuse, before the model loads, an export this machine cannot hold: the loaded model (and for onnx the
+    graph's initializers beside it) in memory, and the files on the disk under `output`. torch-distributed checks
+    its own disk (every shard holds the dense weights), and a structure-only source its own refusal."""
+    from moeify.checkpoint.metadata import read_metadata
+    from moeify.planner.resources import check_memory, free_disk, size, weight_bytes
+
+    meta = read_metadata(source)
+    if not meta["weights"]:
+        return
+    summary = meta["summary"]
+    weights = weight_bytes(summary)
+    written = weights
+    if target == "onnx":
+        width = 2 if flags["dtype"] == "fp16" else 4
+        experts = summary["total_params"] - summary["dense_params"]
+        written = int(summary["dense_params"] * width + experts * QUANTIZED_BYTES.get(flags["quantize"], width))
+        written *= 2 if flags["save_optimized"] else 1
+    # torch-distributed streams one shard at a time (the dense weights are in each); onnx keeps the graph's
+    # initializers beside the model they were traced from.
+    held = {"torch-distributed": (weight_bytes(summary, "dense_params"), "the dense weights"),
+            "onnx": (weights + written, "the model and its graph")}.get(target, (weights, "the model"))
+    check_memory(held[0], f"--target {target} needs at least {{}} for {held[1]}",
+                 "export on a machine with more memory")
+    free = free_disk(output)
+    if target != "torch-distributed" and free is not None and written > free[0]:
+        raise MoeifyError(f"--target {target} writes at least {size(written)}, {size(free[0])} is free under "
+                          f"{free[1]}: export to another disk with -o, or free space")

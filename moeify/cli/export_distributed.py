@@ -1,16 +1,12 @@
 """`moeify export --target torch-distributed`: per-rank shards, the plan and a sha256 manifest."""
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moeify.cli.common import console, table
 from moeify.cli.targets import Target
 from moeify.errors import MoeifyError
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -42,19 +38,13 @@ def check_disk(source: Path, output: Path, world_size: int) -> None:
     """Refuse, before any shard is written, an export the disk under `output` cannot hold: every shard carries
     the dense weights, so `world_size` copies of them plus the experts at least."""
     from moeify.checkpoint.metadata import read_metadata
+    from moeify.planner.resources import free_disk, weight_bytes
 
     summary = read_metadata(source)["summary"]
-    width = DTYPE_BYTES.get(summary.get("dtype"), 4)
-    dense = summary["dense_params"] * width
-    need = world_size * dense + (summary["total_params"] - summary["dense_params"]) * width
-    where = Path(os.path.abspath(output))
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    try:
-        free = shutil.disk_usage(where).free
-    except OSError:
-        return
-    if need > free:
+    dense = weight_bytes(summary, "dense_params")
+    need = (world_size - 1) * dense + weight_bytes(summary)
+    free, where = free_disk(output) or (None, None)
+    if free is not None and need > free:
         fits = max(1, (free - need + world_size * dense) // max(dense, 1))
         raise MoeifyError(f"{world_size} ranks need at least {need / 2**30:,.1f} GiB on disk (each shard holds the "
                           f"{dense / 2**20:,.1f} MiB of dense weights), {free / 2**30:,.1f} GiB is free under {where}: "

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from moeify.checkpoint.metadata import WEIGHTS_STEM, read_metadata, saved_summary
-from moeify.cli.common import console, human, print_init_reports, table
+from moeify.cli.common import console, human, print_init_reports, table, verify_files_option
 from moeify.cli.plan import print_plan_summary
 from moeify.errors import MoeifyError
 from moeify.planner.plan import ShardingPlan, expert_ranges, id_runs
@@ -16,6 +16,7 @@ from moeify.planner.plan import ShardingPlan, expert_ranges, id_runs
 @click.command("inspect", short_help="Show a converted model, a plan or an ONNX graph.")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the same data as JSON.")
+@verify_files_option
 def inspect_cmd(path: Path, as_json: bool) -> None:
     """Show a converted model (parameters, active parameters per token, Switch layers),
     a sharding plan (mesh, groups, placement, costs) or an exported ONNX graph (inputs and
@@ -39,8 +40,9 @@ def _inspect_model(path: Path, as_json: bool) -> None:
     meta = read_metadata(path)
     if meta["weights"]:
         check_weight_files(path)
+    integrity = check_integrity(path)
     data = {**meta["summary"], "source": meta["source"], "moe_config": meta["moe_config"],
-            "weights": meta["weights"]}
+            "weights": meta["weights"], "integrity": integrity}
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -52,6 +54,7 @@ def _inspect_model(path: Path, as_json: bool) -> None:
                   f"{'' if meta['weights'] else ', structure only (no weights)'}")
     console.print(f"parameters: {human(s.total_params)} total, {human(s.active_params)} active per token, "
                   f"{len(layers)} Switch layers x {s.num_experts} experts (exact counts: --json)")
+    console.print(f"files: {integrity}")
     if layers:
         console.print(f"routing: {routing_line(layers[0].routing)}")
     # The experts column only where layers differ: the line above gives the count otherwise.
@@ -99,6 +102,24 @@ def check_weight_files(path: Path) -> None:
                               "copy it again, or convert the model again") from None
 
 
+def check_integrity(directory: Path, names: list[str] | None = None) -> str:
+    """Check `names` (default: every file) against the directory's moeify-manifest.json, as loading would; refuse a
+    difference with the file's name, and say in words what was checked."""
+    from moeify.checkpoint.integrity import MANIFEST_FILE, Verifier, skipped
+
+    verifier = Verifier(directory)
+    if skipped():
+        return "not checked against their sha256 (--no-verify-files)"
+    if verifier.entries is None:
+        return f"not checked: no {MANIFEST_FILE} (written before moeify wrote manifests)"
+    if names is None:
+        verifier.check_all()
+    for name in names or []:
+        verifier.check(name)
+    n = len(verifier.checked)
+    return f"{n} file{'s' if n != 1 else ''} checked: sha256 and size as in {MANIFEST_FILE}"
+
+
 def routing_line(r) -> str:
     """How a layer routes, in words: 'top-1, gate = probability, capacity factor 1.25 (eval 2.0)'."""
     gates = "renormalised gates" if r.normalize_gates else "gate = probability"
@@ -121,9 +142,12 @@ def _inspect_onnx(path: Path, as_json: bool) -> None:
 
     if path.is_file() and path.stat().st_size == 0:
         raise MoeifyError(f"{path} is empty (0 bytes): export it again with `moeify export ... --target onnx`")
+    graph_files = [path.name] + ([f"{path.name}.data"] if path.with_name(f"{path.name}.data").is_file() else [])
+    integrity = check_integrity(path.parent, graph_files)
     data = describe(path)
     if not data["nodes"] and not data["opsets"]:  # an empty protobuf message parses as an empty model
         raise MoeifyError(f"{path} holds no ONNX graph: export it again with `moeify export ... --target onnx`")
+    data["integrity"] = integrity
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -131,6 +155,7 @@ def _inspect_onnx(path: Path, as_json: bool) -> None:
     weights = ", ".join(f"{_size(b)} {d}" for d, b in data["weight_bytes"].items()) or "none"
     console.print(f"[bold]{escape(str(path))}[/]: {data['nodes']} nodes, {data['initializers']} initializers "
                   f"({weights}), {_size(data['file_bytes'])} on disk; opsets {opsets}")
+    console.print(f"files: {integrity}")
     io = table("", "name", "dtype", "shape", title="inputs and outputs")
     for kind in ("inputs", "outputs"):
         for v in data[kind]:

@@ -9,8 +9,6 @@ from moeify.checkpoint.metadata import MOEIFY_FILE, read_metadata, saved_summary
 from moeify.checkpoint.model_presets import resolve_source
 from moeify.checkpoint.records import ModelSummary
 from moeify.cli.common import (
-    MEMORY_FRACTION,
-    available_memory,
     check_output_file,
     console,
     moe_config,
@@ -201,6 +199,7 @@ def _check_memory(size: tuple[int, int, int] | None, experts: int, spec: str, no
     """Refuse, before the work, a plan whose routes (every GPU pair) and placements (every expert) would take
     more memory than this machine has, saying about how much and what fits."""
     from moeify.planner.cost import DIJKSTRA_BYTES_PER_NODE, ROUTE_BYTES_PER_PAIR, experts_bytes, routes_bytes
+    from moeify.planner.resources import MEMORY_FRACTION, available_memory
 
     available = available_memory()
     if available is None or size is None:

@@ -17,6 +17,7 @@ from moeify.cli.common import (
     moe_config,
     moe_options,
     verify_files_option,
+    weight_bytes_of,
 )
 from moeify.config import MoEConfig
 from moeify.errors import MoeifyError, opt
@@ -119,6 +120,8 @@ def _start(source: str | None, run_dir: Path, dense: bool, force: bool, group: s
 
     if not is_moeify:
         resolve_source(source)  # a typo fails here, before torch is imported
+    _check_memory(_meta_weight_bytes(source, is_moeify, dense, config, {**moe, "seed": data_config.seed}), train,
+                  nproc=nproc)
     import torch
 
     from moeify.checkpoint.summary import summarize
@@ -138,6 +141,7 @@ def _start(source: str | None, run_dir: Path, dense: bool, force: bool, group: s
         else:
             model = converted_model(source, config, {**moe, "seed": data_config.seed}, "cpu", progress)
     data = prepare_data(model, data_config, _tokenizer(source))  # a bad --text fails here, before RUN_DIR
+    _check_memory(weight_bytes_of(model), train, _activation_bytes(model, data, train), nproc)
     plan = None
     if nproc is not None:
         from moeify.training.launch import check_mesh
@@ -161,6 +165,50 @@ def _start(source: str | None, run_dir: Path, dense: bool, force: bool, group: s
     from moeify.training.loop import Trainer
 
     _train(Trainer(model, train), data, data_config, run_dir, RunState())
+
+
+def _meta_weight_bytes(source: str, is_moeify: bool, dense: bool, config: MoEConfig | None, flags: dict) -> int:
+    """The bytes of SOURCE's weights as it will train, from moeify.json or a model built on the meta device."""
+    from moeify.planner.resources import weight_bytes
+
+    if is_moeify:
+        from moeify.checkpoint.metadata import read_metadata
+
+        return weight_bytes(read_metadata(source)["summary"])
+    from moeify.checkpoint.sources import load_dense
+
+    model = load_dense(source, device="meta").model if dense else converted_model(source, config, flags, "meta")
+    return weight_bytes_of(model)
+
+
+def _activation_bytes(model, data, train: TrainConfig) -> int:
+    """A lower bound on one step's activations at the data's sequence lengths (0 for a config without sizes)."""
+    from moeify.planner.resources import Depth, activation_bytes
+
+    depth = Depth.from_config(model.config.to_dict())
+    if depth is None:
+        return 0
+    return activation_bytes(depth, data.train.batch_size, data.objective.input_length, data.objective.label_length,
+                            2 if train.precision == "bf16" else 4, train=True)
+
+
+def _check_memory(weights: int, train: TrainConfig, activations: int = 0, nproc: int | None = None) -> None:
+    """Refuse, before RUN_DIR exists, a run whose weights, gradients and optimizer state (and, once the data's
+    lengths are known, activations) cannot fit in this machine's memory. --nproc ranks on GPUs hold all but the
+    weights this process loads on their devices, which only they can measure."""
+    from moeify.planner.resources import check_memory, state_bytes
+
+    if nproc is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return check_memory(weights, "the model needs {} for its weights", "train a smaller model or fewer "
+                                "--experts")
+    what = "weights, gradients, optimizer state" + (", activations" if activations else "")
+    fix = "lower --batch-size or --seq-len" if activations else "train a smaller model or fewer --experts"
+    fix += ", or use --optimizer adafactor" if train.optimizer == "adamw" and not activations else ""
+    check_memory(state_bytes(weights, True, train.optimizer) + activations,
+                 f"one training step needs at least {{}} ({what})", fix)
 
 
 def _resume(run_dir: Path, source: str | None, steps: int | None) -> None:

@@ -121,6 +121,33 @@ def test_commands_refuse_a_flipped_weight_byte_and_trust_it_with_no_verify_files
     assert trusted.exit_code == 0, trusted.output
 
 
+def test_inspect_checks_a_model_and_says_so(saved):
+    shown = run("inspect", saved)
+    assert shown.exit_code == 0 and f"files: 2 files checked: sha256 and size as in {MANIFEST_FILE}" in shown.stdout
+    assert json.loads(run("inspect", saved, "--json").stdout)["integrity"].startswith("2 files checked")
+    flip_payload_byte(saved / WEIGHTS)
+    refused = run("inspect", saved)
+    assert refused.exit_code == 2 and not refused.stdout
+    assert refused.stderr.strip() == f"error: {saved / WEIGHTS}: " + CHANGED.format(flag="--no-verify-files")
+    trusted = run("inspect", saved, "--no-verify-files")
+    assert trusted.exit_code == 0 and "files: not checked against their sha256 (--no-verify-files)" in trusted.stdout
+    (saved / MANIFEST_FILE).unlink()
+    older = run("inspect", saved)
+    assert older.exit_code == 0 and f"files: not checked: no {MANIFEST_FILE}" in older.stdout
+
+
+def test_inspect_checks_an_onnx_graph_against_its_directorys_manifest(saved, tmp_path):
+    out = tmp_path / "onnx"
+    assert run("export", saved, "--target", "onnx", "--no-optimize", "--no-verify", "-o", out).exit_code == 0
+    shown = run("inspect", out / "encoder_model.onnx")
+    assert shown.exit_code == 0 and "files: 1 file checked" in shown.stdout
+    graph = bytearray((out / "encoder_model.onnx").read_bytes())
+    graph[len(graph) // 2] ^= 0x01
+    (out / "encoder_model.onnx").write_bytes(bytes(graph))
+    refused = run("inspect", out / "encoder_model.onnx")
+    assert refused.exit_code == 2 and refused.stderr.startswith(f"error: {out / 'encoder_model.onnx'}: sha256 differs")
+
+
 def test_unverified_skips_every_check_within_the_block(corrupted):
     with unverified():
         moeify.load(corrupted)

@@ -7,7 +7,7 @@ from clitools import assert_fits, assert_user_error, run
 
 import moeify
 from moeify.checkpoint.sources import load_dense
-from moeify.cli import convert as convert_cli
+from moeify.planner import resources
 
 
 def plain(d: int, f: int) -> int:
@@ -67,7 +67,7 @@ def test_llama_3_8b_converts_on_meta_loads_and_plans(tmp_path):
 
 
 def test_a_big_preset_on_the_cpu_refuses_when_memory_is_short(tmp_path, monkeypatch):
-    monkeypatch.setattr(convert_cli, "available_memory", lambda: 16 * 2**30)
+    monkeypatch.setattr(resources, "available_memory", lambda: 16 * 2**30)
     result = run("convert", "llama-3-8b", "--experts", 8, "-o", tmp_path / "out")
     assert_user_error(result, tmp_path, "the converted model needs 103.4 GiB for its weights but 16.0 GiB of memory "
                                         "is available: use --device meta for a structure-only conversion, or fewer "

@@ -90,6 +90,18 @@ def check_data_file(path: Path) -> None:
         raise MoeifyError(f"--data {path} has input_ids of shape {shape}: give at least one row of tokens")
 
 
+def data_lengths(path: Path | None) -> tuple[int, int] | None:
+    """--data's (input, decoder) sequence lengths from its header (the decoder's: decoder_input_ids, else labels,
+    else input_ids, which training uses as labels); None without --data."""
+    if path is None:
+        return None
+    header = _safetensors_header(Path(path)) or {}
+    shapes = [header[k]["shape"] for k in ("input_ids", "decoder_input_ids", "labels")
+              if isinstance(header.get(k), dict) and isinstance(header[k].get("shape"), list)
+              and len(header[k]["shape"]) == 2]
+    return (shapes[0][1], shapes[-1][1] if len(shapes) > 1 else shapes[0][1]) if shapes else None
+
+
 def _safetensors_header(path: Path) -> dict | None:
     """The JSON header of a safetensors file, or None when the file is not one (empty, cut, another format)."""
     try:
@@ -266,7 +278,12 @@ def main(directory: Path, **options) -> None:
         env = LaunchEnv.from_environ()
         check_options(options)
         with unverified(options.pop("no_verify_files", False)):
-            check_export(directory, env.world_size)
+            manifest = check_export(directory, env.world_size)
+            from moeify.targets.distributed.budget import check_step_fits
+
+            shard = manifest.ranks[env.rank].file
+            check_step_fits(directory, manifest.files[shard]["bytes"], options, data_lengths(options.get("data")),
+                            env.local_rank)
             from moeify.targets.distributed.steps import RunConfig, run_steps
 
             report = run_steps(RunConfig(path=directory, **options), log=functools.partial(print, flush=True))

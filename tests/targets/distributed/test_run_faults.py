@@ -150,3 +150,17 @@ def test_no_verify_files_trusts_the_export_without_hashing(dist2, tmp_path):
     trusted = run("run", export, "--nproc", 3, "--no-verify-files")
     assert trusted.exit_code == 2 and trusted.stderr.strip() == (
         f"error: {export} was exported for 2 ranks: pass --nproc 2, or export again with --world-size 3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, held", [(["--batch", "100000000"], "weights, activations"),
+                                         (["--seq", "20000", "--train"], "weights, gradients, AdamW state, activations")])
+def test_a_step_too_large_for_memory_is_refused_by_the_ranks(dist2, flags, held):
+    """Only a rank knows its device (a GPU's free memory, or its share of this machine's): each checks its step's
+    lower bound before joining the others, and the launcher says it once."""
+    done = subprocess.run([sys.executable, "-m", "moeify.cli", "run", str(dist2), "--steps", "1", *flags],
+                          capture_output=True, text=True, cwd=ROOT, timeout=150,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 2, done.stderr
+    assert re.fullmatch(rf"error: rank \d: one step of this rank needs at least [\d,.]+ GiB \({held}\) but [\d,.]+ "
+                        r"GiB of memory per rank is available: lower --batch or --seq", done.stderr.strip()), done.stderr

@@ -1,0 +1,46 @@
+"""Each rank refuses, before it joins the others, a step its device's memory cannot hold.
+
+The check runs in the rank, not in `moeify run`, because only the rank knows its device: a GPU's free memory,
+or on CPUs this machine's memory shared by the ranks started here (torchrun's LOCAL_WORLD_SIZE).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moeify.checkpoint.files import read_json
+from moeify.checkpoint.metadata import MOEIFY_FILE
+from moeify.planner.resources import Depth, activation_bytes, available_memory, check_memory, state_bytes
+from moeify.planner.workload import DTYPE_BYTES
+
+
+def step_bytes(directory: Path, shard_bytes: int, options: dict, lengths: tuple[int, int] | None) -> int:
+    """A lower bound on one rank's memory for one step: its shard's weights (with --train their gradients and
+    AdamW's two moments) and the activations of --batch sequences of `lengths` (encoder or whole model, decoder);
+    None: the synthetic batches' --seq and --seq // 4."""
+    meta = read_json(directory / MOEIFY_FILE, fix="re-run `moeify export`")
+    train = bool(options.get("train"))
+    need = state_bytes(shard_bytes, train)
+    depth = Depth.from_config(meta.get("dense_config") or {})
+    if depth is not None:
+        seq = options.get("seq") or 64
+        length, decoder_length = lengths or (seq, max(1, seq // 4))
+        dtype_bytes = DTYPE_BYTES.get(meta["summary"].get("dtype"), 4)
+        need += activation_bytes(depth, options.get("batch") or 8, length, decoder_length, dtype_bytes, train)
+    return need
+
+
+def check_step_fits(directory: Path, shard_bytes: int, options: dict, lengths: tuple[int, int] | None,
+                    local_rank: int) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        free, where = torch.cuda.mem_get_info(local_rank)[0], f"free on cuda:{local_rank}"
+    else:
+        total, ranks = available_memory(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if total is None:
+            return
+        free, where = total // max(ranks, 1), "of memory per rank" if ranks > 1 else "of memory"
+    check_memory(step_bytes(directory, shard_bytes, options, lengths),
+                 "one step of this rank needs at least {} (weights" + (", gradients, AdamW state" if options.get(
+                     "train") else "") + ", activations)", "lower --batch or --seq", available=free, where=where)
