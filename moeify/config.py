@@ -124,7 +124,10 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         def fail(name: str, problem: str, fix: str = "") -> None:
-            raise MoeifyError(f"{opt(name)} {problem}" + (f": {fix}" if fix else ""))
+            if not fix:  # the default is a value that always works
+                default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+                fix = "leave it unset" + (f" for {opt(name, default)}, the default" if default is not None else "")
+            raise MoeifyError(f"{opt(name)} {problem}: {fix}")
 
         def number(name: str) -> float:
             value = getattr(self, name)

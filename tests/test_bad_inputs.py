@@ -94,7 +94,8 @@ CALIBRATE = ["calibrate", "MODEL", "--batches", "1", "--batch-size", "1", "--seq
       for command, rest in (("export", ["--target", "onnx", "-o", "OUT"]), ("calibrate", ["-o", "OUT"]),
                             ("inspect", []))],
     (["inspect", "EMPTY"], r".+/empty\.txt is not a moeify output \(no moeify\.json\): convert it with `moeify convert`"),
-    (["calibrate", "MODEL", "--batches", "0", "-o", "OUT"], r"--batches, --batch-size and --seq-len must be >= 1"),
+    (["calibrate", "MODEL", "--batches", "0", "-o", "OUT"],
+     r"--batches must be at least 1, got 0: leave it unset for --batches 8, the default"),
     (["train", "DIR/nope", "-o", "OUT"], r".+/dir/nope does not exist: pass a local Hugging Face model directory or a "
                                          r"preset name \(see `moeify presets`\)"),
     # A file output inside the input it reads would replace it: the model's own moeify.json.

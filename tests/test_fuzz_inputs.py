@@ -1,12 +1,16 @@
-"""A final pass over generated bad inputs: each file a command reads, mutated a few hundred ways (seeded), through the
-real CLI. Every run either succeeds or refuses in one line with exit 2: never a traceback, never a partial output."""
+"""A final pass over generated bad inputs: each file a command reads, mutated a few hundred ways (seeded), and hostile
+numbers in its flags, through the real CLI. Every run either succeeds or refuses in one line with exit 2: never a
+traceback, never a partial output."""
+import contextlib
 import json
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 from clitools import run
+from tiny import tiny_t5
 
 from moeify.training.runs import MetricsRow, MetricsWriter, RunInfo, write_run_info
 
@@ -161,3 +165,169 @@ def test_mutated_inputs_never_give_a_traceback_or_partial_output(sources, tmp_pa
         shutil.rmtree(work)
     assert outcomes[2] >= cases // 3, outcomes  # mutations are refused, not ignored
     assert kind != "manifest.json" or outcomes[0] == 0  # and --nproc 3 never starts torchrun
+
+
+class TookTooLong(BaseException):
+    """Not an Exception: neither the CLI nor CliRunner may turn a hang into an ordinary outcome."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int, context: str):
+    """Fail the case, not the whole session, when a command hangs (a huge size accepted and then worked on)."""
+    def expire(signum, frame):
+        raise TookTooLong(f"still running after {seconds} s: {context}")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def check_outcome(result, work: Path, context: str) -> int:
+    """Exit 0, or exit 2 with one `error: ` line; no traceback and no temporary left anywhere under `work`."""
+    context = f"{context}\n{result.output}\n{result.exception!r}"
+    assert result.exception is None or isinstance(result.exception, SystemExit), context
+    assert result.exit_code in (0, 2), context
+    if result.exit_code == 2:
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), context
+    assert not [p for p in work.rglob(".*") if p.name != ".gitignore"], context
+    return result.exit_code
+
+
+CORPUS = "".join(f"line {i}: the quick brown fox jumps over the lazy dog, {i * 7 % 13} times.\n" for i in range(400))
+TRAIN_FAST = ["--experts", 2, "--seq-len", 16, "--batch-size", 2, "--eval-every", 0, "--validation-batches", 1]
+
+
+@pytest.fixture(scope="module")
+def dense_sources(tmp_path_factory):
+    """A local Hugging Face T5 (one file and sharded), a small text and a two-step run of that T5: what convert and
+    train read. Its 384 tokens hold UTF-8 bytes, and a T5 this small resumes in a fraction of a second."""
+    root = tmp_path_factory.mktemp("fuzz-dense")
+    tiny_t5("relu", seed=3, vocab_size=384).save_pretrained(root / "hf")
+    tiny_t5("relu", seed=3, vocab_size=384).save_pretrained(root / "sharded", max_shard_size="20KB")
+    assert len(list((root / "sharded").glob("model-*.safetensors"))) >= 2
+    (root / "corpus.txt").write_text(CORPUS)
+    result = run("train", root / "hf", *TRAIN_FAST, "--steps", 2, "--save-every", 1, "--log-every", 1,
+                 "--text", root / "corpus.txt", "-o", root / "run")
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+# kind -> (the directory copied, the file mutated in it)
+DENSE_KINDS = {"config.json for convert": ("hf", "config.json"),
+               "model.safetensors.index.json for convert": ("sharded", "model.safetensors.index.json"),
+               "run.json for train --resume": ("run", "run.json"),
+               "trainer.json for train --resume": ("run", "checkpoints/step-2/trainer.json"),
+               "metrics.csv for train --resume": ("run", "metrics.csv")}
+
+
+@pytest.mark.parametrize("kind", DENSE_KINDS)
+def test_mutated_convert_and_resume_inputs_never_give_a_traceback_or_partial_output(dense_sources, tmp_path, kind):
+    rng = random.Random(kind)
+    folder, file = DENSE_KINDS[kind]
+    original = (dense_sources / folder / file).read_text()
+    cases = 25
+    outcomes = {0: 0, 2: 0}
+    for case in range(cases):
+        work = tmp_path / f"case{case}"
+        shutil.copytree(dense_sources / folder, work / folder)
+        # Each checkpoint is a moeify directory: its manifest would refuse the changed trainer.json first.
+        for manifest in (work / folder).rglob("moeify-manifest.json"):
+            manifest.unlink()
+        target = work / folder / file
+        target.write_bytes(mutate_csv(original, rng) if file.endswith(".csv") else mutate(original, rng))
+        before = snapshot(work / folder)
+        context = f"{kind} case {case}: {target.read_bytes()[:300]!r}"
+        with time_limit(120, context):
+            if kind.endswith("for convert"):
+                result = run("convert", work / folder, "--experts", 2, "--no-check", "-o", work / "out" / "m")
+            else:
+                result = run("train", "--resume", "-o", work / folder, "--steps", 3)  # one more step
+        outcomes[check_outcome(result, work, context)] += 1
+        if kind.endswith("for convert"):
+            assert (result.exit_code == 0) == (work / "out" / "m").is_dir(), context
+            assert result.exit_code == 0 or not (work / "out").exists(), context  # no partial output
+        elif result.exit_code == 2:  # the run keeps every file it had, the checkpoints byte for byte
+            after = snapshot(work / folder)
+            assert sorted(after) == sorted(before), context
+            assert all(after[name] == data for name, data in before.items() if name.startswith("checkpoints/")), \
+                context
+        else:
+            assert (work / folder / "checkpoints" / "step-3" / "trainer.json").is_file(), context
+        shutil.rmtree(work)
+    assert outcomes[2] >= cases // 3, outcomes  # mutations are refused, not ignored
+
+
+HOSTILE = [0, -1, 10 ** 12, "nan", "inf", "1e-300", "abc"]
+# Per command: the arguments before the flags, and flags that keep it small and fast; the flag under test replaces
+# its own default. MODEL is the converted tiny T5, EXPORT its torch-distributed export, DENSE the local Hugging Face
+# T5 and TEXT its small corpus.
+FLAG_COMMANDS = {
+    "convert": (["convert", "t5-tiny", "--no-check"], {"--experts": 2}),
+    "train": (["train", "DENSE"], {"--experts": 2, "--steps": 2, "--batch-size": 2, "--seq-len": 16, "--eval-every": 0,
+                                   "--validation-batches": 1, "--text": "TEXT"}),
+    "calibrate": (["calibrate", "MODEL"], {"--batches": 1, "--batch-size": 1, "--seq-len": 8}),
+    "plan": (["plan", "t5-tiny", "--topology", "hgx-a100-4"], {}),
+    "export": (["export", "MODEL", "--target", "torch-distributed"], {"--world-size": 2}),
+    "run": (["run", "EXPORT"], {"--steps": 1}),
+}
+FLAGS = {"convert": ["--experts", "--capacity-factor", "--top-k", "--every"],
+         "train": ["--steps", "--batch-size", "--seq-len", "--lr"],
+         "calibrate": ["--batches", "--batch-size", "--seq-len"],
+         "plan": ["--experts", "--nodes", "--tokens-per-rank", "--efficiency"],
+         "export": ["--world-size"],
+         "run": ["--batch", "--seq", "--steps", "--nproc"]}
+# Valid values that would legitimately run for a very long time: left out. (`run --steps 10**12` stays: torchrun is
+# never started here.)
+LONG = {("train", "--steps", 10 ** 12)}
+FLAG_CASES = [(command, flag, value) for command, flags in FLAGS.items() for flag in flags for value in HOSTILE
+              if (command, flag, value) not in LONG]
+
+
+def hostile_args(command: str, flag: str, value, sources: Path, dense: Path, out: Path) -> list:
+    head, defaults = FLAG_COMMANDS[command]
+    names = {"MODEL": sources / "model", "EXPORT": sources / "export", "DENSE": dense / "hf",
+             "TEXT": dense / "corpus.txt"}
+    options = {**defaults, flag: value}
+    args = [names.get(a, a) for a in head] + [names.get(a, a) for pair in options.items() for a in pair]
+    return args + ([] if command == "run" else ["-o", out])
+
+
+@pytest.mark.parametrize("command, flag, value", FLAG_CASES)
+def test_hostile_numbers_in_flags_run_or_are_refused_in_one_line(sources, dense_sources, tmp_path, monkeypatch,
+                                                                 command, flag, value):
+    launched = []
+    # A `run` that passes every check would start torchrun: record the launch instead. (`run --batch 10**12` and
+    # `--seq 10**12` get there: only a rank knows its device's memory, and each refuses them, test_run_faults.py.)
+    monkeypatch.setattr("moeify.cli.run.launch", lambda command: launched.append(command) or 0)
+    out = tmp_path / "out" / ("p.json" if command in ("plan", "calibrate") else "o")
+    args = hostile_args(command, flag, value, sources, dense_sources, out)
+    context = " ".join(map(str, args))
+    with time_limit(60, context):
+        result = run(*args)
+    if check_outcome(result, tmp_path, context) == 2:
+        assert not (tmp_path / "out").exists() and not launched, context
+    if value in (0, -1, "abc", "1e-300") and flag not in ("--lr", "--capacity-factor", "--efficiency"):
+        assert result.exit_code == 2, context  # a count of 0, -1, "abc" or 1e-300 is no count
+    if value in ("nan", "inf"):
+        assert result.exit_code == 2, context
+
+
+@pytest.mark.parametrize("key", ["num_layers", "num_decoder_layers"])
+def test_a_huge_layer_count_is_refused_before_a_model_is_built(dense_sources, tmp_path, key):
+    """One module per layer, built on meta too before any memory estimate: 10**15 of them would never finish."""
+    shutil.copytree(dense_sources / "hf", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, key: 10 ** 15}))
+    with time_limit(60, key):
+        result = run("convert", tmp_path / "hf", "--experts", 2, "--no-check", "-o", tmp_path / "out")
+    assert check_outcome(result, tmp_path, key) == 2 and not (tmp_path / "out").exists()
+    assert f"{key} is 1,000,000,000,000,000, more layers than moeify builds" in result.stderr

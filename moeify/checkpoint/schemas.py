@@ -368,11 +368,15 @@ METRICS = Table(columns=("step", "tokens", "wall_seconds", "lr", "train_loss", "
 
 def validate(name: str, data: Any, path: Any = None) -> Any:
     """`data` (read from `path`) if it matches the schema of file kind `name`, else a one-line MoeifyError."""
-    schema = SCHEMAS[name]
+    return check(SCHEMAS[name], data, path if path is not None else name)
+
+
+def check(schema: Schema, data: Any, where: Any) -> Any:
+    """`data` (read from file `where`) if it matches `schema`, else a one-line MoeifyError: for the schemas of files
+    that later stages define (training/checkpoints.py's trainer.json, built from the training configs)."""
     try:
         schema.root.check(data, "")
     except _Bad as bad:
-        where = str(path if path is not None else name)
         problem = bad.problem if bad.whole else f"{bad.at or 'the top level'} {bad.problem}"
         raise MoeifyError(f"{where}{' ' if bad.whole else ': '}{problem}: {schema.fix}") from None
     return data

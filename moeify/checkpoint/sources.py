@@ -68,9 +68,26 @@ def config_from_dict(data: dict, where: str):
         raise MoeifyError(f"{where}: model_type {model_type!r} is defined by the directory's own Python code "
                           "(auto_map), which moeify never runs: convert a model whose class ships with transformers")
     try:
-        return transformers.AutoConfig.for_model(**data)
+        config = transformers.AutoConfig.for_model(**data)
     except config_errors() as e:  # a value of the wrong type, e.g. id2label "x"
         raise MoeifyError(f"{where}: transformers cannot read it ({' '.join(str(e).split())})") from None
+    _check_layer_counts(config, where)
+    return config
+
+
+# Building a model makes one module per layer, on the meta device too, before any memory estimate can refuse it:
+# a damaged count (10**15) would build for ever. Released models stay far below (Llama 3.1 405B: 126 layers).
+MAX_LAYERS = 4096
+LAYER_COUNTS = ("num_layers", "num_decoder_layers", "num_hidden_layers", "n_layer", "encoder_layers",
+                "decoder_layers")
+
+
+def _check_layer_counts(config, where: str) -> None:
+    for name in LAYER_COUNTS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > MAX_LAYERS:
+            raise MoeifyError(f"{where}: {name} is {value:,}, more layers than moeify builds (at most {MAX_LAYERS:,}): "
+                              f"the file is damaged; correct {name}, or save the model again")
 
 
 def hf_model_class(config, architecture: str | None = None) -> type[nn.Module]:

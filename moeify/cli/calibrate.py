@@ -22,14 +22,15 @@ from moeify.planner.resources import check_memory, weight_bytes
 # development machine reaches ~150 GFLOP/s in all), so the estimate is a lower bound, and at most a day of them.
 FLOPS_PER_CORE = 100e9
 LIMIT_S = 24 * 3600
+DEFAULTS = {"--batches": 8, "--batch-size": 4, "--seq-len": 128}
 
 
 @click.command("calibrate", short_help="Measure tokens per expert, for load-aware plans.")
 @verify_files_option
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--batches", type=int, default=8, show_default=True, help="Batches to run.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per batch.")
-@click.option("--seq-len", type=int, default=128, show_default=True,
+@click.option("--batches", type=int, default=DEFAULTS["--batches"], show_default=True, help="Batches to run.")
+@click.option("--batch-size", type=int, default=DEFAULTS["--batch-size"], show_default=True, help="Sequences per batch.")
+@click.option("--seq-len", type=int, default=DEFAULTS["--seq-len"], show_default=True,
               help="Tokens per sequence (encoder-decoder models: decoders get SEQ_LEN/4).")
 @click.option("--text", "text_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="UTF-8 text to route [default: the Python standard library's source].")
@@ -47,8 +48,10 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
       moeify calibrate out/switch-t5-small --batches 16 -o load.json
     """
     check_output_file(output, force, "load.json", [path])
-    if min(batches, batch_size, seq_len) < 1:
-        raise MoeifyError("--batches, --batch-size and --seq-len must be >= 1")
+    for flag, value in zip(DEFAULTS, (batches, batch_size, seq_len)):
+        if value < 1:
+            raise MoeifyError(f"{flag} must be at least 1, got {value}: leave it unset for {flag} {DEFAULTS[flag]}, "
+                              "the default")
     meta = read_metadata(path)
     if not meta["weights"]:
         raise MoeifyError(f"{path} is structure only (converted on meta): calibration needs weights")

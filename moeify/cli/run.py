@@ -38,7 +38,7 @@ def run_cmd(ctx: click.Context, directory: Path, nproc: int | None, **options) -
     """
     # Everything that can be refused without the ranks is refused here, before any process starts.
     if nproc is not None and nproc < 1:
-        raise MoeifyError(f"--nproc must be at least 1, got {nproc}")
+        raise MoeifyError(f"--nproc must be at least 1, got {nproc}: leave it unset for the export's world size")
     check_options(options)
     with unverified(options["no_verify_files"]):
         manifest = check_export(directory)

@@ -155,7 +155,8 @@ def write_topology(topology: Topology, path: Path) -> None:
 def load_topology(spec: str, nodes: int = 1, gpu: str = DEFAULT_GPU) -> Topology:
     """A preset name (`--nodes` copies joined by InfiniBand) or a topology file."""
     if nodes < 1:
-        raise MoeifyError(f"--nodes must be at least 1, got {nodes}")
+        raise MoeifyError(f"--nodes must be at least 1, got {nodes}: pass the number of hosts, or leave it unset "
+                          "for one")
     name, _, count = spec.partition(":")
     if name == GLOO_PRESET:
         if nodes != 1:

@@ -51,7 +51,8 @@ class Workload:
         if self.dtype not in DTYPE_BYTES:
             raise MoeifyError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.tokens_per_rank < 1:
-            raise MoeifyError(f"--tokens-per-rank must be >= 1, got {self.tokens_per_rank}")
+            raise MoeifyError(f"--tokens-per-rank must be at least 1, got {self.tokens_per_rank}: pass the tokens "
+                              "each GPU routes per step, e.g. 4096")
         if not self.layers:
             raise MoeifyError(f"{self.model} has no Switch layers to place: convert it first")
 

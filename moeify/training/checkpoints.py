@@ -13,7 +13,27 @@ from torch import nn
 from moeify.checkpoint.files import atomic_directory, read_json
 from moeify.checkpoint.integrity import Verifier
 from moeify.checkpoint.metadata import MOEIFY_FILE
+from moeify.checkpoint.schemas import (
+    ANY_OBJECT,
+    NULL,
+    Either,
+    Int,
+    List,
+    Map,
+    Num,
+    Obj,
+    Schema,
+    Spec,
+    Str,
+    Tag,
+    Version,
+    check,
+    fields_of,
+    nullable,
+)
 from moeify.errors import MoeifyError
+from moeify.training.config import OPTIMIZERS, PRECISIONS, DataConfig, TrainConfig
+from moeify.training.schedule import SCHEDULES
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
@@ -21,6 +41,35 @@ TRAINER_JSON, TRAINER_TENSORS = "trainer.json", "trainer.safetensors"
 TRAINER_SCHEMA, TRAINER_VERSION = "moeify.trainer", 1
 RNG_KEY = "rng/torch"
 _STEP = re.compile(r"step-(\d+)")
+DAMAGED = "the checkpoint is damaged: resume from another one"
+
+
+class _Loss(Spec):
+    """A loss as json.dumps writes a float: a diverged run's NaN or Infinity is a value too."""
+
+    expected = "a number or null"
+
+    def ok(self, value: Any) -> bool:
+        return value is None or type(value) in (int, float)
+
+
+# trainer.json, as save_checkpoint and gather.py write it: the configs are checked here, field by field, so that a
+# damaged file is one line naming the key, not a TypeError in TrainConfig(**...) or in the optimizer's load.
+TRAINER = Schema(Obj({
+    "schema": Tag(TRAINER_SCHEMA, "a moeify trainer file"), "version": Version(TRAINER_VERSION),
+    "step": Int(1), "tokens": Int(0), "wall_seconds": Num(0), "best_val_loss": _Loss(),
+    "train": fields_of(TrainConfig, steps=Int(1), optimizer=Str(OPTIMIZERS), lr=Num(above=0), warmup=Int(0),
+                       schedule=Str(SCHEDULES), weight_decay=Num(0), clip=Num(0), precision=Str(PRECISIONS),
+                       eval_every=Int(0), log_every=Int(1), save_every=Int(1), keep=Int(1)),
+    "data": fields_of(DataConfig, text=nullable(Str()), data=nullable(Str()), seq_len=Int(1), batch_size=Int(1),
+                      seed=Int(), validation_fraction=Num(above=0, max=1), validation_batches=Int(1),
+                      noise_density=Num(above=0, max=1), mean_noise_span=Num(1), mask_rate=Num(above=0, max=1)),
+    "data_position": Obj({"step": Int(0), "seed": Int(), "train_tokens": Int(0), "example_length": Int(1),
+                          "batch_size": Int(1), "objective": Str()}),
+    # A --nproc run keeps each rank's optimizer state in its own file, and says so under "distributed".
+    "optimizer": Either(Obj({"state": Map(ANY_OBJECT, key=Str(pattern=r"\d+", what="a parameter index")),
+                             "param_groups": List(ANY_OBJECT)}), NULL)},
+    {"distributed": Obj({"nproc": Int(1), "expert_parallel": Int(1)})}), DAMAGED)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -111,9 +160,13 @@ def read_trainer(path: Path, *, verify: bool = True) -> dict:
         for name in sorted(checked.entries or {}):
             if name.startswith("trainer"):  # trainer.json, trainer.safetensors, trainer-rank-*.safetensors
                 checked.check(name)
-    data = read_json(path / TRAINER_JSON, fix="the checkpoint is damaged: resume from another one")
-    if data.get("schema") != TRAINER_SCHEMA or data.get("version") != TRAINER_VERSION:
-        raise MoeifyError(f"{path / TRAINER_JSON} is not a moeify trainer file of version {TRAINER_VERSION}")
+    file = path / TRAINER_JSON
+    data = check(TRAINER, read_json(file, fix=DAMAGED), file)
+    if (data["optimizer"] is None) != ("distributed" in data):
+        raise MoeifyError(f"{file}: optimizer must be null exactly when the file has a distributed key: {DAMAGED}")
+    named = _STEP.fullmatch(Path(path).name)
+    if named and int(named.group(1)) != data["step"]:
+        raise MoeifyError(f"{file}: step is {data['step']}, but the checkpoint is {Path(path).name}: {DAMAGED}")
     return data
 
 
@@ -130,18 +183,33 @@ def load_model(path: Path, *, verify: bool = True) -> nn.Module:
 
 def restore_trainer(path: Path, optimizer: torch.optim.Optimizer, trainer: dict) -> None:
     """Load the optimizer state and the torch RNG state saved with checkpoint `path`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / TRAINER_TENSORS))
-    torch.set_rng_state(tensors.pop(RNG_KEY))
-    optimizer.load_state_dict(join_state(tensors, trainer["optimizer"]))
+    file = path / TRAINER_TENSORS
+    try:
+        tensors = load_file(str(file))
+        rng = tensors.pop(RNG_KEY)
+    except (SafetensorError, OSError, KeyError) as e:
+        raise MoeifyError(f"{file} cannot be read ({' '.join(str(e).split())}): {DAMAGED}") from None
+    try:  # torch checks the groups and parameter counts against the model's, with ValueError, KeyError, ...
+        state = join_state(tensors, trainer["optimizer"])
+        optimizer.load_state_dict(state)
+        torch.set_rng_state(rng)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise MoeifyError(f"{path / TRAINER_JSON}: its optimizer state does not fit the model "
+                          f"({' '.join(str(e).split())}): {DAMAGED}") from None
 
 
 def trim_metrics(metrics: Path, step: int) -> None:
     """Drop metrics.csv rows after `step`: a resumed run logs those steps again."""
     if not metrics.is_file():
         return
-    lines = metrics.read_text().splitlines(keepends=True)
+    try:
+        lines = metrics.read_text().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as e:
+        raise MoeifyError(f"{metrics} cannot be read ({' '.join(str(e).split())}): restore it, or move it aside "
+                          "to resume without the rows logged so far") from None
     kept = lines[:1] + [line for line in lines[1:] if line.split(",", 1)[0].isdigit()
                         and int(line.split(",", 1)[0]) <= step]
     metrics.write_text("".join(kept))

@@ -1,8 +1,11 @@
 """The options of a training run, torch-free so the CLI builds its flags from them: DataConfig and TrainConfig."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from moeify.config import option_field
 from moeify.errors import MoeifyError, opt
@@ -35,12 +38,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "validation_batches"):
             if getattr(self, name) < 1:
-                raise MoeifyError(f"{opt(name, getattr(self, name))} must be at least 1")
+                _refuse(self, name, "must be at least 1")
         for name in ("validation_fraction", "noise_density", "mask_rate"):
-            if not 0 < getattr(self, name) < 1:
-                raise MoeifyError(f"{opt(name, getattr(self, name))} must be between 0 and 1")
-        if self.mean_noise_span < 1:
-            raise MoeifyError(f"{opt('mean_noise_span', self.mean_noise_span)} must be at least 1 (tokens)")
+            if not 0 < getattr(self, name) < 1:  # nan fails too
+                _refuse(self, name, "must be between 0 and 1")
+        if not 1 <= self.mean_noise_span < math.inf:
+            _refuse(self, "mean_noise_span", "must be a number of tokens, at least 1")
 
 
 @dataclass(frozen=True)
@@ -63,15 +66,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "save_every", "keep"):
             if getattr(self, name) < 1:
-                raise MoeifyError(f"{opt(name, getattr(self, name))} must be at least 1")
+                _refuse(self, name, "must be at least 1")
         for name in ("warmup", "eval_every", "weight_decay", "clip"):
-            if getattr(self, name) < 0:
-                raise MoeifyError(f"{opt(name, getattr(self, name))} must be at least 0")
-        if not self.lr > 0:
-            raise MoeifyError(f"{opt('lr', self.lr)} must be > 0")
+            if not 0 <= getattr(self, name) < math.inf:  # nan fails too
+                _refuse(self, name, "must be a finite number, at least 0")
+        if not 0 < self.lr < math.inf:
+            _refuse(self, "lr", "must be a finite number above 0")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise MoeifyError(f"{opt(name, getattr(self, name))} is not one of {', '.join(allowed)}")
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, lr=self.lr, warmup=self.warmup, schedule=self.schedule, steps=self.steps)
+
+
+def _refuse(config, name: str, problem: str) -> NoReturn:
+    """One line naming the option, its value, what it must be, and its default as the fix."""
+    default = next(f.default for f in dataclasses.fields(config) if f.name == name)
+    raise MoeifyError(f"{opt(name, getattr(config, name))} {problem}: leave it unset for {opt(name, default)}, "
+                      "the default")

@@ -31,7 +31,8 @@ def check_options(nproc: int | None, expert_parallel: int | None, dense: bool) -
             raise MoeifyError("--expert-parallel sets the mesh of a distributed run: add --nproc N, or drop it")
         return
     if nproc < 1:
-        raise MoeifyError(f"--nproc must be at least 1, got {nproc}")
+        raise MoeifyError(f"--nproc must be at least 1, got {nproc}: pass the number of processes, e.g. --nproc 2, or "
+                          "drop it to train in this one")
     if dense:
         raise MoeifyError("--nproc trains through the torch-distributed target, which needs Switch layers: "
                           "drop --dense or --nproc")

@@ -100,5 +100,5 @@ def test_prepare_data_refuses_more_positions_than_the_model_has():
     with pytest.raises(MoeifyError, match=r"^seq_len=128 is longer than the 64 positions GPT2LMHeadModel has: use a "
                                           r"seq_len of at most 64$"):
         prepare_data(model, DataConfig(seq_len=128))
-    with pytest.raises(MoeifyError, match=r"^validation_fraction=1.0 must be between 0 and 1$"):
+    with pytest.raises(MoeifyError, match=r"^validation_fraction=1.0 must be between 0 and 1: leave it unset for validation_fraction=0.05, the default$"):
         DataConfig(validation_fraction=1.0)

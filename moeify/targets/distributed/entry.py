@@ -59,18 +59,19 @@ ERRORS_ENV = "MOEIFY_RUN_ERRORS"  # set by `moeify run`: the folder where each r
 def check_options(options: dict) -> None:
     """The run flags, refused where they are given: by `moeify run` before torchrun starts, and by each rank
     before it joins the others (under a bare torchrun). Torch-free, as the launcher is."""
+    def refuse(name: str, problem: str) -> NoReturn:
+        flag, default = next((flag, kw["default"]) for flag, n, kw in RUN_OPTIONS if n == name)
+        raise MoeifyError(f"{flag} {problem}, got {options[name]}: leave it unset for {flag} {default}, the default")
+
     for name in ("steps", "batch", "seq"):
-        value = options.get(name)
-        if value is not None and value < 1:
-            raise MoeifyError(f"--{name} must be >= 1, got {value}")
-    timeout = options.get("timeout_s")
-    if timeout is not None and not 0 < timeout < math.inf:  # nan fails both
-        raise MoeifyError(f"--timeout must be a positive number of seconds, got {timeout}")
-    lr = options.get("lr")
-    if lr is not None and not 0 < lr < math.inf:
-        raise MoeifyError(f"--lr must be a positive number, got {lr}")
+        if options.get(name) is not None and options[name] < 1:
+            refuse(name, "must be at least 1")
+    if options.get("timeout_s") is not None and not 0 < options["timeout_s"] < math.inf:  # nan fails both
+        refuse("timeout_s", "must be a positive number of seconds")
+    if options.get("lr") is not None and not 0 < options["lr"] < math.inf:
+        refuse("lr", "must be a positive number")
     if (options.get("log_every") or 0) < 0:
-        raise MoeifyError(f"--log-every must be >= 0 (0: the summary only), got {options['log_every']}")
+        refuse("log_every", "must be at least 0 (0: the summary only)")
     if options.get("data") is not None:
         check_data_file(Path(options["data"]))
 

@@ -69,14 +69,17 @@ def test_moeify_run_refuses_a_broken_export_before_torchrun(dist2, tmp_path, how
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--nproc", "0"], "--nproc must be at least 1, got 0"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--batch", "-1"], "--batch must be >= 1, got -1"),
-    (["--seq", "0"], "--seq must be >= 1, got 0"),
-    (["--timeout", "0"], "--timeout must be a positive number of seconds, got 0.0"),
-    (["--timeout", "nan"], "--timeout must be a positive number of seconds, got nan"),
-    (["--lr", "inf"], "--lr must be a positive number, got inf"),
-    (["--log-every", "-1"], "--log-every must be >= 0 (0: the summary only), got -1"),
+    (["--nproc", "0"], "--nproc must be at least 1, got 0: leave it unset for the export's world size"),
+    (["--steps", "0"], "--steps must be at least 1, got 0: leave it unset for --steps 10, the default"),
+    (["--batch", "-1"], "--batch must be at least 1, got -1: leave it unset for --batch 8, the default"),
+    (["--seq", "0"], "--seq must be at least 1, got 0: leave it unset for --seq 64, the default"),
+    (["--timeout", "0"], "--timeout must be a positive number of seconds, got 0.0: leave it unset for --timeout "
+                         "300.0, the default"),
+    (["--timeout", "nan"], "--timeout must be a positive number of seconds, got nan: leave it unset for --timeout "
+                           "300.0, the default"),
+    (["--lr", "inf"], "--lr must be a positive number, got inf: leave it unset for --lr 0.0001, the default"),
+    (["--log-every", "-1"], "--log-every must be at least 0 (0: the summary only), got -1: leave it unset for "
+                            "--log-every 0, the default"),
     (["--data", "DIR/none.safetensors"], "--data DIR/none.safetensors does not exist: pass a safetensors file with "
                                          "input_ids [N, S]"),
     (["--data", "DIR/text.txt"], "--data DIR/text.txt is not a safetensors file: save the token ids with "
