@@ -111,7 +111,7 @@ def measure(num_experts: int, batches: list[int], reps: int, threads: int, scrat
     runners = {"pytorch": lambda x: run_torch(model, x)}
     for mode in ("portable", "fused"):
         out = scratch / f"{mode}-{num_experts}"
-        export_onnx(model, out, OnnxOptions(mode=mode, optimize=False, verify=False))
+        export_onnx(model, out, OnnxOptions(mode=mode, optimize=False, check=False))
         runners[mode] = ort_runner(out, threads)
     rows = []
     for batch in batches:
@@ -142,7 +142,7 @@ def measure_generation(num_experts: int, batches: list[int], reps: int, threads:
     model = build(num_experts)
     model.generation_config.eos_token_id = None  # random weights: never stop early, same work everywhere
     out = scratch / f"generate-{num_experts}"
-    export_onnx(model, out, OnnxOptions(mode="fused", with_past=True, optimize=False, verify=False))
+    export_onnx(model, out, OnnxOptions(mode="fused", with_past=True, optimize=False, check=False))
     ort = Seq2SeqGenerator(out, threads=threads, spinning=False)
 
     def eager(x):
@@ -197,7 +197,7 @@ def measure_quantization(num_experts: int, batches: list[int], reps: int, thread
     for scheme in ("float", "int8", "int4"):
         out = scratch / f"quantize-{scheme}-{num_experts}"
         export_onnx(model, out, OnnxOptions(quantize=None if scheme == "float" else scheme, optimize=False,
-                                            verify=False))
+                                            check=False))
         sizes[scheme] = sum(p.stat().st_size for p in out.glob("*.onnx*")) / 2**20
         runners[scheme] = ort_runner(out, threads)
     rows = []

@@ -34,7 +34,7 @@ def commands(inputs: Path, out: Path) -> dict[str, list]:
     hf, m = inputs / "hf", inputs / "m"
     return {
         "convert": ["convert", hf, "--experts", 4, "--no-check", "--force", "-o", out],
-        "onnx": ["export", m, "--target", "onnx", "--no-verify", "--no-optimize", "--force", "-o", out],
+        "onnx": ["export", m, "--target", "onnx", "--no-check", "--no-optimize", "--force", "-o", out],
         "torch-distributed": ["export", m, "--target", "torch-distributed", "--world-size", 2, "--force", "-o", out],
         "plan": ["plan", m, "--topology", "hgx-a100-4", "--force", "-o", out],
         "calibrate": ["calibrate", m, "--batches", 1, "--batch-size", 2, "--seq-len", 32, "--force", "-o", out],

@@ -26,7 +26,7 @@ READ_NAMES = frozenset({"moeify.json", "trainer.json", "config.json"})
 # version of the file: write_manifest takes them instead of reading the file again. Only writers add entries, for
 # files in their own temporary directory, and readers never consult them: a verification always reads the bytes.
 _written: dict[tuple[int, int, int, int], str] = {}
-# Set by unverified(): the CLI's --no-verify-files reaches every reader a command calls without a keyword on each.
+# Set by unverified(): the CLI's --no-verify reaches every reader a command calls without a keyword on each.
 _skipping = contextvars.ContextVar("moeify_unverified", default=False)
 
 
@@ -41,7 +41,7 @@ def unverified(skip: bool = True) -> Iterator[None]:
 
 
 def skipped() -> bool:
-    """Whether the current command runs with --no-verify-files (within `unverified`)."""
+    """Whether the current command runs with --no-verify (within `unverified`)."""
     return _skipping.get()
 
 

@@ -13,7 +13,7 @@ from moeify.cli.common import (
     check_output_file,
     console,
     human,
-    verify_files_option,
+    verify_option,
 )
 from moeify.errors import MoeifyError
 from moeify.planner.resources import check_memory, weight_bytes
@@ -26,7 +26,7 @@ DEFAULTS = {"--batches": 8, "--batch-size": 4, "--seq-len": 128}
 
 
 @click.command("calibrate", short_help="Measure tokens per expert, for load-aware plans.")
-@verify_files_option
+@verify_option
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--batches", type=int, default=DEFAULTS["--batches"], show_default=True, help="Batches to run.")
 @click.option("--batch-size", type=int, default=DEFAULTS["--batch-size"], show_default=True, help="Sequences per batch.")

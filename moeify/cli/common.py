@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 console = Console(highlight=False)
-FLAG_NAMES = {"num_experts": "--experts", "verify": "--verify-files"}  # options whose flag is not the parameter name
+FLAG_NAMES = {"num_experts": "--experts"}  # options whose flag is not the parameter name
 
 
 def table(*columns: str | tuple[str, str], title: str | None = None) -> Table:
@@ -58,20 +58,19 @@ def moe_options(f, skip: tuple[str, ...] = ()):
     return dataclass_options(MoEConfig, CHOICES, skip=skip, flag_names=FLAG_NAMES, metavars=METAVARS)(f)
 
 
-def verify_files_option(f):
-    """--verify-files/--no-verify-files on a command that reads moeify directories: every reader it calls checks the
-    files against their moeify-manifest.json unless --no-verify-files (integrity.unverified). Not --verify, which
-    `export` already has: the ONNX parity check."""
+def verify_option(f):
+    """--verify/--no-verify on a command that reads moeify directories: every reader it calls checks the files
+    against their moeify-manifest.json unless --no-verify (integrity.unverified), as `moeify.load(verify=...)`."""
 
-    @click.option("--verify-files/--no-verify-files", "verify_files", default=True, show_default=True,
+    @click.option("--verify/--no-verify", "verify", default=True, show_default=True,
                   help="Check the model's files against the sha256 and sizes in its moeify-manifest.json. "
-                       "--no-verify-files skips the hashing, for very large trusted models: a tampered or "
-                       "corrupted file then goes unnoticed.")
+                       "--no-verify skips the hashing, for very large trusted models: a tampered or corrupted "
+                       "file then goes unnoticed.")
     @functools.wraps(f)
-    def command(*args, verify_files: bool, **kwargs):
+    def command(*args, verify: bool, **kwargs):
         from moeify.checkpoint.integrity import unverified
 
-        with unverified(not verify_files):
+        with unverified(not verify):
             return f(*args, **kwargs)
 
     return command

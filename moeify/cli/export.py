@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from moeify.checkpoint.files import check_not_inside
 from moeify.checkpoint.hf_switch import DEFAULT_SEQ_LEN
-from moeify.cli.common import check_output_parent, verify_files_option
+from moeify.cli.common import check_output_parent, verify_option
 from moeify.cli.targets import TARGETS, targets_help
 from moeify.errors import MoeifyError
 
@@ -54,7 +54,7 @@ written. What the family cannot express is refused with the flags to convert wit
 
 
 @click.command("export", help=HELP, short_help="Export to ONNX, rank shards or a transformers checkpoint.")
-@verify_files_option
+@verify_option
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--target", type=click.Choice(list(TARGETS)), required=True,
               help="What to export to (the list below says what each accepts).")
@@ -77,8 +77,8 @@ written. What the family cannot express is refused with the flags to convert wit
               help="Run onnxruntime's graph optimisations and report node counts.")
 @click.option("--save-optimized", is_flag=True,
               help="Also write <graph>_optimized.onnx, optimised for this machine and provider.")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Run each graph in onnxruntime and PyTorch on a sample batch and report the difference.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="onnx: run each graph in onnxruntime and PyTorch on a sample batch and report the difference.")
 @click.option("--quantize", type=click.Choice(QUANTIZE), default=None,
               help="onnx, fused mode: int8 or int4 expert weights (symmetric, per output channel) in "
                    "com.microsoft.QMoE nodes, dropless like MoE; routers and dense layers stay float.")

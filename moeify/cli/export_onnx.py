@@ -48,7 +48,7 @@ def export_onnx_target(target: Target, source: Path, output: Path, force: bool, 
     else:
         console.print(f"{len(portable)} Switch layers lowered to standard ONNX ops "
                       f"({_routes(portable)}{_capacity(portable)})")
-    if options.verify:
+    if options.check:
         reference = "PyTorch eval, dropless for fused layers" if fused else "PyTorch eval"
         if options.quantize:
             reference += " and with the graph's dequantized expert weights"

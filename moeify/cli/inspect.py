@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from moeify.checkpoint.metadata import WEIGHTS_STEM, read_metadata, saved_summary
-from moeify.cli.common import console, human, print_init_reports, table, verify_files_option
+from moeify.cli.common import console, human, print_init_reports, table, verify_option
 from moeify.cli.plan import print_plan_summary
 from moeify.errors import MoeifyError
 from moeify.planner.plan import ShardingPlan, expert_ranges, id_runs
@@ -16,7 +16,7 @@ from moeify.planner.plan import ShardingPlan, expert_ranges, id_runs
 @click.command("inspect", short_help="Show a converted model, a plan or an ONNX graph.")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the same data as JSON.")
-@verify_files_option
+@verify_option
 def inspect_cmd(path: Path, as_json: bool) -> None:
     """Show a converted model (parameters, active parameters per token, Switch layers),
     a sharding plan (mesh, groups, placement, costs) or an exported ONNX graph (inputs and
@@ -109,7 +109,7 @@ def check_integrity(directory: Path, names: list[str] | None = None) -> str:
 
     verifier = Verifier(directory)
     if skipped():
-        return "not checked against their sha256 (--no-verify-files)"
+        return "not checked against their sha256 (--no-verify)"
     if verifier.entries is None:
         return f"not checked: no {MANIFEST_FILE} (written before moeify wrote manifests)"
     if names is None:

@@ -14,7 +14,7 @@ from moeify.cli.common import (
     moe_config,
     moe_options,
     table,
-    verify_files_option,
+    verify_option,
 )
 from moeify.errors import MoeifyError, opt
 from moeify.planner.workload import DTYPE_BYTES
@@ -56,7 +56,7 @@ def model_summary(source: str, flags: dict) -> ModelSummary:
 
 
 @click.command("plan", short_help="Plan expert sharding over a GPU cluster, with costs.")
-@verify_files_option
+@verify_option
 @click.argument("source")
 @click.option("--topology", "topology_spec", required=True, metavar="SPEC",
               help="A preset (dgx-a100, dgx-h100, hgx-a100-4, pcie-gen4-8, pcie-gen5-8, localhost-gloo), "

@@ -40,7 +40,7 @@ def run_cmd(ctx: click.Context, directory: Path, nproc: int | None, **options) -
     if nproc is not None and nproc < 1:
         raise MoeifyError(f"--nproc must be at least 1, got {nproc}: leave it unset for the export's world size")
     check_options(options)
-    with unverified(options["no_verify_files"]):
+    with unverified(options["no_verify"]):
         manifest = check_export(directory)
     nproc = nproc or manifest.world_size
     if nproc != manifest.world_size:

@@ -28,7 +28,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            ("plan", "world_size", "allow_uneven")),
     Target("onnx", "ONNX graphs for onnxruntime (com.microsoft.MoE or standard ops)",
            "transformers models and custom modules; any routing", "moeify.cli.export_onnx:export_onnx_target",
-           ("mode", "opset", "dtype", "provider", "optimize", "save_optimized", "verify", "dynamo", "with_past",
+           ("mode", "opset", "dtype", "provider", "optimize", "save_optimized", "check", "dynamo", "with_past",
             "quantize")),
     Target("hf-switch", "SwitchTransformersForConditionalGeneration (transformers)",
            "T5 v1.0 (ReLU, no bias) conversions and imported Switch checkpoints; top-1, gate = probability",

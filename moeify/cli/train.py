@@ -16,7 +16,7 @@ from moeify.cli.common import (
     dataclass_options,
     moe_config,
     moe_options,
-    verify_files_option,
+    verify_option,
     weight_bytes_of,
 )
 from moeify.config import MoEConfig
@@ -53,7 +53,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 @click.option("--expert-parallel", type=int, default=None,
               help="With --nproc: ranks per expert-parallel group; the rest is data parallel [default: the largest "
                    "size that divides --nproc and every expert count].")
-@verify_files_option
+@verify_option
 def train_cmd(source: str | None, run_dir: Path, dense: bool, resume: bool, force: bool, group: str | None,
               **flags) -> None:
     """Train SOURCE (a preset, a local Hugging Face directory or a moeify directory) into RUN_DIR.

@@ -87,7 +87,7 @@ def test_an_hf_export_lists_every_file(saved, tmp_path):
 
 
 def test_an_onnx_export_lists_every_file(saved, tmp_path):
-    result = run("export", saved, "--target", "onnx", "--no-optimize", "--no-verify", "-o", tmp_path / "onnx")
+    result = run("export", saved, "--target", "onnx", "--no-optimize", "--no-check", "-o", tmp_path / "onnx")
     assert result.exit_code == 0, result.output
     assert "encoder_model.onnx" in files_of(tmp_path / "onnx")
     assert_manifest_matches(tmp_path / "onnx")
@@ -113,11 +113,11 @@ def test_load_refuses_a_flipped_weight_byte_naming_the_file(corrupted):
     ("calibrate", "--batches", 1, "--batch-size", 1, "--seq-len", 16, "-o", "{out}"),
     ("plan", "--topology", "hgx-a100-4", "-o", "{out}"),
 ], ids=lambda c: " ".join(map(str, c[:3])))
-def test_commands_refuse_a_flipped_weight_byte_and_trust_it_with_no_verify_files(corrupted, tmp_path, command):
+def test_commands_refuse_a_flipped_weight_byte_and_trust_it_with_no_verify(corrupted, tmp_path, command):
     args = [str(a).format(out=tmp_path / "out") for a in command]
     result = run(args[0], corrupted, *args[1:])
-    assert_user_error(result, tmp_path, f"{corrupted / WEIGHTS}: " + CHANGED.format(flag="--no-verify-files"))
-    trusted = run(args[0], corrupted, *args[1:], "--no-verify-files")
+    assert_user_error(result, tmp_path, f"{corrupted / WEIGHTS}: " + CHANGED.format(flag="--no-verify"))
+    trusted = run(args[0], corrupted, *args[1:], "--no-verify")
     assert trusted.exit_code == 0, trusted.output
 
 
@@ -128,9 +128,9 @@ def test_inspect_checks_a_model_and_says_so(saved):
     flip_payload_byte(saved / WEIGHTS)
     refused = run("inspect", saved)
     assert refused.exit_code == 2 and not refused.stdout
-    assert refused.stderr.strip() == f"error: {saved / WEIGHTS}: " + CHANGED.format(flag="--no-verify-files")
-    trusted = run("inspect", saved, "--no-verify-files")
-    assert trusted.exit_code == 0 and "files: not checked against their sha256 (--no-verify-files)" in trusted.stdout
+    assert refused.stderr.strip() == f"error: {saved / WEIGHTS}: " + CHANGED.format(flag="--no-verify")
+    trusted = run("inspect", saved, "--no-verify")
+    assert trusted.exit_code == 0 and "files: not checked against their sha256 (--no-verify)" in trusted.stdout
     (saved / MANIFEST_FILE).unlink()
     older = run("inspect", saved)
     assert older.exit_code == 0 and f"files: not checked: no {MANIFEST_FILE}" in older.stdout
@@ -138,7 +138,7 @@ def test_inspect_checks_a_model_and_says_so(saved):
 
 def test_inspect_checks_an_onnx_graph_against_its_directorys_manifest(saved, tmp_path):
     out = tmp_path / "onnx"
-    assert run("export", saved, "--target", "onnx", "--no-optimize", "--no-verify", "-o", out).exit_code == 0
+    assert run("export", saved, "--target", "onnx", "--no-optimize", "--no-check", "-o", out).exit_code == 0
     shown = run("inspect", out / "encoder_model.onnx")
     assert shown.exit_code == 0 and "files: 1 file checked" in shown.stdout
     graph = bytearray((out / "encoder_model.onnx").read_bytes())
@@ -224,8 +224,8 @@ def test_train_resume_refuses_a_corrupted_checkpoint(tmp_path):
     resumed = run("train", "-o", out, "--resume", "--steps", 2)
     assert resumed.exit_code == 2, resumed.output
     assert resumed.stderr == f"error: {step / 'trainer.safetensors'}: " + \
-        CHANGED.format(flag="--no-verify-files") + "\n"
-    trusted = run("train", "-o", out, "--resume", "--steps", 2, "--no-verify-files")  # the flag skips the hashing
+        CHANGED.format(flag="--no-verify") + "\n"
+    trusted = run("train", "-o", out, "--resume", "--steps", 2, "--no-verify")  # the flag skips the hashing
     assert trusted.exit_code == 0, trusted.output
     os.remove(out / "checkpoints" / "step-2" / MANIFEST_FILE)  # unverified, as an older moeify's: the run goes on
     assert run("train", "-o", out, "--resume", "--steps", 3).exit_code == 0

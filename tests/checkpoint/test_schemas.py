@@ -78,7 +78,7 @@ def read_by_cli(tmp_path, kind, data, converted, exported):
     if kind == "moeify.json":
         (model / "moeify.json").write_text(json.dumps(data))
         # The manifest would refuse any rewritten moeify.json first: here its schema is what faces the file.
-        return model / "moeify.json", run("inspect", model, "--no-verify-files")
+        return model / "moeify.json", run("inspect", model, "--no-verify")
     if kind == "manifest.json":  # a valid manifest passes on to the rank count, before any process starts
         shutil.copytree(exported, tmp_path / "d")
         (tmp_path / "d" / kind).write_text(json.dumps(data))

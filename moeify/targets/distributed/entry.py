@@ -30,7 +30,7 @@ RUN_OPTIONS = [
                                     help="Seconds before a hung or dead rank makes the others fail.")),
     ("--log-every", "log_every", dict(type=int, default=0, show_default=True,
                                       help="Rank 0 prints a line every N steps (0: summary only).")),
-    ("--no-verify-files", "no_verify_files",
+    ("--no-verify", "no_verify",
      dict(is_flag=True, help="Skip the sha256 of moeify.json, plan.json and the shards against manifest.json, for "
                              "very large trusted exports: a tampered or corrupted file then goes unnoticed.")),
 ]
@@ -278,7 +278,7 @@ def main(directory: Path, **options) -> None:
         # at once, instead of joining a group that then waits or times out.
         env = LaunchEnv.from_environ()
         check_options(options)
-        with unverified(options.pop("no_verify_files", False)):
+        with unverified(options.pop("no_verify", False)):
             manifest = check_export(directory, env.world_size)
             from moeify.targets.distributed.budget import check_step_fits
 

@@ -76,7 +76,7 @@ def verify(directory: str | Path, manifest: Manifest, names: list[str]) -> None:
         path = directory / name
         if not path.is_file():
             raise MoeifyError(f"{path} is missing: copy the whole export directory, or re-run `moeify export`")
-        if skipped():  # --no-verify-files: present is enough
+        if skipped():  # --no-verify: present is enough
             continue
         got = sha256_file(path)
         if got != entry["sha256"]:

@@ -174,14 +174,14 @@ class _Job:
         """onnxruntime on the saved graph: node count after its optimisation, the parity check and, with
         quantized experts, the difference from the float model."""
         options = self.options
-        if not (options.optimize or options.verify):
+        if not (options.optimize or options.check):
             return None, None, None
         stem = path.name.removesuffix(".onnx")
         target = (self.out if options.save_optimized else self.scratch) / f"{stem}_optimized.onnx"
         sess = session(path, options.provider, level="all" if options.optimize else "basic",
                        save_to=target if options.optimize else None)
         nodes = optimize.node_count(onnx.load(str(target), load_external_data=False)) if options.optimize else None
-        if not options.verify:
+        if not options.check:
             return nodes, None, None
         dropless_layers = {p.spec.name for p in self.plans if p.lowering in ("fused", "qmoe")}
         quantized = {p.spec.name: p.quantized for p in self.plans if p.quantized}

@@ -23,7 +23,7 @@ class OnnxOptions:
     optimize: bool = True  # run onnxruntime's graph optimisations and report node counts
     save_optimized: bool = False  # also write <graph>_optimized.onnx for that provider
     dynamo: bool = False  # torch.export route (needs onnxscript); default is the TorchScript exporter
-    verify: bool = True  # run the exported graphs and PyTorch on a sample batch and compare
+    check: bool = True  # run the exported graphs and PyTorch on a sample batch and compare (parity)
     with_past: bool = False  # transformers models: a KV cache, optimum's -with-past layouts (docs/onnx.md)
     quantize: str | None = None  # int8 / int4 expert weights in com.microsoft.QMoE; None: float
 

@@ -142,15 +142,15 @@ def test_bare_ranks_still_report_each_error(dist2, tmp_path):
         assert code == 2 and err.strip() == f"error: rank {rank}: {export / SHARD1} is missing: {MOVED}"
 
 
-def test_no_verify_files_trusts_the_export_without_hashing(dist2, tmp_path):
+def test_no_verify_trusts_the_export_without_hashing(dist2, tmp_path):
     """A flipped byte in plan.json's JSON whitespace keeps it valid but changes its sha256: refused by default,
-    let through with --no-verify-files (here to the next check, the rank count, so no process starts)."""
+    let through with --no-verify (here to the next check, the rank count, so no process starts)."""
     export = shutil.copytree(dist2, tmp_path / "d")
     plan = export / "plan.json"
     plan.write_text(plan.read_text() + " ")
     refused = run("run", export, "--nproc", 3)
     assert refused.exit_code == 2 and "is corrupt: its sha256 is" in refused.stderr, refused.output
-    trusted = run("run", export, "--nproc", 3, "--no-verify-files")
+    trusted = run("run", export, "--nproc", 3, "--no-verify")
     assert trusted.exit_code == 2 and trusted.stderr.strip() == (
         f"error: {export} was exported for 2 ranks: pass --nproc 2, or export again with --world-size 3")
 

@@ -48,7 +48,7 @@ def nothing_left(model: onnx.ModelProto, kept: set[str] = frozenset()) -> None:
 @pytest.mark.parametrize("mode, dtype", [("fused", "fp32"), ("portable", "fp32"), ("fused", "fp16")])
 def test_exported_t5_graphs_have_nothing_left_to_fold(tmp_path, mode, dtype):
     sparse = moeify.convert(tiny_t5("relu"), moeify.MoEConfig(num_experts=4)).eval()
-    export_onnx(sparse, tmp_path / "o", OnnxOptions(mode=mode, dtype=dtype, optimize=False, verify=False))
+    export_onnx(sparse, tmp_path / "o", OnnxOptions(mode=mode, dtype=dtype, optimize=False, check=False))
     for name in ("encoder_model.onnx", "decoder_model.onnx"):
         model = onnx.load(str(tmp_path / "o" / name))
         nothing_left(model)  # no exceptions: nothing is kept foldable on purpose in these graphs
@@ -62,7 +62,7 @@ def test_exported_t5_graphs_have_nothing_left_to_fold(tmp_path, mode, dtype):
 
 def test_exported_custom_module_has_nothing_left_to_fold(tmp_path):
     sparse = moeify.convert(tiny_net(), moeify.MoEConfig(num_experts=3, every=1)).eval()
-    export_onnx(sparse, tmp_path / "o", OnnxOptions(mode="portable", optimize=False, verify=False),
+    export_onnx(sparse, tmp_path / "o", OnnxOptions(mode="portable", optimize=False, check=False),
                 example_inputs=(torch.randn(2, 5, 8),))
     nothing_left(onnx.load(str(tmp_path / "o" / "model.onnx")))
 

@@ -135,7 +135,7 @@ def test_without_cache_gives_the_same_tokens(exported):
 
 
 def test_default_export_has_no_cache_and_says_how_to_get_one(model, tmp_path):
-    export_onnx(model, tmp_path / "o", OnnxOptions(verify=False, optimize=False))
+    export_onnx(model, tmp_path / "o", OnnxOptions(check=False, optimize=False))
     assert sorted(p.name for p in (tmp_path / "o").glob("*.onnx")) == ["decoder_model.onnx", "encoder_model.onnx"]
     assert [o.name for o in onnx.load(str(tmp_path / "o" / "decoder_model.onnx")).graph.output] == ["logits"]
     with pytest.raises(moeify.MoeifyError, match="with_past=True"):
