@@ -34,3 +34,14 @@ def wide_console(monkeypatch):
 def console80(monkeypatch):
     """The CLI's console at a standard terminal's 80 columns (overrides wide_console)."""
     monkeypatch.setattr(cli.console, "width", 80)
+
+
+@pytest.fixture(scope="module")
+def switch_t5_tiny(tmp_path_factory):
+    """`moeify convert t5-tiny --experts 4` (weights, no forward check), once per module, outside each tmp_path."""
+    from clitools import run
+
+    path = tmp_path_factory.mktemp("model") / "switch"
+    result = run("convert", "t5-tiny", "--experts", 4, "--no-check", "-o", path)
+    assert result.exit_code == 0, result.output
+    return path

@@ -9,12 +9,8 @@ from moeify.planner import resources
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """A small converted T5 (4 experts per layer, weights), outside each test's tmp_path."""
-    path = tmp_path_factory.mktemp("model") / "switch"
-    result = run("convert", "t5-tiny", "--experts", 4, "--no-check", "-o", path)
-    assert result.exit_code == 0, result.output
-    return path
+def model(switch_t5_tiny):
+    return switch_t5_tiny
 
 
 def resolve(args, model, tmp_path):

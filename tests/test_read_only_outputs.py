@@ -23,11 +23,8 @@ def mount_works(directory: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ro-model") / "switch"
-    result = run("convert", "t5-tiny", "--experts", 4, "--no-check", "-o", path)
-    assert result.exit_code == 0, result.output
-    return path
+def model(switch_t5_tiny):
+    return switch_t5_tiny
 
 
 @pytest.fixture
