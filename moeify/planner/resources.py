@@ -41,13 +41,15 @@ class Depth:
         def first(*keys: str) -> int | None:
             return next((config[k] for k in keys if isinstance(config.get(k), int) and config[k] > 0), None)
 
-        d_model, layers = first("d_model", "hidden_size", "n_embd"), first("num_layers", "num_hidden_layers", "n_layer")
-        heads, vocab = first("num_heads", "num_attention_heads", "n_head"), first("vocab_size")
+        # T5, BERT / LLaMA, GPT-2 and BART spell them differently.
+        d_model = first("d_model", "hidden_size", "n_embd")
+        layers = first("num_layers", "num_hidden_layers", "n_layer", "encoder_layers")
+        heads, vocab = first("num_heads", "num_attention_heads", "n_head", "encoder_attention_heads"), first("vocab_size")
         if None in (d_model, layers, heads, vocab):
             return None
         d_ff = first("d_ff", "intermediate_size", "n_inner", "encoder_ffn_dim") or \
             (4 * d_model if config.get("model_type") == "gpt2" else 0)  # GPT-2's n_inner None means 4 x n_embd
-        decoder = (first("num_decoder_layers") or layers) if config.get("is_encoder_decoder") else 0
+        decoder = (first("num_decoder_layers", "decoder_layers") or layers) if config.get("is_encoder_decoder") else 0
         eager = config.get("model_type") in EAGER_ATTENTION or config.get("_attn_implementation") == "eager"
         return cls(d_model, d_ff, layers, decoder, heads, vocab, eager)
 

@@ -19,6 +19,9 @@ def test_depth_reads_each_familys_names():
     assert Depth.from_config({**t5, "num_decoder_layers": None}).decoder_layers == 3  # T5: as the encoder
     assert Depth.from_config(gpt2) == Depth(32, 128, 2, 0, 2, 50)  # n_inner None: 4 x n_embd
     assert Depth.from_config(llama) == Depth(48, 96, 5, 0, 6, 70)
+    bart = {"model_type": "bart", "d_model": 64, "encoder_ffn_dim": 256, "encoder_layers": 6, "decoder_layers": 3,
+            "encoder_attention_heads": 8, "vocab_size": 90, "is_encoder_decoder": True}
+    assert Depth.from_config(bart) == Depth(64, 256, 6, 3, 8, 90)
     assert Depth.from_config({**llama, "_attn_implementation": "eager"}).eager_attention
     assert Depth.from_config({"hidden_size": 48}) is None  # a custom module's config: nothing to bound
     assert Depth.from_config({**llama, "vocab_size": "70"}) is None

@@ -23,15 +23,15 @@ def step_bytes(directory: Path, shard_bytes: int, options: dict, lengths: tuple[
     need = state_bytes(shard_bytes, train)
     depth = Depth.from_config(meta.get("dense_config") or {})
     if depth is not None:
-        seq = options.get("seq") or 64
-        length, decoder_length = lengths or (seq, max(1, seq // 4))
+        length, decoder_length = lengths or (options["seq"], max(1, options["seq"] // 4))
         dtype_bytes = DTYPE_BYTES.get(meta["summary"].get("dtype"), 4)
-        need += activation_bytes(depth, options.get("batch") or 8, length, decoder_length, dtype_bytes, train)
+        need += activation_bytes(depth, options["batch"], length, decoder_length, dtype_bytes, train)
     return need
 
 
 def check_step_fits(directory: Path, shard_bytes: int, options: dict, lengths: tuple[int, int] | None,
                     local_rank: int) -> None:
+    """Refuse step_bytes() beyond what this rank's device can give (see the module's docstring)."""
     import torch
 
     if torch.cuda.is_available():
@@ -41,6 +41,6 @@ def check_step_fits(directory: Path, shard_bytes: int, options: dict, lengths: t
         if total is None:
             return
         free, where = total // max(ranks, 1), "of memory per rank" if ranks > 1 else "of memory"
-    check_memory(step_bytes(directory, shard_bytes, options, lengths),
-                 "one step of this rank needs at least {} (weights" + (", gradients, AdamW state" if options.get(
-                     "train") else "") + ", activations)", "lower --batch or --seq", available=free, where=where)
+    held = "weights, gradients, AdamW state, activations" if options.get("train") else "weights, activations"
+    check_memory(step_bytes(directory, shard_bytes, options, lengths), f"one step of this rank needs at least {{}} "
+                 f"({held})", "lower --batch or --seq", available=free, where=where)
