@@ -27,6 +27,14 @@ def read_metadata(path: str | Path) -> dict:
     return validate(MOEIFY_FILE, read_json(path / MOEIFY_FILE, fix="re-run `moeify convert`"), path / MOEIFY_FILE)
 
 
+def require_weights(path: str | Path, meta: dict, what: str) -> None:
+    """Refuse a structure-only directory (converted on the meta device) for `what` ("exporting it"), which needs
+    the weights."""
+    if not meta["weights"]:
+        raise MoeifyError(f"{path} is structure only (converted with --device meta): {what} needs its weights; "
+                          "convert the model again without --device meta")
+
+
 def saved_summary(meta: dict) -> ModelSummary:
     """The ModelSummary a moeify.json holds (read_metadata checked its every field)."""
     return ModelSummary.from_dict(meta["summary"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from moeify.checkpoint.files import write_text_atomically
-from moeify.checkpoint.metadata import read_metadata
+from moeify.checkpoint.metadata import read_metadata, require_weights
 from moeify.cli.common import (
     check_output_file,
     console,
@@ -53,8 +53,7 @@ def calibrate_cmd(path: Path, batches: int, batch_size: int, seq_len: int, text_
             raise MoeifyError(f"{flag} must be at least 1, got {value}: leave it unset for {flag} {DEFAULTS[flag]}, "
                               "the default")
     meta = read_metadata(path)
-    if not meta["weights"]:
-        raise MoeifyError(f"{path} is structure only (converted on meta): calibration needs weights")
+    require_weights(path, meta, "calibration")
     _check_work(meta["summary"], batches, batch_size, seq_len)
     from moeify.conversion.text import text_option
 

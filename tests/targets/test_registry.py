@@ -64,5 +64,5 @@ def test_a_structure_only_source_is_refused_before_writing(tmp_path):
     sparse = moeify.convert(tiny_t5().to("meta"), moeify.MoEConfig(num_experts=2))
     moeify.save(sparse, tmp_path / "meta")
     result = run("export", tmp_path / "meta", "--target", "hf-switch", "-o", tmp_path / "out")
-    assert_user_error(result, tmp_path, "is structure only (converted with --device meta): convert it with "
-                                        "weights to export a checkpoint")
+    assert_user_error(result, tmp_path, "is structure only (converted with --device meta): exporting a checkpoint "
+                                        "needs its weights; convert the model again without --device meta")

@@ -12,7 +12,7 @@ from torch import nn
 
 from moeify.checkpoint.files import atomic_directory, check_writable
 from moeify.checkpoint.integrity import Verifier, remember
-from moeify.checkpoint.metadata import MOEIFY_FILE, WEIGHTS_STEM, read_metadata
+from moeify.checkpoint.metadata import MOEIFY_FILE, WEIGHTS_STEM, read_metadata, require_weights
 from moeify.checkpoint.skeleton import skeleton
 from moeify.checkpoint.sources import check_safetensors, tied_aliases, weight_files
 from moeify.errors import MoeifyError
@@ -99,9 +99,7 @@ def export_distributed(source: str | Path, output: str | Path, plan: ShardingPla
         raise MoeifyError("give exactly one of --plan and --world-size")
     check_writable(output, force)
     meta = read_metadata(source)
-    if not meta["weights"]:
-        raise MoeifyError(f"{source} is structure only (converted with --device meta): convert it with "
-                          "weights to export it")
+    require_weights(source, meta, "exporting rank shards")
     if verify:  # every shard reads from every source file, so all are checked first
         Verifier(source).check_all()
     structure = skeleton(source, model)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from moeify.checkpoint.files import check_writable
-from moeify.checkpoint.metadata import read_metadata
+from moeify.checkpoint.metadata import read_metadata, require_weights
 from moeify.errors import MoeifyError
 
 FAMILIES = ("switch", "mixtral", "qwen3_moe")  # modules of moeify.targets.hf, each with refuse() and to_hf()
@@ -44,9 +44,7 @@ def export_hf(family: str, source: str | Path, output: str | Path, *, force: boo
     meta = read_metadata(source)
     module = importlib.import_module(f"moeify.targets.hf.{family}")
     module.refuse(meta, flags)
-    if not meta["weights"]:
-        raise MoeifyError(f"{source} is structure only (converted with --device meta): convert it with "
-                          "weights to export a checkpoint")
+    require_weights(source, meta, "exporting a checkpoint")
     model = load(source, progress=progress).eval()
     ckpt = module.to_hf(model, flags)
     write_hf(ckpt, output, force=force, tokenizer_dir=source, progress=progress, show_bars=show_bars)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moeify.checkpoint.files import atomic_directory, check_writable
-from moeify.checkpoint.metadata import read_metadata
+from moeify.checkpoint.metadata import read_metadata, require_weights
 from moeify.checkpoint.store import load
 from moeify.errors import MoeifyError
 from moeify.targets.onnx import optimize
@@ -88,8 +88,7 @@ def generation_ids(model: nn.Module) -> dict | None:
 def load_for_export(path: Path) -> nn.Module:
     """A moeify output directory as an eval-mode model, or a one-line reason it cannot be exported."""
     meta = read_metadata(path)
-    if not meta["weights"]:
-        raise MoeifyError(f"{path} is structure only (converted on meta): exporting needs weights")
+    require_weights(path, meta, "exporting it to ONNX")
     if meta["source"].get("architecture") is None:
         raise MoeifyError(f"{path} holds a converted custom module: export it from Python with "
                           "moeify.targets.onnx.export_onnx(model, out, example_inputs=(x,))")
