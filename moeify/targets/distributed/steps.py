@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -34,11 +34,9 @@ class RunConfig:
     log_every: int = 0  # rank 0 prints a line every N steps; 0: only the summary
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "seq"):
-            if getattr(self, name) < 1:
-                raise MoeifyError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.timeout_s <= 0:
-            raise MoeifyError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
+        from moeify.targets.distributed.entry import check_options  # the same checks as the command line's
+
+        check_options({f.name: getattr(self, f.name) for f in fields(self)})
 
 
 @dataclass
