@@ -19,7 +19,7 @@ TORCH_FREE = ["planner/cost.py", "planner/draw.py", "planner/hardware.py", "plan
               "planner/workload.py", "checkpoint/records.py", "checkpoint/files.py", "checkpoint/model_presets.py",
               "checkpoint/schemas.py", "planner/__init__.py", "config.py", "errors.py", "conversion/report.py",
               "conversion/__init__.py", "training/runs.py", "training/compare.py",
-              "checkpoint/integrity.py", "planner/resources.py"]
+              "checkpoint/integrity.py", "planner/resources.py", "checkpoint/temporaries.py"]
 
 
 def stage(path: Path) -> str:

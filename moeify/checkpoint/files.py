@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import re
 import shutil
-import socket
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from moeify.checkpoint.temporaries import clean_leftovers, remove_path, temp_prefix
 from moeify.errors import MoeifyError, opt
 
 
@@ -107,105 +104,6 @@ def cannot_write(out: Path, e: OSError) -> MoeifyError:
     return MoeifyError(f"cannot write {out} ({e.strerror}): choose another output path")
 
 
-# Temporaries name their owner: ".NAME.moeify-HOST-PID-START-RANDOM.tmp" (being written) and ".old" (the previous
-# output moved aside for the instant of the swap), HOST a hash of the host name and START the process's start time
-# (clock ticks after boot, 0 where /proc is missing). A process killed by SIGKILL (or the OOM killer, or a lost
-# node) runs no cleanup, so the next write to the same NAME removes what a dead owner left: the PID tells whether
-# the owner lives, START whether that PID is still the owner and not a recycled one, HOST whether the PID can be
-# asked at all (on a shared file system another machine's temporaries are left alone).
-_TAG = "moeify"
-
-
-def _host() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def _proc_stat(pid: int) -> tuple[str, int]:
-    """The process's state and start time from /proc/PID/stat (fields 3 and 22, after the parenthesised name);
-    ("?", 0) if unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        return fields[0], int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return "?", 0
-
-
-def _start_time(pid: int) -> int:
-    return _proc_stat(pid)[1]
-
-
-def _temp_prefix(name: str) -> str:
-    return f".{name}.{_TAG}-{_host()}-{os.getpid()}-{_start_time(os.getpid())}-"
-
-
-def _leftover_pattern(name: str) -> re.Pattern:
-    # mkstemp and mkdtemp draw the random part from [a-z0-9_]
-    return re.compile(rf"\.{re.escape(name)}\.{_TAG}-([0-9a-f]{{8}})-(\d+)-(\d+)-[a-z0-9_]+\.(tmp|old)")
-
-
-def _owner_alive(host: str, pid: int, start: int) -> bool:
-    """Whether the process that named a temporary may still be writing it (in doubt: yes)."""
-    if host != _host() or pid <= 0:
-        return True  # another machine's process, which we cannot ask
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    except (OverflowError, OSError):
-        return True
-    state, now = _proc_stat(pid)
-    if state in ("Z", "X"):
-        return False  # killed, not yet reaped by its parent
-    return start == 0 or now == 0 or now == start  # a different start time: the pid was recycled
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def clean_leftovers(out: Path) -> list[Path]:
-    """Remove the temporaries of output `out` (see _TAG) whose moeify process is dead, quietly; returns them.
-
-    Nothing else is touched: not other names, not a live process's temporaries, not another host's. A previous
-    output moved aside (".old") by a process killed between its two renames is put back when `out` is missing
-    (one note on stderr says so); otherwise it is removed with the rest."""
-    out = Path(out)
-    try:
-        entries = list(out.parent.iterdir())
-    except OSError:
-        return []
-    pattern = _leftover_pattern(out.name)
-    removed, moved_aside = [], []
-    for entry in sorted(entries):
-        m = pattern.fullmatch(entry.name)
-        if not m or _owner_alive(m[1], int(m[2]), int(m[3])):
-            continue
-        if m[4] == "old":
-            moved_aside.append(entry)
-            continue
-        clean_leftovers(entry)  # a nested atomic write (a checkpoint's save) names its temporaries after this one
-        _remove(entry)
-        removed.append(entry)
-    for old in moved_aside:
-        if out.exists() or out.is_symlink():
-            _remove(old)
-            removed.append(old)
-            continue
-        try:
-            old.rename(out)
-        except OSError:
-            continue  # left as it is: a previous output is never removed while `out` is missing
-        print(f"note: restored {out}, which a killed moeify process had moved aside", file=sys.stderr)
-    return removed
-
-
 def _umask() -> int:
     """The process's umask, read without changing it where /proc says it (os.umask alone must set it to read it)."""
     with contextlib.suppress(OSError, ValueError):
@@ -237,7 +135,7 @@ def write_text_atomically(path: Path, text: str) -> None:
     make_output_dir(path.parent, path)
     clean_leftovers(path)
     try:
-        fd, name = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise cannot_write(path, e) from None
     tmp = Path(name)
@@ -275,7 +173,7 @@ def atomic_directory(out: Path, *, force: bool = False, manifest: bool = True) -
     check_writable(out, force)
     make_output_dir(out.parent, out)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out.name), suffix=".tmp", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".tmp", dir=out.parent))
     except OSError as e:
         raise cannot_write(out, e) from None
     old = tmp.with_name(tmp.name[:-len(".tmp")] + ".old")
@@ -290,7 +188,7 @@ def atomic_directory(out: Path, *, force: bool = False, manifest: bool = True) -
             out.rename(old)
         tmp.rename(out)
         if old.exists() or old.is_symlink():
-            _remove(old)
+            remove_path(old)
     except BaseException:
         if old.exists() and not out.exists():  # interrupted between the two renames: the previous output returns
             with contextlib.suppress(OSError):

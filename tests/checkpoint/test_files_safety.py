@@ -7,8 +7,9 @@ import sys
 import pytest
 from clitools import run
 
-from moeify.checkpoint import files
-from moeify.checkpoint.files import atomic_directory, clean_leftovers, write_text_atomically
+from moeify.checkpoint import files, temporaries
+from moeify.checkpoint.files import atomic_directory, write_text_atomically
+from moeify.checkpoint.temporaries import clean_leftovers
 
 
 @pytest.fixture
@@ -52,8 +53,8 @@ def dead_pid():
 
 
 def leftover(parent, name, pid, kind="tmp", host=None, start=None, random="abc_12"):
-    host = host or files._host()
-    start = files._start_time(pid) if start is None else start
+    host = host or temporaries._host()
+    start = temporaries._start_time(pid) if start is None else start
     return parent / f".{name}.moeify-{host}-{pid}-{start}-{random}.{kind}"
 
 
@@ -75,7 +76,7 @@ def test_a_dead_process_s_temporaries_of_the_same_output_are_removed_and_nothing
 
 
 def test_a_recycled_pid_does_not_keep_a_temporary_alive(tmp_path):
-    recycled = leftover(tmp_path, "out", os.getpid(), start=files._start_time(os.getpid()) + 1)
+    recycled = leftover(tmp_path, "out", os.getpid(), start=temporaries._start_time(os.getpid()) + 1)
     recycled.mkdir()
     assert clean_leftovers(tmp_path / "out") == [recycled]
 
