@@ -122,7 +122,9 @@ def export_onnx(source: nn.Module | str | Path, out: str | Path, options: OnnxOp
     graphs = references if exported is reference else graphs_for(exported, _half_inputs(example_inputs),
                                                                   options.with_past)
     report = ExportReport(out, options, plans, generation=generation_ids(reference))
-    with atomic_directory(out, force=force) as tmp, tempfile.TemporaryDirectory() as scratch:
+    # The scratch folder lies inside the output's temporary: a SIGKILL leaves it where the next export to `out`
+    # removes it (clean_leftovers), and it is gone before the manifest and the rename.
+    with atomic_directory(out, force=force) as tmp, tempfile.TemporaryDirectory(dir=tmp) as scratch:
         job = _Job(options, exported, reference, plans, tmp, Path(scratch))
         for i, (graph, ref) in enumerate(zip(graphs, references)):
             report.graphs.append(job.export(graph, ref))
