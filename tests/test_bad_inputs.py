@@ -47,6 +47,9 @@ CALIBRATE = ["calibrate", "MODEL", "--batches", "1", "--batch-size", "1", "--seq
      r"[\d,.]+ GiB is free under .+: export for fewer ranks \(about [\d,]+ fit\), or to another disk with -o"),
     (["export", "MODEL", "--target", "torch-distributed", "--world-size", "0", "-o", "OUT"],
      r"--world-size must be a positive integer, got 0"),
+    ([*CALIBRATE[:2], "--batches", "1", "--batch-size", "8", "--seq-len", "100000", "-o", "OUT"],
+     r"a forward pass needs at least [\d,.]+ GiB \(weights, activations\) but [\d,.]+ GiB of memory is available: "
+     r"lower --batch-size or --seq-len"),
     (["train", "t5-tiny", "--experts", "1000000000", "-o", "OUT"],
      r"one training step needs at least [\d,.]+ GiB \(weights, gradients, optimizer state\) but [\d,.]+ GiB of "
      r"memory is available: train a smaller model or fewer --experts, or use --optimizer adafactor"),

@@ -37,6 +37,8 @@ class Depth:
     @classmethod
     def from_config(cls, config: dict) -> Depth | None:
         """None when the config does not name its sizes (a custom module): its activations are not bounded."""
+        if not isinstance(config, dict):
+            return None
 
         def first(*keys: str) -> int | None:
             return next((config[k] for k in keys if isinstance(config.get(k), int) and config[k] > 0), None)
