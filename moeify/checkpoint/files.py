@@ -52,6 +52,20 @@ def indexed_shards(index: Path) -> list[str]:
     return names
 
 
+def safetensors_header(path: Path) -> dict | None:
+    """The JSON header of a safetensors file, or None when the file is not one (empty, cut, another format)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8 or 8 + int.from_bytes(head, "little") > size:
+                return None
+            header = json.loads(f.read(int.from_bytes(head, "little")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
 # Files of a tokenizer that transformers reads from a model directory; copied as they are.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "spiece.model", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja")

@@ -17,7 +17,6 @@ from moeify.cli.common import (
 )
 from moeify.errors import MoeifyError
 from moeify.planner.resources import check_memory, weight_bytes
-from moeify.planner.workload import DTYPE_BYTES
 
 # The work calibrate takes on: its forward passes at an optimistic 100 GFLOP/s per CPU core (the 2-core
 # development machine reaches ~150 GFLOP/s in all), so the estimate is a lower bound, and at most a day of them.
@@ -91,18 +90,16 @@ def _check_work(meta: dict, batches: int, batch_size: int, seq_len: int) -> None
     """Refuse, before the model loads, weights and a forward pass that do not fit in memory, and batches that would
     run for days."""
     from moeify.conversion.text import window_tokens
-    from moeify.planner.resources import Depth, activation_bytes
+    from moeify.planner.resources import saved_activation_bytes
 
     summary = meta["summary"]
     weights = weight_bytes(summary)
     check_memory(weights, "the model needs {} for its weights",
                  "calibrate on a machine with more memory, or a model with fewer experts")
-    depth = Depth.from_config(meta.get("dense_config") or {})
-    if depth is not None:  # encoder-decoders: the decoder reads a quarter of --seq-len (text_batches)
-        forward = activation_bytes(depth, batch_size, seq_len, max(1, seq_len // 4), DTYPE_BYTES.get(
-            summary.get("dtype"), 4), train=False)
-        check_memory(weights + forward, "a forward pass needs at least {} (weights, activations)",
-                     "lower --batch-size or --seq-len")
+    # Encoder-decoders: the decoder reads a quarter of --seq-len (text_batches).
+    forward = saved_activation_bytes(meta, batch_size, seq_len, max(1, seq_len // 4), train=False)
+    check_memory(weights + forward, "a forward pass needs at least {} (weights, activations)",
+                 "lower --batch-size or --seq-len")
     per_batch = window_tokens(batch_size, seq_len) * 2 * summary["active_params"]  # forward FLOPs
     cores = os.cpu_count() or 1
     seconds = batches * per_batch / (FLOPS_PER_CORE * cores)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from moeify.checkpoint.files import indexed_shards, safetensors_header  # torch-free, as inspect stays
 from moeify.checkpoint.metadata import WEIGHTS_STEM, read_metadata, saved_summary
 from moeify.cli.common import console, human, print_init_reports, table, verify_option
 from moeify.cli.plan import print_plan_summary
@@ -77,8 +78,6 @@ def check_weight_files(path: Path) -> None:
     empty or cut copy is named here rather than reported as a fine model (the tensors themselves are not read)."""
     index = path / f"{WEIGHTS_STEM}.safetensors.index.json"
     if index.is_file():
-        from moeify.checkpoint.files import indexed_shards  # torch-free, as inspect stays
-
         names = indexed_shards(index)
         if not names:
             raise MoeifyError(f"{index} lists no weight files: convert the model again")
@@ -91,15 +90,9 @@ def check_weight_files(path: Path) -> None:
         size = file.stat().st_size
         if size == 0:
             raise MoeifyError(f"{file} is empty (0 bytes): copy it again, or convert the model again")
-        with file.open("rb") as f:
-            head = f.read(8)
-            header = int.from_bytes(head, "little") if len(head) == 8 else None
-            text = f.read(header) if header is not None and 8 + header <= size else b""
-        try:
-            json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        if safetensors_header(file) is None:
             raise MoeifyError(f"{file} is not a whole safetensors file ({size} bytes, its header cut or unreadable): "
-                              "copy it again, or convert the model again") from None
+                              "copy it again, or convert the model again")
 
 
 def check_integrity(directory: Path, names: list[str] | None = None) -> str:

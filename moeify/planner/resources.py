@@ -73,15 +73,28 @@ def activation_bytes(depth: Depth, batch: int, length: int, decoder_length: int,
     return (held + logits) * dtype_bytes
 
 
+def saved_activation_bytes(meta: dict, batch: int, length: int, decoder_length: int, train: bool) -> int:
+    """activation_bytes() of the model a moeify.json describes (its dense_config, in its dtype); 0 where the
+    config names no sizes."""
+    depth = Depth.from_config(meta.get("dense_config"))
+    if depth is None:
+        return 0
+    return activation_bytes(depth, batch, length, decoder_length, dtype_bytes(meta["summary"]), train)
+
+
 def state_bytes(weight_bytes: int, train: bool, optimizer: str = "adamw") -> int:
     """Weights, and in training their gradients and the optimizer's state."""
     return weight_bytes * (2 + OPTIMIZER_STATES[optimizer]) if train else weight_bytes
 
 
+def dtype_bytes(summary: dict) -> int:
+    """Bytes per value of a moeify.json summary's dtype (an unlisted one, float64 say, counts 4: a lower bound)."""
+    return DTYPE_BYTES.get(summary.get("dtype"), 4)
+
+
 def weight_bytes(summary: dict, params: str = "total_params") -> int:
-    """The bytes of a moeify.json summary's weights (`params`: total_params, dense_params) in its dtype
-    (an unlisted one, float64 say, counts 4 bytes: a lower bound)."""
-    return summary[params] * DTYPE_BYTES.get(summary.get("dtype"), 4)
+    """The bytes of a moeify.json summary's weights (`params`: total_params, dense_params) in its dtype."""
+    return summary[params] * dtype_bytes(summary)
 
 
 def available_memory() -> int | None:

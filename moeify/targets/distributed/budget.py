@@ -10,8 +10,7 @@ from pathlib import Path
 
 from moeify.checkpoint.files import read_json
 from moeify.checkpoint.metadata import MOEIFY_FILE
-from moeify.planner.resources import Depth, activation_bytes, available_memory, check_memory, state_bytes
-from moeify.planner.workload import DTYPE_BYTES
+from moeify.planner.resources import available_memory, check_memory, saved_activation_bytes, state_bytes
 
 
 def step_bytes(directory: Path, shard_bytes: int, options: dict, lengths: tuple[int, int] | None) -> int:
@@ -20,13 +19,9 @@ def step_bytes(directory: Path, shard_bytes: int, options: dict, lengths: tuple[
     None: the synthetic batches' --seq and --seq // 4."""
     meta = read_json(directory / MOEIFY_FILE, fix="re-run `moeify export`")
     train = bool(options.get("train"))
-    need = state_bytes(shard_bytes, train)
-    depth = Depth.from_config(meta.get("dense_config") or {})
-    if depth is not None:
-        length, decoder_length = lengths or (options["seq"], max(1, options["seq"] // 4))
-        dtype_bytes = DTYPE_BYTES.get(meta["summary"].get("dtype"), 4)
-        need += activation_bytes(depth, options["batch"], length, decoder_length, dtype_bytes, train)
-    return need
+    length, decoder_length = lengths or (options["seq"], max(1, options["seq"] // 4))
+    return state_bytes(shard_bytes, train) + saved_activation_bytes(meta, options["batch"], length, decoder_length,
+                                                                    train)
 
 
 def check_step_fits(directory: Path, shard_bytes: int, options: dict, lengths: tuple[int, int] | None,

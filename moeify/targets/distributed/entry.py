@@ -12,6 +12,7 @@ from typing import Callable, Iterator, NoReturn
 
 import click
 
+from moeify.checkpoint.files import safetensors_header
 from moeify.checkpoint.integrity import unverified
 from moeify.errors import MoeifyError
 
@@ -80,7 +81,7 @@ def check_data_file(path: Path) -> None:
     """--data: a safetensors file whose header holds a 2-D input_ids with rows (the tensors are not read)."""
     if not path.is_file():
         raise MoeifyError(f"--data {path} does not exist: pass a safetensors file with input_ids [N, S]")
-    header = _safetensors_header(path)
+    header = safetensors_header(path)
     if header is None:
         raise MoeifyError(f"--data {path} is not a safetensors file: save the token ids with "
                           "safetensors.torch.save_file({'input_ids': ids}, PATH)")
@@ -96,25 +97,11 @@ def data_lengths(path: Path | None) -> tuple[int, int] | None:
     else input_ids, which training uses as labels); None without --data."""
     if path is None:
         return None
-    header = _safetensors_header(Path(path)) or {}
+    header = safetensors_header(Path(path)) or {}
     shapes = [header[k]["shape"] for k in ("input_ids", "decoder_input_ids", "labels")
               if isinstance(header.get(k), dict) and isinstance(header[k].get("shape"), list)
               and len(header[k]["shape"]) == 2]
     return (shapes[0][1], shapes[-1][1] if len(shapes) > 1 else shapes[0][1]) if shapes else None
-
-
-def _safetensors_header(path: Path) -> dict | None:
-    """The JSON header of a safetensors file, or None when the file is not one (empty, cut, another format)."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8 or 8 + int.from_bytes(head, "little") > size:
-                return None
-            header = json.loads(f.read(int.from_bytes(head, "little")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return header if isinstance(header, dict) else None
 
 
 def check_export(directory: Path, world_size: int | None = None):
@@ -165,7 +152,7 @@ def check_export(directory: Path, world_size: int | None = None):
         if not path.is_file():
             raise MoeifyError(f"{path} is missing: copy the whole export directory, or re-run `moeify export`")
         entry = manifest.files.get(shard.file, {})
-        header = _safetensors_header(path)
+        header = safetensors_header(path)
         made_for = (header or {}).get("__metadata__") or {}
         if path.stat().st_size != entry.get("bytes") or made_for.get("rank") != str(shard.rank) \
                 or made_for.get("world_size") != str(world):
