@@ -1,7 +1,6 @@
 """`moeify run DIR --nproc N`: torchrun on this machine, one process per rank of an export."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,7 +12,15 @@ import click
 
 from moeify.checkpoint.integrity import unverified
 from moeify.errors import MoeifyError
-from moeify.targets.distributed.entry import ERRORS_ENV, check_export, check_options, option_args, run_options, torchrun
+from moeify.targets.distributed.entry import (
+    ERRORS_ENV,
+    check_export,
+    check_options,
+    option_args,
+    read_rank_reports,
+    run_options,
+    torchrun,
+)
 
 
 def torchrun_command(directory: Path, nproc: int, options: dict) -> list[str]:
@@ -63,7 +70,7 @@ def launch(command: list[str]) -> int:
                 proc.wait()
                 _replay(held)
                 raise
-            reports = _reports(errors)
+            reports = [r for r in read_rank_reports(errors) if r["code"] in (2, 3)]  # 1: a traceback, shown
             user = [r for r in reports if r["code"] == 2]
             if code != 0 and user:
                 raise MoeifyError(user[0]["message"])
@@ -74,19 +81,6 @@ def launch(command: list[str]) -> int:
             return code
     finally:
         shutil.rmtree(errors, ignore_errors=True)
-
-
-def _reports(errors: Path) -> list[dict]:
-    """The ranks' errors in rank order; one cut short (its rank killed while writing) is left out."""
-    reports = []
-    for path in sorted(errors.glob("rank-*.json")):
-        try:
-            report = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(report, dict) and isinstance(report.get("message"), str) and report.get("code") in (2, 3):
-            reports.append(report)
-    return reports
 
 
 def _replay(held) -> None:

@@ -128,7 +128,9 @@ def _torchrun(command: list[str], log: Path, poll: Callable[[], None]) -> tuple[
 
 def _fail(work: Path, code: int) -> None:
     """The ranks' own error (the first user error, else the first lost-contact one), else torchrun's output."""
-    reports = [json.loads(p.read_text()) for p in sorted((work / "errors").glob("rank-*.json"))]
+    from moeify.targets.distributed.entry import read_rank_reports
+
+    reports = read_rank_reports(work / "errors")
     user = [r for r in reports if r["code"] == 2]
     if user:
         raise MoeifyError(user[0]["message"])

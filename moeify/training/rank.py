@@ -48,13 +48,13 @@ def train_rank(launch: dict) -> dict:
 def main(path: str) -> None:
     from moeify.errors import MoeifyError
     from moeify.targets.distributed import comm
-    from moeify.targets.distributed.entry import rank_errors
+    from moeify.targets.distributed.entry import rank_errors, write_rank_report
 
     launch = json.loads(Path(path).read_text())
     rank = int(os.environ.get("RANK", "0"))
 
     def report(message: str, code: int) -> None:  # for the launcher, which prints one line
-        (Path(launch["errors"]) / f"rank-{rank:05d}.json").write_text(json.dumps({"code": code, "message": message}))
+        write_rank_report(Path(launch["errors"]), message, code)
 
     with rank_errors(report):
         try:

@@ -210,10 +210,29 @@ def _launcher_report() -> Callable[[str, int], None] | None:
         return None
 
     def report(message: str, code: int) -> None:
-        rank = int(os.environ.get("RANK", "0"))
         with contextlib.suppress(OSError):  # the launcher then shows torchrun's own output instead
-            Path(folder, f"rank-{rank:05d}.json").write_text(json.dumps({"code": code, "message": message}))
+            write_rank_report(Path(folder), message, code)
     return report
+
+
+def write_rank_report(folder: Path, message: str, code: int) -> None:
+    """This rank's error (`code`: 1 a bug, 2 a user error, 3 a lost peer) for its launcher (`moeify run`,
+    `moeify train --nproc`), which reads them all with read_rank_reports."""
+    rank = int(os.environ.get("RANK", "0"))
+    (folder / f"rank-{rank:05d}.json").write_text(json.dumps({"code": code, "message": message}))
+
+
+def read_rank_reports(folder: Path) -> list[dict]:
+    """The ranks' errors in rank order; one cut short (its rank killed while writing) is left out."""
+    reports = []
+    for path in sorted(folder.glob("rank-*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and isinstance(report.get("message"), str) and report.get("code") in (1, 2, 3):
+            reports.append(report)
+    return reports
 
 
 def print_report(report, console) -> None:
