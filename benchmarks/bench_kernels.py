@@ -1,7 +1,9 @@
 """What each trick of the cpu kernel buys: the Switch layer's training step with each one switched off.
 
 One process, every variant interleaved on identical weights and inputs, medians of --reps. Variants: the
-cpu kernel as shipped; without oneDNN's linear; without the huge-page buffer pool; with the cost model
+cpu kernel as shipped; without oneDNN's linear; without the huge-page buffer pool; without the forms for few
+rows per expert ((w @ x.T).T, the outer product); with oneDNN's linear only from 8 float32 rows per expert (the threshold before
+it became 3); with the cost model
 replaced by one bmm over all experts (span) or by pairs; the reference loop; the cuda kernel's grouped_mm
 (which runs on CPU too). Usage: python benchmarks/bench_kernels.py [--reps 7] [--out FILE]
 """
@@ -26,6 +28,8 @@ VARIANTS = {
     "cpu": CpuKernel(),
     "no oneDNN": CpuKernel(dnnl=False),
     "no pool": CpuKernel(pool=False),
+    "no few-row forms": CpuKernel(few_rows=False),
+    "oneDNN from 8": CpuKernel(dnnl_min_rows=8),
     "span only": CpuKernel(batching="span"),
     "pairs only": CpuKernel(batching="pairs"),
     "reference": "reference",

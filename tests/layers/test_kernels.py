@@ -152,17 +152,38 @@ def test_the_onednn_probe_finds_the_op_where_torch_has_it(monkeypatch):
     torch.testing.assert_close(y, grouped_linear(x, w, b, [64, 6], "reference"), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("counts", [[1, 3, 0, 2], [9, 12, 0, 16], [70, 1, 0, 64]])
-def test_the_cpu_kernel_gives_the_same_bits_wherever_the_weights_lie(counts):
+def _moved(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of t starting `offset` elements past an allocation's start (4-byte steps for float32)."""
+    buffer = torch.empty(t.numel() + 16, dtype=t.dtype)
+    return buffer[offset:offset + t.numel()].view_as(t).copy_(t)
+
+
+@pytest.mark.parametrize("counts", [[1, 3, 0, 2], [9, 12, 0, 16], [70, 1, 0, 64], [4, 4, 1, 2]])
+@pytest.mark.parametrize("out, inp", [(64, 32), (32, 64), (30, 13)])  # out >= in, out < in, sizes off every boundary
+@pytest.mark.parametrize("batching", ["auto", "pairs"])  # pairs: experts with a gap between them in one bmm
+def test_the_cpu_kernel_gives_the_same_bits_wherever_the_tensors_lie(monkeypatch, counts, out, inp, batching):
     """A loaded checkpoint's tensors sit at the file's offsets, not at an allocator's 64-byte boundary: results must
-    not depend on that, or a model saved and loaded again computes different bits (a `(w @ x.T).T` form did)."""
+    not depend on that, or a model saved and loaded again computes different bits. MKL's (w @ x.T).T does depend on
+    it, so the cpu kernel gives that form aligned operands; this checks the output and every gradient."""
+    aligned = []
+    real = cpu._aligned_experts
+    monkeypatch.setattr(cpu, "_aligned_experts", lambda w, b, pool: aligned.append(b.slots) or real(w, b, pool))
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(len(counts), 64, 32, generator=g)
-    b = torch.randn(len(counts), 64, generator=g)
-    x = torch.randn(sum(counts), 32, generator=g)
-    want = grouped_linear(x, w, b, counts, CpuKernel())
-    buffer = torch.empty(w.numel() + 16)
+    w = torch.randn(len(counts), out, inp, generator=g)
+    b = torch.randn(len(counts), out, generator=g)
+    x = torch.randn(sum(counts), inp, generator=g)
+    gy = torch.randn(sum(counts), out, generator=g)
+
+    def step(*tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        y = grouped_linear(*leaves[:2], leaves[2], counts, CpuKernel(batching=batching))
+        y.backward(gy)
+        return [y, *(t.grad for t in leaves)]
+
+    want = step(x, w, b)
+    plan = cpu._plan(counts, out * inp, batching)
+    assert bool(aligned) == any(b.slots <= cpu._weight_side_rows(w) for b in plan)  # the form ran where it applies
     for offset in range(1, 16):  # 4-byte steps through every 64-byte alignment
-        moved = buffer[offset:offset + w.numel()].view_as(w)
-        moved.copy_(w)
-        assert torch.equal(grouped_linear(x, moved, b, counts, CpuKernel()), want), offset
+        got = step(_moved(x, offset), _moved(w, offset), _moved(b, offset))
+        for name, a, e in zip(("output", "x grad", "weight grad", "bias grad"), got, want):
+            assert torch.equal(a, e), (offset, name)

@@ -19,9 +19,16 @@ CALL_SECONDS = 1e-4
 _FLOPS = 150e9
 
 # From this many rows per expert the forward runs one oneDNN linear per expert instead of a bmm over
-# a batch of experts: MKL packs the transposed weight on every call, oneDNN streams it (1.2-1.9x
-# faster from 8 float32 rows; bfloat16 bmm is as fast as oneDNN up to ~64 rows). docs/performance.md.
-DNNL_MIN_ROWS = {torch.float32: 8, torch.bfloat16: 64}
+# a batch of experts: MKL packs the transposed weight on every call, oneDNN streams it (1.1-1.5x
+# faster from 3 float32 rows, 64 experts; bfloat16 bmm is as fast as oneDNN up to ~64 rows). docs/performance.md.
+DNNL_MIN_ROWS = {torch.float32: 3, torch.bfloat16: 64}
+# Up to this many float32 rows per expert the forward computes (w @ x.T).T, which streams each weight once as the
+# long side of the GEMM where x @ w.T packs it first: 64 experts' first FFN GEMM (out 2048 >= in 512) 2.0x faster
+# at 1-4 rows, the second (out 512 < in 2048) 1.1-1.3x at 1-2 rows and slower from 3 (docs/performance.md).
+WEIGHT_SIDE_MAX_ROWS = 4  # halved when out < in
+# MKL's weight-side result depends on where the weight lies (its 16-byte alignment, measured): every operand of
+# that form is given at this boundary, so its bits never depend on where a caller's tensors lie.
+ALIGN = 64
 
 
 def probe_dnnl():
@@ -63,6 +70,23 @@ def _experts_view(t: torch.Tensor, b: _Batch) -> torch.Tensor:
                         t.storage_offset() + b.first * t.stride(0))
 
 
+def _weight_side_rows(weight: torch.Tensor) -> int:
+    return WEIGHT_SIDE_MAX_ROWS if weight.shape[1] >= weight.shape[2] else WEIGHT_SIDE_MAX_ROWS // 2
+
+
+def _aligned_experts(weight: torch.Tensor, b: _Batch, pool: bool) -> torch.Tensor:
+    """The batch's experts' weights, (k, out, in), each at an ALIGN-byte boundary with rows of `in`: a view where
+    they lie so (a parameter torch allocated), else a copy (a loaded file's tensors sit at the file's offsets)."""
+    w = _experts_view(weight, b)
+    size = w.element_size()
+    if w[0].is_contiguous() and w.data_ptr() % ALIGN == 0 and w.stride(0) * size % ALIGN == 0:
+        return w
+    per = -(-w[0].numel() * size // ALIGN) * ALIGN // size  # elements per expert, rounded up to the boundary
+    buffer = memory.empty((b.k * per,), w.dtype, w.device, pool)[0]
+    assert buffer.data_ptr() % ALIGN == 0  # torch's CPU allocator and the pool's mappings both align to 64+
+    return buffer.as_strided(w.shape, (per, w.shape[2], 1)).copy_(w)
+
+
 def _plan(counts: list[int], weight_numel: int, batching: str = "auto") -> list[_Batch]:
     """Batches covering every expert with rows. Either one bmm over the span of used experts,
     padded to the largest count (best when counts are even), or pairs of used experts with
@@ -99,11 +123,29 @@ class _GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, batches, dnnl, pool):  # x: (R, in), weight: (E, out, in), bias: (E, out)
+    def forward(ctx, x, weight, bias, batches, dnnl, few_rows, pool):
+        # x: (R, in), weight: (E, out, in), bias: (E, out); few_rows: whether few rows per expert take their own forms
+        ctx.batches, ctx.pool, ctx.few_rows = batches, pool, few_rows
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        if dnnl is not None and len(batches) == 1 and batches[0].k == 1 and batches[0].slots >= dnnl[1]:
+            # One expert takes every row (E = 1, or all tokens routed alike): oneDNN's own output is the result,
+            # not copied into a buffer of ours (a pass over the output: 1-2 % of a one-expert layer).
+            e = batches[0].first
+            return dnnl[0](x, weight[e], None if bias is None else bias[e], "none", [], "")
         y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)  # (R, out)
+        side_rows = _weight_side_rows(weight) if few_rows and x.dtype == torch.float32 else 0
         for b in batches:
             rows = slice(b.row, b.row + b.k * b.slots)
             xb, yb = x[rows].view(b.k, b.slots, -1), y[rows].view(b.k, b.slots, -1)
+            if b.slots <= side_rows:
+                # x copied (it is small) and the weight where needed, so that both lie at ALIGN boundaries. x's
+                # rows stay rows (x.T a transposed view): MKL's fast path for this form wants them so (2.5x).
+                xt = xb.clone().transpose(1, 2)  # (k, in, slots)
+                yb.copy_(torch.bmm(_aligned_experts(weight, b, pool), xt).transpose(1, 2))
+                if bias is not None:
+                    yb.add_(_experts_view(bias, b).unsqueeze(1))
+                continue
             if dnnl is not None and b.slots >= dnnl[1]:
                 for j in range(b.k):
                     e = b.first + j * b.step
@@ -124,9 +166,6 @@ class _GroupedLinear(torch.autograd.Function):
                 torch.bmm(xb, w, out=yb)
             else:
                 torch.baddbmm(_experts_view(bias, b).unsqueeze(1), xb, w, out=yb)
-        ctx.batches, ctx.pool = batches, pool
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight)
         return y
 
     @staticmethod
@@ -144,7 +183,11 @@ class _GroupedLinear(torch.autograd.Function):
             g = grad_y[rows].view(b.k, b.slots, -1)  # (k, slots, out)
             if grad_x is not None:
                 torch.bmm(g, _experts_view(weight, b), out=grad_x[rows].view(b.k, b.slots, -1))
-            if grad_w is not None:
+            if grad_w is not None and b.slots == 1 and ctx.few_rows:
+                # One row per expert: the outer product, the same single product per element as bmm but written at
+                # the rate of a fill (1.3-1.5x faster than MKL's bmm with one inner element, measured).
+                torch.mul(g.transpose(1, 2), x[rows].view(b.k, 1, -1), out=_experts_view(grad_w, b))
+            elif grad_w is not None:
                 torch.bmm(g.transpose(1, 2), x[rows].view(b.k, b.slots, -1), out=_experts_view(grad_w, b))
             if grad_b is not None:
                 torch.sum(g, dim=1, out=_experts_view(grad_b, b))
@@ -159,7 +202,7 @@ class _GroupedLinear(torch.autograd.Function):
                 if e > start:
                     zero_pages_(grad_w[start:e])
                 e += 1
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class CpuLayout:
@@ -204,19 +247,22 @@ class CpuLayout:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(x),
-                                    self.kernel.pool)
+                                    self.kernel.few_rows, self.kernel.pool)
 
 
 @dataclass(frozen=True)
 class CpuKernel:
     """batching: "auto" (the cost model's choice), "span" (one bmm) or "pairs"; dnnl_min_rows: rows per expert
     from which the forward takes oneDNN's linear; dnnl: whether to use it at all (when the probe finds it);
+    few_rows: the forms for few rows per expert: up to WEIGHT_SIDE_MAX_ROWS float32 rows the forward computes
+    (w @ x.T).T, and one row's weight gradient is an outer product;
     pool: large buffers from moeify.layers.memory's recycled huge-page mappings, else torch.empty. Each trick
     can be switched off, which is how benchmarks/bench_kernels.py measures what it buys."""
 
     batching: str = "auto"
     dnnl_min_rows: int | None = None  # None: DNNL_MIN_ROWS for the dtype
     dnnl: bool = True
+    few_rows: bool = True
     pool: bool = True
     name: str = "cpu"
 
