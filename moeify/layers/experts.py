@@ -57,10 +57,8 @@ class Experts(nn.Module):
         h = layout.linear(x, self.w_in, self.b_in)  # (R, d_ff)
         if self.gated:
             h = self.act(layout.linear(x, self.w_gate, self.b_gate)) * h
-        elif type(self.act) is nn.ReLU and layout.in_place:
-            # In place on the kernel's output (ReLU's backward needs only its result): a fresh (R, d_ff)
-            # activation costs first-touch page faults, up to a tenth of a large layer's forward.
-            h = torch.relu_(h)
+        elif type(self.act) is nn.ReLU:
+            h = layout.relu(h)  # the kernel's own ReLU: in place where it can (ReLU's backward needs only its result)
         else:
             h = self.act(h)
         h = self.dropout(h)

@@ -12,18 +12,16 @@ Counts = Sequence[int] | torch.Tensor  # rows per expert: a host list, or an (E,
 
 
 class Layout(Protocol):
-    """One grouping of rows, reused for every linear of an expert FFN: pad once, linear(s), unpad once.
-
-    in_place: linear() returns a fresh tensor that is no view and that autograd saved nowhere, so an
-    activation may overwrite it."""
-
-    in_place: bool
+    """One grouping of rows, reused for every linear of an expert FFN: pad once, linear(s), unpad once; relu() of a
+    linear's output (where a layout can, in place: a fresh activation the size of the FFN's hidden costs page faults)."""
 
     def pad(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
     def unpad(self, y: torch.Tensor) -> torch.Tensor: ...
+
+    def relu(self, h: torch.Tensor) -> torch.Tensor: ...
 
 
 class Kernel(Protocol):

@@ -18,10 +18,14 @@ WEIGHT_READ_ROWS = 10.0
 CALL_SECONDS = 1e-4
 _FLOPS = 150e9
 
-# From this many rows per expert the forward runs one oneDNN linear per expert instead of a bmm over
+# From this many float32 rows per expert the forward runs one oneDNN linear per expert instead of a bmm over
 # a batch of experts: MKL packs the transposed weight on every call, oneDNN streams it (1.1-1.5x
-# faster from 3 float32 rows, 64 experts; bfloat16 bmm is as fast as oneDNN up to ~64 rows). docs/performance.md.
-DNNL_MIN_ROWS = {torch.float32: 3, torch.bfloat16: 64}
+# faster from 3 rows, 64 experts). bfloat16 has none: its mm is oneDNN's already, and writes straight into the
+# output where the private op's result must be copied there. docs/performance.md.
+DNNL_MIN_ROWS = {torch.float32: 3}
+# From this many bfloat16 rows per expert the forward runs one mm per expert instead of a bmm over a batch of experts
+# (1.1-1.7x faster at E <= 64; bmm is as fast up to ~64 rows).
+MM_MIN_ROWS = 64
 # Up to this many float32 rows per expert the forward computes (w @ x.T).T, which streams each weight once as the
 # long side of the GEMM where x @ w.T packs it first: 64 experts' first FFN GEMM (out 2048 >= in 512) 2.0x faster
 # at 1-4 rows, the second (out 512 < in 2048) 1.1-1.3x at 1-2 rows and slower from 3 (docs/performance.md).
@@ -151,7 +155,7 @@ class _GroupedLinear(torch.autograd.Function):
                     e = b.first + j * b.step
                     yb[j].copy_(dnnl[0](xb[j], weight[e], None if bias is None else bias[e], "none", [], ""))
                 continue
-            if b.step > 1 and x.dtype != torch.float32:
+            if x.dtype != torch.float32 and (b.step > 1 or b.slots >= MM_MIN_ROWS):
                 # Reduced-precision bmm copies a transposed weight view whose experts are not adjacent (a pair
                 # with a gap) into a contiguous temporary first: 16x slower than one mm per expert here.
                 for j in range(b.k):
@@ -205,10 +209,28 @@ class _GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+class _ReLU(torch.autograd.Function):
+    """ReLU in place on a _GroupedLinear output (a fresh buffer autograd saved nowhere), its gradient in a pooled
+    buffer: a fresh (R, d_ff) tensor either way costs first-touch page faults, a tenth of a large layer's forward
+    and 6 % of a bfloat16 training step at E = 8 / 8192 tokens (docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, h, pool):
+        ctx.mark_dirty(h)
+        ctx.pool = pool
+        torch.relu_(h)
+        ctx.save_for_backward(h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        out, _ = memory.empty(tuple(grad.shape), grad.dtype, grad.device, ctx.pool)
+        return torch.ops.aten.threshold_backward.grad_input(grad, h, 0, grad_input=out), None
+
+
 class CpuLayout:
     """Maps rows grouped by expert, (N, d), to the padded rows of a plan, (R, d), and back."""
-
-    in_place = True  # _GroupedLinear writes into a fresh buffer and saves only its inputs
 
     def __init__(self, counts: list[int], weight_numel: int, device: torch.device, kernel: CpuKernel) -> None:
         self.kernel = kernel
@@ -245,6 +267,9 @@ class CpuLayout:
     def unpad(self, y: torch.Tensor) -> torch.Tensor:  # (R, d) -> (N, d)
         return y if self.identity else y.index_select(0, self.index)
 
+    def relu(self, h: torch.Tensor) -> torch.Tensor:
+        return _ReLU.apply(h, self.kernel.pool)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(x),
                                     self.kernel.few_rows, self.kernel.pool)
@@ -260,20 +285,21 @@ class CpuKernel:
     can be switched off, which is how benchmarks/bench_kernels.py measures what it buys."""
 
     batching: str = "auto"
-    dnnl_min_rows: int | None = None  # None: DNNL_MIN_ROWS for the dtype
+    dnnl_min_rows: int | None = None  # None: DNNL_MIN_ROWS for the dtype (bfloat16: never)
     dnnl: bool = True
     few_rows: bool = True
     pool: bool = True
     name: str = "cpu"
 
     def dnnl_for(self, x: torch.Tensor) -> tuple | None:
-        """(op, min rows) when the forward may take oneDNN's linear for x, else None."""
-        # bfloat16 too: oneDNN's bf16 linear (AMX / AVX512-BF16) beats bmm by 1.1-1.7x at E <= 64 here.
-        if not (self.dnnl and x.dtype in DNNL_MIN_ROWS and x.device.type == "cpu"
+        """(op, min rows) when the forward may take oneDNN's linear for x, else None. bfloat16 takes it only when
+        dnnl_min_rows says so (tests do)."""
+        rows = self.dnnl_min_rows or DNNL_MIN_ROWS.get(x.dtype)
+        if not (self.dnnl and rows and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
                 and torch.backends.mkldnn.enabled):
             return None
         op = dnnl_op()
-        return None if op is None else (op, self.dnnl_min_rows or DNNL_MIN_ROWS[x.dtype])
+        return None if op is None else (op, rows)
 
     def layout(self, counts: Counts, weight_numel: int, device: torch.device) -> CpuLayout:
         return CpuLayout(host_counts(counts), weight_numel, device, self)

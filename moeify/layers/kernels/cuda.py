@@ -33,8 +33,6 @@ def aligned(weight: torch.Tensor) -> bool:
 
 
 class CudaLayout:
-    in_place = False  # the output is _ContiguousGrad's view
-
     def __init__(self, counts: Counts, device: torch.device) -> None:
         counts = torch.as_tensor(counts, device=device)  # a list is uploaded; a device tensor stays put
         self.counts = counts
@@ -45,6 +43,9 @@ class CudaLayout:
 
     def unpad(self, y: torch.Tensor) -> torch.Tensor:
         return y
+
+    def relu(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.relu(h)  # linear()'s output is _ContiguousGrad's view: not to be overwritten
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not aligned(weight):
