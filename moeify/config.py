@@ -6,6 +6,7 @@ from it; the CLI's help texts and defaults are generated from the fields' `help`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ def option_field(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+@functools.lru_cache(maxsize=64)  # a layer asks every forward, and Fraction takes ~10 us
 def decimal_ratio(x: float) -> tuple[int, int]:
     """(p, q) with p / q the decimal a factor was written as: 1.1 is 11/10, not 1.1000000000000000888."""
     ratio = Fraction(repr(float(x)))

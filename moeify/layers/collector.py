@@ -7,11 +7,11 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.profiler import record_function
 
 from moeify.errors import MoeifyError
 from moeify.layers.dispatch import assignments_per_expert
 from moeify.layers.losses import load_balancing_loss, router_z_loss
+from moeify.layers.profiling import traced
 
 
 @dataclass
@@ -83,7 +83,7 @@ def router_losses(model: nn.Module, fractions: Callable[[torch.Tensor, int], tor
     collected = RouterLosses()
 
     def make_hook(name: str, layer: SwitchFFN):
-        @record_function("moeify::router_losses")
+        @traced("moeify::router_losses")
         def hook(_router, _inputs, out) -> None:
             routed = assignments_per_expert(out.expert_index.detach().reshape(-1), layer.num_experts)
             capacity = layer.capacity(out.expert_index.shape[0])

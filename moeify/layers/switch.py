@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.profiler import record_function
 
 from moeify.config import RoutingConfig
 from moeify.layers.dispatch import Dispatch, StaticDispatch, dispatch, dispatch_static
 from moeify.layers.experts import Experts
 from moeify.layers.kernels import get_kernel
+from moeify.layers.profiling import phase
 from moeify.layers.router import Router, RouterOutput
 
 
@@ -69,23 +69,23 @@ class SwitchFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d_model), flattened (batch, position) order
-        # The record_function scopes name the phases in torch.profiler traces (benchmarks/profile_step.py).
-        with record_function("moeify::router"):
+        # The phase scopes name the phases in torch.profiler traces (benchmarks/profile_step.py).
+        with phase("moeify::router"):
             route = self.router(x)
         if self.keeps_every_token(x.shape[0]):
             # One expert with room for every token: the plan is the identity and each gate exactly 1 (a softmax
             # over one logit), so dispatch's sort and both row copies are skipped; the gate still multiplies, so
             # the router's gradient is what the general path gives.
-            with record_function("moeify::experts"):
+            with phase("moeify::experts"):
                 y = self.experts(x, [x.shape[0]], self.routing.kernel)
             return (y * route.gate.to(y.dtype)).view(*shape[:-1], -1)
         if self.device_dispatch and get_kernel(self.routing.kernel, x.device).name == "cuda":
             return self._static_forward(x, route).view(*shape[:-1], -1)
-        with record_function("moeify::dispatch"):
+        with phase("moeify::dispatch"):
             plan = dispatch(route.expert_index, self.num_experts, self.capacity(x.shape[0]))
-        with record_function("moeify::experts"):
+        with phase("moeify::experts"):
             y = self._expert_step(x, route, plan)  # (K, d_model)
-        with record_function("moeify::combine"):
+        with phase("moeify::combine"):
             gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (K,)
             y = y * gate.unsqueeze(-1)  # the gate is how the router learns
             out = y.new_zeros(x.shape[0], y.shape[-1])  # (T, d_model)
