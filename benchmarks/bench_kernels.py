@@ -79,9 +79,12 @@ def main() -> None:
             times = {name: [] for name in variants}
             for name, kernel in variants.items():  # warm-up
                 step(m, rows_, counts, kernel)
-            for _ in range(args.reps):
-                for name, kernel in variants.items():
-                    times[name].append(step(m, rows_, counts, kernel))
+            names = list(variants)
+            for r in range(args.reps):
+                # The order rotates each repetition: whatever a variant leaves behind (the buffer pool's mappings,
+                # caches) then falls on every variant alike, not always on the one after it.
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    times[name].append(step(m, rows_, counts, variants[name]))
             base = statistics.median(times["cpu"])
             rows.append((str(e), str(tokens), f"{1e3 * base:.1f}",
                          *(f"{statistics.median(times[n]) / base:.2f}x" for n in variants if n != "cpu")))

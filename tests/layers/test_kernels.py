@@ -25,17 +25,18 @@ CASES = {  # counts per expert
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
-def run(kernel, counts, gated, bias, dtype):
+def run(kernel, counts, gated, bias, dtype, act=nn.GELU, widths=(D_MODEL, D_FF)):
     """Output and every gradient (input and parameters) of one Experts forward + backward, seeded."""
     g = torch.Generator().manual_seed(0)
-    ex = Experts(len(counts), D_MODEL, D_FF, nn.GELU(), gated=gated, bias=bias)
+    d_model, d_ff = widths
+    ex = Experts(len(counts), d_model, d_ff, act(), gated=gated, bias=bias)
     ex.reset_parameters(1.0, g)
     for b in (ex.b_in, ex.b_gate, ex.b_out):
         if b is not None:
             nn.init.normal_(b, generator=g)
     ex.to(dtype)
-    x = torch.randn(sum(counts), D_MODEL, generator=g).to(dtype).requires_grad_()
-    gy = torch.randn(sum(counts), D_MODEL, generator=g).to(dtype)
+    x = torch.randn(sum(counts), d_model, generator=g).to(dtype).requires_grad_()
+    gy = torch.randn(sum(counts), d_model, generator=g).to(dtype)
     y = ex(x, counts, kernel)
     params = [x, *ex.parameters()]
     grads = torch.autograd.grad(y, params, gy, allow_unused=True) if y.numel() else [None] * len(params)
@@ -46,9 +47,10 @@ def run(kernel, counts, gated, bias, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("gated, bias", [(False, False), (True, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_every_pair_of_backends_agrees(first, second, case, gated, bias, dtype):
+@pytest.mark.parametrize("act", [nn.GELU, nn.ReLU])  # ReLU: the cpu layout's own, in place, its gradient pooled
+def test_every_pair_of_backends_agrees(first, second, case, gated, bias, dtype, act):
     counts = CASES[case]
-    a, b = run(first, counts, gated, bias, dtype), run(second, counts, gated, bias, dtype)
+    a, b = run(first, counts, gated, bias, dtype, act), run(second, counts, gated, bias, dtype, act)
     for i, (got, want) in enumerate(zip(a, b)):
         if got is None or want is None:  # no rows at all: nothing flows back
             assert got is None or not got.any(), i
@@ -58,6 +60,17 @@ def test_every_pair_of_backends_agrees(first, second, case, gated, bias, dtype):
         if not want.numel():
             continue
         error = (got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30)
+        assert error <= TOLERANCE[dtype], (i, float(error))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_relu_experts_with_pooled_buffers_agree_with_the_reference(dtype):
+    """Widths large enough that the cpu kernel's outputs and ReLU's gradient come from the huge-page pool."""
+    counts, widths = [300, 0, 200, 100], (64, 2048)  # (600, 2048) float32 activations: 4.9 MB, above the pool's floor
+    got, want = run("cpu", counts, False, True, dtype, nn.ReLU, widths), \
+        run("reference", counts, False, True, dtype, nn.ReLU, widths)
+    for i, (a, b) in enumerate(zip(got, want)):
+        error = (a.float() - b.float()).abs().max() / b.float().abs().max()
         assert error <= TOLERANCE[dtype], (i, float(error))
 
 
