@@ -2,10 +2,9 @@
 
 One process, every variant interleaved on identical weights and inputs, medians of --reps. Variants: the
 cpu kernel as shipped; without oneDNN's linear; without the huge-page buffer pool; without the forms for few
-rows per expert ((w @ x.T).T, the outer product); with oneDNN's linear only from 8 float32 rows per expert (the threshold before
-it became 3); with the cost model
-replaced by one bmm over all experts (span) or by pairs; the reference loop; the cuda kernel's grouped_mm
-(which runs on CPU too). Usage: python benchmarks/bench_kernels.py [--reps 7] [--out FILE]
+rows per expert ((w @ x.T).T, the outer product); with oneDNN's linear only from 8 float32 rows per expert (the
+threshold before it became 3); with the cost model replaced by one bmm over all experts (span) or by pairs; the
+reference loop; the cuda kernel's grouped_mm (which runs on CPU too). Usage: python benchmarks/bench_kernels.py [--reps 7] [--out FILE]
 """
 from __future__ import annotations
 

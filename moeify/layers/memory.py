@@ -38,9 +38,13 @@ def _load_madvise():
 _madvise = _load_madvise()
 
 
+def _whole(ptr: int, nbytes: int, unit: int) -> tuple[int, int]:
+    """(start, end) of the whole `unit`-sized pages inside [ptr, ptr + nbytes); start >= end when there are none."""
+    return -(-ptr // unit) * unit, (ptr + nbytes) // unit * unit
+
+
 def _advise_huge(ptr: int, nbytes: int) -> None:
-    start = -(-ptr // _HUGE) * _HUGE
-    end = (ptr + nbytes) // _HUGE * _HUGE
+    start, end = _whole(ptr, nbytes, _HUGE)
     if end > start:
         _madvise(start, end - start, _MADV_HUGEPAGE)  # a failure only means no speed-up
 
@@ -135,8 +139,7 @@ def zero_pages_(t: torch.Tensor) -> None:
         return
     assert t.is_contiguous()
     ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
-    start = -(-ptr // _PAGE) * _PAGE
-    end = (ptr + nbytes) // _PAGE * _PAGE
+    start, end = _whole(ptr, nbytes, _PAGE)
     if t.device.type != "cpu" or t.untyped_storage().data_ptr() not in _live or end - start < _HUGE or \
             _madvise(start, end - start, _MADV_DONTNEED) != 0:
         t.zero_()
@@ -162,8 +165,7 @@ def realigned(t: torch.Tensor) -> torch.Tensor:
     if t.storage_offset() or storage.nbytes() != nbytes or storage.data_ptr() in _live:
         return t  # other tensors may view the same pages: leave it where it lies
     out = torch.empty_like(t).copy_(t)
-    ptr = t.data_ptr()
-    start, end = -(-ptr // _PAGE) * _PAGE, (ptr + nbytes) // _PAGE * _PAGE
+    start, end = _whole(t.data_ptr(), nbytes, _PAGE)
     if _madvise is not None and end > start:
         _madvise(start, end - start, _MADV_DONTNEED)  # a file's pages are read again if ever touched; a failure keeps them
     return out

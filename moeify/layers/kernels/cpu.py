@@ -9,7 +9,7 @@ import torch
 
 from moeify.layers import memory
 from moeify.layers.kernels import Counts, host_counts
-from moeify.layers.memory import gradient_buffer, zero_pages_
+from moeify.layers.memory import ALIGN, gradient_buffer, zero_pages_
 
 # Cost model for choosing how to batch experts into bmm calls, in units of "one padded row".
 # Reading an expert's weight costs as much as ~10 rows of GEMM (2 * 150 GFLOP/s / 30 GB/s for
@@ -31,8 +31,7 @@ MM_MIN_ROWS = 64
 # at 1-4 rows, the second (out 512 < in 2048) 1.1-1.3x at 1-2 rows and slower from 3 (docs/performance.md).
 WEIGHT_SIDE_MAX_ROWS = 4  # halved when out < in
 # MKL's weight-side result depends on where the weight lies (its 16-byte alignment, measured): every operand of
-# that form is given at this boundary, so its bits never depend on where a caller's tensors lie.
-ALIGN = 64
+# that form is given at memory.ALIGN (64 bytes), so its bits never depend on where a caller's tensors lie.
 
 
 def probe_dnnl():
@@ -144,7 +143,7 @@ class _GroupedLinear(torch.autograd.Function):
             xb, yb = x[rows].view(b.k, b.slots, -1), y[rows].view(b.k, b.slots, -1)
             if b.slots <= side_rows:
                 # x copied (it is small) and the weight where needed, so that both lie at ALIGN boundaries. x's
-                # rows stay rows (x.T a transposed view): MKL's fast path for this form wants them so (2.5x).
+                # rows stay rows (x.T a transposed view): MKL's fast path for this form wants them so (3.7x).
                 xt = xb.clone().transpose(1, 2)  # (k, in, slots)
                 yb.copy_(torch.bmm(_aligned_experts(weight, b, pool), xt).transpose(1, 2))
                 if bias is not None:
