@@ -1,10 +1,10 @@
 """What each trick of the cpu kernel buys: the Switch layer's training step with each one switched off.
 
 One process, every variant interleaved on identical weights and inputs, medians of --reps. Variants: the
-cpu kernel as shipped; without oneDNN's linear; without the huge-page buffer pool; without the forms for few
-rows per expert ((w @ x.T).T, the outer product); with oneDNN's linear only from 8 float32 rows per expert (the
-threshold before it became 3); with the cost model replaced by one bmm over all experts (span) or by pairs; the
-reference loop; the cuda kernel's grouped_mm (which runs on CPU too). Usage: python benchmarks/bench_kernels.py [--reps 7] [--out FILE]
+cpu kernel as shipped; without oneDNN's linear; without the huge-page buffer pool; without the native kernels for
+few rows per expert (skinny.cpp); with the cost model replaced by one bmm over all experts (span) or by pairs; the
+reference loop; the cuda kernel's grouped_mm (which runs on CPU too).
+Usage: python benchmarks/bench_kernels.py [--dtype fp32|bf16] [--reps 7] [--out FILE]
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ from moeify.layers.dispatch import dispatch
 from moeify.layers.kernels.cpu import CpuKernel
 
 D_MODEL, D_FF = 512, 2048  # t5-small's FFN
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VARIANTS = {
     "cpu": CpuKernel(),
     "no oneDNN": CpuKernel(dnnl=False),
     "no pool": CpuKernel(pool=False),
-    "no few-row forms": CpuKernel(few_rows=False),
-    "oneDNN from 8": CpuKernel(dnnl_min_rows=8),
+    "no native kernels": CpuKernel(native=False),
     "span only": CpuKernel(batching="span"),
     "pairs only": CpuKernel(batching="pairs"),
     "reference": "reference",
@@ -63,6 +63,7 @@ def step(m: SwitchFFN, rows: torch.Tensor, counts: list[int], kernel) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_kernels.md")
@@ -72,9 +73,10 @@ def main() -> None:
     variants = {n: k for n, k in VARIANTS.items() if n not in args.without}
     rows = []
     for e in args.experts:
-        m = layer(e)
+        m = layer(e).to(DTYPES[args.dtype])
         for tokens in args.tokens:
-            rows_, counts = routed_rows(m, torch.randn(tokens, D_MODEL, generator=torch.Generator().manual_seed(1)))
+            x = torch.randn(tokens, D_MODEL, generator=torch.Generator().manual_seed(1)).to(DTYPES[args.dtype])
+            rows_, counts = routed_rows(m, x)
             times = {name: [] for name in variants}
             for name, kernel in variants.items():  # warm-up
                 step(m, rows_, counts, kernel)
@@ -87,7 +89,8 @@ def main() -> None:
             base = statistics.median(times["cpu"])
             rows.append((str(e), str(tokens), f"{1e3 * base:.1f}",
                          *(f"{statistics.median(times[n]) / base:.2f}x" for n in variants if n != "cpu")))
-    report(f"Experts' forward + backward on the rows a Switch layer routes them, d_model {D_MODEL}, d_ff {D_FF}, "
+    report(f"Experts' forward + backward on the rows a Switch layer routes them, {args.dtype}, d_model {D_MODEL}, "
+           f"d_ff {D_FF}, "
            "capacity factor 1.25, "
            f"{torch.get_num_threads()} threads, median of {args.reps}: each variant's time over the cpu kernel's",
            ["E", "tokens", "cpu ms", *(n for n in variants if n != "cpu")], rows, args.out,

@@ -231,7 +231,6 @@ def assign_weights(model: nn.Module, files: list[Path], *, buffers: dict[str, to
     so the weights exist once; then tied weights are restored and `buffers` (values no checkpoint holds, such as
     rotary tables) registered. Every tensor must end up with a value. `before`: as load_weights'."""
     aliases = load_weights(model, files, progress=progress, assign=True, device=device, before=before)
-    _realign_experts(model)
     values = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     for alias, target in aliases.items():
         owner, _, leaf = alias.rpartition(".")
@@ -243,20 +242,6 @@ def assign_weights(model: nn.Module, files: list[Path], *, buffers: dict[str, to
     if left:
         raise MoeifyError(f"the weights leave {left[:2]} without values: the checkpoint is incomplete or for "
                           "another configuration")
-
-
-def _realign_experts(model: nn.Module) -> None:
-    """Expert weights at 64-byte boundaries: the cpu kernel's few-row form needs them there and copies them there on
-    every call otherwise (a loaded file's tensors sit at the file's offsets). Runs before tied weights are restored:
-    expert weights are never tied, and each loaded tensor is then its own."""
-    from moeify.layers.experts import Experts
-    from moeify.layers.memory import realigned
-
-    with torch.no_grad():
-        for experts in (m for m in model.modules() if isinstance(m, Experts)):
-            for w in (experts.w_in, experts.w_gate, experts.w_out):
-                if w is not None:
-                    w.data = realigned(w.data)
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:

@@ -148,24 +148,3 @@ def zero_pages_(t: torch.Tensor) -> None:
     size = t.element_size()
     flat[: (start - ptr) // size].zero_()  # partial pages at both ends
     flat[(end - ptr) // size:].zero_()
-
-
-ALIGN = 64  # bytes: torch's CPU allocator's boundary, and where the cpu kernel wants expert weights (kernels/cpu.py)
-
-
-def realigned(t: torch.Tensor) -> torch.Tensor:
-    """t if it starts at an ALIGN-byte boundary, else a copy that does, for a tensor read from a file (safetensors
-    maps each at the file's offset) that the caller replaces by the copy. The whole pages of t's range then go back
-    to the kernel, so realigning a model's tensors one by one adds one tensor to its memory, not a second copy.
-    Only for a tensor that alone views its storage and that nothing uses afterwards."""
-    if t.device.type != "cpu" or t.data_ptr() % ALIGN == 0 or not t.is_contiguous():
-        return t
-    nbytes = t.numel() * t.element_size()
-    storage = t.untyped_storage()
-    if t.storage_offset() or storage.nbytes() != nbytes or storage.data_ptr() in _live:
-        return t  # other tensors may view the same pages: leave it where it lies
-    out = torch.empty_like(t).copy_(t)
-    start, end = _whole(t.data_ptr(), nbytes, _PAGE)
-    if _madvise is not None and end > start:
-        _madvise(start, end - start, _MADV_DONTNEED)  # a file's pages are read again if ever touched; a failure keeps them
-    return out

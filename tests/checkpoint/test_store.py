@@ -154,29 +154,3 @@ def test_a_bfloat16_save_loads_in_bfloat16_with_float32_routers(tmp_path):
     assert routers and all(w.dtype == torch.float32 for w in routers)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), sparse.state_dict().values()))
     assert torch.equal(again(**t5_batch()).logits, sparse(**t5_batch()).logits)
-
-
-def test_loaded_expert_weights_lie_at_64_byte_boundaries(tmp_path, monkeypatch):
-    """safetensors maps each tensor at its file offset, and the cpu kernel's few-row form copies expert weights
-    that do not start on a 64-byte boundary on every call: load moves them there, bits unchanged."""
-    from moeify.layers import Experts, memory
-
-    def expert_weights(model):
-        return [w for m in model.modules() if isinstance(m, Experts) for w in (m.w_in, m.w_out)]
-
-    sparse = converted()
-    moeify.save(sparse, tmp_path / "out")
-    again = moeify.load(tmp_path / "out")
-    assert all(w.data_ptr() % 64 == 0 for w in expert_weights(again))
-    assert all(torch.equal(a, b) for a, b in zip(expert_weights(again), expert_weights(sparse)))
-    monkeypatch.setattr(memory, "realigned", lambda t: t)  # as they lie in the file: some are off the boundary
-    assert any(w.data_ptr() % 64 for w in expert_weights(moeify.load(tmp_path / "out")))
-
-
-def test_realigning_leaves_a_tensor_that_shares_its_storage_alone():
-    from moeify.layers.memory import realigned
-
-    whole = torch.arange(100.0)
-    part = whole[1:50]  # off the boundary, but other views use these pages
-    assert realigned(part) is part
-    assert torch.equal(whole, torch.arange(100.0))

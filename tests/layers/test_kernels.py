@@ -8,7 +8,7 @@ from torch import nn
 from moeify.config import MoEConfig, RoutingConfig
 from moeify.errors import MoeifyError
 from moeify.layers import Experts, SwitchFFN
-from moeify.layers.kernels import cpu, cuda, get_kernel, grouped_linear
+from moeify.layers.kernels import cpu, cuda, get_kernel, grouped_linear, native
 from moeify.layers.kernels.cpu import CpuKernel
 
 BACKENDS = ["reference", "cpu", "cuda"]  # cuda: grouped_mm runs on CPU too, so its logic is tested here
@@ -176,11 +176,11 @@ def _moved(t: torch.Tensor, offset: int) -> torch.Tensor:
 @pytest.mark.parametrize("batching", ["auto", "pairs"])  # pairs: experts with a gap between them in one bmm
 def test_the_cpu_kernel_gives_the_same_bits_wherever_the_tensors_lie(monkeypatch, counts, out, inp, batching):
     """A loaded checkpoint's tensors sit at the file's offsets, not at an allocator's 64-byte boundary: results must
-    not depend on that, or a model saved and loaded again computes different bits. MKL's (w @ x.T).T does depend on
-    it, so the cpu kernel gives that form aligned operands; this checks the output and every gradient."""
-    aligned = []
-    real = cpu._aligned_experts
-    monkeypatch.setattr(cpu, "_aligned_experts", lambda w, b, pool: aligned.append(b.slots) or real(w, b, pool))
+    not depend on that, or a model saved and loaded again computes different bits (MKL's (w @ x.T).T did). This
+    checks the output and every gradient, with the native kernels where the sizes allow them."""
+    ops = []
+    real = native.Skinny.run
+    monkeypatch.setattr(native.Skinny, "run", lambda self, op, *a: ops.append(op) or real(self, op, *a))
     g = torch.Generator().manual_seed(0)
     w = torch.randn(len(counts), out, inp, generator=g)
     b = torch.randn(len(counts), out, generator=g)
@@ -194,8 +194,8 @@ def test_the_cpu_kernel_gives_the_same_bits_wherever_the_tensors_lie(monkeypatch
         return [y, *(t.grad for t in leaves)]
 
     want = step(x, w, b)
-    plan = cpu._plan(counts, out * inp, batching)
-    assert bool(aligned) == any(b.slots <= cpu._weight_side_rows(w) for b in plan)  # the form ran where it applies
+    few = min(b.slots for b in cpu._plan(counts, out * inp, batching)) <= cpu.NATIVE_MAX_ROWS[torch.float32][0]
+    assert bool(ops) == (few and out % 16 == 0 and inp % 16 == 0 and native.skinny() is not None)
     for offset in range(1, 16):  # 4-byte steps through every 64-byte alignment
         got = step(_moved(x, offset), _moved(w, offset), _moved(b, offset))
         for name, a, e in zip(("output", "x grad", "weight grad", "bias grad"), got, want):

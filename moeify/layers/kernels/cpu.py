@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from moeify.layers import memory
-from moeify.layers.kernels import Counts, host_counts
-from moeify.layers.memory import ALIGN, gradient_buffer, zero_pages_
+from moeify.layers.kernels import Counts, host_counts, native
+from moeify.layers.memory import gradient_buffer, zero_pages_
 
 # Cost model for choosing how to batch experts into bmm calls, in units of "one padded row".
 # Reading an expert's weight costs as much as ~10 rows of GEMM (2 * 150 GFLOP/s / 30 GB/s for
@@ -26,12 +27,11 @@ DNNL_MIN_ROWS = {torch.float32: 3}
 # From this many bfloat16 rows per expert the forward runs one mm per expert instead of a bmm over a batch of experts
 # (1.1-1.7x faster at E <= 64; bmm is as fast up to ~64 rows).
 MM_MIN_ROWS = 64
-# Up to this many float32 rows per expert the forward computes (w @ x.T).T, which streams each weight once as the
-# long side of the GEMM where x @ w.T packs it first: 64 experts' first FFN GEMM (out 2048 >= in 512) 2.0x faster
-# at 1-4 rows, the second (out 512 < in 2048) 1.1-1.3x at 1-2 rows and slower from 3 (docs/performance.md).
-WEIGHT_SIDE_MAX_ROWS = 4  # halved when out < in
-# MKL's weight-side result depends on where the weight lies (its 16-byte alignment, measured): every operand of
-# that form is given at memory.ALIGN (64 bytes), so its bits never depend on where a caller's tensors lie.
+# Up to this many rows per expert (forward, input gradient, weight gradient) the hand-written kernels of native.py
+# run the op, where torch's paths pack the weight or write its gradient at a third of the memory's rate: measured
+# per op and dtype over 64 experts of the FFN's two shapes (docs/performance.md). bfloat16's bmm streams its weights
+# better than float32's, so bfloat16 goes there only with the fewest rows.
+NATIVE_MAX_ROWS = {torch.float32: (16, 48, 48), torch.bfloat16: (2, 4, 8)}
 
 
 def probe_dnnl():
@@ -73,21 +73,23 @@ def _experts_view(t: torch.Tensor, b: _Batch) -> torch.Tensor:
                         t.storage_offset() + b.first * t.stride(0))
 
 
-def _weight_side_rows(weight: torch.Tensor) -> int:
-    return WEIGHT_SIDE_MAX_ROWS if weight.shape[1] >= weight.shape[2] else WEIGHT_SIDE_MAX_ROWS // 2
+def _native_rows(batches: list[_Batch], limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(experts, first padded rows, rows) of the batches' experts with at most `limit` rows, or None if none."""
+    chosen = [b for b in batches if b.slots <= limit]
+    if not chosen:
+        return None
+    experts = np.concatenate([b.first + b.step * np.arange(b.k) for b in chosen])
+    starts = np.concatenate([b.row + b.slots * np.arange(b.k) for b in chosen])
+    return experts, starts, np.concatenate([np.full(b.k, b.slots) for b in chosen])
 
 
-def _aligned_experts(weight: torch.Tensor, b: _Batch, pool: bool) -> torch.Tensor:
-    """The batch's experts' weights, (k, out, in), each at an ALIGN-byte boundary with rows of `in`: a view where
-    they lie so (a parameter torch allocated), else a copy (a loaded file's tensors sit at the file's offsets)."""
-    w = _experts_view(weight, b)
-    size = w.element_size()
-    if w[0].is_contiguous() and w.data_ptr() % ALIGN == 0 and w.stride(0) * size % ALIGN == 0:
-        return w
-    per = -(-w[0].numel() * size // ALIGN) * ALIGN // size  # elements per expert, rounded up to the boundary
-    buffer = memory.empty((b.k * per,), w.dtype, w.device, pool)[0]
-    assert buffer.data_ptr() % ALIGN == 0  # torch's CPU allocator and the pool's mappings both align to 64+
-    return buffer.as_strided(w.shape, (per, w.shape[2], 1)).copy_(w)
+def _native(kernel: native.Skinny, op: int, picked, weight: torch.Tensor, *operands: tuple[torch.Tensor, bool]) -> None:
+    """Runs a native op over the picked experts. Each operand is (tensor, per_row): rows of the padded layout
+    (R, d), or a stacked (E, out, in) weight or its gradient; all contiguous."""
+    experts, starts, rows = picked
+    addresses = [t.data_ptr() + (starts * t.shape[-1] if per_row else experts * t[0].numel()) * t.element_size()
+                 for t, per_row in operands]
+    kernel.run(op, weight.dtype, rows, *addresses, weight.shape[1], weight.shape[2])
 
 
 def _plan(counts: list[int], weight_numel: int, batching: str = "auto") -> list[_Batch]:
@@ -126,26 +128,24 @@ class _GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, batches, dnnl, few_rows, pool):
-        # x: (R, in), weight: (E, out, in), bias: (E, out); few_rows: whether few rows per expert take their own forms
-        ctx.batches, ctx.pool, ctx.few_rows = batches, pool, few_rows
+    def forward(ctx, x, weight, bias, batches, dnnl, skinny, pool):
+        # x: (R, in), weight: (E, out, in), bias: (E, out); skinny: native.Skinny for few rows per expert, or None
+        ctx.batches, ctx.pool, ctx.skinny = batches, pool, skinny
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
-        if dnnl is not None and len(batches) == 1 and batches[0].k == 1 and batches[0].slots >= dnnl[1]:
+        few = skinny and _native_rows(batches, NATIVE_MAX_ROWS[x.dtype][0])
+        if dnnl is not None and not few and len(batches) == 1 and batches[0].k == 1 and batches[0].slots >= dnnl[1]:
             # One expert takes every row (E = 1, or all tokens routed alike): oneDNN's own output is the result,
             # not copied into a buffer of ours (a pass over the output: 1-2 % of a one-expert layer).
             e = batches[0].first
             return dnnl[0](x, weight[e], None if bias is None else bias[e], "none", [], "")
         y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)  # (R, out)
-        side_rows = _weight_side_rows(weight) if few_rows and x.dtype == torch.float32 else 0
+        if few:
+            _native(skinny, native.FORWARD, few, weight, (x, True), (weight, False), (y, True))
         for b in batches:
             rows = slice(b.row, b.row + b.k * b.slots)
             xb, yb = x[rows].view(b.k, b.slots, -1), y[rows].view(b.k, b.slots, -1)
-            if b.slots <= side_rows:
-                # x copied (it is small) and the weight where needed, so that both lie at ALIGN boundaries. x's
-                # rows stay rows (x.T a transposed view): MKL's fast path for this form wants them so (3.7x).
-                xt = xb.clone().transpose(1, 2)  # (k, in, slots)
-                yb.copy_(torch.bmm(_aligned_experts(weight, b, pool), xt).transpose(1, 2))
+            if few and b.slots <= NATIVE_MAX_ROWS[x.dtype][0]:
                 if bias is not None:
                     yb.add_(_experts_view(bias, b).unsqueeze(1))
                 continue
@@ -174,23 +174,24 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # grad_y: (R, out)
         x, weight = ctx.saved_tensors
-        batches = ctx.batches
+        batches, skinny = ctx.batches, ctx.skinny
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_y = grad_y.contiguous()
         grad_x = memory.empty(tuple(x.shape), x.dtype, x.device, ctx.pool)[0] if need_x else None  # (R, in)
         grad_w, w_zero = gradient_buffer(weight, ctx.pool) if need_w else (None, True)  # (E, out, in)
         grad_b = weight.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None  # (E, out)
+        _, x_rows, w_rows = NATIVE_MAX_ROWS[x.dtype] if skinny else (0, 0, 0)
+        if grad_x is not None and (few := _native_rows(batches, x_rows)):
+            _native(skinny, native.INPUT_GRAD, few, weight, (grad_y, True), (weight, False), (grad_x, True))
+        if grad_w is not None and (few := _native_rows(batches, w_rows)):
+            _native(skinny, native.WEIGHT_GRAD, few, weight, (grad_y, True), (x, True), (grad_w, False))
         covered = [False] * weight.shape[0]
         for b in batches:
             rows = slice(b.row, b.row + b.k * b.slots)
             g = grad_y[rows].view(b.k, b.slots, -1)  # (k, slots, out)
-            if grad_x is not None:
+            if grad_x is not None and b.slots > x_rows:
                 torch.bmm(g, _experts_view(weight, b), out=grad_x[rows].view(b.k, b.slots, -1))
-            if grad_w is not None and b.slots == 1 and ctx.few_rows:
-                # One row per expert: the outer product, the same single product per element as bmm but written at
-                # the rate of a fill (1.3-1.5x faster than MKL's bmm with one inner element, measured).
-                torch.mul(g.transpose(1, 2), x[rows].view(b.k, 1, -1), out=_experts_view(grad_w, b))
-            elif grad_w is not None:
+            if grad_w is not None and b.slots > w_rows:
                 torch.bmm(g.transpose(1, 2), x[rows].view(b.k, b.slots, -1), out=_experts_view(grad_w, b))
             if grad_b is not None:
                 torch.sum(g, dim=1, out=_experts_view(grad_b, b))
@@ -270,23 +271,26 @@ class CpuLayout:
         return _ReLU.apply(h, self.kernel.pool)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # One expert taking every row stays on torch's path: it then computes what the dense FFN's F.linear does, bit
+        # for bit, so a conversion to one expert preserves the model exactly.
+        one = len(self.batches) == 1 and self.batches[0].k == 1
         return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(x),
-                                    self.kernel.few_rows, self.kernel.pool)
+                                    None if one else self.kernel.skinny_for(x, weight), self.kernel.pool)
 
 
 @dataclass(frozen=True)
 class CpuKernel:
     """batching: "auto" (the cost model's choice), "span" (one bmm) or "pairs"; dnnl_min_rows: rows per expert
     from which the forward takes oneDNN's linear; dnnl: whether to use it at all (when the probe finds it);
-    few_rows: the forms for few rows per expert: up to WEIGHT_SIDE_MAX_ROWS float32 rows the forward computes
-    (w @ x.T).T, and one row's weight gradient is an outer product;
+    native: the hand-written kernels (native.py) for experts with up to NATIVE_MAX_ROWS rows, when this machine
+    builds them;
     pool: large buffers from moeify.layers.memory's recycled huge-page mappings, else torch.empty. Each trick
     can be switched off, which is how benchmarks/bench_kernels.py measures what it buys."""
 
     batching: str = "auto"
     dnnl_min_rows: int | None = None  # None: DNNL_MIN_ROWS for the dtype (bfloat16: never)
     dnnl: bool = True
-    few_rows: bool = True
+    native: bool = True
     pool: bool = True
     name: str = "cpu"
 
@@ -299,6 +303,14 @@ class CpuKernel:
             return None
         op = dnnl_op()
         return None if op is None else (op, rows)
+
+    def skinny_for(self, x: torch.Tensor, weight: torch.Tensor) -> native.Skinny | None:
+        """The native kernels when they may run x's and weight's linear (contiguous float32 or bfloat16 weight with
+        sizes in multiples of 16), else None."""
+        if not (self.native and x.dtype in NATIVE_MAX_ROWS and weight.dtype == x.dtype and x.device.type == "cpu"
+                and weight.is_contiguous() and weight.shape[1] % 16 == 0 and weight.shape[2] % 16 == 0):
+            return None
+        return native.skinny()
 
     def layout(self, counts: Counts, weight_numel: int, device: torch.device) -> CpuLayout:
         return CpuLayout(host_counts(counts), weight_numel, device, self)

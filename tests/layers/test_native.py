@@ -1,0 +1,159 @@
+"""The hand-written skinny GEMMs: each op against torch, reproducible bits, a silent fallback, and where the cpu
+kernel takes them."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moeify.layers.kernels import cpu, grouped_linear, native
+from moeify.layers.kernels.cpu import CpuKernel
+
+HAS_AVX512 = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+BUILDABLE = HAS_AVX512 and shutil.which(os.environ.get("CXX") or "c++") is not None
+needs_native = pytest.mark.skipif(not BUILDABLE, reason="needs an AVX-512 CPU and a C++ compiler")
+
+
+def _ops(kernel, dtype, rows, out, inp, offset=0, seed=0):
+    """Each op on per-expert operands starting `offset` elements past an allocation's start; (y, gx, gw) and the
+    float64 products they should equal."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(*shape):
+        t = torch.randn(*shape, generator=g).to(dtype)
+        buffer = torch.empty(t.numel() + 32, dtype=dtype)
+        return buffer[offset:offset + t.numel()].view_as(t).copy_(t)
+
+    n, top = len(rows), max(rows)
+    x, w, gy = make(n, top, inp), make(n, out, inp), make(n, top, out)
+    y, gx, gw = torch.empty(n, top, out, dtype=dtype), torch.empty(n, top, inp, dtype=dtype), make(n, out, inp)
+    r = np.array(rows, dtype=np.int64)
+
+    def ptrs(t):
+        return np.array([t[e].data_ptr() for e in range(n)], dtype=np.int64)
+
+    kernel.run(native.FORWARD, dtype, r, ptrs(x), ptrs(w), ptrs(y), out, inp)
+    kernel.run(native.INPUT_GRAD, dtype, r, ptrs(gy), ptrs(w), ptrs(gx), out, inp)
+    kernel.run(native.WEIGHT_GRAD, dtype, r, ptrs(gy), ptrs(x), ptrs(gw), out, inp)
+    got, want = [], []
+    for e, k in enumerate(rows):
+        xd, wd, gd = x[e, :k].double(), w[e].double(), gy[e, :k].double()
+        got += [y[e, :k], gx[e, :k], gw[e]]
+        want += [xd @ wd.T, gd @ wd, gd.T @ xd]
+    return got, want
+
+
+@needs_native
+def test_the_kernels_build_and_pass_their_probe_here():
+    assert native.skinny() is not None
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5]])  # blocks of 6 rows: whole, partial, none
+@pytest.mark.parametrize("out, inp", [(16, 16), (48, 80), (64, 32), (32, 208)])  # 16-column tails of 64-wide blocks
+def test_each_op_equals_the_product_up_to_rounding(dtype, rows, out, inp):
+    got, want = _ops(native.skinny(), dtype, rows, out, inp)
+    for a, e in zip(got, want):
+        # float32 sums in another order than float64; bfloat16 rounds the result once (8 bits of mantissa)
+        tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+        assert a.shape == e.shape and (a.numel() == 0 or (a.double() - e).abs().max() <= tolerance * max(e.abs().max().item(), 1.0))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_bits_depend_on_neither_alignment_nor_threads(dtype):
+    """Each output element is summed in a fixed order of indices: where operands lie, and how many threads share the
+    work, change nothing."""
+    kernel = native.skinny()
+    want, _ = _ops(kernel, dtype, [7, 3, 16], 48, 96)
+    threads = torch.get_num_threads()
+    try:
+        for offset in (1, 3, 8, 15):
+            for count in (1, 3):
+                torch.set_num_threads(count)
+                got, _ = _ops(kernel, dtype, [7, 3, 16], 48, 96, offset)
+                assert all(torch.equal(a, e) for a, e in zip(got, want)), (offset, count)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
+def test_bad_sizes_are_refused_not_computed():
+    kernel = native.skinny()
+    rows, empty = np.array([1], dtype=np.int64), np.zeros(1, dtype=np.int64)
+    with pytest.raises(ValueError, match="refused op 0 with out=24, in=16"):
+        kernel.run(native.FORWARD, torch.float32, rows, empty, empty, empty, 24, 16)
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEIFY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_LOADED", [])
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("how", ["no compiler", "compiler fails", "wrong result"])
+def test_without_the_kernels_the_cpu_kernel_falls_back_silently(monkeypatch, fresh_cache, how):
+    """No compiler, a compiler that fails, or a library that computes something else: no native kernels, no
+    half-built file in the cache, and the cpu kernel's results still equal the reference's."""
+    if how == "no compiler":
+        monkeypatch.setenv("CXX", "/nonexistent/c++")
+    elif how == "compiler fails":
+        monkeypatch.setenv("CXX", shutil.which("false"))
+    else:
+        monkeypatch.setattr(native, "_correct", lambda kernel: False)
+    assert native.probe() is None
+    assert not [p for p in fresh_cache.glob("*") if p.name.endswith(".tmp")]
+    x, w = torch.randn(5, 16), torch.randn(3, 32, 16)
+    y = grouped_linear(x, w, None, [2, 0, 3], CpuKernel())
+    assert native._LOADED == [None]
+    torch.testing.assert_close(y, grouped_linear(x, w, None, [2, 0, 3], "reference"))
+
+
+@needs_native
+def test_a_build_is_kept_and_reused(monkeypatch, fresh_cache):
+    first = native.build()
+    assert first is not None and first.parent == fresh_cache and first.name.startswith("skinny-")
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(subprocess, "run", no_compiling)
+    assert native.build() == first
+    assert native.probe() is not None
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, dtype):
+    """Each op runs natively exactly for the experts within its row limit (NATIVE_MAX_ROWS), and the layer's output
+    and gradients equal those of the cpu kernel without them, up to rounding."""
+    calls = []
+    real = native.Skinny.run
+    monkeypatch.setattr(native.Skinny, "run", lambda self, op, dt, rows, *a: calls.append((op, sorted(rows)))
+                        or real(self, op, dt, rows, *a))
+    counts = [2, 0, 7, 30, 60]
+    g = torch.Generator().manual_seed(0)
+    x, w, gy = (torch.randn(*s, generator=g).to(dtype) for s in ((99, 32), (5, 64, 32), (99, 64)))
+
+    def step(kernel):
+        leaves = [t.detach().requires_grad_() for t in (x, w)]
+        grouped_linear(*leaves, None, counts, kernel).backward(gy)
+        return [leaves[0].grad, leaves[1].grad]
+
+    slots = sorted(b.slots for b in cpu._plan(counts, 64 * 32, "pairs") for _ in range(b.k))
+    limits = cpu.NATIVE_MAX_ROWS[dtype]
+    with_native = step(CpuKernel(batching="pairs"))
+    expected = [(op, [s for s in slots if s <= limits[op]]) for op in (native.INPUT_GRAD, native.WEIGHT_GRAD)]
+    if limits[native.FORWARD]:
+        expected.insert(0, (native.FORWARD, [s for s in slots if s <= limits[native.FORWARD]]))
+    assert calls == [(op, s) for op, s in expected if s]
+    calls.clear()
+    without = step(CpuKernel(batching="pairs", native=False))
+    assert calls == []
+    for a, e in zip(with_native, without):
+        torch.testing.assert_close(a, e, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-4)
