@@ -130,7 +130,7 @@ def test_a_build_is_kept_and_reused(monkeypatch, fresh_cache):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, dtype):
-    """Each op runs natively exactly for the experts within its row limit (NATIVE_MAX_ROWS), and the layer's output
+    """Each op runs natively exactly for the experts within its row limit (native_max_rows), and the layer's output
     and gradients equal those of the cpu kernel without them, up to rounding."""
     calls = []
     real = native.Skinny.run
@@ -146,7 +146,7 @@ def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, dtype):
         return [leaves[0].grad, leaves[1].grad]
 
     slots = sorted(b.slots for b in cpu._plan(counts, 64 * 32, "pairs") for _ in range(b.k))
-    limits = cpu.NATIVE_MAX_ROWS[dtype]
+    limits = cpu.native_max_rows(dtype, 64, 32)
     with_native = step(CpuKernel(batching="pairs"))
     expected = [(op, [s for s in slots if s <= limits[op]]) for op in (native.INPUT_GRAD, native.WEIGHT_GRAD)]
     if limits[native.FORWARD]:

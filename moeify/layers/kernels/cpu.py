@@ -27,11 +27,18 @@ DNNL_MIN_ROWS = {torch.float32: 3}
 # From this many bfloat16 rows per expert the forward runs one mm per expert instead of a bmm over a batch of experts
 # (1.1-1.7x faster at E <= 64; bmm is as fast up to ~64 rows).
 MM_MIN_ROWS = 64
-# Up to this many rows per expert (forward, input gradient, weight gradient) the hand-written kernels of native.py
-# run the op, where torch's paths pack the weight or write its gradient at a third of the memory's rate: measured
-# per op and dtype over 64 experts of the FFN's two shapes (docs/performance.md). bfloat16's bmm streams its weights
-# better than float32's, so bfloat16 goes there only with the fewest rows.
-NATIVE_MAX_ROWS = {torch.float32: (16, 48, 48), torch.bfloat16: (2, 4, 8)}
+# Up to this many rows per expert the hand-written kernels of native.py run the op, where torch's paths pack the
+# weight or write its gradient at a third of the memory's rate: (forward where out > in, forward where out <= in),
+# input gradient, weight gradient, measured per op, dtype and FFN shape over 64 experts
+# (benchmarks/bench_skinny.py, docs/performance.md). bfloat16's bmm streams its weights better than float32's, and
+# the native forward's dot products are short where out > in (in = d_model).
+NATIVE_MAX_ROWS = {torch.float32: ((32, 16), 48, 48), torch.bfloat16: ((8, 16), 8, 8)}
+
+
+def native_max_rows(dtype: torch.dtype, out: int, in_: int) -> tuple[int, int, int]:
+    """Rows per expert up to which the native kernels run the forward, the input gradient and the weight gradient."""
+    forward, input_grad, weight_grad = NATIVE_MAX_ROWS[dtype]
+    return forward[out <= in_], input_grad, weight_grad
 
 
 def probe_dnnl():
@@ -133,8 +140,9 @@ class _GroupedLinear(torch.autograd.Function):
         ctx.batches, ctx.pool, ctx.skinny = batches, pool, skinny
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
-        few = skinny and _native_rows(batches, NATIVE_MAX_ROWS[x.dtype][0])
-        if dnnl is not None and not few and len(batches) == 1 and batches[0].k == 1 and batches[0].slots >= dnnl[1]:
+        limit = native_max_rows(x.dtype, *weight.shape[1:])[0] if skinny else 0
+        few = _native_rows(batches, limit)
+        if dnnl is not None and len(batches) == 1 and batches[0].k == 1 and batches[0].slots >= dnnl[1]:
             # One expert takes every row (E = 1, or all tokens routed alike): oneDNN's own output is the result,
             # not copied into a buffer of ours (a pass over the output: 1-2 % of a one-expert layer).
             e = batches[0].first
@@ -145,7 +153,7 @@ class _GroupedLinear(torch.autograd.Function):
         for b in batches:
             rows = slice(b.row, b.row + b.k * b.slots)
             xb, yb = x[rows].view(b.k, b.slots, -1), y[rows].view(b.k, b.slots, -1)
-            if few and b.slots <= NATIVE_MAX_ROWS[x.dtype][0]:
+            if b.slots <= limit:
                 if bias is not None:
                     yb.add_(_experts_view(bias, b).unsqueeze(1))
                 continue
@@ -180,7 +188,7 @@ class _GroupedLinear(torch.autograd.Function):
         grad_x = memory.empty(tuple(x.shape), x.dtype, x.device, ctx.pool)[0] if need_x else None  # (R, in)
         grad_w, w_zero = gradient_buffer(weight, ctx.pool) if need_w else (None, True)  # (E, out, in)
         grad_b = weight.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None  # (E, out)
-        _, x_rows, w_rows = NATIVE_MAX_ROWS[x.dtype] if skinny else (0, 0, 0)
+        _, x_rows, w_rows = native_max_rows(x.dtype, *weight.shape[1:]) if skinny else (0, 0, 0)
         if grad_x is not None and (few := _native_rows(batches, x_rows)):
             _native(skinny, native.INPUT_GRAD, few, weight, (grad_y, True), (weight, False), (grad_x, True))
         if grad_w is not None and (few := _native_rows(batches, w_rows)):
@@ -282,7 +290,7 @@ class CpuLayout:
 class CpuKernel:
     """batching: "auto" (the cost model's choice), "span" (one bmm) or "pairs"; dnnl_min_rows: rows per expert
     from which the forward takes oneDNN's linear; dnnl: whether to use it at all (when the probe finds it);
-    native: the hand-written kernels (native.py) for experts with up to NATIVE_MAX_ROWS rows, when this machine
+    native: the hand-written kernels (native.py) for experts with up to native_max_rows() rows, when this machine
     builds them;
     pool: large buffers from moeify.layers.memory's recycled huge-page mappings, else torch.empty. Each trick
     can be switched off, which is how benchmarks/bench_kernels.py measures what it buys."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("skinny.cpp")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bf16", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bf16", "-mfma", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2  # y = x @ w.T, gx = g @ w, gw = g.T @ x
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 BUILD_SECONDS = 120

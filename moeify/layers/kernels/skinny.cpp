@@ -8,7 +8,6 @@
 //
 // Built by moeify/layers/kernels/native.py with the system compiler and called through ctypes.
 #include <immintrin.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -58,6 +57,13 @@ inline void store16(bf16 *p, __m512 v, bool stream) {
 inline void store1(float *p, float v) { *p = v; }
 inline void store1(bf16 *p, float v) { *p = to_bf16(v); }
 
+// The next four weight rows' lines at column i: the forward reads four rows side by side, short streams that the
+// hardware prefetcher does not follow far enough ahead. A prefetch never faults, past the end included.
+template <typename T>
+inline void prefetch_next(const T *w, long in, long o, long i) {
+  for (int r = 4; r < 8; r++) _mm_prefetch(reinterpret_cast<const char *>(w + (o + r) * in + i), _MM_HINT_T0);
+}
+
 constexpr int KB = 6;  // rows of x (or of the gradient) held in registers at once: 6 x 4 accumulators + operands
 
 // y[k, o + r] = x[k, :] . w[o + r, :] for k < K (<= KB), r < 4: four weight rows read once for K rows.
@@ -69,6 +75,7 @@ void forward_block(const T *x, const T *w, T *y, long out, long in, long o) {
   for (long i = 0; i < in; i += 16) {
     __m512 w0 = load16(w + (o + 0) * in + i), w1 = load16(w + (o + 1) * in + i);
     __m512 w2 = load16(w + (o + 2) * in + i), w3 = load16(w + (o + 3) * in + i);
+    prefetch_next(w, in, o, i);
     for (int k = 0; k < K; k++) {
       __m512 xv = load16(x + k * in + i);
       acc[k][0] = _mm512_fmadd_ps(xv, w0, acc[k][0]);
@@ -90,6 +97,8 @@ void input_grad_block(const T *g, const T *w, T *gx, long out, long in, long i0)
   for (long o = 0; o < out; o++) {
     __m512 wv[C];
     for (int c = 0; c < C; c++) wv[c] = load16(w + o * in + i0 + 16 * c);
+    for (int c = 0; c < C; c++)  // a strided walk down the weight's rows: fetch a few rows ahead
+      _mm_prefetch(reinterpret_cast<const char *>(w + (o + 8) * in + i0 + 16 * c), _MM_HINT_T0);
     for (int k = 0; k < K; k++) {
       __m512 gv = _mm512_set1_ps(scalar(g[k * out + o]));
       for (int c = 0; c < C; c++) acc[k][c] = _mm512_fmadd_ps(gv, wv[c], acc[k][c]);
@@ -130,6 +139,7 @@ void forward_block_dp(const bf16 *x, const bf16 *w, bf16 *y, long out, long in, 
   for (long i = 0; i < in; i += 32) {
     __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + (o + 0) * in + i), w1 = (__m512bh)_mm512_loadu_si512(w + (o + 1) * in + i);
     __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + (o + 2) * in + i), w3 = (__m512bh)_mm512_loadu_si512(w + (o + 3) * in + i);
+    prefetch_next(w, in, o, i);
     for (int k = 0; k < K; k++) {
       __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k * in + i);
       acc[k][0] = _mm512_dpbf16_ps(acc[k][0], xv, w0);
@@ -191,8 +201,7 @@ struct Task {
   const void *const *a;
   const void *const *b;
   void *const *c;
-  long out, in, per_expert;  // units of work per expert
-  long next;                 // the next unit nobody has taken
+  long out, in, per_expert;  // per_expert: units of work per expert
 };
 
 // One unit: OUT_ROWS output rows (forward, weight gradient) or IN_COLS input columns (input gradient) of one expert.
@@ -226,12 +235,16 @@ void run_unit(const Task &t, long u) {
 }
 
 template <typename T>
-void *work(void *arg) {
-  Task &t = *static_cast<Task *>(arg);
+void work(Task &t, int threads) {
   long total = t.n * t.per_expert;
-  for (long u; (u = __atomic_fetch_add(&t.next, 1, __ATOMIC_RELAXED)) < total;) run_unit<T>(t, u);
-  _mm_sfence();  // the streamed stores are visible before the caller reads the gradient
-  return nullptr;
+  // OpenMP from the process's libgomp: the team torch's own ops use, already awake between torch's ops. Threads of
+  // our own would compete with that team's spinning workers for the same cores (2-3x slower, measured).
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(dynamic, 1) nowait
+    for (long u = 0; u < total; u++) run_unit<T>(t, u);
+    _mm_sfence();  // each thread's streamed stores are visible before the caller reads the gradient
+  }
 }
 
 }  // namespace
@@ -247,15 +260,9 @@ int moeify_skinny_supported() { return __builtin_cpu_supports("avx512f") ? 1 : 0
 int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const *a, const void *const *b,
                   void *const *c, long out, long in, int threads) {
   if (op < 0 || op > 2 || dtype < 0 || dtype > 1 || n < 0 || out % 16 || in % 16 || out <= 0 || in <= 0) return -1;
-  Task t{op, n, rows, a, b, c, out, in, op == INPUT_GRAD ? (in + IN_COLS - 1) / IN_COLS : (out + OUT_ROWS - 1) / OUT_ROWS, 0};
-  void *(*fn)(void *) = dtype == 0 ? work<float> : work<bf16>;
-  if (threads > 64) threads = 64;
-  pthread_t helpers[64];
-  int started = 0;
-  for (int i = 1; i < threads && i < n * t.per_expert; i++)
-    if (pthread_create(&helpers[started], nullptr, fn, &t) == 0) started++;
-  fn(&t);
-  for (int i = 0; i < started; i++) pthread_join(helpers[i], nullptr);
+  Task t{op, n, rows, a, b, c, out, in, op == INPUT_GRAD ? (in + IN_COLS - 1) / IN_COLS : (out + OUT_ROWS - 1) / OUT_ROWS};
+  if (dtype == 0) work<float>(t, threads > 0 ? threads : 1);
+  else work<bf16>(t, threads > 0 ? threads : 1);
   return 0;
 }
 }
