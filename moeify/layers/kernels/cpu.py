@@ -137,7 +137,7 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, batches, dnnl, skinny, pool):
         # x: (R, in), weight: (E, out, in), bias: (E, out); skinny: native.Skinny for few rows per expert, or None
-        ctx.batches, ctx.pool, ctx.skinny = batches, pool, skinny
+        ctx.batches, ctx.pool, ctx.skinny, ctx.dnnl = batches, pool, skinny, dnnl
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
         limit = native_max_rows(x.dtype, *weight.shape[1:])[0] if skinny else 0
@@ -196,11 +196,21 @@ class _GroupedLinear(torch.autograd.Function):
         covered = [False] * weight.shape[0]
         for b in batches:
             rows = slice(b.row, b.row + b.k * b.slots)
-            g = grad_y[rows].view(b.k, b.slots, -1)  # (k, slots, out)
+            g, xb = grad_y[rows].view(b.k, b.slots, -1), x[rows].view(b.k, b.slots, -1)  # (k, slots, out / in)
+            # oneDNN's linear takes both backward GEMMs as transposed views, at twice MKL's rate here (the same as
+            # its forward; docs/performance.md); its results are fresh tensors, copied into place.
+            dnnl = ctx.dnnl if ctx.dnnl is not None and b.slots >= ctx.dnnl[1] else None
             if grad_x is not None and b.slots > x_rows:
-                torch.bmm(g, _experts_view(weight, b), out=grad_x[rows].view(b.k, b.slots, -1))
+                gx = grad_x[rows].view(b.k, b.slots, -1)
+                if dnnl is None:
+                    torch.bmm(g, _experts_view(weight, b), out=gx)
+                for j in range(b.k if dnnl else 0):
+                    gx[j].copy_(dnnl[0](g[j], weight[b.first + j * b.step].t(), None, "none", [], ""))
             if grad_w is not None and b.slots > w_rows:
-                torch.bmm(g.transpose(1, 2), x[rows].view(b.k, b.slots, -1), out=_experts_view(grad_w, b))
+                if dnnl is None:
+                    torch.bmm(g.transpose(1, 2), xb, out=_experts_view(grad_w, b))
+                for j in range(b.k if dnnl else 0):
+                    grad_w[b.first + j * b.step].copy_(dnnl[0](g[j].t(), xb[j].t(), None, "none", [], ""))
             if grad_b is not None:
                 torch.sum(g, dim=1, out=_experts_view(grad_b, b))
             for j in range(b.k):
