@@ -1,5 +1,6 @@
 """A whole model's training step: the t5-small Switch-8 conversion against dense t5-small and transformers'
-SwitchTransformersForConditionalGeneration built from the identical config with the identical weights.
+SwitchTransformersForConditionalGeneration built from the identical config with the identical weights (and the same
+attention implementation).
 
 Targets (issue 13): moeify within 1.3x the dense step, and faster than transformers. One process, the three
 interleaved on one span-corruption batch, fused AdamW steps (moeify train's), medians of --reps.
@@ -34,6 +35,10 @@ def models(preset: str, experts: int, seq_len: int) -> dict[str, torch.nn.Module
     hf = SwitchTransformersForConditionalGeneration(checkpoint.config)
     missing, unexpected = hf.load_state_dict({k: v.clone() for k, v in checkpoint.tensors.items()}, strict=False)
     assert not unexpected and all("lm_head" in k or "embed_tokens" in k for k in missing), (missing, unexpected)
+    # The same attention everywhere (transformers' Switch has eager only; T5 loads with sdpa, 4 % slower in this step
+    # on CPU): the comparison is of the MoE layers, not of two attention kernels.
+    for model in (dense, ours):
+        model.set_attn_implementation(hf.config._attn_implementation)
     return {"dense": dense, "moeify": ours, "transformers": hf}
 
 

@@ -1,5 +1,6 @@
-"""The CPU kernel: experts batched into few bmm calls by a cost model, oneDNN's linear for large groups, and
-gradient buffers from moeify.layers.memory. Tuned on a 2-core AVX-512 machine (docs/performance.md)."""
+"""The CPU kernel: experts batched into few bmm calls by a cost model, oneDNN's linear for float32 groups, native
+loops for experts with few rows (native.py), and buffers from moeify.layers.memory. Tuned on a 2-core AVX-512 machine
+(docs/performance.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ WEIGHT_READ_ROWS = 10.0
 CALL_SECONDS = 1e-4
 _FLOPS = 150e9
 
-# From this many float32 rows per expert the forward runs one oneDNN linear per expert instead of a bmm over
-# a batch of experts: MKL packs the transposed weight on every call, oneDNN streams it (1.1-1.5x
-# faster from 3 rows, 64 experts). bfloat16 has none: its mm is oneDNN's already, and writes straight into the
-# output where the private op's result must be copied there. docs/performance.md.
+# From this many float32 rows per expert the forward and both backward GEMMs run one oneDNN linear per expert instead
+# of a bmm over a batch of experts: MKL packs the transposed weight on every call, oneDNN streams it (1.1-1.5x
+# faster from 3 rows, 64 experts), and MKL's GEMMs reach half of oneDNN's rate here (the backward's, as transposed
+# views, 2x). bfloat16 has none: its mm is oneDNN's already, and writes straight into the output where the private
+# op's result must be copied there. docs/performance.md.
 DNNL_MIN_ROWS = {torch.float32: 3}
 # From this many bfloat16 rows per expert the forward runs one mm per expert instead of a bmm over a batch of experts
 # (1.1-1.7x faster at E <= 64; bmm is as fast up to ~64 rows).
@@ -199,18 +201,21 @@ class _GroupedLinear(torch.autograd.Function):
             g, xb = grad_y[rows].view(b.k, b.slots, -1), x[rows].view(b.k, b.slots, -1)  # (k, slots, out / in)
             # oneDNN's linear takes both backward GEMMs as transposed views, at twice MKL's rate here (the same as
             # its forward; docs/performance.md); its results are fresh tensors, copied into place.
-            dnnl = ctx.dnnl if ctx.dnnl is not None and b.slots >= ctx.dnnl[1] else None
+            dnnl = ctx.dnnl[0] if ctx.dnnl is not None and b.slots >= ctx.dnnl[1] else None
+            experts = range(b.first, b.first + b.k * b.step, b.step)
             if grad_x is not None and b.slots > x_rows:
                 gx = grad_x[rows].view(b.k, b.slots, -1)
                 if dnnl is None:
                     torch.bmm(g, _experts_view(weight, b), out=gx)
-                for j in range(b.k if dnnl else 0):
-                    gx[j].copy_(dnnl[0](g[j], weight[b.first + j * b.step].t(), None, "none", [], ""))
+                else:
+                    for j, e in enumerate(experts):
+                        gx[j].copy_(dnnl(g[j], weight[e].t(), None, "none", [], ""))
             if grad_w is not None and b.slots > w_rows:
                 if dnnl is None:
                     torch.bmm(g.transpose(1, 2), xb, out=_experts_view(grad_w, b))
-                for j in range(b.k if dnnl else 0):
-                    grad_w[b.first + j * b.step].copy_(dnnl[0](g[j].t(), xb[j].t(), None, "none", [], ""))
+                else:
+                    for j, e in enumerate(experts):
+                        grad_w[e].copy_(dnnl(g[j].t(), xb[j].t(), None, "none", [], ""))
             if grad_b is not None:
                 torch.sum(g, dim=1, out=_experts_view(grad_b, b))
             for j in range(b.k):
@@ -289,8 +294,8 @@ class CpuLayout:
         return _ReLU.apply(h, self.kernel.pool)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # One expert taking every row stays on torch's path: it then computes what the dense FFN's F.linear does, bit
-        # for bit, so a conversion to one expert preserves the model exactly.
+        # One expert taking every row stays off the native loops: its forward then computes what the dense FFN's
+        # F.linear does, bit for bit, so a conversion to one expert preserves the model's outputs exactly.
         one = len(self.batches) == 1 and self.batches[0].k == 1
         return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(x),
                                     None if one else self.kernel.skinny_for(x, weight), self.kernel.pool)
@@ -299,7 +304,8 @@ class CpuLayout:
 @dataclass(frozen=True)
 class CpuKernel:
     """batching: "auto" (the cost model's choice), "span" (one bmm) or "pairs"; dnnl_min_rows: rows per expert
-    from which the forward takes oneDNN's linear; dnnl: whether to use it at all (when the probe finds it);
+    from which the forward and the backward take oneDNN's linear; dnnl: whether to use it at all (when the probe
+    finds it);
     native: the hand-written kernels (native.py) for experts with up to native_max_rows() rows, when this machine
     builds them;
     pool: large buffers from moeify.layers.memory's recycled huge-page mappings, else torch.empty. Each trick

@@ -1,6 +1,6 @@
 // Grouped GEMMs for experts with few rows each (AVX-512; float32 and bfloat16, accumulated in float32).
 //
-// With 1-24 rows per expert a GEMM is bound by streaming the expert's weight (forward, input gradient) or by writing
+// With 1-48 rows per expert a GEMM is bound by streaming the expert's weight (forward, input gradient) or by writing
 // its weight gradient, and MKL / oneDNN do both at a third to a half of the memory's rate here (docs/performance.md).
 // These loops keep the rows' partial sums in registers, read each weight row once per block of rows, and write the
 // weight gradient with non-temporal stores (no read of the lines they overwrite). Each output element is summed in
@@ -127,7 +127,8 @@ void weight_grad_block(const T *g, const T *x, T *gw, long rows, long out, long 
 }
 
 #ifdef __AVX512BF16__
-const bool HAS_DPBF16 = __builtin_cpu_supports("avx512bf16");
+// A static initializer may run before libgcc has read the CPU model: read it first.
+const bool HAS_DPBF16 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
 
 // forward_block for bfloat16 with the CPU's pair dot product (vdpbf16ps): 32 elements per instruction, no
 // conversion. in must be a multiple of 32.
@@ -238,7 +239,7 @@ template <typename T>
 void work(Task &t, int threads) {
   long total = t.n * t.per_expert;
   // OpenMP from the process's libgomp: the team torch's own ops use, already awake between torch's ops. Threads of
-  // our own would compete with that team's spinning workers for the same cores (2-3x slower, measured).
+  // our own would compete with that team's spinning workers for the same cores (1.3-2x slower, measured).
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(dynamic, 1) nowait
