@@ -81,7 +81,10 @@ def wait_for_temporary(proc: subprocess.Popen, root: Path, timeout: float = 300)
     """Poll until a moeify temporary exists under `root` (the write has begun); False if the process ended first."""
     end = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < end:
-        if temporaries(root):
+        try:
+            if temporaries(root):
+                return True
+        except FileNotFoundError:  # a temporary directory renamed or removed while the scan walked into it
             return True
         time.sleep(0.005)
     return False
