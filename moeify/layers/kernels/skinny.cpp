@@ -57,6 +57,23 @@ inline void store16(bf16 *p, __m512 v, bool stream) {
 inline void store1(float *p, float v) { *p = v; }
 inline void store1(bf16 *p, float v) { *p = to_bf16(v); }
 
+// The four sums of a, b, c and d (four weight rows' dot products with one row of x), stored to p[0..3]: one folding
+// of four vectors together instead of four separate reductions, a third of the instructions.
+template <typename T>
+inline void store_sums4(T *p, __m512 a, __m512 b, __m512 c, __m512 d) {
+  __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));
+  t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, t);
+  store1(p + 0, lanes[0]);
+  store1(p + 1, lanes[4]);
+  store1(p + 2, lanes[8]);
+  store1(p + 3, lanes[12]);
+}
+
 // The next four weight rows' lines at column i: the forward reads four rows side by side, short streams that the
 // hardware prefetcher does not follow far enough ahead. A prefetch never faults, past the end included.
 template <typename T>
@@ -84,8 +101,7 @@ void forward_block(const T *x, const T *w, T *y, long out, long in, long o) {
       acc[k][3] = _mm512_fmadd_ps(xv, w3, acc[k][3]);
     }
   }
-  for (int k = 0; k < K; k++)
-    for (int r = 0; r < 4; r++) store1(y + k * out + o + r, _mm512_reduce_add_ps(acc[k][r]));
+  for (int k = 0; k < K; k++) store_sums4(y + k * out + o, acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
 }
 
 // gx[k, i0 : i0 + 16 C] = sum over o of g[k, o] * w[o, i0 : i0 + 16 C], for k < K: the weight panel streamed once.
@@ -149,8 +165,7 @@ void forward_block_dp(const bf16 *x, const bf16 *w, bf16 *y, long out, long in, 
       acc[k][3] = _mm512_dpbf16_ps(acc[k][3], xv, w3);
     }
   }
-  for (int k = 0; k < K; k++)
-    for (int r = 0; r < 4; r++) store1(y + k * out + o + r, _mm512_reduce_add_ps(acc[k][r]));
+  for (int k = 0; k < K; k++) store_sums4(y + k * out + o, acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
 }
 #else
 const bool HAS_DPBF16 = false;
