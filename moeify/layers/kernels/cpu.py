@@ -191,10 +191,12 @@ class _GroupedLinear(torch.autograd.Function):
         grad_w, w_zero = gradient_buffer(weight, ctx.pool) if need_w else (None, True)  # (E, out, in)
         grad_b = weight.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None  # (E, out)
         _, x_rows, w_rows = native_max_rows(x.dtype, *weight.shape[1:]) if skinny else (0, 0, 0)
-        if grad_x is not None and (few := _native_rows(batches, x_rows)):
-            _native(skinny, native.INPUT_GRAD, few, weight, (grad_y, True), (weight, False), (grad_x, True))
-        if grad_w is not None and (few := _native_rows(batches, w_rows)):
-            _native(skinny, native.WEIGHT_GRAD, few, weight, (grad_y, True), (x, True), (grad_w, False))
+        few_x = _native_rows(batches, x_rows) if grad_x is not None else None
+        few_w = few_x if w_rows == x_rows and grad_x is not None else _native_rows(batches, w_rows)  # often equal
+        if few_x:
+            _native(skinny, native.INPUT_GRAD, few_x, weight, (grad_y, True), (weight, False), (grad_x, True))
+        if grad_w is not None and few_w:
+            _native(skinny, native.WEIGHT_GRAD, few_w, weight, (grad_y, True), (x, True), (grad_w, False))
         covered = [False] * weight.shape[0]
         for b in batches:
             rows = slice(b.row, b.row + b.k * b.slots)
