@@ -3,12 +3,14 @@ SwitchTransformersForConditionalGeneration built from the identical config with 
 attention implementation).
 
 Targets (issue 13): moeify within 1.3x the dense step, and faster than transformers. One process, the three
-interleaved on one span-corruption batch, fused AdamW steps (moeify train's), medians of --reps.
-Usage: python benchmarks/bench_model.py [--reps 15] [--batch 8] [--seq-len 128] [--out FILE]
+interleaved on one span-corruption batch, fused AdamW steps (moeify train's); the verdicts take the median of
+the per-round ratios (paired), as steps drift on a shared host, with its 95 % confidence interval.
+Usage: python benchmarks/bench_model.py [--reps 60] [--batch 8] [--seq-len 128] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -42,7 +44,11 @@ def models(preset: str, experts: int, seq_len: int) -> dict[str, torch.nn.Module
     return {"dense": dense, "moeify": ours, "transformers": hf}
 
 
-def step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> float:
+PHASES = ("forward", "backward", "optimizer")
+
+
+def step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> list[float]:
+    """Seconds of one training step's forward, backward and optimizer step."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
@@ -51,16 +57,31 @@ def step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
             loss = model(**batch).loss + losses.total()
     else:  # transformers' Switch adds its own router losses to .loss
         loss = model(**batch).loss
+    forward = time.perf_counter()
     loss.backward()
+    backward = time.perf_counter()
     optimizer.step()
-    return time.perf_counter() - start
+    return [forward - start, backward - forward, time.perf_counter() - backward]
+
+
+def interval(ratios: list[float]) -> tuple[float, float]:
+    """95 % confidence interval of the median of sorted per-round ratios (sign test: order statistics), which
+    narrows with more rounds where the ratios' own spread does not."""
+    k = max(0, math.floor((len(ratios) - 1.96 * math.sqrt(len(ratios))) / 2))
+    return ratios[k], ratios[len(ratios) - 1 - k]
+
+
+def verdict(ratios: list[float], target: float) -> str:
+    """met when the median's whole confidence interval reaches the target, missed when none of it does."""
+    low, high = interval(ratios)
+    return "met" if high <= target else "missed" if low > target else "not resolved (its interval spans the target)"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="t5-small")
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=15)  # steps vary by up to 1.5x on a busy host
+    parser.add_argument("--reps", type=int, default=60)  # rounds: enough to resolve ~5 % on a busy host
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_model.md")
@@ -71,20 +92,33 @@ def main() -> None:
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in built.items()}
     for name, m in built.items():  # warm-up: the optimizers' state, first allocations
         step(name, m, optimizers[name], batch)
-    times: dict[str, list[float]] = {name: [] for name in built}
-    for _ in range(args.reps):
-        for name, m in built.items():
-            times[name].append(step(name, m, optimizers[name], batch))
-    median = {name: statistics.median(ts) for name, ts in times.items()}
-    vs_dense = median["moeify"] / median["dense"]
-    rows = [(name, f"{1e3 * median[name]:.0f}", f"{median[name] / median['dense']:.2f}x",
-             f"{median[name] / median['transformers']:.2f}x") for name in built]
+    # Steps drift by up to 1.5x over seconds on a shared host, so each round runs the three back to back (the order
+    # rotating, so none always follows another's optimizer step) and the verdicts use that round's ratios.
+    names = list(built)
+    phases: dict[str, list[list[float]]] = {name: [] for name in names}
+    for rep in range(args.reps):
+        for name in names[rep % 3:] + names[:rep % 3]:
+            phases[name].append(step(name, built[name], optimizers[name], batch))
+    times = {name: [sum(p) for p in ps] for name, ps in phases.items()}
+
+    def ratios(name: str, base: str) -> list[float]:  # name's step / base's step, round by round, sorted
+        return sorted(a / b for a, b in zip(times[name], times[base]))
+
+    rows = [(name, *(f"{1e3 * statistics.median(p[i] for p in phases[name]):.0f}" for i in range(len(PHASES))),
+             f"{1e3 * statistics.median(times[name]):.0f}",
+             *(f"{statistics.median(ratios(name, base)):.2f}x" for base in ("dense", "transformers")))
+            for name in names]
+    mine = {base: ratios("moeify", base) for base in ("dense", "transformers")}
+    paired = {base: statistics.median(r) for base, r in mine.items()}
+    spread = {base: "{:.2f}-{:.2f}x".format(*interval(r)) for base, r in mine.items()}
     report(f"Training step of {args.preset} (dense) and its Switch-{args.experts} conversion (every other FFN), "
-           f"batch {args.batch} x {args.seq_len}, {torch.get_num_threads()} threads, median of {args.reps}",
-           ["model", "ms per step", "vs dense", "vs transformers"], rows, args.out,
-           [f"moeify / dense {vs_dense:.2f}x (target <= {TARGET_VS_DENSE}x: "
-            f"{'met' if vs_dense <= TARGET_VS_DENSE else 'missed'}); moeify / transformers "
-            f"{median['moeify'] / median['transformers']:.2f}x (target < 1x)."])
+           f"batch {args.batch} x {args.seq_len}, {torch.get_num_threads()} threads, {args.reps} rounds",
+           ["model", *(f"{p} ms" for p in PHASES), "step ms", "vs dense", "vs transformers"], rows, args.out,
+           ["ms: medians over the rounds; vs: the median over rounds of the two steps' ratio within a round "
+            f"(paired); 95 % interval of moeify's: dense {spread['dense']}, transformers {spread['transformers']}.",
+            f"moeify / dense {paired['dense']:.2f}x (target <= {TARGET_VS_DENSE}x: "
+            f"{verdict(mine['dense'], TARGET_VS_DENSE)}); moeify / transformers {paired['transformers']:.2f}x "
+            f"(target < 1x: {verdict(mine['transformers'], 1.0)})."])
 
 
 if __name__ == "__main__":
