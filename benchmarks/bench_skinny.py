@@ -2,9 +2,9 @@
 
 64 experts of t5-small's two FFN shapes (out x in: 2048 x 512, 512 x 2048), float32 and bfloat16, 2 threads, one
 process, the two implementations interleaved, medians of --reps. torch's paths are those the cpu kernel takes
-without the native kernels: forward: float32 oneDNN's linear per expert (bmm below 3 rows), bfloat16 bmm; input
-gradient: bmm; weight gradient: bmm into a pooled buffer. The row limits in moeify/layers/kernels/cpu.py
-(NATIVE_MAX_ROWS) come from this table. Usage: python benchmarks/bench_skinny.py [--rows 1 2 4 ...] [--out FILE]
+without the native kernels: float32 oneDNN's linear per expert, copied into place, for all three ops (bmm below 3
+rows); bfloat16 bmm (the weight gradient into a pooled buffer). The row limits in moeify/layers/kernels/cpu.py
+(NATIVE_MAX_ROWS) come from this table. Usage: python benchmarks/bench_skinny.py [--rows 1 2 4 ...] [--dtypes fp32 bf16] [--out FILE]
 """
 from __future__ import annotations
 
@@ -40,19 +40,35 @@ def cases(kernel: native.Skinny, dtype: torch.dtype, out: int, in_: int, k: int)
 
     dnnl = cpu.dnnl_op()
     if dtype == torch.float32 and dnnl is not None and k >= cpu.DNNL_MIN_ROWS[dtype]:
+        # What the cpu kernel does without the native kernels: oneDNN's linear per expert, each result copied into
+        # place (the backward's GEMMs as transposed views).
         def torch_forward():
             for e in range(EXPERTS):
                 y[e].copy_(dnnl(x[e], w[e], None, "none", [], ""))
+
+        def torch_input_grad():
+            for e in range(EXPERTS):
+                gx[e].copy_(dnnl(gy[e], w[e].t(), None, "none", [], ""))
+
+        def torch_weight_grad():
+            for e in range(EXPERTS):
+                gw[e].copy_(dnnl(gy[e].t(), x[e].t(), None, "none", [], ""))
     else:
         def torch_forward():
             torch.bmm(x, w.transpose(1, 2), out=y)
+
+        def torch_input_grad():
+            torch.bmm(gy, w, out=gx)
+
+        def torch_weight_grad():
+            torch.bmm(gy.transpose(1, 2), x, out=gw)
     return {
         "forward": (lambda: kernel.run(native.FORWARD, dtype, rows, ptrs(x), ptrs(w), ptrs(y), out, in_),
                     torch_forward),
         "input grad": (lambda: kernel.run(native.INPUT_GRAD, dtype, rows, ptrs(gy), ptrs(w), ptrs(gx), out, in_),
-                       lambda: torch.bmm(gy, w, out=gx)),
+                       torch_input_grad),
         "weight grad": (lambda: kernel.run(native.WEIGHT_GRAD, dtype, rows, ptrs(gy), ptrs(x), ptrs(gw), out, in_),
-                        lambda: torch.bmm(gy.transpose(1, 2), x, out=gw)),
+                        torch_weight_grad),
     }
 
 
@@ -68,7 +84,8 @@ def median_ms(fns, reps: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128])
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_skinny.md")
     args = parser.parse_args()
@@ -76,7 +93,8 @@ def main() -> None:
     if kernel is None:
         raise SystemExit("the native kernels are not available here (no C++ compiler or no AVX-512)")
     rows = []
-    for name, dtype in DTYPES.items():
+    for name in args.dtypes:
+        dtype = DTYPES[name]
         for out, in_ in SHAPES:
             limits = cpu.native_max_rows(dtype, out, in_)
             for k in args.rows:

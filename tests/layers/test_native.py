@@ -136,9 +136,9 @@ def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, dtype):
     real = native.Skinny.run
     monkeypatch.setattr(native.Skinny, "run", lambda self, op, dt, rows, *a: calls.append((op, sorted(rows)))
                         or real(self, op, dt, rows, *a))
-    counts = [2, 0, 7, 30, 60]
+    counts = [2, 0, 7, 30, 60, 150]  # pairs of 150, 30 and 2 slots: each dtype's limits split them
     g = torch.Generator().manual_seed(0)
-    x, w, gy = (torch.randn(*s, generator=g).to(dtype) for s in ((99, 32), (5, 64, 32), (99, 64)))
+    x, w, gy = (torch.randn(*s, generator=g).to(dtype) for s in ((249, 32), (6, 64, 32), (249, 64)))
 
     def step(kernel):
         leaves = [t.detach().requires_grad_() for t in (x, w)]

@@ -30,17 +30,16 @@ DNNL_MIN_ROWS = {torch.float32: 3}
 # (1.1-1.7x faster at E <= 64; bmm is as fast up to ~64 rows).
 MM_MIN_ROWS = 64
 # Up to this many rows per expert the hand-written kernels of native.py run the op, where torch's paths pack the
-# weight or write its gradient at a third of the memory's rate: (forward where out > in, forward where out <= in),
-# input gradient, weight gradient, measured per op, dtype and FFN shape over 64 experts
-# (benchmarks/bench_skinny.py, docs/performance.md). bfloat16's bmm streams its weights better than float32's, and
-# the native forward's dot products are short where out > in (in = d_model).
-NATIVE_MAX_ROWS = {torch.float32: ((32, 16), 48, 48), torch.bfloat16: ((8, 16), 8, 8)}
+# weight or write its gradient at a third of the memory's rate: (where out > in, where out <= in) for the forward, the
+# input gradient and the weight gradient, measured per op, dtype and FFN shape over 64 experts against the path the
+# kernel takes without them (benchmarks/bench_skinny.py, docs/performance.md). bfloat16's bmm streams its weights
+# better than float32's, and the native forward's dot products are short where out > in (in = d_model).
+NATIVE_MAX_ROWS = {torch.float32: ((64, 16), (48, 128), (128, 64)), torch.bfloat16: ((8, 16), (8, 8), (8, 8))}
 
 
 def native_max_rows(dtype: torch.dtype, out: int, in_: int) -> tuple[int, int, int]:
     """Rows per expert up to which the native kernels run the forward, the input gradient and the weight gradient."""
-    forward, input_grad, weight_grad = NATIVE_MAX_ROWS[dtype]
-    return forward[out <= in_], input_grad, weight_grad
+    return tuple(limits[out <= in_] for limits in NATIVE_MAX_ROWS[dtype])
 
 
 def probe_dnnl():
