@@ -34,7 +34,7 @@ MM_MIN_ROWS = 64
 # input gradient and the weight gradient, measured per op, dtype and FFN shape over 64 experts against the path the
 # kernel takes without them (benchmarks/bench_skinny.py, docs/performance.md). bfloat16's bmm streams its weights
 # better than float32's, and the native forward's dot products are short where out > in (in = d_model).
-NATIVE_MAX_ROWS = {torch.float32: ((64, 16), (48, 128), (128, 64)), torch.bfloat16: ((8, 16), (8, 8), (8, 8))}
+NATIVE_MAX_ROWS = {torch.float32: ((64, 16), (48, 128), (128, 64)), torch.bfloat16: ((16, 16), (8, 16), (4, 8))}
 
 
 def native_max_rows(dtype: torch.dtype, out: int, in_: int) -> tuple[int, int, int]:
