@@ -4,7 +4,8 @@
 process, the two implementations interleaved, medians of --reps. torch's paths are those the cpu kernel takes
 without the native kernels: float32 oneDNN's linear per expert, copied into place, for all three ops (bmm below 3
 rows); bfloat16 bmm (the weight gradient into a pooled buffer). The row limits in moeify/layers/kernels/cpu.py
-(NATIVE_MAX_ROWS) come from this table. Usage: python benchmarks/bench_skinny.py [--rows 1 2 4 ...] [--dtypes fp32 bf16] [--out FILE]
+(NATIVE_MAX_ROWS) come from this table.
+Usage: python benchmarks/bench_skinny.py [--rows 1 2 4 ...] [--dtypes fp32 bf16] [--out FILE]
 """
 from __future__ import annotations
 

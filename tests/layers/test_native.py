@@ -129,7 +129,8 @@ def test_a_build_is_kept_and_reused(monkeypatch, fresh_cache):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, dtype):
+@pytest.mark.parametrize("out, inp", [(64, 32), (32, 64)])  # each op's limit depends on the shape (out > in or not)
+def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, dtype, out, inp):
     """Each op runs natively exactly for the experts within its row limit (native_max_rows), and the layer's output
     and gradients equal those of the cpu kernel without them, up to rounding."""
     calls = []
@@ -138,19 +139,18 @@ def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, dtype):
                         or real(self, op, dt, rows, *a))
     counts = [2, 0, 7, 30, 60, 150]  # pairs of 150, 30 and 2 slots: each dtype's limits split them
     g = torch.Generator().manual_seed(0)
-    x, w, gy = (torch.randn(*s, generator=g).to(dtype) for s in ((249, 32), (6, 64, 32), (249, 64)))
+    x, w, gy = (torch.randn(*s, generator=g).to(dtype) for s in ((249, inp), (6, out, inp), (249, out)))
 
     def step(kernel):
         leaves = [t.detach().requires_grad_() for t in (x, w)]
         grouped_linear(*leaves, None, counts, kernel).backward(gy)
         return [leaves[0].grad, leaves[1].grad]
 
-    slots = sorted(b.slots for b in cpu._plan(counts, 64 * 32, "pairs") for _ in range(b.k))
-    limits = cpu.native_max_rows(dtype, 64, 32)
+    slots = sorted(b.slots for b in cpu._plan(counts, out * inp, "pairs") for _ in range(b.k))
+    limits = cpu.native_max_rows(dtype, out, inp)
     with_native = step(CpuKernel(batching="pairs"))
-    expected = [(op, [s for s in slots if s <= limits[op]]) for op in (native.INPUT_GRAD, native.WEIGHT_GRAD)]
-    if limits[native.FORWARD]:
-        expected.insert(0, (native.FORWARD, [s for s in slots if s <= limits[native.FORWARD]]))
+    expected = [(op, [s for s in slots if s <= limits[op]]) for op in (native.FORWARD, native.INPUT_GRAD,
+                                                                         native.WEIGHT_GRAD)]
     assert calls == [(op, s) for op, s in expected if s]
     calls.clear()
     without = step(CpuKernel(batching="pairs", native=False))
