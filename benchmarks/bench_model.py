@@ -5,7 +5,7 @@ attention implementation).
 Targets (issue 13): moeify within 1.3x the dense step, and faster than transformers. One process, the three
 interleaved on one span-corruption batch, fused AdamW steps (moeify train's); the verdicts take the median of
 the per-round ratios (paired), as steps drift on a shared host, with its 95 % confidence interval.
-Usage: python benchmarks/bench_model.py [--reps 60] [--batch 8] [--seq-len 128] [--out FILE]
+Usage: python benchmarks/bench_model.py [--reps 150] [--batch 8] [--seq-len 128] [--out FILE]
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="t5-small")
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=60)  # rounds: enough to resolve ~5 % on a busy host
+    parser.add_argument("--reps", type=int, default=150)  # rounds: enough to resolve ~5 % on a busy host (~17 min)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_model.md")

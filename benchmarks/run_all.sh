@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every performance benchmark, one after the other, each writing Markdown and JSON to benchmarks/results/.
 # Run on a quiet machine: each table's ratios come from variants interleaved in one run, but another busy
-# process still adds noise. About 45 minutes on the 2-core development machine.
+# process still adds noise. About 75 minutes on the 2-core development machine (bench_model alone 17).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
