@@ -30,10 +30,11 @@ DNNL_MIN_ROWS = {torch.float32: 3}
 # (1.1-1.7x faster at E <= 64; bmm is as fast up to ~64 rows).
 MM_MIN_ROWS = 64
 # Up to this many rows per expert the hand-written kernels of native.py run the op, where torch's paths pack the
-# weight or write its gradient at a third of the memory's rate: (where out > in, where out <= in) for the forward, the
-# input gradient and the weight gradient, measured per op, dtype and FFN shape over 64 experts against the path the
-# kernel takes without them (benchmarks/bench_skinny.py, docs/performance.md). bfloat16's bmm streams its weights
-# better than float32's, and the native forward's dot products are short where out > in (in = d_model).
+# weight, write its gradient at a third of the memory's rate, or copy oneDNN's result into place (float32 from 3
+# rows): (where out > in, where out <= in) for the forward, the input gradient and the weight gradient, measured per
+# op, dtype and FFN shape over 64 experts against the path the kernel takes without them (benchmarks/bench_skinny.py,
+# docs/performance.md). bfloat16's bmm streams its weights better than float32's, and the native forward's dot
+# products are short where out > in (in = d_model).
 NATIVE_MAX_ROWS = {torch.float32: ((64, 16), (48, 128), (128, 64)), torch.bfloat16: ((16, 16), (8, 16), (4, 8))}
 
 
@@ -191,10 +192,10 @@ class _GroupedLinear(torch.autograd.Function):
         grad_b = weight.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None  # (E, out)
         _, x_rows, w_rows = native_max_rows(x.dtype, *weight.shape[1:]) if skinny else (0, 0, 0)
         few_x = _native_rows(batches, x_rows) if grad_x is not None else None
-        few_w = few_x if w_rows == x_rows and grad_x is not None else _native_rows(batches, w_rows)  # often equal
+        few_w = _native_rows(batches, w_rows) if grad_w is not None else None
         if few_x:
             _native(skinny, native.INPUT_GRAD, few_x, weight, (grad_y, True), (weight, False), (grad_x, True))
-        if grad_w is not None and few_w:
+        if few_w:
             _native(skinny, native.WEIGHT_GRAD, few_w, weight, (grad_y, True), (x, True), (grad_w, False))
         covered = [False] * weight.shape[0]
         for b in batches:

@@ -1,6 +1,6 @@
 // Grouped GEMMs for experts with few rows each (AVX-512; float32 and bfloat16, accumulated in float32).
 //
-// With 1-48 rows per expert a GEMM is bound by streaming the expert's weight (forward, input gradient) or by writing
+// With few rows per expert a GEMM is bound by streaming the expert's weight (forward, input gradient) or by writing
 // its weight gradient, and MKL / oneDNN do both at a third to a half of the memory's rate here (docs/performance.md).
 // These loops keep the rows' partial sums in registers, read each weight row once per block of rows, and write the
 // weight gradient with non-temporal stores (no read of the lines they overwrite). Each output element is summed in
