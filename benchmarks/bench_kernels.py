@@ -2,7 +2,8 @@
 
 One process, every variant interleaved on identical weights and inputs, medians of --reps. Variants: the
 cpu kernel as shipped; without oneDNN's linear; without the huge-page buffer pool; without the native kernels for
-few rows per expert (skinny.cpp); with the cost model replaced by one bmm over all experts (span) or by pairs; the
+few rows per expert (skinny.cpp); without float32 compute for bfloat16 (which runs only where torch has no fast
+bfloat16 GEMM); with the cost model replaced by one bmm over all experts (span) or by pairs; the
 reference loop; the cuda kernel's grouped_mm (which runs on CPU too).
 Usage: python benchmarks/bench_kernels.py [--dtype fp32|bf16] [--reps 7] [--out FILE]
 """
@@ -29,6 +30,7 @@ VARIANTS = {
     "no oneDNN": CpuKernel(dnnl=False),
     "no pool": CpuKernel(pool=False),
     "no native kernels": CpuKernel(native=False),
+    "no float32 compute": CpuKernel(upcast=False),
     "span only": CpuKernel(batching="span"),
     "pairs only": CpuKernel(batching="pairs"),
     "reference": "reference",

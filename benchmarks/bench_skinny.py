@@ -40,28 +40,29 @@ def cases(kernel: native.Skinny, dtype: torch.dtype, out: int, in_: int, k: int)
         return t.data_ptr() + np.arange(EXPERTS, dtype=np.int64) * t[0].numel() * t.element_size()
 
     dnnl = cpu.dnnl_op()
-    if dtype == torch.float32 and dnnl is not None and k >= cpu.DNNL_MIN_ROWS[dtype]:
-        # What the cpu kernel does without the native kernels: oneDNN's linear per expert, each result copied into
-        # place (the backward's GEMMs as transposed views).
-        def torch_forward():
+    # What the cpu kernel does without the native kernels: float32 takes oneDNN's linear per expert from its minimum
+    # rows (forward, backward), each result copied into place (the backward's GEMMs as transposed views); bmm else.
+    forward_rows, backward_rows = cpu.DNNL_MIN_ROWS[dtype] if dtype == torch.float32 and dnnl else (None, None)
+
+    def torch_forward():
+        if forward_rows and k >= forward_rows:
             for e in range(EXPERTS):
                 y[e].copy_(dnnl(x[e], w[e], None, "none", [], ""))
-
-        def torch_input_grad():
-            for e in range(EXPERTS):
-                gx[e].copy_(dnnl(gy[e], w[e].t(), None, "none", [], ""))
-
-        def torch_weight_grad():
-            for e in range(EXPERTS):
-                gw[e].copy_(dnnl(gy[e].t(), x[e].t(), None, "none", [], ""))
-    else:
-        def torch_forward():
+        else:
             torch.bmm(x, w.transpose(1, 2), out=y)
 
-        def torch_input_grad():
+    def torch_input_grad():
+        if backward_rows and k >= backward_rows:
+            for e in range(EXPERTS):
+                gx[e].copy_(dnnl(gy[e], w[e].t(), None, "none", [], ""))
+        else:
             torch.bmm(gy, w, out=gx)
 
-        def torch_weight_grad():
+    def torch_weight_grad():
+        if backward_rows and k >= backward_rows:
+            for e in range(EXPERTS):
+                gw[e].copy_(dnnl(gy[e].t(), x[e].t(), None, "none", [], ""))
+        else:
             torch.bmm(gy.transpose(1, 2), x, out=gw)
     return {
         "forward": (lambda: kernel.run(native.FORWARD, dtype, rows, ptrs(x), ptrs(w), ptrs(y), out, in_),

@@ -252,7 +252,9 @@ def test_dropout_follows_train_and_eval_after_conversion():
     for m, seed in ((model, 5), (sparse, 5), (sparse, 6)):
         torch.manual_seed(seed)
         runs.append(m(**inputs).logits)
-    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[1], runs[2])  # the same dropout masks
+    # the same dropout masks: equal up to the GEMMs' rounding (oneDNN's and MKL's sums differ in order on AVX2)
+    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=PARITY_BOUND)
+    assert not torch.allclose(runs[1], runs[2], rtol=0, atol=100 * PARITY_BOUND)
     model.eval(), sparse.eval()
     assert torch.equal(sparse(**inputs).logits, sparse(**inputs).logits)
     torch.testing.assert_close(sparse(**inputs).logits, model(**inputs).logits, rtol=0, atol=PARITY_BOUND)

@@ -201,3 +201,55 @@ def test_the_cpu_kernel_gives_the_same_bits_wherever_the_tensors_lie(monkeypatch
         got = step(_moved(x, offset), _moved(w, offset), _moved(b, offset))
         for name, a, e in zip(("output", "x grad", "weight grad", "bias grad"), got, want):
             assert torch.equal(a, e), (offset, name)
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("gated, bias", [(False, False), (True, True)])
+def test_bfloat16_agrees_with_the_reference_with_and_without_float32_compute(upcast, case, gated, bias):
+    """Both ways of running bfloat16 on every machine, whichever one the probe picks here."""
+    a, b = run(CpuKernel(upcast=upcast), CASES[case], gated, bias, torch.bfloat16, nn.ReLU), \
+        run("reference", CASES[case], gated, bias, torch.bfloat16, nn.ReLU)
+    for i, (got, want) in enumerate(zip(a, b)):
+        if want is None or not want.numel():
+            assert got is None or not got.any(), i
+            continue
+        assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape, i
+        error = (got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30)
+        assert error <= TOLERANCE[torch.bfloat16], (i, float(error))
+
+
+@pytest.mark.parametrize("counts", [[70, 0, 2, 5], [1, 1, 1]])  # oneDNN's rows and bmm's
+def test_float32_compute_of_bfloat16_is_the_widened_product_rounded_once(counts):
+    """Each expert's output and every gradient equal float32 arithmetic on the widened bfloat16 tensors, rounded
+    to bfloat16 once: at most half a unit in the last place (order of the float32 sums aside)."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(len(counts), 32, 48, generator=g).bfloat16(), torch.randn(len(counts), 32, generator=g).bfloat16()
+    x, gy = torch.randn(sum(counts), 48, generator=g).bfloat16(), torch.randn(sum(counts), 32, generator=g).bfloat16()
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = grouped_linear(leaves[0], leaves[1], leaves[2], counts, CpuKernel(upcast=True))
+    y.backward(gy)
+    rows = torch.arange(sum(counts)).split(counts)
+    want_y = torch.cat([x[r].float() @ w[e].float().T + b[e].float() for e, r in enumerate(rows)])
+    want_gx = torch.cat([gy[r].float() @ w[e].float() for e, r in enumerate(rows)])
+    want_gw = torch.stack([gy[r].float().T @ x[r].float() for r in rows])
+    want_gb = torch.stack([gy[r].float().sum(0) for r in rows])
+    for got, want in zip((y, *(t.grad for t in leaves)), (want_y, want_gx, want_gw, want_gb)):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-6)
+
+
+def test_float32_compute_follows_the_probe(monkeypatch):
+    x = torch.zeros(2, 16, dtype=torch.bfloat16)
+    for native_here in (True, False):
+        monkeypatch.setattr(cpu, "reduced_is_native", lambda dtype: native_here)
+        assert CpuKernel().upcasts(x) is not native_here
+        assert CpuKernel(upcast=True).upcasts(x) and not CpuKernel(upcast=False).upcasts(x)
+        assert not CpuKernel(upcast=True).upcasts(x.float())  # float32 is float32's own compute
+    monkeypatch.undo()
+    cpu.reduced_is_native.cache_clear()
+    monkeypatch.setitem(cpu._NATIVE_REDUCED, torch.bfloat16, "_no_such_probe")  # a torch without oneDNN's check
+    assert cpu.reduced_is_native(torch.bfloat16)  # keeps torch's own path
+    cpu.reduced_is_native.cache_clear()
+    monkeypatch.undo()
+    assert cpu.reduced_is_native(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()

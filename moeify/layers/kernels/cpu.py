@@ -1,8 +1,9 @@
 """The CPU kernel: experts batched into few bmm calls by a cost model, oneDNN's linear for float32 groups, native
-loops for experts with few rows (native.py), and buffers from moeify.layers.memory. Tuned on a 2-core AVX-512 machine
-(docs/performance.md)."""
+loops for experts with few rows (native.py), reduced precision computed in float32 where torch has no fast path for
+it, and buffers from moeify.layers.memory. Tuned on 2-core AVX-512 and AVX2 machines (docs/performance.md)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,12 +21,15 @@ WEIGHT_READ_ROWS = 10.0
 CALL_SECONDS = 1e-4
 _FLOPS = 150e9
 
-# From this many float32 rows per expert the forward and both backward GEMMs run one oneDNN linear per expert instead
-# of a bmm over a batch of experts: MKL packs the transposed weight on every call, oneDNN streams it (1.1-1.5x
-# faster from 3 rows, 64 experts), and MKL's GEMMs reach half of oneDNN's rate here (the backward's, as transposed
-# views, 2x). bfloat16 has none: its mm is oneDNN's already, and writes straight into the output where the private
-# op's result must be copied there. docs/performance.md.
-DNNL_MIN_ROWS = {torch.float32: 3}
+# From this many float32 rows per expert (forward, backward) the GEMMs run one oneDNN linear per expert instead of a
+# bmm over a batch of experts: MKL packs the transposed weight on every call, oneDNN streams it (1.1-1.5x faster from
+# 3 rows, 64 experts), and MKL's GEMMs reach half of oneDNN's rate here (the backward's, as transposed views, 2x).
+# The forward takes oneDNN from one row: below 4 rows MKL's x @ w.T on AVX2 sums in an order that depends on where
+# the weight (1 row) or the input (2-3 rows) lies in memory, so a checkpoint loaded at other offsets would compute
+# other bits; oneDNN's does not, at 0.9-1.1x bmm's time for one row over 64 experts. On AVX-512 the native loops
+# take those rows. bfloat16 has none: its mm is oneDNN's already, and writes straight into the output where the
+# private op's result must be copied there. docs/performance.md.
+DNNL_MIN_ROWS = {torch.float32: (1, 3)}
 # From this many bfloat16 rows per expert the forward runs one mm per expert instead of a bmm over a batch of experts
 # (1.1-1.7x faster at E <= 64; bmm is as fast up to ~64 rows).
 MM_MIN_ROWS = 64
@@ -41,6 +45,29 @@ NATIVE_MAX_ROWS = {torch.float32: ((64, 16), (48, 128), (128, 64)), torch.bfloat
 def native_max_rows(dtype: torch.dtype, out: int, in_: int) -> tuple[int, int, int]:
     """Rows per expert up to which the native kernels run the forward, the input gradient and the weight gradient."""
     return tuple(limits[out <= in_] for limits in NATIVE_MAX_ROWS[dtype])
+
+
+# torch's reduced-precision GEMMs on CPU run on oneDNN where it supports the dtype on this machine (bfloat16: AVX-512
+# or AVX-NE-CONVERT). Elsewhere they take a generic loop: on a 2-core AVX2 machine bfloat16 ran at 18-22 GFLOP/s,
+# float32 at 75-98. There the kernel computes in float32 on widened operands: float32 holds every bfloat16 and float16
+# value, so each product is exact and sums accumulate in float32, as torch's own reduced-precision GEMMs do; outputs
+# and gradients are rounded back once. docs/performance.md.
+_NATIVE_REDUCED = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+
+
+@functools.cache
+def reduced_is_native(dtype: torch.dtype) -> bool:
+    """Whether torch's GEMMs have a fast path for reduced-precision `dtype` here: oneDNN's own check, a private op,
+    so where it is missing or fails the answer is yes (torch's path is kept, as without this probe)."""
+    try:
+        return bool(getattr(torch.ops.mkldnn, _NATIVE_REDUCED[dtype])())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """t in dtype: itself when it is already (weights stay in their dtype; upcast kernels widen them per batch)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def probe_dnnl():
@@ -148,7 +175,8 @@ class _GroupedLinear(torch.autograd.Function):
             # One expert takes every row (E = 1, or all tokens routed alike): oneDNN's own output is the result,
             # not copied into a buffer of ours (a pass over the output: 1-2 % of a one-expert layer).
             e = batches[0].first
-            return dnnl[0](x, weight[e], None if bias is None else bias[e], "none", [], "")
+            b_e = None if bias is None else _as(bias[e], x.dtype)
+            return dnnl[0](x, _as(weight[e], x.dtype), b_e, "none", [], "")
         y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)  # (R, out)
         if few:
             _native(skinny, native.FORWARD, few, weight, (x, True), (weight, False), (y, True))
@@ -162,7 +190,8 @@ class _GroupedLinear(torch.autograd.Function):
             if dnnl is not None and b.slots >= dnnl[1]:
                 for j in range(b.k):
                     e = b.first + j * b.step
-                    yb[j].copy_(dnnl[0](xb[j], weight[e], None if bias is None else bias[e], "none", [], ""))
+                    yb[j].copy_(dnnl[0](xb[j], _as(weight[e], x.dtype), None if bias is None else _as(bias[e], x.dtype),
+                                        "none", [], ""))
                 continue
             if x.dtype != torch.float32 and (b.step > 1 or b.slots >= MM_MIN_ROWS):
                 # Reduced-precision bmm copies a transposed weight view whose experts are not adjacent (a pair
@@ -174,11 +203,11 @@ class _GroupedLinear(torch.autograd.Function):
                     else:
                         torch.addmm(bias[e], xb[j], weight[e].t(), out=yb[j])
                 continue
-            w = _experts_view(weight, b).transpose(1, 2)  # (k, in, out)
+            w = _as(_experts_view(weight, b), x.dtype).transpose(1, 2)  # (k, in, out)
             if bias is None:
                 torch.bmm(xb, w, out=yb)
             else:
-                torch.baddbmm(_experts_view(bias, b).unsqueeze(1), xb, w, out=yb)
+                torch.baddbmm(_as(_experts_view(bias, b), x.dtype).unsqueeze(1), xb, w, out=yb)
         return y
 
     @staticmethod
@@ -189,7 +218,7 @@ class _GroupedLinear(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = memory.empty(tuple(x.shape), x.dtype, x.device, ctx.pool)[0] if need_x else None  # (R, in)
         grad_w, w_zero = gradient_buffer(weight, ctx.pool) if need_w else (None, True)  # (E, out, in)
-        grad_b = weight.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None  # (E, out)
+        grad_b = x.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None  # (E, out), in x's dtype
         _, x_rows, w_rows = native_max_rows(x.dtype, *weight.shape[1:]) if skinny else (0, 0, 0)
         few_x = _native_rows(batches, x_rows) if grad_x is not None else None
         few_w = _native_rows(batches, w_rows) if grad_w is not None else None
@@ -203,18 +232,20 @@ class _GroupedLinear(torch.autograd.Function):
             g, xb = grad_y[rows].view(b.k, b.slots, -1), x[rows].view(b.k, b.slots, -1)  # (k, slots, out / in)
             # oneDNN's linear takes both backward GEMMs as transposed views, at twice MKL's rate here (the same as
             # its forward; docs/performance.md); its results are fresh tensors, copied into place.
-            dnnl = ctx.dnnl[0] if ctx.dnnl is not None and b.slots >= ctx.dnnl[1] else None
+            dnnl = ctx.dnnl[0] if ctx.dnnl is not None and b.slots >= ctx.dnnl[2] else None
             experts = range(b.first, b.first + b.k * b.step, b.step)
             if grad_x is not None and b.slots > x_rows:
                 gx = grad_x[rows].view(b.k, b.slots, -1)
                 if dnnl is None:
-                    torch.bmm(g, _experts_view(weight, b), out=gx)
+                    torch.bmm(g, _as(_experts_view(weight, b), x.dtype), out=gx)
                 else:
                     for j, e in enumerate(experts):
-                        gx[j].copy_(dnnl(g[j], weight[e].t(), None, "none", [], ""))
+                        gx[j].copy_(dnnl(g[j], _as(weight[e], x.dtype).t(), None, "none", [], ""))
             if grad_w is not None and b.slots > w_rows:
-                if dnnl is None:
+                if dnnl is None and grad_w.dtype == x.dtype:
                     torch.bmm(g.transpose(1, 2), xb, out=_experts_view(grad_w, b))
+                elif dnnl is None:
+                    _experts_view(grad_w, b).copy_(torch.bmm(g.transpose(1, 2), xb))
                 else:
                     for j, e in enumerate(experts):
                         grad_w[e].copy_(dnnl(g[j].t(), xb[j].t(), None, "none", [], ""))
@@ -231,7 +262,7 @@ class _GroupedLinear(torch.autograd.Function):
                 if e > start:
                     zero_pages_(grad_w[start:e])
                 e += 1
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, _as(grad_b, weight.dtype), None, None, None, None
 
 
 class _ReLU(torch.autograd.Function):
@@ -297,10 +328,15 @@ class CpuLayout:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # One expert taking every row stays off the native loops: its forward then computes what the dense FFN's
-        # F.linear does, bit for bit, so a conversion to one expert preserves the model's outputs exactly.
+        # F.linear does, so a conversion to one expert preserves the model's outputs (bit for bit on AVX-512; on AVX2
+        # oneDNN's and MKL's float32 sums run in different orders, within rounding).
         one = len(self.batches) == 1 and self.batches[0].k == 1
-        return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(x),
-                                    None if one else self.kernel.skinny_for(x, weight), self.kernel.pool)
+        dtype = x.dtype
+        if self.kernel.upcasts(x):
+            x = x.float()  # the weights are widened batch by batch inside: no float32 copy of every expert
+        y = _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(x),
+                                 None if one else self.kernel.skinny_for(x, weight), self.kernel.pool)
+        return y.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -310,25 +346,34 @@ class CpuKernel:
     finds it);
     native: the hand-written kernels (native.py) for experts with up to native_max_rows() rows, when this machine
     builds them;
-    pool: large buffers from moeify.layers.memory's recycled huge-page mappings, else torch.empty. Each trick
-    can be switched off, which is how benchmarks/bench_kernels.py measures what it buys."""
+    pool: large buffers from moeify.layers.memory's recycled huge-page mappings, else torch.empty;
+    upcast: reduced-precision GEMMs computed in float32: None where reduced_is_native() says torch has no fast path for
+    the dtype here, True always (tests), False never. Each trick can be switched off, which is how
+    benchmarks/bench_kernels.py measures what it buys."""
 
     batching: str = "auto"
-    dnnl_min_rows: int | None = None  # None: DNNL_MIN_ROWS for the dtype (bfloat16: never)
+    dnnl_min_rows: int | None = None  # forward and backward; None: DNNL_MIN_ROWS for the dtype (bfloat16: never)
     dnnl: bool = True
     native: bool = True
     pool: bool = True
+    upcast: bool | None = None
     name: str = "cpu"
 
+    def upcasts(self, x: torch.Tensor) -> bool:
+        """Whether x's GEMMs run in float32 on widened operands (reduced precision without a fast path here)."""
+        if self.upcast is False or x.dtype not in _NATIVE_REDUCED or x.device.type != "cpu":
+            return False
+        return self.upcast or not reduced_is_native(x.dtype)
+
     def dnnl_for(self, x: torch.Tensor) -> tuple | None:
-        """(op, min rows) when the forward may take oneDNN's linear for x, else None. bfloat16 takes it only when
-        dnnl_min_rows says so (tests do)."""
-        rows = self.dnnl_min_rows or DNNL_MIN_ROWS.get(x.dtype)
+        """(op, forward min rows, backward min rows) when x's linear may take oneDNN's, else None. bfloat16 takes it
+        only when dnnl_min_rows says so (tests do) and oneDNN has a bfloat16 path here."""
+        rows = (self.dnnl_min_rows,) * 2 if self.dnnl_min_rows else DNNL_MIN_ROWS.get(x.dtype)
         if not (self.dnnl and rows and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
-                and torch.backends.mkldnn.enabled):
+                and torch.backends.mkldnn.enabled) or x.dtype != torch.float32 and not reduced_is_native(x.dtype):
             return None
         op = dnnl_op()
-        return None if op is None else (op, rows)
+        return None if op is None else (op, *rows)
 
     def skinny_for(self, x: torch.Tensor, weight: torch.Tensor) -> native.Skinny | None:
         """The native kernels when they may run x's and weight's linear (contiguous float32 or bfloat16 weight with
