@@ -24,7 +24,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 
 from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN
-from moeify.layers.kernels.cpu import dnnl_op
+from moeify.layers.kernels.cpu import dnnl_op, reduced_is_native
 
 D_MODEL, D_FF, CAPACITY_FACTOR = 512, 2048, 1.25  # t5-small's FFN, the paper's training factor
 
@@ -42,7 +42,7 @@ def gemm_rate(dtype: torch.dtype, reps: int = 3) -> float:
         candidates = [lambda: a @ w.t(), lambda: torch.nn.functional.linear(a, w)]
         if dtype != torch.float32:  # float32 on the widened operands, widening included (moeify's path where faster)
             candidates.append(lambda: torch.nn.functional.linear(a.float(), w.float()).to(dtype))
-        if dnnl_op() is not None:
+        if dnnl_op() is not None and (dtype == torch.float32 or reduced_is_native(dtype)):  # oneDNN has the dtype
             candidates.append(lambda: dnnl_op()(a, w, None, "none", [], ""))
         for fn in candidates:
             fn()

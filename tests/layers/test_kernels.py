@@ -253,3 +253,17 @@ def test_float32_compute_follows_the_probe(monkeypatch):
     cpu.reduced_is_native.cache_clear()
     monkeypatch.undo()
     assert cpu.reduced_is_native(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_float32_compute_keeps_what_autograd_saves_in_bfloat16():
+    """The widened copies live only inside the kernel: training memory stays bfloat16's."""
+    x = torch.randn(12, 16).bfloat16().requires_grad_()
+    ex = Experts(3, 16, 32, nn.ReLU())
+    ex.reset_parameters(1.0, torch.Generator().manual_seed(0))
+    ex.bfloat16()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        y = ex(x, [5, 0, 7], CpuKernel(upcast=True))
+    assert y.dtype == torch.bfloat16 and {d for d in saved if d.is_floating_point} == {torch.bfloat16}  # (and indices)
+    y.sum().backward()
+    assert x.grad.dtype == ex.w_in.grad.dtype == torch.bfloat16

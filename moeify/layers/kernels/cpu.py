@@ -47,6 +47,12 @@ def native_max_rows(dtype: torch.dtype, out: int, in_: int) -> tuple[int, int, i
     return tuple(limits[out <= in_] for limits in NATIVE_MAX_ROWS[dtype])
 
 
+# Below this many rows per expert a float32-compute forward (below) runs each expert's GEMM in the weights' own dtype:
+# widening a weight costs more than a GEMM of 1-3 rows (64 experts, bfloat16 on AVX2: 0.5-0.7x the widened path's time
+# at 1 row, 0.65-0.75x at 2, equal at 4, 1.5-2.9x slower from 8). Its backward widens at every size: torch's bfloat16
+# g @ w ran 8-18x slower than the widened GEMM from one row. docs/performance.md.
+UPCAST_MIN_ROWS = 4
+
 # torch's reduced-precision GEMMs on CPU run on oneDNN where it supports the dtype on this machine (bfloat16: AVX-512
 # or AVX-NE-CONVERT). Elsewhere they take a generic loop: on a 2-core AVX2 machine bfloat16 ran at 18-22 GFLOP/s,
 # float32 at 75-98. There the kernel computes in float32 on widened operands: float32 holds every bfloat16 and float16
@@ -164,105 +170,127 @@ class _GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, batches, dnnl, skinny, pool):
-        # x: (R, in), weight: (E, out, in), bias: (E, out); skinny: native.Skinny for few rows per expert, or None
-        ctx.batches, ctx.pool, ctx.skinny, ctx.dnnl = batches, pool, skinny, dnnl
+    def forward(ctx, x, weight, bias, batches, dnnl, skinny, pool, upcast):
+        # x: (R, in), weight: (E, out, in), bias: (E, out); skinny: native.Skinny for few rows per expert, or None;
+        # upcast: x's GEMMs in float32, its weights widened batch by batch (no float32 copy of every expert)
+        ctx.batches, ctx.pool, ctx.skinny, ctx.dnnl, ctx.upcast = batches, pool, skinny, dnnl, upcast
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight)
-        limit = native_max_rows(x.dtype, *weight.shape[1:])[0] if skinny else 0
-        few = _native_rows(batches, limit)
-        if dnnl is not None and len(batches) == 1 and batches[0].k == 1 and batches[0].slots >= dnnl[1]:
-            # One expert takes every row (E = 1, or all tokens routed alike): oneDNN's own output is the result,
-            # not copied into a buffer of ours (a pass over the output: 1-2 % of a one-expert layer).
-            e = batches[0].first
-            b_e = None if bias is None else _as(bias[e], x.dtype)
-            return dnnl[0](x, _as(weight[e], x.dtype), b_e, "none", [], "")
-        y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)  # (R, out)
-        if few:
-            _native(skinny, native.FORWARD, few, weight, (x, True), (weight, False), (y, True))
-        for b in batches:
-            rows = slice(b.row, b.row + b.k * b.slots)
-            xb, yb = x[rows].view(b.k, b.slots, -1), y[rows].view(b.k, b.slots, -1)
-            if b.slots <= limit:
-                if bias is not None:
-                    yb.add_(_experts_view(bias, b).unsqueeze(1))
-                continue
-            if dnnl is not None and b.slots >= dnnl[1]:
-                for j in range(b.k):
-                    e = b.first + j * b.step
-                    yb[j].copy_(dnnl[0](xb[j], _as(weight[e], x.dtype), None if bias is None else _as(bias[e], x.dtype),
-                                        "none", [], ""))
-                continue
-            if x.dtype != torch.float32 and (b.step > 1 or b.slots >= MM_MIN_ROWS):
-                # Reduced-precision bmm copies a transposed weight view whose experts are not adjacent (a pair
-                # with a gap) into a contiguous temporary first: 16x slower than one mm per expert here.
-                for j in range(b.k):
-                    e = b.first + j * b.step
-                    if bias is None:
-                        torch.mm(xb[j], weight[e].t(), out=yb[j])
-                    else:
-                        torch.addmm(bias[e], xb[j], weight[e].t(), out=yb[j])
-                continue
-            w = _as(_experts_view(weight, b), x.dtype).transpose(1, 2)  # (k, in, out)
-            if bias is None:
-                torch.bmm(xb, w, out=yb)
-            else:
-                torch.baddbmm(_as(_experts_view(bias, b), x.dtype).unsqueeze(1), xb, w, out=yb)
-        return y
+        ctx.save_for_backward(x, weight)  # in x's own dtype: upcast widens it again in backward
+        if upcast:
+            return _forward(x.float(), weight, bias, batches, dnnl, skinny, pool, narrow=x).to(x.dtype)
+        return _forward(x, weight, bias, batches, dnnl, skinny, pool)
 
     @staticmethod
     def backward(ctx, grad_y):  # grad_y: (R, out)
         x, weight = ctx.saved_tensors
-        batches, skinny = ctx.batches, ctx.skinny
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_y = grad_y.contiguous()
-        grad_x = memory.empty(tuple(x.shape), x.dtype, x.device, ctx.pool)[0] if need_x else None  # (R, in)
-        grad_w, w_zero = gradient_buffer(weight, ctx.pool) if need_w else (None, True)  # (E, out, in)
-        grad_b = x.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None  # (E, out), in x's dtype
-        _, x_rows, w_rows = native_max_rows(x.dtype, *weight.shape[1:]) if skinny else (0, 0, 0)
-        few_x = _native_rows(batches, x_rows) if grad_x is not None else None
-        few_w = _native_rows(batches, w_rows) if grad_w is not None else None
-        if few_x:
-            _native(skinny, native.INPUT_GRAD, few_x, weight, (grad_y, True), (weight, False), (grad_x, True))
-        if few_w:
-            _native(skinny, native.WEIGHT_GRAD, few_w, weight, (grad_y, True), (x, True), (grad_w, False))
-        covered = [False] * weight.shape[0]
-        for b in batches:
-            rows = slice(b.row, b.row + b.k * b.slots)
-            g, xb = grad_y[rows].view(b.k, b.slots, -1), x[rows].view(b.k, b.slots, -1)  # (k, slots, out / in)
-            # oneDNN's linear takes both backward GEMMs as transposed views, at twice MKL's rate here (the same as
-            # its forward; docs/performance.md); its results are fresh tensors, copied into place.
-            dnnl = ctx.dnnl[0] if ctx.dnnl is not None and b.slots >= ctx.dnnl[2] else None
-            experts = range(b.first, b.first + b.k * b.step, b.step)
-            if grad_x is not None and b.slots > x_rows:
-                gx = grad_x[rows].view(b.k, b.slots, -1)
-                if dnnl is None:
-                    torch.bmm(g, _as(_experts_view(weight, b), x.dtype), out=gx)
-                else:
-                    for j, e in enumerate(experts):
-                        gx[j].copy_(dnnl(g[j], _as(weight[e], x.dtype).t(), None, "none", [], ""))
-            if grad_w is not None and b.slots > w_rows:
-                if dnnl is None and grad_w.dtype == x.dtype:
-                    torch.bmm(g.transpose(1, 2), xb, out=_experts_view(grad_w, b))
-                elif dnnl is None:
-                    _experts_view(grad_w, b).copy_(torch.bmm(g.transpose(1, 2), xb))
-                else:
-                    for j, e in enumerate(experts):
-                        grad_w[e].copy_(dnnl(g[j].t(), xb[j].t(), None, "none", [], ""))
-            if grad_b is not None:
-                torch.sum(g, dim=1, out=_experts_view(grad_b, b))
+        if ctx.upcast:
+            x, grad_y = x.float(), grad_y.float()
+        grad_x, grad_w, grad_b = _backward(ctx, x, weight, grad_y)
+        return _as(grad_x, ctx.saved_tensors[0].dtype), grad_w, _as(grad_b, weight.dtype), None, None, None, None, None
+
+
+def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
+    """_GroupedLinear's output in x's dtype (weights of another dtype widened to it per batch); narrow: x in the
+    weights' dtype, for the batches under UPCAST_MIN_ROWS rows, which then run unwidened."""
+    limit = native_max_rows(x.dtype, *weight.shape[1:])[0] if skinny else 0
+    few = _native_rows(batches, limit)
+    if dnnl is not None and len(batches) == 1 and batches[0].k == 1 and batches[0].slots >= dnnl[1]:
+        # One expert takes every row (E = 1, or all tokens routed alike): oneDNN's own output is the result,
+        # not copied into a buffer of ours (a pass over the output: 1-2 % of a one-expert layer).
+        e = batches[0].first
+        b_e = None if bias is None else _as(bias[e], x.dtype)
+        return dnnl[0](x, _as(weight[e], x.dtype), b_e, "none", [], "")
+    y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)  # (R, out)
+    if few:
+        _native(skinny, native.FORWARD, few, weight, (x, True), (weight, False), (y, True))
+    for b in batches:
+        rows = slice(b.row, b.row + b.k * b.slots)
+        xb, yb = x[rows].view(b.k, b.slots, -1), y[rows].view(b.k, b.slots, -1)
+        if b.slots <= limit:
+            if bias is not None:
+                yb.add_(_experts_view(bias, b).unsqueeze(1))
+            continue
+        if narrow is not None and b.slots < UPCAST_MIN_ROWS:
+            xn = narrow[rows].view(b.k, b.slots, -1)
             for j in range(b.k):
-                covered[b.first + j * b.step] = True
-        if grad_w is not None and not w_zero:
-            e = 0  # zero the uncovered experts, one call per run of them
-            while e < len(covered):
-                start = e
-                while e < len(covered) and not covered[e]:
-                    e += 1
-                if e > start:
-                    zero_pages_(grad_w[start:e])
+                e = b.first + j * b.step
+                yb[j].copy_(torch.nn.functional.linear(xn[j], weight[e], None if bias is None else bias[e]))
+            continue
+        if dnnl is not None and b.slots >= dnnl[1]:
+            for j in range(b.k):
+                e = b.first + j * b.step
+                yb[j].copy_(dnnl[0](xb[j], _as(weight[e], x.dtype), None if bias is None else _as(bias[e], x.dtype),
+                                    "none", [], ""))
+            continue
+        if x.dtype != torch.float32 and (b.step > 1 or b.slots >= MM_MIN_ROWS):
+            # Reduced-precision bmm copies a transposed weight view whose experts are not adjacent (a pair
+            # with a gap) into a contiguous temporary first: 16x slower than one mm per expert here.
+            for j in range(b.k):
+                e = b.first + j * b.step
+                if bias is None:
+                    torch.mm(xb[j], weight[e].t(), out=yb[j])
+                else:
+                    torch.addmm(bias[e], xb[j], weight[e].t(), out=yb[j])
+            continue
+        w = _as(_experts_view(weight, b), x.dtype).transpose(1, 2)  # (k, in, out)
+        if bias is None:
+            torch.bmm(xb, w, out=yb)
+        else:
+            torch.baddbmm(_as(_experts_view(bias, b), x.dtype).unsqueeze(1), xb, w, out=yb)
+    return y
+
+def _backward(ctx, x, weight, grad_y):
+    """_GroupedLinear's gradients for x (in its dtype), the weight (in its own) and the bias (in x's)."""
+    batches, skinny = ctx.batches, ctx.skinny
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_y = grad_y.contiguous()
+    grad_x = memory.empty(tuple(x.shape), x.dtype, x.device, ctx.pool)[0] if need_x else None  # (R, in)
+    grad_w, w_zero = gradient_buffer(weight, ctx.pool) if need_w else (None, True)  # (E, out, in)
+    grad_b = x.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None  # (E, out), in x's dtype
+    _, x_rows, w_rows = native_max_rows(x.dtype, *weight.shape[1:]) if skinny else (0, 0, 0)
+    few_x = _native_rows(batches, x_rows) if grad_x is not None else None
+    few_w = _native_rows(batches, w_rows) if grad_w is not None else None
+    if few_x:
+        _native(skinny, native.INPUT_GRAD, few_x, weight, (grad_y, True), (weight, False), (grad_x, True))
+    if few_w:
+        _native(skinny, native.WEIGHT_GRAD, few_w, weight, (grad_y, True), (x, True), (grad_w, False))
+    covered = [False] * weight.shape[0]
+    for b in batches:
+        rows = slice(b.row, b.row + b.k * b.slots)
+        g, xb = grad_y[rows].view(b.k, b.slots, -1), x[rows].view(b.k, b.slots, -1)  # (k, slots, out / in)
+        # oneDNN's linear takes both backward GEMMs as transposed views, at twice MKL's rate here (the same as
+        # its forward; docs/performance.md); its results are fresh tensors, copied into place.
+        dnnl = ctx.dnnl[0] if ctx.dnnl is not None and b.slots >= ctx.dnnl[2] else None
+        experts = range(b.first, b.first + b.k * b.step, b.step)
+        if grad_x is not None and b.slots > x_rows:
+            gx = grad_x[rows].view(b.k, b.slots, -1)
+            if dnnl is None:
+                torch.bmm(g, _as(_experts_view(weight, b), x.dtype), out=gx)
+            else:
+                for j, e in enumerate(experts):
+                    gx[j].copy_(dnnl(g[j], _as(weight[e], x.dtype).t(), None, "none", [], ""))
+        if grad_w is not None and b.slots > w_rows:
+            if dnnl is None and grad_w.dtype == x.dtype:
+                torch.bmm(g.transpose(1, 2), xb, out=_experts_view(grad_w, b))
+            elif dnnl is None:
+                _experts_view(grad_w, b).copy_(torch.bmm(g.transpose(1, 2), xb))
+            else:
+                for j, e in enumerate(experts):
+                    grad_w[e].copy_(dnnl(g[j].t(), xb[j].t(), None, "none", [], ""))
+        if grad_b is not None:
+            torch.sum(g, dim=1, out=_experts_view(grad_b, b))
+        for j in range(b.k):
+            covered[b.first + j * b.step] = True
+    if grad_w is not None and not w_zero:
+        e = 0  # zero the uncovered experts, one call per run of them
+        while e < len(covered):
+            start = e
+            while e < len(covered) and not covered[e]:
                 e += 1
-        return grad_x, grad_w, _as(grad_b, weight.dtype), None, None, None, None
+            if e > start:
+                zero_pages_(grad_w[start:e])
+            e += 1
+    return grad_x, grad_w, grad_b
 
 
 class _ReLU(torch.autograd.Function):
@@ -331,12 +359,11 @@ class CpuLayout:
         # F.linear does, so a conversion to one expert preserves the model's outputs (bit for bit on AVX-512; on AVX2
         # oneDNN's and MKL's float32 sums run in different orders, within rounding).
         one = len(self.batches) == 1 and self.batches[0].k == 1
-        dtype = x.dtype
-        if self.kernel.upcasts(x):
-            x = x.float()  # the weights are widened batch by batch inside: no float32 copy of every expert
-        y = _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(x),
-                                 None if one else self.kernel.skinny_for(x, weight), self.kernel.pool)
-        return y.to(dtype)
+        upcast = self.kernel.upcasts(x)
+        compute = torch.float32 if upcast else x.dtype  # what the GEMMs see: the kernel's paths are chosen for it
+        return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(compute, x.device),
+                                    None if one or upcast else self.kernel.skinny_for(x, weight), self.kernel.pool,
+                                    upcast)
 
 
 @dataclass(frozen=True)
@@ -365,12 +392,12 @@ class CpuKernel:
             return False
         return self.upcast or not reduced_is_native(x.dtype)
 
-    def dnnl_for(self, x: torch.Tensor) -> tuple | None:
-        """(op, forward min rows, backward min rows) when x's linear may take oneDNN's, else None. bfloat16 takes it
-        only when dnnl_min_rows says so (tests do) and oneDNN has a bfloat16 path here."""
-        rows = (self.dnnl_min_rows,) * 2 if self.dnnl_min_rows else DNNL_MIN_ROWS.get(x.dtype)
-        if not (self.dnnl and rows and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
-                and torch.backends.mkldnn.enabled) or x.dtype != torch.float32 and not reduced_is_native(x.dtype):
+    def dnnl_for(self, dtype: torch.dtype, device: torch.device) -> tuple | None:
+        """(op, forward min rows, backward min rows) when GEMMs in dtype may take oneDNN's linear, else None. bfloat16
+        takes it only when dnnl_min_rows says so (tests do) and oneDNN has a bfloat16 path here."""
+        rows = (self.dnnl_min_rows,) * 2 if self.dnnl_min_rows else DNNL_MIN_ROWS.get(dtype)
+        if not (self.dnnl and rows and dtype in (torch.float32, torch.bfloat16) and device.type == "cpu"
+                and torch.backends.mkldnn.enabled) or dtype != torch.float32 and not reduced_is_native(dtype):
             return None
         op = dnnl_op()
         return None if op is None else (op, *rows)
