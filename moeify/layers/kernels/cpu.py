@@ -26,8 +26,8 @@ _FLOPS = 150e9
 # 3 rows, 64 experts), and MKL's GEMMs reach half of oneDNN's rate here (the backward's, as transposed views, 2x).
 # The forward takes oneDNN from one row: below 4 rows MKL's x @ w.T on AVX2 sums in an order that depends on where
 # the weight (1 row) or the input (2-3 rows) lies in memory, so a checkpoint loaded at other offsets would compute
-# other bits; oneDNN's does not, at 0.9-1.1x bmm's time for one row over 64 experts. On AVX-512 the native loops
-# take those rows. bfloat16 has none: its mm is oneDNN's already, and writes straight into the output where the
+# other bits; oneDNN's does not, at 0.9-1.5x bmm's time for forward GEMMs of 1-2 rows over 64 experts and 0.97-1.05x
+# for the layer's training step. On AVX-512 the native loops take those rows. bfloat16 has none: its mm is oneDNN's already, and writes straight into the output where the
 # private op's result must be copied there. docs/performance.md.
 DNNL_MIN_ROWS = {torch.float32: (1, 3)}
 # From this many bfloat16 rows per expert the forward runs one mm per expert instead of a bmm over a batch of experts
@@ -50,7 +50,7 @@ def native_max_rows(dtype: torch.dtype, out: int, in_: int) -> tuple[int, int, i
 # Below this many rows per expert a float32-compute forward (below) runs each expert's GEMM in the weights' own dtype:
 # widening a weight costs more than a GEMM of 1-3 rows (64 experts, bfloat16 on AVX2: 0.5-0.7x the widened path's time
 # at 1 row, 0.65-0.75x at 2, equal at 4, 1.5-2.9x slower from 8). Its backward widens at every size: torch's bfloat16
-# g @ w ran 8-18x slower than the widened GEMM from one row. docs/performance.md.
+# g @ w ran 8-130x slower than the widened GEMM from one row. docs/performance.md.
 UPCAST_MIN_ROWS = 4
 
 # torch's reduced-precision GEMMs on CPU run on oneDNN where it supports the dtype on this machine (bfloat16: AVX-512
