@@ -224,8 +224,8 @@ def test_float32_compute_of_bfloat16_is_the_widened_product_rounded_once(counts)
     """Each expert's output and every gradient equal float32 arithmetic on the widened bfloat16 tensors, rounded
     to bfloat16 once: at most half a unit in the last place (order of the float32 sums aside)."""
     g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(len(counts), 32, 48, generator=g).bfloat16(), torch.randn(len(counts), 32, generator=g).bfloat16()
-    x, gy = torch.randn(sum(counts), 48, generator=g).bfloat16(), torch.randn(sum(counts), 32, generator=g).bfloat16()
+    w, b, x, gy = (torch.randn(*shape, generator=g).bfloat16()
+                   for shape in ((len(counts), 32, 48), (len(counts), 32), (sum(counts), 48), (sum(counts), 32)))
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     y = grouped_linear(leaves[0], leaves[1], leaves[2], counts, CpuKernel(upcast=True))
     y.backward(gy)
