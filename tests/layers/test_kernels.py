@@ -220,7 +220,8 @@ def test_reduced_precision_agrees_with_the_reference_with_and_without_float32_co
         assert error <= TOLERANCE[dtype], (i, float(error))
 
 
-@pytest.mark.parametrize("counts", [[70, 0, 2, 5], [1, 1, 1]])  # oneDNN's rows and bmm's
+# oneDNN's rows (and a 2-row expert), and experts of one row: forwards unwidened under UPCAST_MIN_ROWS, bmm backward
+@pytest.mark.parametrize("counts", [[70, 0, 2, 5], [1, 1, 1]])
 def test_float32_compute_of_bfloat16_is_the_widened_product_rounded_once(counts):
     """Each expert's output and every gradient equal float32 arithmetic on the widened bfloat16 tensors, rounded
     to bfloat16 once: at most half a unit in the last place (order of the float32 sums aside)."""
