@@ -42,24 +42,25 @@ def cases(kernel: native.Skinny, dtype: torch.dtype, out: int, in_: int, k: int)
     dnnl = cpu.dnnl_op()
     # What the cpu kernel does without the native kernels: float32 takes oneDNN's linear per expert from its minimum
     # rows (forward, backward), each result copied into place (the backward's GEMMs as transposed views); bmm else.
-    forward_rows, backward_rows = cpu.DNNL_MIN_ROWS[dtype] if dtype == torch.float32 and dnnl else (None, None)
+    takes_dnnl = dtype == torch.float32 and dnnl is not None
+    forward_dnnl, backward_dnnl = (takes_dnnl and k >= rows for rows in cpu.DNNL_MIN_ROWS.get(dtype, (0, 0)))
 
     def torch_forward():
-        if forward_rows and k >= forward_rows:
+        if forward_dnnl:
             for e in range(EXPERTS):
                 y[e].copy_(dnnl(x[e], w[e], None, "none", [], ""))
         else:
             torch.bmm(x, w.transpose(1, 2), out=y)
 
     def torch_input_grad():
-        if backward_rows and k >= backward_rows:
+        if backward_dnnl:
             for e in range(EXPERTS):
                 gx[e].copy_(dnnl(gy[e], w[e].t(), None, "none", [], ""))
         else:
             torch.bmm(gy, w, out=gx)
 
     def torch_weight_grad():
-        if backward_rows and k >= backward_rows:
+        if backward_dnnl:
             for e in range(EXPERTS):
                 gw[e].copy_(dnnl(gy[e].t(), x[e].t(), None, "none", [], ""))
         else:

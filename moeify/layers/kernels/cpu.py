@@ -184,10 +184,11 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # grad_y: (R, out)
         x, weight = ctx.saved_tensors
+        dtype = x.dtype
         if ctx.upcast:
             x, grad_y = x.float(), grad_y.float()
         grad_x, grad_w, grad_b = _backward(ctx, x, weight, grad_y)
-        return _as(grad_x, ctx.saved_tensors[0].dtype), grad_w, _as(grad_b, weight.dtype), None, None, None, None, None
+        return _as(grad_x, dtype), grad_w, _as(grad_b, weight.dtype), None, None, None, None, None
 
 
 def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
@@ -212,10 +213,7 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
                 yb.add_(_experts_view(bias, b).unsqueeze(1))
             continue
         if narrow is not None and b.slots < UPCAST_MIN_ROWS:
-            xn = narrow[rows].view(b.k, b.slots, -1)
-            for j in range(b.k):
-                e = b.first + j * b.step
-                yb[j].copy_(torch.nn.functional.linear(xn[j], weight[e], None if bias is None else bias[e]))
+            _linear_per_expert(narrow[rows].view(b.k, b.slots, -1), weight, bias, b, yb)
             continue
         if dnnl is not None and b.slots >= dnnl[1]:
             for j in range(b.k):
@@ -226,12 +224,7 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
         if x.dtype != torch.float32 and (b.step > 1 or b.slots >= MM_MIN_ROWS):
             # Reduced-precision bmm copies a transposed weight view whose experts are not adjacent (a pair
             # with a gap) into a contiguous temporary first: 16x slower than one mm per expert here.
-            for j in range(b.k):
-                e = b.first + j * b.step
-                if bias is None:
-                    torch.mm(xb[j], weight[e].t(), out=yb[j])
-                else:
-                    torch.addmm(bias[e], xb[j], weight[e].t(), out=yb[j])
+            _linear_per_expert(xb, weight, bias, b, yb)
             continue
         w = _as(_experts_view(weight, b), x.dtype).transpose(1, 2)  # (k, in, out)
         if bias is None:
@@ -239,6 +232,19 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
         else:
             torch.baddbmm(_as(_experts_view(bias, b), x.dtype).unsqueeze(1), xb, w, out=yb)
     return y
+
+
+def _linear_per_expert(xb, weight, bias, b, yb) -> None:
+    """yb[j] = xb[j] @ weight[e].T + bias[e] for batch b's experts, one GEMM each in the weights' dtype; written in
+    place where yb has that dtype, else rounded into it (a float32-compute output)."""
+    for j in range(b.k):
+        e = b.first + j * b.step
+        if yb.dtype != weight.dtype:
+            yb[j].copy_(torch.nn.functional.linear(xb[j], weight[e], None if bias is None else bias[e]))
+        elif bias is None:
+            torch.mm(xb[j], weight[e].t(), out=yb[j])
+        else:
+            torch.addmm(bias[e], xb[j], weight[e].t(), out=yb[j])
 
 
 def _backward(ctx, x, weight, grad_y):
