@@ -1,11 +1,11 @@
 """Where the native kernels pay: each of their ops against torch's path for the same op, by rows per expert.
 
-64 experts of t5-small's two FFN shapes (out x in: 2048 x 512, 512 x 2048), float32 and bfloat16, 2 threads, one
-process, the two implementations interleaved, medians of --reps. torch's paths are those the cpu kernel takes
-without the native kernels: float32 oneDNN's linear per expert, copied into place, for all three ops (bmm below 3
-rows); bfloat16 bmm (the weight gradient into a pooled buffer). The row limits in moeify/layers/kernels/cpu.py
-(NATIVE_MAX_ROWS) come from this table.
-Usage: python benchmarks/bench_skinny.py [--rows 1 2 4 ...] [--dtypes fp32 bf16] [--out FILE]
+64 experts of t5-small's two FFN shapes (out x in: 2048 x 512, 512 x 2048), 2 threads, one process, the two
+implementations interleaved, medians of --reps; modes float32, bfloat16, and float32 compute on bfloat16 weights (the
+cpu kernel's upcast, where torch has no fast bfloat16 GEMM). torch's path is the cpu kernel's own code without the
+native kernels (cpu._forward, cpu._backward over one batch of the 64 experts). The row limits in
+moeify/layers/kernels/cpu.py (NATIVE_MAX_ROWS, per build of the kernels) come from this table.
+Usage: python benchmarks/bench_skinny.py [--rows 1 2 4 ...] [--modes fp32 bf16 "fp32 on bf16"] [--out FILE]
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -23,55 +24,39 @@ from moeify.layers.kernels import cpu, native
 
 EXPERTS = 64
 SHAPES = [(2048, 512), (512, 2048)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+         "fp32 on bf16": (torch.float32, torch.bfloat16)}  # (activations, weights)
 OPS = ["forward", "input grad", "weight grad"]
 
 
-def cases(kernel: native.Skinny, dtype: torch.dtype, out: int, in_: int, k: int):
+def cases(kernel: native.Skinny, compute: torch.dtype, dtype: torch.dtype, out: int, in_: int, k: int):
     """{op: (native, torch)} callables on the same operands."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(EXPERTS, out, in_, generator=g).to(dtype)
-    x, gy = torch.randn(EXPERTS, k, in_, generator=g).to(dtype), torch.randn(EXPERTS, k, out, generator=g).to(dtype)
-    y, gx = torch.empty(EXPERTS, k, out, dtype=dtype), torch.empty(EXPERTS, k, in_, dtype=dtype)
+    x, gy = (torch.randn(EXPERTS * k, d, generator=g).to(compute) for d in (in_, out))
+    y, gx = torch.empty(EXPERTS * k, out, dtype=compute), torch.empty(EXPERTS * k, in_, dtype=compute)
     gw = memory.empty((EXPERTS, out, in_), dtype, torch.device("cpu"), True)[0]
     rows = np.full(EXPERTS, k, dtype=np.int64)
 
     def ptrs(t):
-        return t.data_ptr() + np.arange(EXPERTS, dtype=np.int64) * t[0].numel() * t.element_size()
+        return t.data_ptr() + np.arange(EXPERTS, dtype=np.int64) * (t.numel() // EXPERTS) * t.element_size()
 
-    dnnl = cpu.dnnl_op()
-    # What the cpu kernel does without the native kernels: float32 takes oneDNN's linear per expert from its minimum
-    # rows (forward, backward), each result copied into place (the backward's GEMMs as transposed views); bmm else.
-    takes_dnnl = dtype == torch.float32 and dnnl is not None
-    forward_dnnl, backward_dnnl = (takes_dnnl and k >= rows for rows in cpu.DNNL_MIN_ROWS.get(dtype, (0, 0)))
+    def native_op(op, a, b, c):
+        return lambda: kernel.run(op, dtype, rows, ptrs(a), ptrs(b), ptrs(c), out, in_, compute)
 
-    def torch_forward():
-        if forward_dnnl:
-            for e in range(EXPERTS):
-                y[e].copy_(dnnl(x[e], w[e], None, "none", [], ""))
-        else:
-            torch.bmm(x, w.transpose(1, 2), out=y)
+    batches = [cpu._Batch(0, 1, EXPERTS, k, 0)]
+    dnnl = cpu.CpuKernel().dnnl_for(compute, x.device)
+    narrow = None if compute == dtype else x.to(dtype)  # the upcast forward's unwidened rows
 
-    def torch_input_grad():
-        if backward_dnnl:
-            for e in range(EXPERTS):
-                gx[e].copy_(dnnl(gy[e], w[e].t(), None, "none", [], ""))
-        else:
-            torch.bmm(gy, w, out=gx)
-
-    def torch_weight_grad():
-        if backward_dnnl:
-            for e in range(EXPERTS):
-                gw[e].copy_(dnnl(gy[e].t(), x[e].t(), None, "none", [], ""))
-        else:
-            torch.bmm(gy.transpose(1, 2), x, out=gw)
+    def backward(need_x):
+        ctx = SimpleNamespace(batches=batches, skinny=None, needs_input_grad=(need_x, not need_x, False), pool=True,
+                              dnnl=dnnl, has_bias=False)
+        return lambda: cpu._backward(ctx, x, w, gy)
     return {
-        "forward": (lambda: kernel.run(native.FORWARD, dtype, rows, ptrs(x), ptrs(w), ptrs(y), out, in_),
-                    torch_forward),
-        "input grad": (lambda: kernel.run(native.INPUT_GRAD, dtype, rows, ptrs(gy), ptrs(w), ptrs(gx), out, in_),
-                       torch_input_grad),
-        "weight grad": (lambda: kernel.run(native.WEIGHT_GRAD, dtype, rows, ptrs(gy), ptrs(x), ptrs(gw), out, in_),
-                        torch_weight_grad),
+        "forward": (native_op(native.FORWARD, x, w, y),
+                    lambda: cpu._forward(x, w, None, batches, dnnl, None, True, narrow)),
+        "input grad": (native_op(native.INPUT_GRAD, gy, w, gx), backward(True)),
+        "weight grad": (native_op(native.WEIGHT_GRAD, gy, x, gw), backward(False)),
     }
 
 
@@ -88,30 +73,32 @@ def median_ms(fns, reps: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128])
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_skinny.md")
     args = parser.parse_args()
     kernel = native.skinny()
     if kernel is None:
-        raise SystemExit("the native kernels are not available here (no C++ compiler or no AVX-512)")
+        raise SystemExit("the native kernels are not available here (no C++ compiler, or neither AVX-512 nor AVX2)")
     rows = []
-    for name in args.dtypes:
-        dtype = DTYPES[name]
+    for name in args.modes:
+        compute, dtype = MODES[name]
         for out, in_ in SHAPES:
-            limits = cpu.native_max_rows(dtype, out, in_)
+            limits = cpu.native_max_rows(kernel, compute, dtype, out, in_)
+            low = [cpu.UPCAST_MIN_ROWS if compute != dtype else 1, 1, 1]  # float32 compute's forward: cpu._forward
             for k in args.rows:
-                fns = cases(kernel, dtype, out, in_, k)
+                fns = cases(kernel, compute, dtype, out, in_, k)
                 for f in (f for pair in fns.values() for f in pair):  # warm-up: first touches, the pool's mappings
                     f()
                 cells = []
                 for i, op in enumerate(OPS):
                     mine, theirs = median_ms(fns[op], args.reps)
-                    cells.append(f"{mine:.1f} / {theirs:.1f} = {mine / theirs:.2f}x{' *' if k <= limits[i] else ''}")
+                    taken = low[i] <= k <= limits[i]
+                    cells.append(f"{mine:.1f} / {theirs:.1f} = {mine / theirs:.2f}x{' *' if taken else ''}")
                 rows.append((name, f"{out} x {in_}", str(k), *cells))
-    report(f"Native kernel / torch's path, ms for {EXPERTS} experts, {torch.get_num_threads()} threads, median of "
-           f"{args.reps}; * where the cpu kernel takes the native kernel (cpu.NATIVE_MAX_ROWS)",
-           ["dtype", "out x in", "rows per expert", *OPS], rows, args.out,
+    report(f"Native kernel ({kernel.variant}) / torch's path, ms for {EXPERTS} experts, {torch.get_num_threads()} "
+           f"threads, median of {args.reps}; * where the cpu kernel takes the native kernel (cpu.NATIVE_MAX_ROWS)",
+           ["mode", "out x in", "rows per expert", *OPS], rows, args.out,
            ["Below 1.00x the native kernel is faster."])
 
 

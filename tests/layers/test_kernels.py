@@ -194,7 +194,7 @@ def test_the_cpu_kernel_gives_the_same_bits_wherever_the_tensors_lie(monkeypatch
         return [y, *(t.grad for t in leaves)]
 
     want = step(x, w, b)
-    limit = max(cpu.native_max_rows(torch.float32, out, inp))  # the native kernels run some op up to here
+    limit = max(cpu.native_max_rows(native.skinny(), torch.float32, torch.float32, out, inp))  # some op runs natively
     few = min(b.slots for b in cpu._plan(counts, out * inp, batching)) <= limit
     assert bool(ops) == (few and out % 16 == 0 and inp % 16 == 0 and native.skinny() is not None)
     for offset in range(1, 16):  # 4-byte steps through every 64-byte alignment

@@ -12,32 +12,51 @@ import torch
 from moeify.layers.kernels import cpu, grouped_linear, native
 from moeify.layers.kernels.cpu import CpuKernel
 
-HAS_AVX512 = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
-BUILDABLE = HAS_AVX512 and shutil.which(os.environ.get("CXX") or "c++") is not None
-needs_native = pytest.mark.skipif(not BUILDABLE, reason="needs an AVX-512 CPU and a C++ compiler")
+_CPU = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+# The builds this CPU runs, by its own flags (not by the code under test)
+HERE = [v for v, needs in (("avx512", {"avx512f"}), ("avx2", {"avx2", "fma"})) if needs <= set(_CPU)
+        and (v != "avx512" or torch.backends.cpu.get_cpu_capability().startswith("AVX512"))]
+BUILDABLE = bool(HERE) and shutil.which(os.environ.get("CXX") or "c++") is not None
+needs_native = pytest.mark.skipif(not BUILDABLE, reason="needs an AVX-512 or AVX2 CPU and a C++ compiler")
+MODES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+         "fp32 on bf16": (torch.float32, torch.bfloat16)}  # (activations, weights)
+_KERNELS: dict = {}
 
 
-def _ops(kernel, dtype, rows, out, inp, offset=0, seed=0):
+@pytest.fixture(params=HERE or ["none"])
+def kernel(request):
+    """Each build of the kernels this CPU runs (an AVX-512 machine tests its AVX2 build too)."""
+    if not BUILDABLE:
+        pytest.skip("needs an AVX-512 or AVX2 CPU and a C++ compiler")
+    if request.param not in _KERNELS:
+        _KERNELS[request.param] = native.probe(request.param)
+    assert _KERNELS[request.param] is not None and _KERNELS[request.param].variant == request.param
+    return _KERNELS[request.param]
+
+
+def _ops(kernel, mode, rows, out, inp, offset=0, seed=0):
     """Each op on per-expert operands starting `offset` elements past an allocation's start; (y, gx, gw) and the
     float64 products they should equal."""
+    compute, dtype = MODES[mode]
     g = torch.Generator().manual_seed(seed)
 
-    def make(*shape):
+    def make(*shape, dtype=compute):
         t = torch.randn(*shape, generator=g).to(dtype)
         buffer = torch.empty(t.numel() + 32, dtype=dtype)
         return buffer[offset:offset + t.numel()].view_as(t).copy_(t)
 
     n, top = len(rows), max(rows)
-    x, w, gy = make(n, top, inp), make(n, out, inp), make(n, top, out)
-    y, gx, gw = torch.empty(n, top, out, dtype=dtype), torch.empty(n, top, inp, dtype=dtype), make(n, out, inp)
+    x, w, gy = make(n, top, inp), make(n, out, inp, dtype=dtype), make(n, top, out)
+    y, gx, gw = torch.empty(n, top, out, dtype=compute), torch.empty(n, top, inp, dtype=compute), \
+        make(n, out, inp, dtype=dtype)
     r = np.array(rows, dtype=np.int64)
 
     def ptrs(t):
         return np.array([t[e].data_ptr() for e in range(n)], dtype=np.int64)
 
-    kernel.run(native.FORWARD, dtype, r, ptrs(x), ptrs(w), ptrs(y), out, inp)
-    kernel.run(native.INPUT_GRAD, dtype, r, ptrs(gy), ptrs(w), ptrs(gx), out, inp)
-    kernel.run(native.WEIGHT_GRAD, dtype, r, ptrs(gy), ptrs(x), ptrs(gw), out, inp)
+    kernel.run(native.FORWARD, dtype, r, ptrs(x), ptrs(w), ptrs(y), out, inp, compute)
+    kernel.run(native.INPUT_GRAD, dtype, r, ptrs(gy), ptrs(w), ptrs(gx), out, inp, compute)
+    kernel.run(native.WEIGHT_GRAD, dtype, r, ptrs(gy), ptrs(x), ptrs(gw), out, inp, compute)
     got, want = [], []
     for e, k in enumerate(rows):
         xd, wd, gd = x[e, :k].double(), w[e].double(), gy[e, :k].double()
@@ -46,44 +65,40 @@ def _ops(kernel, dtype, rows, out, inp, offset=0, seed=0):
     return got, want
 
 
-@needs_native
-def test_the_kernels_build_and_pass_their_probe_here():
-    assert native.skinny() is not None
+def test_the_widest_build_this_cpu_runs_is_the_one_loaded():
+    assert (native.skinny() and native.skinny().variant) == (HERE[0] if BUILDABLE else None)
 
 
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5]])  # blocks of 6 rows: whole, partial, none
-@pytest.mark.parametrize("out, inp", [(16, 16), (48, 80), (64, 32), (32, 208)])  # 16-column tails of 64-wide blocks
-def test_each_op_equals_the_product_up_to_rounding(dtype, rows, out, inp):
-    got, want = _ops(native.skinny(), dtype, rows, out, inp)
+@pytest.mark.parametrize("mode", list(MODES))
+# blocks of 4 / 6 rows (8 streamed): whole, partial, none
+@pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5]])
+@pytest.mark.parametrize("out, inp", [(16, 16), (48, 80), (64, 32), (32, 208)])  # column tails of the blocks
+def test_each_op_equals_the_product_up_to_rounding(kernel, mode, rows, out, inp):
+    got, want = _ops(kernel, mode, rows, out, inp)
     for a, e in zip(got, want):
         # float32 sums in another order than float64; bfloat16 rounds the result once (8 bits of mantissa)
-        tolerance = 1e-5 if dtype == torch.float32 else 8e-3
-        assert a.shape == e.shape and (a.numel() == 0 or (a.double() - e).abs().max() <= tolerance * max(e.abs().max().item(), 1.0))
+        tolerance = 1e-5 if a.dtype == torch.float32 else 8e-3
+        bound = tolerance * max(e.abs().max().item(), 1.0)
+        assert a.shape == e.shape and (a.numel() == 0 or (a.double() - e).abs().max() <= bound)
 
 
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_the_bits_depend_on_neither_alignment_nor_threads(dtype):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_the_bits_depend_on_neither_alignment_nor_threads(kernel, mode):
     """Each output element is summed in a fixed order of indices: where operands lie, and how many threads share the
     work, change nothing."""
-    kernel = native.skinny()
-    want, _ = _ops(kernel, dtype, [7, 3, 16], 48, 96)
+    want, _ = _ops(kernel, mode, [7, 3, 16], 48, 96)
     threads = torch.get_num_threads()
     try:
         for offset in (1, 3, 8, 15):
             for count in (1, 3):
                 torch.set_num_threads(count)
-                got, _ = _ops(kernel, dtype, [7, 3, 16], 48, 96, offset)
+                got, _ = _ops(kernel, mode, [7, 3, 16], 48, 96, offset)
                 assert all(torch.equal(a, e) for a, e in zip(got, want)), (offset, count)
     finally:
         torch.set_num_threads(threads)
 
 
-@needs_native
-def test_bad_sizes_are_refused_not_computed():
-    kernel = native.skinny()
+def test_bad_sizes_are_refused_not_computed(kernel):
     rows, empty = np.array([1], dtype=np.int64), np.zeros(1, dtype=np.int64)
     with pytest.raises(ValueError, match="refused op 0 with out=24, in=16"):
         kernel.run(native.FORWARD, torch.float32, rows, empty, empty, empty, 24, 16)
@@ -116,30 +131,33 @@ def test_without_the_kernels_the_cpu_kernel_falls_back_silently(monkeypatch, fre
 
 @needs_native
 def test_a_build_is_kept_and_reused(monkeypatch, fresh_cache):
-    first = native.build()
-    assert first is not None and first.parent == fresh_cache and first.name.startswith("skinny-")
+    first = native.build(HERE[0])
+    assert first is not None and first.parent == fresh_cache and first.name.startswith(f"skinny-{HERE[0]}-")
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled again")
 
     monkeypatch.setattr(subprocess, "run", no_compiling)
-    assert native.build() == first
-    assert native.probe() is not None
+    assert native.build(HERE[0]) == first
+    assert native.probe(HERE[0]) is not None
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("out, inp", [(64, 32), (32, 64)])  # each op's limit depends on the shape (out > in or not)
-def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, dtype, out, inp):
-    """Each op runs natively exactly for the experts within its row limit (native_max_rows), and the layer's output
-    and gradients equal those of the cpu kernel without them, up to rounding."""
+def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, mode, out, inp):
+    """Each op runs natively exactly for the experts within its row limit (native_max_rows) for the loaded build and
+    the pair of dtypes (none without an entry), and the layer's output and gradients equal those of the cpu kernel
+    without them, up to rounding. "fp32 on bf16" is bfloat16 with float32 compute (upcast)."""
+    compute, dtype = MODES[mode]
+    upcast = compute != dtype
     calls = []
     real = native.Skinny.run
     monkeypatch.setattr(native.Skinny, "run", lambda self, op, dt, rows, *a: calls.append((op, sorted(rows)))
                         or real(self, op, dt, rows, *a))
-    counts = [2, 0, 7, 30, 60, 150]  # pairs of 150, 30 and 2 slots: each dtype's limits split them
+    counts = [2, 0, 7, 30, 60, 150, 5, 5]  # pairs of 150, 30, 5 and 2 slots: each mode's limits split them
     g = torch.Generator().manual_seed(0)
-    x, w, gy = (torch.randn(*s, generator=g).to(dtype) for s in ((249, inp), (6, out, inp), (249, out)))
+    x, w, gy = (torch.randn(*s, generator=g).to(dtype) for s in ((259, inp), (8, out, inp), (259, out)))
 
     def step(kernel):
         leaves = [t.detach().requires_grad_() for t in (x, w)]
@@ -147,13 +165,14 @@ def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, dtype, o
         return [leaves[0].grad, leaves[1].grad]
 
     slots = sorted(b.slots for b in cpu._plan(counts, out * inp, "pairs") for _ in range(b.k))
-    limits = cpu.native_max_rows(dtype, out, inp)
-    with_native = step(CpuKernel(batching="pairs"))
-    expected = [(op, [s for s in slots if s <= limits[op]]) for op in (native.FORWARD, native.INPUT_GRAD,
-                                                                         native.WEIGHT_GRAD)]
+    limits = cpu.native_max_rows(native.skinny(), compute, dtype, out, inp)
+    with_native = step(CpuKernel(batching="pairs", upcast=upcast))
+    low = [cpu.UPCAST_MIN_ROWS if upcast else 1, 1, 1]  # float32 compute's fewest rows forward unwidened
+    expected = [(op, [s for s in slots if low[op] <= s <= limits[op]]) for op in (native.FORWARD, native.INPUT_GRAD,
+                                                                                  native.WEIGHT_GRAD)]
     assert calls == [(op, s) for op, s in expected if s]
     calls.clear()
-    without = step(CpuKernel(batching="pairs", native=False))
+    without = step(CpuKernel(batching="pairs", native=False, upcast=upcast))
     assert calls == []
     for a, e in zip(with_native, without):
         torch.testing.assert_close(a, e, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-4)

@@ -36,16 +36,25 @@ DNNL_MIN_ROWS = {torch.float32: (1, 3)}
 MM_MIN_ROWS = 64
 # Up to this many rows per expert the hand-written kernels of native.py run the op, where torch's paths pack the
 # weight, write its gradient at a third of the memory's rate, or copy oneDNN's result into place (float32 from 3
-# rows): (where out > in, where out <= in) for the forward, the input gradient and the weight gradient, measured per
-# op, dtype and FFN shape over 64 experts against the path the kernel takes without them (benchmarks/bench_skinny.py,
-# docs/performance.md). bfloat16's bmm streams its weights better than float32's, and the native forward's dot
-# products are short where out > in (in = d_model).
-NATIVE_MAX_ROWS = {torch.float32: ((64, 16), (48, 128), (128, 64)), torch.bfloat16: ((16, 16), (8, 16), (4, 8))}
+# rows): per build of the kernels and (activations' dtype, weights' dtype), (where out > in, where out <= in) for the
+# forward, the input gradient and the weight gradient, measured per op, dtypes and FFN shape over 64 experts against
+# the path the kernel takes without them (benchmarks/bench_skinny.py, docs/performance.md). bfloat16's bmm streams
+# its weights better than float32's, and the native forward's dot products are short where out > in (in = d_model).
+# A pair without an entry never runs natively (float32 compute on bfloat16 weights is measured only where it runs
+# by default: AVX2, where torch has no fast bfloat16 GEMM).
+F32, BF16 = torch.float32, torch.bfloat16
+NATIVE_MAX_ROWS = {
+    "avx512": {(F32, F32): ((64, 16), (48, 128), (128, 64)), (BF16, BF16): ((16, 16), (8, 16), (4, 8))},
+    "avx2": {(F32, F32): ((32, 24), (16, 32), (16, 16)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},
+}
 
 
-def native_max_rows(dtype: torch.dtype, out: int, in_: int) -> tuple[int, int, int]:
-    """Rows per expert up to which the native kernels run the forward, the input gradient and the weight gradient."""
-    return tuple(limits[out <= in_] for limits in NATIVE_MAX_ROWS[dtype])
+def native_max_rows(skinny: native.Skinny | None, compute: torch.dtype, dtype: torch.dtype, out: int,
+                    in_: int) -> tuple[int, int, int]:
+    """Rows per expert up to which `skinny`'s kernels run the forward, the input gradient and the weight gradient of
+    activations in `compute` on weights in `dtype`; zeros without kernels."""
+    limits = NATIVE_MAX_ROWS[skinny.variant].get((compute, dtype)) if skinny else None
+    return (0, 0, 0) if limits is None else tuple(limit[out <= in_] for limit in limits)
 
 
 # Below this many rows per expert a float32-compute forward (below) runs each expert's GEMM in the weights' own dtype:
@@ -116,9 +125,9 @@ def _experts_view(t: torch.Tensor, b: _Batch) -> torch.Tensor:
                         t.storage_offset() + b.first * t.stride(0))
 
 
-def _native_rows(batches: list[_Batch], limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(experts, first padded rows, rows) of the batches' experts with at most `limit` rows, or None if none."""
-    chosen = [b for b in batches if b.slots <= limit]
+def _native_rows(batches: list[_Batch], limit: int, low: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(experts, first padded rows, rows) of the batches' experts with `low` to `limit` rows, or None if none."""
+    chosen = [b for b in batches if low <= b.slots <= limit]
     if not chosen:
         return None
     experts = np.concatenate([b.first + b.step * np.arange(b.k) for b in chosen])
@@ -128,11 +137,12 @@ def _native_rows(batches: list[_Batch], limit: int) -> tuple[np.ndarray, np.ndar
 
 def _native(kernel: native.Skinny, op: int, picked, weight: torch.Tensor, *operands: tuple[torch.Tensor, bool]) -> None:
     """Runs a native op over the picked experts. Each operand is (tensor, per_row): rows of the padded layout
-    (R, d), or a stacked (E, out, in) weight or its gradient; all contiguous."""
+    (R, d), or a stacked (E, out, in) weight or its gradient; all contiguous. The first is an activation (x or the
+    output's gradient): its dtype is the computation's."""
     experts, starts, rows = picked
     addresses = [t.data_ptr() + (starts * t.shape[-1] if per_row else experts * t[0].numel()) * t.element_size()
                  for t, per_row in operands]
-    kernel.run(op, weight.dtype, rows, *addresses, weight.shape[1], weight.shape[2])
+    kernel.run(op, weight.dtype, rows, *addresses, weight.shape[1], weight.shape[2], operands[0][0].dtype)
 
 
 def _plan(counts: list[int], weight_numel: int, batching: str = "auto") -> list[_Batch]:
@@ -194,8 +204,11 @@ class _GroupedLinear(torch.autograd.Function):
 def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
     """_GroupedLinear's output in x's dtype (weights of another dtype widened to it per batch); narrow: x in the
     weights' dtype, for the batches under UPCAST_MIN_ROWS rows, which then run unwidened."""
-    limit = native_max_rows(x.dtype, *weight.shape[1:])[0] if skinny else 0
-    few = _native_rows(batches, limit)
+    limit = native_max_rows(skinny, x.dtype, weight.dtype, *weight.shape[1:])[0]
+    # float32 compute's forwards under UPCAST_MIN_ROWS rows stay unwidened: torch's GEMM on the weights' own dtype
+    # beats the native loops there too (bench_skinny, docs/performance.md)
+    low = 1 if narrow is None else UPCAST_MIN_ROWS
+    few = _native_rows(batches, limit, low)
     if dnnl is not None and len(batches) == 1 and batches[0].k == 1 and batches[0].slots >= dnnl[1]:
         # One expert takes every row (E = 1, or all tokens routed alike): oneDNN's own output is the result,
         # not copied into a buffer of ours (a pass over the output: 1-2 % of a one-expert layer).
@@ -208,7 +221,7 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
     for b in batches:
         rows = slice(b.row, b.row + b.k * b.slots)
         xb, yb = x[rows].view(b.k, b.slots, -1), y[rows].view(b.k, b.slots, -1)
-        if b.slots <= limit:
+        if low <= b.slots <= limit:
             if bias is not None:
                 yb.add_(_experts_view(bias, b).unsqueeze(1))
             continue
@@ -255,7 +268,7 @@ def _backward(ctx, x, weight, grad_y):
     grad_x = memory.empty(tuple(x.shape), x.dtype, x.device, ctx.pool)[0] if need_x else None  # (R, in)
     grad_w, w_zero = gradient_buffer(weight, ctx.pool) if need_w else (None, True)  # (E, out, in)
     grad_b = x.new_zeros(weight.shape[:2]) if need_b and ctx.has_bias else None  # (E, out), in x's dtype
-    _, x_rows, w_rows = native_max_rows(x.dtype, *weight.shape[1:]) if skinny else (0, 0, 0)
+    _, x_rows, w_rows = native_max_rows(skinny, x.dtype, weight.dtype, *weight.shape[1:])
     few_x = _native_rows(batches, x_rows) if grad_x is not None else None
     few_w = _native_rows(batches, w_rows) if grad_w is not None else None
     if few_x:
@@ -370,8 +383,8 @@ class CpuLayout:
         upcast = self.kernel.upcasts(x)
         compute = torch.float32 if upcast else x.dtype  # what the GEMMs see: the kernel's paths are chosen for it
         return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(compute, x.device),
-                                    None if one or upcast else self.kernel.skinny_for(x, weight), self.kernel.pool,
-                                    upcast)
+                                    None if one else self.kernel.skinny_for(compute, x.device, weight),
+                                    self.kernel.pool, upcast)
 
 
 @dataclass(frozen=True)
@@ -410,10 +423,10 @@ class CpuKernel:
         op = dnnl_op()
         return None if op is None else (op, *rows)
 
-    def skinny_for(self, x: torch.Tensor, weight: torch.Tensor) -> native.Skinny | None:
-        """The native kernels when they may run x's and weight's linear (contiguous float32 or bfloat16 weight with
-        sizes in multiples of 16), else None."""
-        if not (self.native and x.dtype in NATIVE_MAX_ROWS and weight.dtype == x.dtype and x.device.type == "cpu"
+    def skinny_for(self, compute: torch.dtype, device: torch.device, weight: torch.Tensor) -> native.Skinny | None:
+        """The native kernels when they may run a linear computed in `compute` on `weight` (a pair of dtypes they
+        have, a contiguous weight with sizes in multiples of 16), else None."""
+        if not (self.native and (compute, weight.dtype) in native.MODES and device.type == "cpu"
                 and weight.is_contiguous() and weight.shape[1] % 16 == 0 and weight.shape[2] % 16 == 0):
             return None
         return native.skinny()

@@ -1,6 +1,7 @@
 """The cpu kernel's hand-written GEMMs for few rows per expert (skinny.cpp): built on first use with the system C++
-compiler into a per-user cache, loaded with ctypes, and None wherever that cannot be done (no compiler, no
-AVX-512, a wrong result on the probe): the cpu kernel then takes torch's paths, silently."""
+compiler into a per-user cache, for the widest instruction set this CPU runs (AVX-512, else AVX2 with FMA), loaded
+with ctypes, and None wherever that cannot be done (no compiler, neither instruction set, a wrong result on the
+probe): the cpu kernel then takes torch's paths, silently."""
 from __future__ import annotations
 
 import ctypes
@@ -15,9 +16,13 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("skinny.cpp")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bf16", "-mfma", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+# Builds of the one source, widest first; each library says whether this CPU runs it (moeify_skinny_supported).
+VARIANTS = {"avx512": ("-mavx512f", "-mavx512bf16", "-mfma"), "avx2": ("-mavx2", "-mfma")}
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2  # y = x @ w.T, gx = g @ w, gw = g.T @ x
-DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# (activations' dtype, weights' dtype) -> the library's code: float32 activations on bfloat16 weights are the
+# float32 compute of the cpu kernel's upcast (x, y, g, gx widened; w read and gw written in bfloat16).
+MODES = {(torch.float32, torch.float32): 0, (torch.bfloat16, torch.bfloat16): 1, (torch.float32, torch.bfloat16): 2}
 BUILD_SECONDS = 120
 
 
@@ -28,21 +33,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeify"
 
 
-def build() -> Path | None:
-    """The compiled library, built once per source, flags and compiler (the file name holds their digest); None
-    when there is no compiler ($CXX, else c++) or it fails. Written to a temporary name, then renamed: two processes
-    building at once (torchrun's ranks) each finish with a whole file."""
+def candidates() -> list[str]:
+    """The variants worth building here, widest first: AVX-512 only where torch found it on this CPU (building it
+    elsewhere costs a compile for a library that would refuse to run)."""
+    wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return [v for v in VARIANTS if wide or v != "avx512"]
+
+
+def build(variant: str = "avx2") -> Path | None:
+    """The compiled library, built once per source, variant, flags and compiler (the file name holds their digest);
+    None when there is no compiler ($CXX, else c++) or it fails. Written to a temporary name, then renamed: two
+    processes building at once (torchrun's ranks) each finish with a whole file."""
     compiler = shutil.which(os.environ.get("CXX") or "c++")
     if compiler is None or not SOURCE.is_file():
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, compiler, platform.machine())).encode()).hexdigest()[:16]
-    target = cache_dir() / f"skinny-{key}.so"
+    flags = (*FLAGS, *VARIANTS[variant])
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((flags, compiler, platform.machine())).encode()).hexdigest()[:16]
+    target = cache_dir() / f"skinny-{variant}-{key}.so"
     if target.is_file():
         return target
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([compiler, *FLAGS, "-o", str(temporary), str(SOURCE)], check=True, capture_output=True,
+        subprocess.run([compiler, *flags, "-o", str(temporary), str(SOURCE)], check=True, capture_output=True,
                        timeout=BUILD_SECONDS)
         os.replace(temporary, target)
     except (OSError, subprocess.SubprocessError):
@@ -52,61 +65,68 @@ def build() -> Path | None:
 
 
 class Skinny:
-    """The loaded library: run(op, rows, a, b, c) over a list of experts."""
+    """The loaded library of one variant: run(op, dtype, rows, a, b, c, ...) over a list of experts."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, variant: str) -> None:
+        self.variant = variant
         self.fn = lib.moeify_skinny
         self.fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
         self.fn.restype = ctypes.c_int
 
     def run(self, op: int, dtype: torch.dtype, rows: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray,
-            out: int, in_: int) -> None:
+            out: int, in_: int, compute: torch.dtype | None = None) -> None:
         """For expert j: op FORWARD c[j] = a[j] @ b[j].T (x, w -> y), INPUT_GRAD c[j] = a[j] @ b[j] (g, w -> gx),
         WEIGHT_GRAD c[j] = a[j].T @ b[j] (g, x -> gw); a, b, c are int64 arrays of the contiguous operands'
-        addresses, rows[j] the expert's rows; out and in multiples of 16. The GIL is released while it runs."""
-        status = self.fn(op, DTYPES[dtype], len(rows), rows.ctypes.data, a.ctypes.data, b.ctypes.data,
-                         c.ctypes.data, out, in_, torch.get_num_threads())
+        addresses, rows[j] the expert's rows; out and in multiples of 16; dtype the weight's (w, gw), compute the
+        activations' (x, y, g, gx; default dtype), a pair in MODES. The GIL is released while it runs."""
+        status = self.fn(op, MODES[compute or dtype, dtype], len(rows), rows.ctypes.data, a.ctypes.data,
+                         b.ctypes.data, c.ctypes.data, out, in_, torch.get_num_threads())
         if status:
             raise ValueError(f"skinny kernel refused op {op} with out={out}, in={in_}")
 
 
 def _correct(kernel: Skinny) -> bool:
-    """Each op and dtype against torch on small cases with two experts (one of 7 rows: a partial block of rows), with
+    """Each op and mode against torch on small cases with two experts (one of 7 rows: a partial block of rows), with
     an input width that bfloat16's pair dot product takes (96) and one it leaves to the conversion path (80)."""
-    return all(_correct_at(kernel, dtype, 32, in_) for dtype in DTYPES for in_ in (80, 96))
+    return all(_correct_at(kernel, *mode, 32, in_) for mode in MODES for in_ in (80, 96))
 
 
-def _correct_at(kernel: Skinny, dtype: torch.dtype, out: int, in_: int) -> bool:
+def _correct_at(kernel: Skinny, compute: torch.dtype, dtype: torch.dtype, out: int, in_: int) -> bool:
     w = (torch.arange(2 * out * in_, dtype=torch.float32).view(2, out, in_) % 7 - 3).to(dtype)
-    x = (torch.arange(2 * 7 * in_, dtype=torch.float32).view(2, 7, in_) % 5 - 2).to(dtype)
-    g = (torch.arange(2 * 7 * out, dtype=torch.float32).view(2, 7, out) % 3 - 1).to(dtype)
-    y, gx, gw = torch.empty(2, 7, out, dtype=dtype), torch.empty_like(x), torch.empty_like(w)
+    x = (torch.arange(2 * 7 * in_, dtype=torch.float32).view(2, 7, in_) % 5 - 2).to(compute)
+    g = (torch.arange(2 * 7 * out, dtype=torch.float32).view(2, 7, out) % 3 - 1).to(compute)
+    y, gx, gw = torch.empty(2, 7, out, dtype=compute), torch.empty_like(x), torch.empty_like(w)
     rows = np.array([7, 3], dtype=np.int64)
     ptrs = [np.array([t[0].data_ptr(), t[1].data_ptr()], dtype=np.int64) for t in (x, w, y, g, gx, gw)]
-    kernel.run(FORWARD, dtype, rows, ptrs[0], ptrs[1], ptrs[2], out, in_)
-    kernel.run(INPUT_GRAD, dtype, rows, ptrs[3], ptrs[1], ptrs[4], out, in_)
-    kernel.run(WEIGHT_GRAD, dtype, rows, ptrs[3], ptrs[0], ptrs[5], out, in_)
+    kernel.run(FORWARD, dtype, rows, ptrs[0], ptrs[1], ptrs[2], out, in_, compute)
+    kernel.run(INPUT_GRAD, dtype, rows, ptrs[3], ptrs[1], ptrs[4], out, in_, compute)
+    kernel.run(WEIGHT_GRAD, dtype, rows, ptrs[3], ptrs[0], ptrs[5], out, in_, compute)
+    w, gw = w.to(compute), gw.to(compute)
     # small integers: every dtype computes them exactly
     return all(torch.equal(y[e, :n], x[e, :n] @ w[e].T) and torch.equal(gx[e, :n], g[e, :n] @ w[e])
                and torch.equal(gw[e], g[e, :n].T @ x[e, :n]) for e, n in enumerate(rows))
 
 
-def probe() -> Skinny | None:
-    """The kernels if this machine can build and run them and they compute correctly, else None."""
+def probe(variant: str | None = None) -> Skinny | None:
+    """The kernels of `variant` (default: the first of candidates() that works) if this machine can build and run
+    them and they compute correctly, else None."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    path = build()
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-        if not lib.moeify_skinny_supported():
-            return None
-        kernel = Skinny(lib)
-        return kernel if _correct(kernel) else None
-    except (OSError, AttributeError, ValueError):
-        return None
+    for name in [variant] if variant else candidates():
+        path = build(name)
+        if path is None:
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+            if not lib.moeify_skinny_supported():
+                continue
+            kernel = Skinny(lib, name)
+            if _correct(kernel):
+                return kernel
+        except (OSError, AttributeError, ValueError):
+            continue
+    return None
 
 
 _LOADED: list = []  # [Skinny or None], probed on first use: import stays cheap
