@@ -27,9 +27,9 @@ _FLOPS = 150e9
 # The forward takes oneDNN from one row: below 4 rows MKL's x @ w.T on AVX2 sums in an order that depends on where
 # the weight (1 row) or the input (2-3 rows) lies in memory, so a checkpoint loaded at other offsets would compute
 # other bits; oneDNN's does not, at 0.9-1.5x bmm's time for forward GEMMs of 1-2 rows over 64 experts and 0.97-1.05x
-# for the layer's training step. On AVX-512 the native loops take those rows. bfloat16 has none: its mm is oneDNN's
-# already, and writes straight into the output where the private op's result must be copied there.
-# docs/performance.md.
+# for the layer's training step. Where the native loops build (AVX-512, AVX2) they take those rows. bfloat16 has
+# none: its mm is oneDNN's already, and writes straight into the output where the private op's result must be
+# copied there. docs/performance.md.
 DNNL_MIN_ROWS = {torch.float32: (1, 3)}
 # From this many bfloat16 rows per expert the forward runs one mm per expert instead of a bmm over a batch of experts
 # (1.1-1.7x faster at E <= 64; bmm is as fast up to ~64 rows).
