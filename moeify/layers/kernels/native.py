@@ -40,7 +40,7 @@ def candidates() -> list[str]:
     return [v for v in VARIANTS if wide or v != "avx512"]
 
 
-def build(variant: str = "avx2") -> Path | None:
+def build(variant: str) -> Path | None:
     """The compiled library, built once per source, variant, flags and compiler (the file name holds their digest);
     None when there is no compiler ($CXX, else c++) or it fails. Written to a temporary name, then renamed: two
     processes building at once (torchrun's ranks) each finish with a whole file."""
