@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -148,13 +149,11 @@ def write_text_atomically(path: Path, text: str) -> None:
     path = Path(path)
     make_output_dir(path.parent, path)
     clean_leftovers(path)
-    try:
-        fd, name = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise cannot_write(path, e) from None
-    tmp = Path(name)
+    prefix, tmp = temp_prefix(path.name), None
     try:
         try:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+            tmp = Path(name)
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             os.chmod(tmp, 0o666 & ~_umask())
@@ -162,9 +161,17 @@ def write_text_atomically(path: Path, text: str) -> None:
             raise cannot_write(path, e) from None
         tmp.replace(path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        _discard(tmp, path.parent, prefix)
         raise
+
+
+def _discard(tmp: Path | None, parent: Path, prefix: str) -> None:
+    """Remove a write's temporary. Without its name (an interrupt, such as SIGTERM raised by the CLI, that came as
+    mkstemp or mkdtemp returned) remove what this process made under `prefix`: the prefix names this process and
+    this output, so nothing else matches."""
+    for leftover in [tmp] if tmp is not None else parent.glob(glob.escape(prefix) + "*.tmp"):
+        with contextlib.suppress(OSError):
+            remove_path(leftover)
 
 
 def check_writable(out: Path, force: bool) -> None:
@@ -186,12 +193,13 @@ def atomic_directory(out: Path, *, force: bool = False, manifest: bool = True) -
     out = Path(out)
     check_writable(out, force)
     make_output_dir(out.parent, out)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise cannot_write(out, e) from None
-    old = tmp.with_name(tmp.name[:-len(".tmp")] + ".old")
-    try:
+    prefix, tmp, old = temp_prefix(out.name), None, None
+    try:  # from before mkdtemp: an interrupt as it returns must not leave its directory behind
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=out.parent))
+        except OSError as e:
+            raise cannot_write(out, e) from None
+        old = tmp.with_name(tmp.name[:-len(".tmp")] + ".old")
         yield tmp
         if manifest:
             from moeify.checkpoint.integrity import write_manifest  # integrity reads JSON through this module
@@ -204,8 +212,8 @@ def atomic_directory(out: Path, *, force: bool = False, manifest: bool = True) -
         if old.exists() or old.is_symlink():
             remove_path(old)
     except BaseException:
-        if old.exists() and not out.exists():  # interrupted between the two renames: the previous output returns
-            with contextlib.suppress(OSError):
+        if old is not None and old.exists() and not out.exists():  # interrupted between the two renames: the
+            with contextlib.suppress(OSError):  # previous output returns
                 old.rename(out)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp, out.parent, prefix)
         raise

@@ -80,10 +80,11 @@ def draw_plan(plan: ShardingPlan, topology: Topology, path: str | Path) -> None:
     # The temporary keeps the real suffix's format: matplotlib would pick PNG from a ".png" temporary.
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=130, bbox_inches="tight")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise MoeifyError(f"cannot write {path} ({e.strerror}): choose another --draw path") from None
-    finally:
+        try:
+            fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=130, bbox_inches="tight")
+            os.replace(tmp, path)
+        except OSError as e:
+            raise MoeifyError(f"cannot write {path} ({e.strerror}): choose another --draw path") from None
+    finally:  # an interrupt (SIGTERM, raised by the CLI) too leaves no temporary
         plt.close(fig)
+        tmp.unlink(missing_ok=True)

@@ -129,3 +129,22 @@ def test_plan_and_its_inspection_read_at_80_columns(tmp_path, console80):
     assert [row[0] for row in layer_rows] == [layer["name"] for layer in plan["layers"]]  # whole names
     assert "layers (128 experts each)" in shown.stdout
     assert re.search(r"^ +15  E120-127\s*$", shown.stdout, flags=re.MULTILINE), shown.stdout
+
+
+
+def test_an_interrupt_while_drawing_leaves_no_temporary(monkeypatch, tmp_path):
+    """SIGTERM reaches the CLI as an exception: one that lands while the picture is written leaves no half-written
+    temporary beside it."""
+    import matplotlib.figure
+
+    real = matplotlib.figure.Figure.savefig
+
+    def interrupted(self, fname, *args, **kwargs):
+        real(self, fname, *args, **kwargs)  # the temporary is written, then the interrupt comes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted)
+    out, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    result = run("plan", "switch-base-128", "--topology", "dgx-a100", "--nodes", 2, "-o", out, "--draw", png)
+    assert result.exit_code != 0
+    assert not png.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
