@@ -86,9 +86,9 @@ inline void sums4(V a, V b, V c, V d, float *s) {
 }
 int supported() { return __builtin_cpu_supports("avx512f"); }
 #else
-// AVX2: 16 vector registers, not 32. The forward's 4 x 4 accumulators spill a few to L1 (4 rows per pass over the
-// weight still beat 2 or 3: bench_skinny, docs/performance.md), and the input gradient streams the weight's rows
-// instead of holding column strips in registers (input_grad_stream).
+// AVX2: 16 vector registers, not 32. The forward's 4 x 4 accumulators spill a few to L1 (4 rows per pass measured
+// as fast as 2 or 3 at 1-4 rows, with half the passes over the weight at 8; docs/performance.md), and the input
+// gradient streams the weight's rows instead of holding column strips in registers (input_grad_stream).
 typedef __m256 V;
 constexpr int W = 8;
 constexpr int KB = 4;
