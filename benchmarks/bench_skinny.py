@@ -85,7 +85,7 @@ def main() -> None:
         compute, dtype = MODES[name]
         for out, in_ in SHAPES:
             limits = cpu.native_max_rows(kernel, compute, dtype, out, in_)
-            low = [cpu.UPCAST_MIN_ROWS if compute != dtype else 1, 1, 1]  # float32 compute's forward: cpu._forward
+            low = cpu.native_min_rows(compute, dtype)
             for k in args.rows:
                 fns = cases(kernel, compute, dtype, out, in_, k)
                 for f in (f for pair in fns.values() for f in pair):  # warm-up: first touches, the pool's mappings

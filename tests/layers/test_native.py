@@ -169,7 +169,7 @@ def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, mode, ou
     slots = sorted(b.slots for b in cpu._plan(counts, out * inp, "pairs") for _ in range(b.k))
     limits = cpu.native_max_rows(native.skinny(), compute, dtype, out, inp)
     with_native = step(CpuKernel(batching="pairs", upcast=upcast))
-    low = [cpu.UPCAST_MIN_ROWS if upcast else 1, 1, 1]  # float32 compute's fewest rows forward unwidened
+    low = cpu.native_min_rows(compute, dtype)
     expected = [(op, [s for s in slots if low[op] <= s <= limits[op]]) for op in (native.FORWARD, native.INPUT_GRAD,
                                                                                   native.WEIGHT_GRAD)]
     assert calls == [(op, s) for op, s in expected if s]

@@ -57,6 +57,13 @@ def native_max_rows(skinny: native.Skinny | None, compute: torch.dtype, dtype: t
     return (0, 0, 0) if limits is None else tuple(limit[out <= in_] for limit in limits)
 
 
+def native_min_rows(compute: torch.dtype, dtype: torch.dtype) -> tuple[int, int, int]:
+    """Rows per expert from which the native kernels run the forward, the input gradient and the weight gradient:
+    float32 compute's forwards under UPCAST_MIN_ROWS rows stay unwidened, where torch's GEMM on the weights' own dtype
+    beats the native loops too (bench_skinny, docs/performance.md)."""
+    return (UPCAST_MIN_ROWS if compute != dtype else 1, 1, 1)
+
+
 # Below this many rows per expert a float32-compute forward (below) runs each expert's GEMM in the weights' own dtype:
 # widening a weight costs more than a GEMM of 1-3 rows (64 experts, bfloat16 on AVX2: 0.5-0.7x the widened path's time
 # at 1 row, 0.65-0.75x at 2, equal at 4, 1.5-2.9x slower from 8). Its backward widens at every size: torch's bfloat16
@@ -205,9 +212,7 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
     """_GroupedLinear's output in x's dtype (weights of another dtype widened to it per batch); narrow: x in the
     weights' dtype, for the batches under UPCAST_MIN_ROWS rows, which then run unwidened."""
     limit = native_max_rows(skinny, x.dtype, weight.dtype, *weight.shape[1:])[0]
-    # float32 compute's forwards under UPCAST_MIN_ROWS rows stay unwidened: torch's GEMM on the weights' own dtype
-    # beats the native loops there too (bench_skinny, docs/performance.md)
-    low = 1 if narrow is None else UPCAST_MIN_ROWS
+    low = native_min_rows(x.dtype, weight.dtype)[0]
     few = _native_rows(batches, limit, low)
     if dnnl is not None and len(batches) == 1 and batches[0].k == 1 and batches[0].slots >= dnnl[1]:
         # One expert takes every row (E = 1, or all tokens routed alike): oneDNN's own output is the result,
