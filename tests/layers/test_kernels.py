@@ -220,16 +220,18 @@ def test_reduced_precision_agrees_with_the_reference_with_and_without_float32_co
         assert error <= TOLERANCE[dtype], (i, float(error))
 
 
-# oneDNN's rows (and a 2-row expert), and experts of one row: forwards unwidened under UPCAST_MIN_ROWS, bmm backward
+# oneDNN's rows (and a 2-row expert), and experts of one row: forwards on the native loops where they build, else
+# unwidened under UPCAST_MIN_ROWS (native=False), bmm backward
 @pytest.mark.parametrize("counts", [[70, 0, 2, 5], [1, 1, 1]])
-def test_float32_compute_of_bfloat16_is_the_widened_product_rounded_once(counts):
+@pytest.mark.parametrize("loops", [True, False])
+def test_float32_compute_of_bfloat16_is_the_widened_product_rounded_once(counts, loops):
     """Each expert's output and every gradient equal float32 arithmetic on the widened bfloat16 tensors, rounded
     to bfloat16 once: at most half a unit in the last place (order of the float32 sums aside)."""
     g = torch.Generator().manual_seed(0)
     w, b, x, gy = (torch.randn(*shape, generator=g).bfloat16()
                    for shape in ((len(counts), 32, 48), (len(counts), 32), (sum(counts), 48), (sum(counts), 32)))
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    y = grouped_linear(leaves[0], leaves[1], leaves[2], counts, CpuKernel(upcast=True))
+    y = grouped_linear(leaves[0], leaves[1], leaves[2], counts, CpuKernel(upcast=True, native=loops))
     y.backward(gy)
     rows = torch.arange(sum(counts)).split(counts)
     want_y = torch.cat([x[r].float() @ w[e].float().T + b[e].float() for e, r in enumerate(rows)])

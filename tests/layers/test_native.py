@@ -72,8 +72,9 @@ def test_the_widest_build_this_cpu_runs_is_the_one_loaded():
 @pytest.mark.parametrize("mode", list(MODES))
 # blocks of 4 / 6 rows (8 streamed): whole, partial, none
 @pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5]])
-# column tails of the blocks; in > 1024: the streamed input gradient in two chunks
-@pytest.mark.parametrize("out, inp", [(16, 16), (48, 80), (64, 32), (32, 208), (16, 1040)])
+# column tails of the blocks; in > 1024: the streamed input gradient in two chunks; 272 x 2048: on AVX2 the forward's
+# units of 1 MB of weight (128 or 256 rows), the last one partial
+@pytest.mark.parametrize("out, inp", [(16, 16), (48, 80), (64, 32), (32, 208), (16, 1040), (272, 2048)])
 def test_each_op_equals_the_product_up_to_rounding(kernel, mode, rows, out, inp):
     got, want = _ops(kernel, mode, rows, out, inp)
     for a, e in zip(got, want):
@@ -169,9 +170,8 @@ def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, mode, ou
     slots = sorted(b.slots for b in cpu._plan(counts, out * inp, "pairs") for _ in range(b.k))
     limits = cpu.native_max_rows(native.skinny(), compute, dtype, out, inp)
     with_native = step(CpuKernel(batching="pairs", upcast=upcast))
-    low = cpu.native_min_rows(compute, dtype)
-    expected = [(op, [s for s in slots if low[op] <= s <= limits[op]]) for op in (native.FORWARD, native.INPUT_GRAD,
-                                                                                  native.WEIGHT_GRAD)]
+    expected = [(op, [s for s in slots if s <= limits[op]]) for op in (native.FORWARD, native.INPUT_GRAD,
+                                                                       native.WEIGHT_GRAD)]
     assert calls == [(op, s) for op, s in expected if s]
     calls.clear()
     without = step(CpuKernel(batching="pairs", native=False, upcast=upcast))

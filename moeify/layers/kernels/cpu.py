@@ -57,16 +57,10 @@ def native_max_rows(skinny: native.Skinny | None, compute: torch.dtype, dtype: t
     return (0, 0, 0) if limits is None else tuple(limit[out <= in_] for limit in limits)
 
 
-def native_min_rows(compute: torch.dtype, dtype: torch.dtype) -> tuple[int, int, int]:
-    """Rows per expert from which the native kernels run the forward, the input gradient and the weight gradient:
-    float32 compute's forwards under UPCAST_MIN_ROWS rows stay unwidened, where torch's GEMM on the weights' own dtype
-    beats the native loops too (bench_skinny, docs/performance.md)."""
-    return (UPCAST_MIN_ROWS if compute != dtype else 1, 1, 1)
-
-
-# Below this many rows per expert a float32-compute forward (below) runs each expert's GEMM in the weights' own dtype:
-# widening a weight costs more than a GEMM of 1-3 rows (64 experts, bfloat16 on AVX2: 0.5-0.7x the widened path's time
-# at 1 row, 0.65-0.75x at 2, equal at 4, 1.5-2.9x slower from 8). Its backward widens at every size: torch's bfloat16
+# Below this many rows per expert a float32-compute forward (below) that the native loops do not take (they run it
+# where they build, at 0.5-0.7x this path's time) runs each expert's GEMM in the weights' own dtype: widening a
+# weight costs more than a GEMM of 1-3 rows (64 experts, bfloat16 on AVX2: 0.5-0.7x the widened path's time at 1 row,
+# 0.65-0.75x at 2, equal at 4, 1.5-2.9x slower from 8). Its backward widens at every size: torch's bfloat16
 # g @ w ran 8-130x slower than the widened GEMM from one row. docs/performance.md.
 UPCAST_MIN_ROWS = 4
 
@@ -132,14 +126,24 @@ def _experts_view(t: torch.Tensor, b: _Batch) -> torch.Tensor:
                         t.storage_offset() + b.first * t.stride(0))
 
 
-def _native_rows(batches: list[_Batch], limit: int, low: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(experts, first padded rows, rows) of the batches' experts with `low` to `limit` rows, or None if none."""
-    chosen = [b for b in batches if low <= b.slots <= limit]
-    if not chosen:
+def _experts_of(batches: list[_Batch]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(experts, first padded rows, rows) of every expert in the batches, in padded order. In numpy: torch ops or a
+    Python loop over the experts cost 0.1-0.4 ms of a step at E 64-256 with few tokens."""
+    if not batches:
+        return (np.zeros(0, dtype=np.int64),) * 3
+    first, step, k, slots, row = np.array(batches, dtype=np.int64).T
+    j = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)  # each expert's place in its batch
+    return np.repeat(first, k) + np.repeat(step, k) * j, np.repeat(row, k) + np.repeat(slots, k) * j, \
+        np.repeat(slots, k)
+
+
+def _native_rows(batches: list[_Batch], limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(experts, first padded rows, rows) of the batches' experts with up to `limit` rows, or None if none."""
+    if not any(b.slots <= limit for b in batches):
         return None
-    experts = np.concatenate([b.first + b.step * np.arange(b.k) for b in chosen])
-    starts = np.concatenate([b.row + b.slots * np.arange(b.k) for b in chosen])
-    return experts, starts, np.concatenate([np.full(b.k, b.slots) for b in chosen])
+    experts, starts, rows = _experts_of(batches)
+    chosen = rows <= limit
+    return experts[chosen], starts[chosen], rows[chosen]
 
 
 def _native(kernel: native.Skinny, op: int, picked, weight: torch.Tensor, *operands: tuple[torch.Tensor, bool]) -> None:
@@ -157,24 +161,27 @@ def _plan(counts: list[int], weight_numel: int, batching: str = "auto") -> list[
     padded to the largest count (best when counts are even), or pairs of used experts with
     similar counts (skips unused experts' weights, pads little, still spreads over two cores).
     """
-    used = [e for e, n in enumerate(counts) if n]
-    if not used:
+    c = np.asarray(counts, dtype=np.int64)
+    used = np.flatnonzero(c)
+    if not len(used):
         return []
     call_rows = CALL_SECONDS * _FLOPS / (2 * weight_numel)
-    lo, span, top = used[0], used[-1] + 1 - used[0], max(counts)
+    lo, span, top = int(used[0]), int(used[-1]) + 1 - int(used[0]), int(c.max())
     one_cost = WEIGHT_READ_ROWS * span + span * top + call_rows
-    ranked = sorted(used, key=lambda e: -counts[e])
-    pairs = [sorted(ranked[i:i + 2]) for i in range(0, len(ranked), 2)]
-    pair_rows = sum(len(p) * max(counts[e] for e in p) for p in pairs)
-    pair_cost = WEIGHT_READ_ROWS * len(used) + pair_rows + call_rows * len(pairs)
+    ranked = used[np.argsort(-c[used], kind="stable")]  # busiest first; ties by expert
+    first, second = ranked[0::2], ranked[1::2]  # pairs of neighbours in that ranking; the last may be alone
+    sizes = np.full(len(first), 2)
+    sizes[len(second):] = 1
+    slots = c[first]  # each pair's larger count
+    pair_cost = WEIGHT_READ_ROWS * len(used) + int((sizes * slots).sum()) + call_rows * len(first)
     if batching == "span" or batching == "auto" and one_cost <= pair_cost:
         return [_Batch(lo, 1, span, top, 0)]
-    batches, row = [], 0
-    for p in pairs:
-        slots = max(counts[e] for e in p)
-        batches.append(_Batch(p[0], max(1, p[-1] - p[0]), len(p), slots, row))
-        row += len(p) * slots
-    return batches
+    paired = len(second)
+    low, high = first.copy(), first.copy()
+    low[:paired], high[:paired] = np.minimum(first[:paired], second), np.maximum(first[:paired], second)
+    rows = np.cumsum(sizes * slots) - sizes * slots
+    return [_Batch(*b) for b in zip(low.tolist(), np.maximum(1, high - low).tolist(), sizes.tolist(), slots.tolist(),
+                                    rows.tolist())]
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -212,8 +219,7 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
     """_GroupedLinear's output in x's dtype (weights of another dtype widened to it per batch); narrow: x in the
     weights' dtype, for the batches under UPCAST_MIN_ROWS rows, which then run unwidened."""
     limit = native_max_rows(skinny, x.dtype, weight.dtype, *weight.shape[1:])[0]
-    low = native_min_rows(x.dtype, weight.dtype)[0]
-    few = _native_rows(batches, limit, low)
+    few = _native_rows(batches, limit)
     if dnnl is not None and len(batches) == 1 and batches[0].k == 1 and batches[0].slots >= dnnl[1]:
         # One expert takes every row (E = 1, or all tokens routed alike): oneDNN's own output is the result,
         # not copied into a buffer of ours (a pass over the output: 1-2 % of a one-expert layer).
@@ -225,11 +231,11 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
         _native(skinny, native.FORWARD, few, weight, (x, True), (weight, False), (y, True))
     for b in batches:
         rows = slice(b.row, b.row + b.k * b.slots)
-        xb, yb = x[rows].view(b.k, b.slots, -1), y[rows].view(b.k, b.slots, -1)
-        if low <= b.slots <= limit:
+        if b.slots <= limit:  # computed natively above: no views of its rows (a few us each, per batch)
             if bias is not None:
-                yb.add_(_experts_view(bias, b).unsqueeze(1))
+                y[rows].view(b.k, b.slots, -1).add_(_experts_view(bias, b).unsqueeze(1))
             continue
+        xb, yb = x[rows].view(b.k, b.slots, -1), y[rows].view(b.k, b.slots, -1)
         if narrow is not None and b.slots < UPCAST_MIN_ROWS:
             _linear_per_expert(narrow[rows].view(b.k, b.slots, -1), weight, bias, b, yb)
             continue
@@ -282,6 +288,10 @@ def _backward(ctx, x, weight, grad_y):
         _native(skinny, native.WEIGHT_GRAD, few_w, weight, (grad_y, True), (x, True), (grad_w, False))
     covered = [False] * weight.shape[0]
     for b in batches:
+        for j in range(b.k):
+            covered[b.first + j * b.step] = True
+        if (grad_x is None or b.slots <= x_rows) and (grad_w is None or b.slots <= w_rows) and grad_b is None:
+            continue  # computed natively above: no views of its rows
         rows = slice(b.row, b.row + b.k * b.slots)
         g, xb = grad_y[rows].view(b.k, b.slots, -1), x[rows].view(b.k, b.slots, -1)  # (k, slots, out / in)
         # oneDNN's linear takes both backward GEMMs as transposed views, at twice MKL's rate here (the same as
@@ -305,8 +315,6 @@ def _backward(ctx, x, weight, grad_y):
                     grad_w[e].copy_(dnnl(g[j].t(), xb[j].t(), None, "none", [], ""))
         if grad_b is not None:
             torch.sum(g, dim=1, out=_experts_view(grad_b, b))
-        for j in range(b.k):
-            covered[b.first + j * b.step] = True
     if grad_w is not None and not w_zero:
         e = 0  # zero the uncovered experts, one call per run of them
         while e < len(covered):
@@ -347,29 +355,24 @@ class CpuLayout:
         self.batches = _plan(counts, weight_numel, kernel.batching)
         self.rows = sum(b.k * b.slots for b in self.batches)
         self.n = sum(counts)
-        base = [0] * len(counts)  # padded row of each expert's first row
-        order = []  # experts in padded order
-        for b in self.batches:
-            for j in range(b.k):
-                base[b.first + j * b.step] = b.row + j * b.slots
-                order.append(b.first + j * b.step)
-        starts = [0] * len(counts)
-        for e in range(1, len(counts)):
-            starts[e] = starts[e - 1] + counts[e - 1]
+        # In numpy, as _experts_of: torch ops on these small tensors cost ten times as much.
+        c = np.asarray(counts, dtype=np.int64)
+        starts = np.cumsum(c) - c  # (E,) each expert's first row
+        order, first_rows, slots = _experts_of(self.batches)  # experts in padded order
+        base = np.zeros_like(c)  # (E,) padded row of each expert's first row
+        base[order] = first_rows
         # Identity when the plan is one unpadded batch: then pad and unpad are free.
-        self.identity = self.rows == self.n and all(base[e] == starts[e] for e, n in enumerate(counts) if n)
+        self.identity = self.rows == self.n and bool((base == starts)[c > 0].all())
         if not self.identity:
-            c, b0, s0 = (torch.tensor(v, device=device) for v in (counts, base, starts))
-            group = torch.repeat_interleave(torch.arange(len(counts), device=device), c)  # (N,)
-            self.index = torch.arange(self.n, device=device) + (b0 - s0)[group]  # (N,) slot of each row
+            group = np.repeat(np.arange(len(c)), c)  # (N,) expert of each row
+            self.index = torch.from_numpy(np.arange(self.n) + (base - starts)[group]).to(device)  # (N,) row's slot
             # Padding slots repeat the expert's last row rather than holding zeros: one gather, no
             # fill. Their output is dropped by unpad, so their gradient is exactly zero and they
             # add nothing to the weight gradient.
-            slots = torch.tensor([b.slots for b in self.batches for _ in range(b.k)], device=device)
-            slot_expert = torch.repeat_interleave(torch.tensor(order, device=device), slots)  # (R,)
-            rank = torch.arange(self.rows, device=device) - b0[slot_expert]
-            last = torch.minimum(rank, c[slot_expert] - 1)
-            self.source = (s0[slot_expert] + last).clamp(0, self.n - 1)  # (R,) row each slot copies
+            slot_expert = np.repeat(order, slots)
+            last = np.minimum(np.arange(self.rows) - base[slot_expert], c[slot_expert] - 1)
+            source = (starts[slot_expert] + last).clip(0, self.n - 1)  # (R,) row each slot copies
+            self.source = torch.from_numpy(source).to(device)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:  # (N, d) -> (R, d)
         return x.contiguous() if self.identity else x.index_select(0, self.source)

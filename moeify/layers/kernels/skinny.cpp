@@ -45,6 +45,8 @@ constexpr int KB = 6;  // rows of x (or of the gradient) held in registers at on
 constexpr int IN_VECS = 4;  // vectors of input columns per unit of the input gradient (4 x 6 accumulators)
 constexpr bool STREAM_INPUT_GRAD = false;  // input_grad_block's column strips (input_grad_stream below: AVX2)
 constexpr int WG_VECS = 4;  // vectors of columns per block of the weight gradient (4 x 4 accumulators)
+constexpr long ROW_FORWARD_X_BYTES = 0;  // forward_rows below: measured on AVX2 only
+constexpr long FORWARD_UNIT_BYTES = 0;   // forward units of OUT_ROWS weight rows, as measured here
 
 inline V vzero() { return _mm512_setzero_ps(); }
 inline V vset1(float f) { return _mm512_set1_ps(f); }
@@ -95,6 +97,12 @@ constexpr int KB = 4;
 constexpr int WG_VECS = 2;
 constexpr int IN_VECS = 1;  // unused: the input gradient streams
 constexpr bool STREAM_INPUT_GRAD = true;
+// The forward reads the weight row after row (forward_rows) for blocks of under KB rows of x taking at most this
+// many bytes (they are read again for each weight row, from L1), and hands out work in units of about this much
+// weight: each unit one sequential stream, with fewer hand-overs and prefetcher restarts (1.2-2x faster at 1-4 rows
+// per expert; docs/performance.md).
+constexpr long ROW_FORWARD_X_BYTES = 8192;
+constexpr long FORWARD_UNIT_BYTES = 1 << 20;
 
 inline V vzero() { return _mm256_setzero_ps(); }
 inline V vset1(float f) { return _mm256_set1_ps(f); }
@@ -240,6 +248,41 @@ void weight_grad_block(const X *g, const X *x, T *gw, long rows, long out, long 
     for (int c = 0; c < C; c++) store(gw + (o + r) * in + i0 + W * c, acc[r][c], true);
 }
 
+// forward_block's result for four weight rows, reading them one after another (one sequential stream) with four
+// chains of sums per row: where the rows of x are few and short, interleaving four weight rows costs more in
+// prefetch misses than it saves in loads of x (ROW_FORWARD_X_BYTES).
+template <typename X, typename T, int K>
+void forward_rows(const X *x, const T *w, X *y, long out, long in, long o) {
+  constexpr long AHEAD = 512;  // elements of the weight prefetched ahead: its next rows, past the end of this one
+  for (long r = o; r < o + 4; r++) {
+    const T *wr = w + r * in;
+    V acc[K][4];
+    for (int k = 0; k < K; k++)
+      for (int c = 0; c < 4; c++) acc[k][c] = vzero();
+    long i = 0;
+    for (; i + 4 * W <= in; i += 4 * W) {
+      V w0 = load(wr + i), w1 = load(wr + i + W), w2 = load(wr + i + 2 * W), w3 = load(wr + i + 3 * W);
+      for (long line = 0; line < 4 * W * long(sizeof(T)); line += 64)  // a float32 step spans two lines
+        _mm_prefetch(reinterpret_cast<const char *>(wr + i + AHEAD) + line, _MM_HINT_T0);
+      for (int k = 0; k < K; k++) {
+        acc[k][0] = vfma(load(x + k * in + i), w0, acc[k][0]);
+        acc[k][1] = vfma(load(x + k * in + i + W), w1, acc[k][1]);
+        acc[k][2] = vfma(load(x + k * in + i + 2 * W), w2, acc[k][2]);
+        acc[k][3] = vfma(load(x + k * in + i + 3 * W), w3, acc[k][3]);
+      }
+    }
+    for (; i < in; i += W) {
+      V wv = load(wr + i);
+      for (int k = 0; k < K; k++) acc[k][0] = vfma(load(x + k * in + i), wv, acc[k][0]);
+    }
+    for (int k = 0; k < K; k++) {
+      float s[4];
+      sums4(acc[k][0], acc[k][1], acc[k][2], acc[k][3], s);
+      store1(y + k * out + r, (s[0] + s[1]) + (s[2] + s[3]));
+    }
+  }
+}
+
 #ifdef __AVX512BF16__
 // A static initializer may run before libgcc has read the CPU model: read it first.
 const bool HAS_DPBF16 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
@@ -276,6 +319,8 @@ void forward_any(const X *x, const T *w, X *y, long out, long in, long o) {
   if constexpr (sizeof(X) == 2 && sizeof(T) == 2) {
     if (HAS_DPBF16 && in % 32 == 0) return forward_block_dp<K>(x, w, y, out, in, o);
   }
+  // a full block of KB rows keeps the interleaved form: row after row was 1.1-2.6x slower at 8-12 rows per expert
+  if (K < KB && K * in * long(sizeof(X)) <= ROW_FORWARD_X_BYTES) return forward_rows<X, T, K>(x, w, y, out, in, o);
   forward_block<X, T, K>(x, w, y, out, in, o);
 }
 
@@ -296,7 +341,7 @@ void with_vecs(int c, F f) {
 }
 
 enum Op { FORWARD = 0, INPUT_GRAD = 1, WEIGHT_GRAD = 2 };
-constexpr long OUT_ROWS = 16;           // weight rows per unit of work (forward, weight gradient)
+constexpr long OUT_ROWS = 16;  // weight rows per unit of the weight gradient (of the forward: a multiple, above)
 constexpr long IN_COLS = STREAM_INPUT_GRAD ? STREAM_COLS : IN_VECS * W;  // input columns per unit (input gradient)
 
 struct Task {
@@ -306,10 +351,11 @@ struct Task {
   const void *const *a;
   const void *const *b;
   void *const *c;
-  long out, in, per_expert;  // per_expert: units of work per expert
+  long out, in;
+  long unit, per_expert;  // weight rows (forward, weight gradient) or input columns per unit; units per expert
 };
 
-// One unit: OUT_ROWS output rows (forward, weight gradient) or IN_COLS input columns (input gradient) of one expert.
+// One unit: t.unit output rows (forward, weight gradient) or input columns (input gradient) of one expert.
 template <typename X, typename T>
 void run_unit(const Task &t, long u) {
   long e = u / t.per_expert, j = u % t.per_expert, rows = t.rows[e], out = t.out, in = t.in;
@@ -317,7 +363,7 @@ void run_unit(const Task &t, long u) {
     const X *x = static_cast<const X *>(t.a[e]);
     const T *w = static_cast<const T *>(t.b[e]);
     X *y = static_cast<X *>(t.c[e]);
-    for (long o = j * OUT_ROWS; o < (j + 1) * OUT_ROWS && o < out; o += 4)
+    for (long o = j * t.unit; o < (j + 1) * t.unit && o < out; o += 4)
       for (long k = 0; k < rows; k += KB)
         with_rows(int(rows - k < KB ? rows - k : KB),
                   [&](auto K) { forward_any<X, T, decltype(K)::value>(x + k * in, w, y + k * out, out, in, o); });
@@ -325,7 +371,7 @@ void run_unit(const Task &t, long u) {
     const X *g = static_cast<const X *>(t.a[e]);
     const T *w = static_cast<const T *>(t.b[e]);
     X *gx = static_cast<X *>(t.c[e]);
-    long i0 = j * IN_COLS, cols = in - i0 < IN_COLS ? in - i0 : IN_COLS;
+    long i0 = j * t.unit, cols = in - i0 < t.unit ? in - i0 : t.unit;
     if constexpr (STREAM_INPUT_GRAD) {
       input_grad_stream<X, T>(g, w, gx, rows, out, in, i0, cols);
     } else {
@@ -340,7 +386,7 @@ void run_unit(const Task &t, long u) {
     const X *g = static_cast<const X *>(t.a[e]);
     const X *x = static_cast<const X *>(t.b[e]);
     T *gw = static_cast<T *>(t.c[e]);
-    for (long o = j * OUT_ROWS; o < (j + 1) * OUT_ROWS && o < out; o += 4) {
+    for (long o = j * t.unit; o < (j + 1) * t.unit && o < out; o += 4) {
       long i0 = 0;
       for (; i0 + WG_VECS * W <= in; i0 += WG_VECS * W)
         weight_grad_block<X, T, WG_VECS>(g, x, gw, rows, out, in, o, i0);
@@ -375,7 +421,13 @@ int moeify_skinny_supported() { return supported() ? 1 : 0; }
 int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const *a, const void *const *b,
                   void *const *c, long out, long in, int threads) {
   if (op < 0 || op > 2 || dtype < 0 || dtype > 2 || n < 0 || out % 16 || in % 16 || out <= 0 || in <= 0) return -1;
-  Task t{op, n, rows, a, b, c, out, in, op == INPUT_GRAD ? (in + IN_COLS - 1) / IN_COLS : (out + OUT_ROWS - 1) / OUT_ROWS};
+  long unit = op == INPUT_GRAD ? IN_COLS : OUT_ROWS;
+  if (op == FORWARD) {  // about FORWARD_UNIT_BYTES of weight in whole blocks of OUT_ROWS rows, at most all of it
+    long bytes = in * (dtype == 0 ? 4 : 2), blocks = FORWARD_UNIT_BYTES / (bytes * OUT_ROWS);
+    unit = blocks > 1 ? blocks * OUT_ROWS : OUT_ROWS;
+    unit = unit < out ? unit : out;
+  }
+  Task t{op, n, rows, a, b, c, out, in, unit, ((op == INPUT_GRAD ? in : out) + unit - 1) / unit};
   threads = threads > 0 ? threads : 1;
   if (dtype == 0) work<float, float>(t, threads);
   else if (dtype == 1) work<bf16, bf16>(t, threads);
