@@ -5,6 +5,8 @@ medians and ratios. Batch 1 keeps capacity like-for-like: transformers counts ca
 sequence, moeify per batch. The roofline is measured in the same run: this machine's fastest GEMM rate and
 memory bandwidth; a point's bound is the larger of the FLOP time of capacity factor x the dense
 FFN's work and the time to move the expert weights (and in training their gradients).
+Each point's median is over at least --reps steps of each module, and more for short steps (rounds of the three
+until they took 3 s, up to 50).
 Usage: python benchmarks/bench_layer.py [--reps 5] [--experts ...] [--tokens ...] [--dtypes fp32 bf16]
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from moeify.layers import SwitchFFN
 from moeify.layers.kernels.cpu import dnnl_op, reduced_is_native
 
 D_MODEL, D_FF, CAPACITY_FACTOR = 512, 2048, 1.25  # t5-small's FFN, the paper's training factor
+MIN_SECONDS, MAX_REPS = 3.0, 50  # rounds of the three modules per point and mode: more while under (see measure)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -159,10 +162,14 @@ def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype) -> tup
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         for name, m in modules.items():  # warm-up
             step(m, x, backward)
-        for r in range(reps):
+        r = 0
+        # At least `reps` rounds, more while all of them took under MIN_SECONDS: a median of 3 steps of a few ms
+        # moves by a quarter between runs on a shared host, and more rounds of them cost little.
+        while r < reps or r < MAX_REPS and sum(sum(t[mode]) for t in times.values()) < MIN_SECONDS:
             names = list(modules)
             for name in names[r % 3:] + names[:r % 3]:  # rotate the order each repetition
                 times[name][mode].append(step(modules[name], x, backward))
+            r += 1
     return {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}, routed
 
 
@@ -198,7 +205,8 @@ def main() -> None:
              "is below the routed bound (the kept tokens' FLOPs at the fastest GEMM rate, or the used experts' "
              "weights moved once), which no implementation on this machine can beat."]
     report(f"SwitchFFN d_model={D_MODEL} d_ff={D_FF}, capacity factor {CAPACITY_FACTOR}, batch 1, "
-           f"{torch.get_num_threads()} threads, median of {args.reps}", header, rows, args.out, notes)
+           f"{torch.get_num_threads()} threads, median of {args.reps} steps or more (rounds of the three until they "
+           f"took {MIN_SECONDS:.0f} s, up to {MAX_REPS})", header, rows, args.out, notes)
 
 
 if __name__ == "__main__":
