@@ -26,6 +26,7 @@ from moeify.layers.collector import router_losses
 from moeify.targets.hf.switch import to_hf
 from moeify.training.config import DataConfig
 from moeify.training.data import prepare_data
+from moeify.training.loop import no_cache
 
 TARGET_VS_DENSE = 1.3
 
@@ -52,11 +53,12 @@ def step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
     model.train()
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
+    kwargs = no_cache(model)  # as `moeify train` calls a model: no key/value cache for a loss (T5 builds one)
     if name == "moeify":  # what moeify train optimises: cross-entropy + the routers' losses
         with router_losses(model) as losses:
-            loss = model(**batch).loss + losses.total()
+            loss = model(**batch, **kwargs).loss + losses.total()
     else:  # transformers' Switch adds its own router losses to .loss
-        loss = model(**batch).loss
+        loss = model(**batch, **kwargs).loss
     forward = time.perf_counter()
     loss.backward()
     backward = time.perf_counter()

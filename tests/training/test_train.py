@@ -88,6 +88,28 @@ def test_routers_receive_gradients_and_move(text):
             assert not torch.equal(param.detach(), routers[name]), name
 
 
+def test_training_steps_and_evaluation_build_no_key_value_cache(text):
+    """T5 builds a decoder cache by default; a loss needs none (its concatenations cost 8 % of a step)."""
+    import moeify
+    from moeify.checkpoint.sources import load_dense
+    from moeify.training.config import DataConfig, TrainConfig
+    from moeify.training.data import prepare_data
+    from moeify.training.loop import Trainer, no_cache
+
+    model = moeify.convert(load_dense("t5-tiny").model, moeify.MoEConfig(num_experts=2), inplace=True)
+    assert model.config.use_cache
+    data = prepare_data(model, DataConfig(text=text, seq_len=32, batch_size=2))
+    batch = next(data.train)
+    assert model(**batch).past_key_values is not None  # what a plain call builds
+    outputs = []
+    model.register_forward_hook(lambda module, args, output: outputs.append(output))
+    trainer = Trainer(model, TrainConfig(steps=1, warmup=0))
+    trainer.train_step(batch)
+    trainer.evaluate([batch])
+    assert len(outputs) == 2 and all(o.past_key_values is None for o in outputs)
+    assert no_cache(torch.nn.Linear(2, 2)) == {}  # a forward without the argument gets nothing extra
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, text, optimizer):
     straight, split = tmp_path / "straight", tmp_path / "split"
