@@ -120,6 +120,11 @@ class _Batch(NamedTuple):
     row: int  # first padded row of the batch
 
 
+def _one_expert(batches: list[_Batch]) -> _Batch | None:
+    """The batch when one expert takes every row (E = 1, or all tokens routed alike), else None."""
+    return batches[0] if len(batches) == 1 and batches[0].k == 1 else None
+
+
 def _experts_view(t: torch.Tensor, b: _Batch) -> torch.Tensor:
     """t[b.first :: b.step][: b.k] as a strided view: (k, *t.shape[1:])."""
     return t.as_strided((b.k, *t.shape[1:]), (b.step * t.stride(0), *t.stride()[1:]),
@@ -218,14 +223,15 @@ class _GroupedLinear(torch.autograd.Function):
 def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
     """_GroupedLinear's output in x's dtype (weights of another dtype widened to it per batch); narrow: x in the
     weights' dtype, for the batches under UPCAST_MIN_ROWS rows, which then run unwidened."""
-    limit = native_max_rows(skinny, x.dtype, weight.dtype, *weight.shape[1:])[0]
-    few = _native_rows(batches, limit)
-    if dnnl is not None and len(batches) == 1 and batches[0].k == 1 and batches[0].slots >= dnnl[1]:
-        # One expert takes every row (E = 1, or all tokens routed alike): oneDNN's own output is the result,
-        # not copied into a buffer of ours (a pass over the output: 1-2 % of a one-expert layer).
-        e = batches[0].first
+    one = _one_expert(batches)
+    if dnnl is not None and one is not None and one.slots >= dnnl[1]:
+        # oneDNN's own output is the result, not copied into a buffer of ours (a pass over the output: 1-2 % of a
+        # one-expert layer).
+        e = one.first
         b_e = None if bias is None else _as(bias[e], x.dtype)
         return dnnl[0](x, _as(weight[e], x.dtype), b_e, "none", [], "")
+    limit = native_max_rows(skinny, x.dtype, weight.dtype, *weight.shape[1:])[0]
+    few = _native_rows(batches, limit)
     y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)  # (R, out)
     if few:
         _native(skinny, native.FORWARD, few, weight, (x, True), (weight, False), (y, True))
@@ -276,7 +282,8 @@ def _backward(ctx, x, weight, grad_y):
     batches, skinny = ctx.batches, ctx.skinny
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     grad_y = grad_y.contiguous()
-    if weight.shape[0] == 1 and ctx.dnnl is not None and len(batches) == 1 and batches[0].slots >= ctx.dnnl[2]:
+    one = _one_expert(batches)
+    if weight.shape[0] == 1 and ctx.dnnl is not None and one is not None and one.slots >= ctx.dnnl[2]:
         # E = 1, as in the forward: oneDNN's fresh results are the gradients, not copied into buffers of ours (a pass
         # over the weight's gradient: 0.2-0.5 ms of a 64-token step of t5-small's FFN).
         op, w = ctx.dnnl[0], _as(weight[0], x.dtype)
@@ -399,7 +406,7 @@ class CpuLayout:
         # One expert taking every row stays off the native loops: its forward then computes what the dense FFN's
         # F.linear does, so a conversion to one expert preserves the model's outputs (bit for bit on AVX-512; on AVX2
         # oneDNN's and MKL's float32 sums run in different orders, within rounding).
-        one = len(self.batches) == 1 and self.batches[0].k == 1
+        one = _one_expert(self.batches) is not None
         upcast = self.kernel.upcasts(x)
         compute = torch.float32 if upcast else x.dtype  # what the GEMMs see: the kernel's paths are chosen for it
         return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(compute, x.device),

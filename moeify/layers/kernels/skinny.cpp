@@ -99,7 +99,7 @@ constexpr int IN_VECS = 1;  // unused: the input gradient streams
 constexpr bool STREAM_INPUT_GRAD = true;
 // The forward reads the weight row after row (forward_rows) for blocks of under KB rows of x taking at most this
 // many bytes (they are read again for each weight row, from L1), and hands out work in units of about this much
-// weight: each unit one sequential stream, with fewer hand-overs and prefetcher restarts (1.2-2x faster at 1-4 rows
+// weight: each unit one sequential stream, with fewer hand-overs and prefetcher restarts (1.3-2.1x faster at 1-3 rows
 // per expert; docs/performance.md).
 constexpr long ROW_FORWARD_X_BYTES = 8192;
 constexpr long FORWARD_UNIT_BYTES = 1 << 20;
@@ -319,7 +319,7 @@ void forward_any(const X *x, const T *w, X *y, long out, long in, long o) {
   if constexpr (sizeof(X) == 2 && sizeof(T) == 2) {
     if (HAS_DPBF16 && in % 32 == 0) return forward_block_dp<K>(x, w, y, out, in, o);
   }
-  // a full block of KB rows keeps the interleaved form: row after row was 1.1-2.6x slower at 8-12 rows per expert
+  // a full block of KB rows keeps the interleaved form: row after row was 1.3-1.9x slower at 8-12 rows per expert
   if (K < KB && K * in * long(sizeof(X)) <= ROW_FORWARD_X_BYTES) return forward_rows<X, T, K>(x, w, y, out, in, o);
   forward_block<X, T, K>(x, w, y, out, in, o);
 }
