@@ -2,14 +2,16 @@
 SwitchTransformersForConditionalGeneration built from the identical config with the identical weights (and the same
 attention implementation).
 
-Targets (issue 13): moeify within 1.3x the dense step, and faster than transformers. One process, the three
-interleaved on one span-corruption batch, fused AdamW steps (moeify train's); the verdicts take the median of
-the per-round ratios (paired), as steps drift on a shared host, with its 95 % confidence interval.
-Usage: python benchmarks/bench_model.py [--reps 150] [--batch 8] [--seq-len 128] [--out FILE]
+Targets (issue 13): moeify within 1.3x the dense step, and faster than transformers. One process, the models
+interleaved on one span-corruption batch, fused AdamW steps (moeify train's), each Switch model's loss with its
+router losses; the verdicts take the median of the per-round ratios (paired), as steps drift on a shared host, with
+its 95 % confidence interval. --hybrid adds transformers' model with moeify's layers in it.
+Usage: python benchmarks/bench_model.py [--reps 150] [--batch 8] [--seq-len 128] [--hybrid] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import time
@@ -23,6 +25,7 @@ from moeify.checkpoint.sources import load_dense
 from moeify.config import MoEConfig
 from moeify.conversion.pipeline import convert
 from moeify.layers.collector import router_losses
+from moeify.layers.switch import switch_layers
 from moeify.targets.hf.switch import to_hf
 from moeify.training.config import DataConfig
 from moeify.training.data import prepare_data
@@ -45,6 +48,20 @@ def models(preset: str, experts: int, seq_len: int) -> dict[str, torch.nn.Module
     return {"dense": dense, "moeify": ours, "transformers": hf}
 
 
+HYBRID = "transformers + moeify layers"
+
+
+def hybrid(ours: torch.nn.Module, hf: torch.nn.Module) -> torch.nn.Module:
+    """A copy of transformers' model with copies of moeify's Switch layers in place of its sparse MLPs: the same
+    model around other layers, which separates what the layers cost from what the models around them cost."""
+    model = copy.deepcopy(hf)
+    for name, layer in switch_layers(ours).items():  # ...layer.1.DenseReluDense (T5) is ...layer.1.mlp there
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        assert type(parent.mlp).__name__ == "SwitchTransformersSparseMLP", name
+        parent.mlp = copy.deepcopy(layer)
+    return model
+
+
 PHASES = ("forward", "backward", "optimizer")
 
 
@@ -54,10 +71,14 @@ def step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
     kwargs = no_cache(model)  # as `moeify train` calls a model: no key/value cache for a loss (T5 builds one)
-    if name == "moeify":  # what moeify train optimises: cross-entropy + the routers' losses
+    if switch_layers(model):  # what moeify train optimises: cross-entropy + the routers' losses
         with router_losses(model) as losses:
             loss = model(**batch, **kwargs).loss + losses.total()
-    else:  # transformers' Switch adds its own router losses to .loss
+    elif name == "transformers":  # its router losses join .loss only when asked for (transformers 5 defaults off)
+        out = model(**batch, **kwargs, output_router_logits=True)
+        assert out.encoder_aux_loss is not None and out.decoder_z_loss is not None, "transformers left out its losses"
+        loss = out.loss
+    else:
         loss = model(**batch, **kwargs).loss
     forward = time.perf_counter()
     loss.backward()
@@ -87,19 +108,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_model.md")
+    parser.add_argument("--hybrid", action="store_true", help=f"add '{HYBRID}' (its 'vs transformers' compares "
+                        "the two layers inside one model)")
     args = parser.parse_args()
     built = models(args.preset, args.experts, args.seq_len)
+    if args.hybrid:
+        built[HYBRID] = hybrid(built["moeify"], built["transformers"])
     batch = next(prepare_data(built["dense"], DataConfig(seq_len=args.seq_len, batch_size=args.batch)).train)
-    # The optimizer `moeify train` uses (fused AdamW), the same for all three.
+    # The optimizer `moeify train` uses (fused AdamW), the same for every model.
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in built.items()}
     for name, m in built.items():  # warm-up: the optimizers' state, first allocations
         step(name, m, optimizers[name], batch)
-    # Steps drift by up to 1.5x over seconds on a shared host, so each round runs the three back to back (the order
+    # Steps drift by up to 1.5x over seconds on a shared host, so each round runs the models back to back (the order
     # rotating, so none always follows another's optimizer step) and the verdicts use that round's ratios.
     names = list(built)
     phases: dict[str, list[list[float]]] = {name: [] for name in names}
     for rep in range(args.reps):
-        for name in names[rep % 3:] + names[:rep % 3]:
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
             phases[name].append(step(name, built[name], optimizers[name], batch))
     times = {name: [sum(p) for p in ps] for name, ps in phases.items()}
 
@@ -120,7 +145,11 @@ def main() -> None:
             f"(paired); 95 % interval of moeify's: dense {spread['dense']}, transformers {spread['transformers']}.",
             f"moeify / dense {paired['dense']:.2f}x (target <= {TARGET_VS_DENSE}x: "
             f"{verdict(mine['dense'], TARGET_VS_DENSE)}); moeify / transformers {paired['transformers']:.2f}x "
-            f"(target < 1x: {verdict(mine['transformers'], 1.0)})."])
+            f"(target < 1x: {verdict(mine['transformers'], 1.0)}).",
+            *([f"{HYBRID} / transformers: "
+               "{:.2f}x (95 % interval {:.2f}-{:.2f}x): the layers alone, in one model.".format(
+                   statistics.median(ratios(HYBRID, "transformers")), *interval(ratios(HYBRID, "transformers")))]
+              if HYBRID in built else [])])
 
 
 if __name__ == "__main__":

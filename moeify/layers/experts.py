@@ -56,10 +56,11 @@ class Experts(nn.Module):
         x = layout.pad(x.to(self.w_in.dtype))  # (R, d_model)
         h = layout.linear(x, self.w_in, self.b_in)  # (R, d_ff)
         if self.gated:
-            h = self.act(layout.linear(x, self.w_gate, self.b_gate)) * h
+            h = self.dropout(self.act(layout.linear(x, self.w_gate, self.b_gate)) * h)
         elif type(self.act) is nn.ReLU:
-            h = layout.relu(h)  # the kernel's own ReLU: in place where it can (ReLU's backward needs only its result)
+            # The kernel's own ReLU and dropout: in place and in one pass where it can (their backward needs only the
+            # result). self.dropout holds the rate and follows train() / eval().
+            h = layout.relu(h, self.dropout.p if self.dropout.training else 0.0)
         else:
-            h = self.act(h)
-        h = self.dropout(h)
+            h = self.dropout(self.act(h))
         return layout.unpad(layout.linear(h, self.w_out, self.b_out))  # (N, d_model)

@@ -178,3 +178,68 @@ def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, mode, ou
     assert calls == []
     for a, e in zip(with_native, without):
         torch.testing.assert_close(a, e, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-4)
+
+
+DROPOUT_DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _keep(seed: int, n: int, p: float) -> torch.Tensor:
+    """The mask skinny.cpp documents, written again in numpy: a hash of the seed and each element's index."""
+    i = np.arange(n, dtype=np.uint32)
+    low, high = np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)
+    with np.errstate(over="ignore"):
+        h = _fmix32(_fmix32(i ^ low) + high)
+    return torch.from_numpy(h.astype(np.int64) >= min(round(p * 2 ** 32), 2 ** 32 - 1))
+
+
+@pytest.mark.parametrize("dtype", DROPOUT_DTYPES)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_the_op_is_relu_then_the_documented_mask_scaled_by_one_over_keep(kernel, dtype, p):
+    h = torch.randn(3000, 16).to(dtype)
+    h[0, :3] = torch.tensor([float("nan"), 0.0, -0.0])
+    y = torch.empty_like(h)
+    kernel.relu_dropout(native.RELU_DROPOUT, h, None, y, p, seed=0x1234_5678_9ABC)
+    keep = _keep(0x1234_5678_9ABC, h.numel(), p).view_as(h)
+    scale = torch.tensor(1 / (1 - p), dtype=torch.float32)
+    want = torch.where(keep, torch.relu(h).float() * scale, torch.relu(h).float() * 0).to(dtype)
+    torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True)
+    assert y[0, 0].isnan()  # NaN stays NaN, kept or not, as in torch's relu and dropout
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+
+
+@pytest.mark.parametrize("dtype", DROPOUT_DTYPES)
+def test_its_mask_depends_on_the_seed_only_not_on_threads_or_place(kernel, dtype):
+    h = torch.randn(1 << 16).to(dtype)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count, offset in ((1, 0), (2, 3), (3, 1)):
+            torch.set_num_threads(count)
+            buffer = torch.empty(h.numel() + 8, dtype=dtype)
+            y = buffer[offset:offset + h.numel()]
+            kernel.relu_dropout(native.RELU_DROPOUT, h, None, y, 0.3, seed=7)
+            runs.append(y.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, runs[0]) for r in runs)
+    other = torch.empty_like(h)
+    kernel.relu_dropout(native.RELU_DROPOUT, h, None, other, 0.3, seed=8)
+    assert not torch.equal((other != 0), (runs[0] != 0))
+
+
+@pytest.mark.parametrize("dtype", DROPOUT_DTYPES)
+def test_the_gradient_passes_where_the_output_is_positive(kernel, dtype):
+    h, g = torch.randn(4096).to(dtype), torch.randn(4096).to(dtype)
+    y, gh = torch.empty_like(h), torch.empty_like(h)
+    kernel.relu_dropout(native.RELU_DROPOUT, h, None, y, 0.25, seed=3)
+    kernel.relu_dropout(native.RELU_DROPOUT_GRAD, g, y, gh, 0.25)
+    scale = torch.tensor(1 / 0.75, dtype=torch.float32)
+    assert torch.equal(gh, torch.where(y > 0, g.float() * scale, 0.0).to(dtype))

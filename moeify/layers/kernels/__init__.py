@@ -13,7 +13,8 @@ Counts = Sequence[int] | torch.Tensor  # rows per expert: a host list, or an (E,
 
 class Layout(Protocol):
     """One grouping of rows, reused for every linear of an expert FFN: pad once, linear(s), unpad once; relu() of a
-    linear's output (where a layout can, in place: a fresh activation the size of the FFN's hidden costs page faults)."""
+    linear's output, then dropout with probability `dropout` when it is not 0 (where a layout can, in place and in
+    one pass: a fresh activation the size of the FFN's hidden costs page faults)."""
 
     def pad(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -21,7 +22,7 @@ class Layout(Protocol):
 
     def unpad(self, y: torch.Tensor) -> torch.Tensor: ...
 
-    def relu(self, h: torch.Tensor) -> torch.Tensor: ...
+    def relu(self, h: torch.Tensor, dropout: float = 0.0) -> torch.Tensor: ...
 
 
 class Kernel(Protocol):

@@ -44,8 +44,9 @@ class CudaLayout:
     def unpad(self, y: torch.Tensor) -> torch.Tensor:
         return y
 
-    def relu(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.relu(h)  # linear()'s output is _ContiguousGrad's view: not to be overwritten
+    def relu(self, h: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        h = torch.relu(h)  # linear()'s output is _ContiguousGrad's view: not to be overwritten
+        return F.dropout(h, dropout, training=True) if dropout else h
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not aligned(weight):

@@ -16,10 +16,14 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("skinny.cpp")
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+# -fno-trapping-math: nothing here reads floating-point exception flags, and without it the compiler will not turn
+# the dropout loops' selects into vector blends (they ran 10-25x slower, scalar).
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-trapping-math")
 # Builds of the one source, widest first; each library says whether this CPU runs it (moeify_skinny_supported).
 VARIANTS = {"avx512": ("-mavx512f", "-mavx512bf16", "-mfma"), "avx2": ("-mavx2", "-mfma")}
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2  # y = x @ w.T, gx = g @ w, gw = g.T @ x
+RELU_DROPOUT, RELU_DROPOUT_GRAD = 0, 1  # y = relu(h) * keep / (1 - p); gh = (y > 0) * g / (1 - p)
+DROPOUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # (activations' dtype, weights' dtype) -> the library's code: float32 activations on bfloat16 weights are the
 # float32 compute of the cpu kernel's upcast (x, y, g, gx widened; w read and gw written in bfloat16).
 MODES = {(torch.float32, torch.float32): 0, (torch.bfloat16, torch.bfloat16): 1, (torch.float32, torch.bfloat16): 2}
@@ -73,6 +77,22 @@ class Skinny:
         self.fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
         self.fn.restype = ctypes.c_int
+        self.dropout_fn = lib.moeify_dropout
+        self.dropout_fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
+        self.dropout_fn.restype = ctypes.c_int
+
+    def relu_dropout(self, op: int, src: torch.Tensor, y: torch.Tensor | None, dst: torch.Tensor, p: float,
+                     seed: int = 0) -> None:
+        """op RELU_DROPOUT: dst = relu(src), each element kept with probability 1 - p (a hash of seed and its index
+        against p * 2^32) and scaled by 1 / (1 - p), else 0; dst may be src. RELU_DROPOUT_GRAD: dst = src / (1 - p)
+        where y (that op's output) > 0, else 0. Contiguous tensors of one dtype in DROPOUT_DTYPES; 0 < p < 1."""
+        threshold = min(round(p * 2 ** 32), 2 ** 32 - 1)
+        status = self.dropout_fn(op, DROPOUT_DTYPES[src.dtype], src.numel(), src.data_ptr(),
+                                 None if y is None else y.data_ptr(), dst.data_ptr(), seed % 2 ** 64, threshold,
+                                 1.0 / (1.0 - p), torch.get_num_threads())
+        if status:
+            raise ValueError(f"skinny kernel refused dropout op {op}")
 
     def run(self, op: int, dtype: torch.dtype, rows: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray,
             out: int, in_: int, compute: torch.dtype | None = None) -> None:
@@ -88,8 +108,21 @@ class Skinny:
 
 def _correct(kernel: Skinny) -> bool:
     """Each op and mode against torch on small cases with two experts (one of 7 rows: a partial block of rows), with
-    an input width that bfloat16's pair dot product takes (96) and one it leaves to the conversion path (80)."""
-    return all(_correct_at(kernel, *mode, 32, in_) for mode in MODES for in_ in (80, 96))
+    an input width that bfloat16's pair dot product takes (96) and one it leaves to the conversion path (80); and the
+    dropout ops."""
+    return all(_correct_at(kernel, *mode, 32, in_) for mode in MODES for in_ in (80, 96)) and \
+        all(_dropout_correct(kernel, dtype) for dtype in DROPOUT_DTYPES)
+
+
+def _dropout_correct(kernel: Skinny, dtype: torch.dtype) -> bool:
+    h = (torch.arange(4096, dtype=torch.float32) % 9 - 4).to(dtype)  # small integers: exact in either dtype
+    y, g = torch.empty_like(h), torch.empty_like(h)
+    kernel.relu_dropout(RELU_DROPOUT, h, None, y, 0.5, seed=1)
+    kernel.relu_dropout(RELU_DROPOUT_GRAD, h, y, g, 0.5)
+    kept = y != 0
+    positive = h > 0
+    return (torch.equal(y[kept], 2 * h[kept]) and bool((kept <= positive).all())
+            and 0.4 < kept.sum().item() / positive.sum().item() < 0.6 and torch.equal(g, torch.where(kept, 2 * h, 0)))
 
 
 def _correct_at(kernel: Skinny, compute: torch.dtype, dtype: torch.dtype, out: int, in_: int) -> bool:

@@ -17,8 +17,9 @@ class ReferenceLayout:
     def unpad(self, y: torch.Tensor) -> torch.Tensor:
         return y
 
-    def relu(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.relu(h)  # the oracle stays plain autograd
+    def relu(self, h: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        h = torch.relu(h)  # the oracle stays plain autograd
+        return F.dropout(h, dropout, training=True) if dropout else h
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         assert sum(self.counts) == x.shape[0] and len(self.counts) == weight.shape[0]
