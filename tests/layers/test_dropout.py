@@ -82,6 +82,7 @@ def test_one_expert_and_no_native_loops_keep_torchs_dropout(counts, kernel_args)
 @pytest.mark.parametrize("p, training", [(0.0, True), (0.4, False), (1.0, True)])
 def test_no_dropout_in_eval_or_at_zero_and_all_dropped_at_one(p, training):
     layer = SwitchFFN(32, 64, RoutingConfig(num_experts=4, capacity_factor=4.0), nn.ReLU(), dropout=p)
+    layer.router.reset_parameters(1.0)  # a new layer's parameters are uninitialised until a conversion sets them
     layer.experts.reset_parameters(1.0)
     layer.train(training)
     x = torch.randn(40, 32)
