@@ -344,35 +344,21 @@ def _backward(ctx, x, weight, grad_y):
 class _ReLU(torch.autograd.Function):
     """ReLU in place on a _GroupedLinear output (a fresh buffer autograd saved nowhere), its gradient in a pooled
     buffer: a fresh (R, d_ff) tensor either way costs first-touch page faults, a tenth of a large layer's forward
-    and 6 % of a bfloat16 training step at E = 8 / 8192 tokens (docs/performance.md)."""
+    and 6 % of a bfloat16 training step at E = 8 / 8192 tokens (docs/performance.md).
 
-    @staticmethod
-    def forward(ctx, h, pool):
-        ctx.mark_dirty(h)
-        ctx.pool = pool
-        torch.relu_(h)
-        ctx.save_for_backward(h)
-        return h
-
-    @staticmethod
-    def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
-        out, _ = memory.empty(tuple(grad.shape), grad.dtype, grad.device, ctx.pool)
-        return torch.ops.aten.threshold_backward.grad_input(grad, h, 0, grad_input=out), None
-
-
-class _ReLUDropout(torch.autograd.Function):
-    """dropout(relu(h)) in place on a _GroupedLinear output, by the native loops (native.relu_dropout): one pass, where
-    torch's dropout on CPU draws a Bernoulli per element (with the ReLU 14-29 ms on a (1024, 2048) hidden here, against
-    0.4-0.7 ms).
-    Its mask is a hash of a seed drawn from torch's generator (so torch.manual_seed repeats it) and of each element's
+    With `skinny`, dropout(p) too, in the same pass by the native loops (native.relu_dropout): torch's dropout on CPU
+    draws a Bernoulli per element (with the ReLU 14-29 ms on a (1024, 2048) hidden here, against 0.4-0.7 ms). Its
+    mask is a hash of a seed drawn from torch's generator (so torch.manual_seed repeats it) and of each element's
     index, and the backward needs none: the output is positive exactly where both gradients pass."""
 
     @staticmethod
-    def forward(ctx, h, p, skinny, pool):
+    def forward(ctx, h, pool, p, skinny):
         ctx.mark_dirty(h)
-        ctx.p, ctx.skinny, ctx.pool = p, skinny, pool
-        skinny.relu_dropout(native.RELU_DROPOUT, h, None, h, p, seed=int(torch.randint(2 ** 62, ())))
+        ctx.pool, ctx.p, ctx.skinny = pool, p, skinny
+        if skinny is None:
+            torch.relu_(h)
+        else:
+            skinny.relu_dropout(native.RELU_DROPOUT, h, None, h, p, seed=int(torch.randint(2 ** 62, ())))
         ctx.save_for_backward(h)
         return h
 
@@ -380,7 +366,10 @@ class _ReLUDropout(torch.autograd.Function):
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         out, _ = memory.empty(tuple(grad.shape), grad.dtype, grad.device, ctx.pool)
-        ctx.skinny.relu_dropout(native.RELU_DROPOUT_GRAD, grad.contiguous(), y, out, ctx.p)
+        if ctx.skinny is None:
+            torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=out)
+        else:
+            ctx.skinny.relu_dropout(native.RELU_DROPOUT_GRAD, grad.contiguous(), y, out, ctx.p)
         return out, None, None, None
 
 
@@ -423,14 +412,11 @@ class CpuLayout:
         return y if self.identity else y.index_select(0, self.index)
 
     def relu(self, h: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
-        if not dropout:
-            return _ReLU.apply(h, self.kernel.pool)
         # One expert taking every row keeps torch's dropout, as linear() keeps the dense FFN's GEMM: a conversion to
         # one expert then draws the dense model's masks (the same seed gives the same outputs in training mode).
-        skinny = self.kernel.skinny_dropout(h, dropout) if _one_expert(self.batches) is None else None
-        if skinny is not None:
-            return _ReLUDropout.apply(h, dropout, skinny, self.kernel.pool)
-        return torch.nn.functional.dropout(_ReLU.apply(h, self.kernel.pool), dropout, training=True)
+        skinny = self.kernel.skinny_dropout(h, dropout) if dropout and _one_expert(self.batches) is None else None
+        y = _ReLU.apply(h, self.kernel.pool, dropout, skinny)
+        return torch.nn.functional.dropout(y, dropout, training=True) if dropout and skinny is None else y
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # One expert taking every row stays off the native loops: its forward then computes what the dense FFN's
