@@ -470,6 +470,13 @@ void dropout_all(const T *src, const T *y, T *dst, long n, uint64_t seed, uint32
                          scale);
 }
 
+template <typename T>
+void dropout_typed(int op, const T *src, const T *y, T *dst, long n, uint64_t seed, uint32_t threshold, float scale,
+                   int threads) {
+  if (op == RELU_DROPOUT) dropout_all<T, RELU_DROPOUT>(src, y, dst, n, seed, threshold, scale, threads);
+  else dropout_all<T, RELU_DROPOUT_GRAD>(src, y, dst, n, seed, threshold, scale, threads);
+}
+
 }  // namespace
 
 extern "C" {
@@ -503,18 +510,10 @@ int moeify_dropout(int op, int dtype, long n, const void *src, const void *y, vo
                    uint32_t threshold, float scale, int threads) {
   if (op < 0 || op > 1 || dtype < 0 || dtype > 1 || n < 0) return -1;
   threads = threads > 0 ? threads : 1;
-  if (dtype == 0 && op == RELU_DROPOUT)
-    dropout_all<float, RELU_DROPOUT>(static_cast<const float *>(src), nullptr, static_cast<float *>(dst), n, seed,
-                                     threshold, scale, threads);
-  else if (dtype == 0)
-    dropout_all<float, RELU_DROPOUT_GRAD>(static_cast<const float *>(src), static_cast<const float *>(y),
-                                          static_cast<float *>(dst), n, seed, threshold, scale, threads);
-  else if (op == RELU_DROPOUT)
-    dropout_all<bf16, RELU_DROPOUT>(static_cast<const bf16 *>(src), nullptr, static_cast<bf16 *>(dst), n, seed,
-                                    threshold, scale, threads);
-  else
-    dropout_all<bf16, RELU_DROPOUT_GRAD>(static_cast<const bf16 *>(src), static_cast<const bf16 *>(y),
-                                         static_cast<bf16 *>(dst), n, seed, threshold, scale, threads);
+  if (dtype == 0) dropout_typed(op, static_cast<const float *>(src), static_cast<const float *>(y),
+                                static_cast<float *>(dst), n, seed, threshold, scale, threads);
+  else dropout_typed(op, static_cast<const bf16 *>(src), static_cast<const bf16 *>(y), static_cast<bf16 *>(dst), n,
+                     seed, threshold, scale, threads);
   return 0;
 }
 }
