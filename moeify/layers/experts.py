@@ -52,7 +52,7 @@ class Experts(nn.Module):
         """x: (N, d_model), rows grouped by expert with counts[e] rows for expert e (a list, or an (E,) tensor
         on x's device); `kernel` computes the grouped GEMMs (moeify.layers.kernels)."""
         assert len(counts) == self.num_experts, f"{len(counts)} counts for {self.num_experts} experts"
-        layout = get_kernel(kernel, x.device).layout(counts, self.d_model * self.d_ff, x.device)  # pad once, unpad once
+        layout = get_kernel(kernel, x.device).layout(counts, self.w_in)  # pad once, unpad once
         x = layout.pad(x.to(self.w_in.dtype))  # (R, d_model)
         h = layout.linear(x, self.w_in, self.b_in)  # (R, d_ff)
         if self.gated:

@@ -9,7 +9,7 @@ from moeify.layers.kernels.cpu import CpuKernel
 COUNTS = [3, 0, 1, 0, 0, 4, 2, 0]  # zero-count experts at the ends of runs and inside them
 
 
-@pytest.fixture(params=["reference", "cuda", "span", "pairs", "auto", "pairs-dnnl-pooled"])
+@pytest.fixture(params=["reference", "cuda", "span", "pairs", "each", "auto", "pairs-dnnl-pooled"])
 def layout(request, monkeypatch):
     """Each kernel, and each way the cpu kernel batches experts; the last also takes the oneDNN forward and
     pools every buffer. (The cuda kernel runs grouped_mm on CPU where widths allow, else the loop.)"""
@@ -125,7 +125,7 @@ def big(monkeypatch):
     memory.empty_cache()
 
 
-@pytest.mark.parametrize("layout", [CpuKernel(batching=b) for b in ("span", "pairs", "auto")], ids=str)
+@pytest.mark.parametrize("layout", [CpuKernel(batching=b) for b in ("span", "pairs", "each", "auto")], ids=str)
 def test_recycled_gradient_buffers_are_zeroed(layout, big):  # the pool is the cpu kernel's
     # 8 experts x 256 x 2048 floats = 16 MiB per weight: pooled buffers, 2 MiB per expert.
     ex = Experts(8, 256, 2048, nn.ReLU())
@@ -188,3 +188,18 @@ def test_backward_accumulates_in_pooled_gradient_buffers(big):
     _accumulation_check(ex, (torch.randn(6, 256, generator=g), [1, 0, 2, 0, 0, 0, 3, 0]),
                         (torch.randn(5, 256, generator=g), [0, 5, 0, 0, 0, 0, 0, 0]),
                         CpuKernel(batching="pairs"))  # skips unused experts: they must be zeroed
+
+
+def test_auto_plans_each_expert_alone_where_onednn_runs_the_gemms():
+    """oneDNN runs one GEMM per expert in any plan: auto then pads nothing and copies no rows (the identity
+    layout); elsewhere (no oneDNN, or a dtype it does not take) auto is the cost model's choice."""
+    if cpu.dnnl_op() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    counts, w = [5, 0, 300, 2], torch.empty(4, 32, 16)
+    layout = CpuKernel().layout(counts, w)
+    assert layout.batches == [cpu._Batch(0, 1, 1, 5, 0), cpu._Batch(2, 1, 1, 300, 5), cpu._Batch(3, 1, 1, 2, 305)]
+    assert layout.identity and layout.rows == 307
+    modelled = cpu._plan(counts, 32 * 16, "auto")
+    assert modelled != layout.batches and sum(b.k * b.slots for b in modelled) > 307  # it pads
+    assert CpuKernel(dnnl=False).layout(counts, w).batches == modelled
+    assert CpuKernel().layout(counts, w.double()).batches == modelled

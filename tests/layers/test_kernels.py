@@ -165,6 +165,35 @@ def test_the_onednn_probe_finds_the_op_where_torch_has_it(monkeypatch):
     torch.testing.assert_close(y, grouped_linear(x, w, b, [64, 6], "reference"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("machine", ["avx2", "avx512"])
+@pytest.mark.parametrize("counts", [[40], [40, 0, 33, 5]])  # one expert (its own branch), and batches of several
+def test_the_weight_gradient_takes_onednn_only_where_it_pays(monkeypatch, machine, counts):
+    """DNNL_MIN_ROWS per machine class: AVX-512 computes the weight gradient with oneDNN's linear(g.T, x.T), AVX2
+    with MKL's mm (oneDNN's ran 1.1-2.1x slower there); the forward and the input gradient take oneDNN on both.
+    Every result equals the reference loop's either way."""
+    if cpu.dnnl_op() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(cpu, "instruction_set", lambda: machine)
+    calls, real = [], cpu.dnnl_op()
+    # Only the weight gradient hands oneDNN a transposed view first (g.T); the forward's x and the input gradient's
+    # g are rows.
+    monkeypatch.setattr(cpu, "_DNNL", [lambda *a: calls.append("weight" if a[0].stride(0) == 1 else "other")
+                                       or real(*a)])
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(len(counts), 32, 16, generator=g), torch.randn(len(counts), 32, generator=g)
+    x, gy = torch.randn(sum(counts), 16, generator=g), torch.randn(sum(counts), 32, generator=g)
+
+    def step(kernel):
+        leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+        y = grouped_linear(*leaves, counts, kernel)
+        y.backward(gy)
+        return [y, *(t.grad for t in leaves)]
+
+    for got, want in zip(step(CpuKernel(native=False)), step("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "other" in calls and ("weight" in calls) == (machine == "avx512")
+
+
 def _moved(t: torch.Tensor, offset: int) -> torch.Tensor:
     """A copy of t starting `offset` elements past an allocation's start (4-byte steps for float32)."""
     buffer = torch.empty(t.numel() + 16, dtype=t.dtype)
@@ -195,7 +224,7 @@ def test_the_cpu_kernel_gives_the_same_bits_wherever_the_tensors_lie(monkeypatch
 
     want = step(x, w, b)
     limit = max(cpu.native_max_rows(native.skinny(), torch.float32, torch.float32, out, inp))  # some op runs natively
-    few = min(b.slots for b in cpu._plan(counts, out * inp, batching)) <= limit
+    few = min(b.slots for b in CpuKernel(batching=batching).layout(counts, w).batches) <= limit
     assert bool(ops) == (few and out % 16 == 0 and inp % 16 == 0 and native.skinny() is not None)
     for offset in range(1, 16):  # 4-byte steps through every 64-byte alignment
         got = step(_moved(x, offset), _moved(w, offset), _moved(b, offset))

@@ -28,7 +28,9 @@ class Layout(Protocol):
 class Kernel(Protocol):
     name: str
 
-    def layout(self, counts: Counts, weight_numel: int, device: torch.device) -> Layout: ...
+    def layout(self, counts: Counts, weight: torch.Tensor) -> Layout:
+        """The layout of rows with counts[e] for expert e, for GEMMs with experts' weights like `weight`, (E, out, in):
+        its device, its dtype (the activations' too) and its size."""
 
 
 def get_kernel(kernel: str | Kernel, device: torch.device) -> Kernel:
@@ -63,5 +65,5 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     weight is (E, out, in) (nn.Linear layout), bias (E, out) or None. Returns (N, out)."""
     if x.dtype != weight.dtype:
         x = x.to(weight.dtype)
-    layout = get_kernel(kernel, x.device).layout(counts, weight.shape[1] * weight.shape[2], x.device)
+    layout = get_kernel(kernel, x.device).layout(counts, weight)
     return layout.unpad(layout.linear(layout.pad(x), weight, bias))

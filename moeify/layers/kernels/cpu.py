@@ -29,8 +29,17 @@ _FLOPS = 150e9
 # other bits; oneDNN's does not, at 0.9-1.5x bmm's time for forward GEMMs of 1-2 rows over 64 experts and 0.97-1.05x
 # for the layer's training step. Where the native loops build (AVX-512, AVX2) they take those rows. bfloat16 has
 # none: its mm is oneDNN's already, and writes straight into the output where the private op's result must be
-# copied there. docs/performance.md.
-DNNL_MIN_ROWS = {torch.float32: (1, 3)}
+# copied there. On AVX2 the weight gradient never takes it: oneDNN's linear(g.T, x.T) ran 1.1-2.1x the time of MKL's
+# mm(g.T, x) written in place, at 40-8192 rows, both FFN shapes (its forward and input gradient: within noise of
+# MKL's). docs/performance.md.
+# {instruction set: {dtype: (forward, input gradient, weight gradient)}}; None: never.
+DNNL_MIN_ROWS = {"avx512": {torch.float32: (1, 3, 3)}, "avx2": {torch.float32: (1, 3, None)}}
+
+
+def instruction_set() -> str:
+    """The key of the tables tuned per machine class: "avx2" where torch's widest CPU path is AVX2, else "avx512"
+    (where most of them were measured)."""
+    return "avx2" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "avx512"
 # From this many bfloat16 rows per expert the forward runs one mm per expert instead of a bmm over a batch of experts
 # (1.1-1.7x faster at E <= 64; bmm is as fast up to ~64 rows).
 MM_MIN_ROWS = 64
@@ -120,6 +129,13 @@ class _Batch(NamedTuple):
     row: int  # first padded row of the batch
 
 
+def _dnnl_at(dnnl: tuple | None, gemm: int, rows: int):
+    """oneDNN's linear op when GEMM `gemm` (FORWARD, INPUT_GRAD, WEIGHT_GRAD) of experts with `rows` rows takes it,
+    else None; dnnl is CpuKernel.dnnl_for()'s (op, min rows of each GEMM)."""
+    limit = None if dnnl is None else dnnl[1 + gemm]
+    return None if limit is None or rows < limit else dnnl[0]
+
+
 def _one_expert(batches: list[_Batch]) -> _Batch | None:
     """The batch when one expert takes every row (E = 1, or all tokens routed alike), else None."""
     return batches[0] if len(batches) == 1 and batches[0].k == 1 else None
@@ -162,14 +178,18 @@ def _native(kernel: native.Skinny, op: int, picked, weight: torch.Tensor, *opera
 
 
 def _plan(counts: list[int], weight_numel: int, batching: str = "auto") -> list[_Batch]:
-    """Batches covering every expert with rows. Either one bmm over the span of used experts,
-    padded to the largest count (best when counts are even), or pairs of used experts with
-    similar counts (skips unused experts' weights, pads little, still spreads over two cores).
+    """Batches covering every expert with rows: "auto" chooses by the cost model between "span", one bmm over the
+    span of used experts padded to the largest count (best when counts are even), and "pairs" of used experts with
+    similar counts (skips unused experts' weights, pads little, still spreads over two cores); "each" is every used
+    expert alone, unpadded, in expert order (the layout is then the identity: no rows copied to pad or unpad).
     """
     c = np.asarray(counts, dtype=np.int64)
     used = np.flatnonzero(c)
     if not len(used):
         return []
+    if batching == "each":
+        starts = np.cumsum(c) - c
+        return [_Batch(e, 1, 1, n, row) for e, n, row in zip(used.tolist(), c[used].tolist(), starts[used].tolist())]
     call_rows = CALL_SECONDS * _FLOPS / (2 * weight_numel)
     lo, span, top = int(used[0]), int(used[-1]) + 1 - int(used[0]), int(c.max())
     one_cost = WEIGHT_READ_ROWS * span + span * top + call_rows
@@ -224,7 +244,7 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
     """_GroupedLinear's output in x's dtype (weights of another dtype widened to it per batch); narrow: x in the
     weights' dtype, for the batches under UPCAST_MIN_ROWS rows, which then run unwidened."""
     one = _one_expert(batches)
-    if dnnl is not None and one is not None and one.slots >= dnnl[1]:
+    if one is not None and _dnnl_at(dnnl, native.FORWARD, one.slots) is not None:
         # oneDNN's own output is the result, not copied into a buffer of ours (a pass over the output: 1-2 % of a
         # one-expert layer).
         e = one.first
@@ -245,7 +265,7 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
         if narrow is not None and b.slots < UPCAST_MIN_ROWS:
             _linear_per_expert(narrow[rows].view(b.k, b.slots, -1), weight, bias, b, yb)
             continue
-        if dnnl is not None and b.slots >= dnnl[1]:
+        if _dnnl_at(dnnl, native.FORWARD, b.slots) is not None:
             for j in range(b.k):
                 e = b.first + j * b.step
                 yb[j].copy_(dnnl[0](xb[j], _as(weight[e], x.dtype), None if bias is None else _as(bias[e], x.dtype),
@@ -283,12 +303,13 @@ def _backward(ctx, x, weight, grad_y):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     grad_y = grad_y.contiguous()
     one = _one_expert(batches)
-    if weight.shape[0] == 1 and ctx.dnnl is not None and one is not None and one.slots >= ctx.dnnl[2]:
-        # E = 1, as in the forward: oneDNN's fresh results are the gradients, not copied into buffers of ours (a pass
-        # over the weight's gradient: 0.2-0.5 ms of a 64-token step of t5-small's FFN).
-        op, w = ctx.dnnl[0], _as(weight[0], x.dtype)
-        return (op(grad_y, w.t(), None, "none", [], "") if need_x else None,
-                _as(op(grad_y.t(), x.t(), None, "none", [], ""), weight.dtype).unsqueeze(0) if need_w else None,
+    if weight.shape[0] == 1 and one is not None and (op := _dnnl_at(ctx.dnnl, native.INPUT_GRAD, one.slots)):
+        # E = 1, as in the forward: oneDNN's (or MKL's) fresh results are the gradients, not copied into buffers of
+        # ours (a pass over the weight's gradient: 0.2-0.5 ms of a 64-token step of t5-small's FFN).
+        op_w = _dnnl_at(ctx.dnnl, native.WEIGHT_GRAD, one.slots)
+        grad_w = (op_w(grad_y.t(), x.t(), None, "none", [], "") if op_w else grad_y.t().mm(x)) if need_w else None
+        return (op(grad_y, _as(weight[0], x.dtype).t(), None, "none", [], "") if need_x else None,
+                _as(grad_w, weight.dtype).unsqueeze(0) if need_w else None,
                 grad_y.sum(0, keepdim=True) if need_b and ctx.has_bias else None)
     grad_x = memory.empty(tuple(x.shape), x.dtype, x.device, ctx.pool)[0] if need_x else None  # (R, in)
     grad_w, w_zero = gradient_buffer(weight, ctx.pool) if need_w else (None, True)  # (E, out, in)
@@ -308,19 +329,18 @@ def _backward(ctx, x, weight, grad_y):
             continue  # computed natively above: no views of its rows
         rows = slice(b.row, b.row + b.k * b.slots)
         g, xb = grad_y[rows].view(b.k, b.slots, -1), x[rows].view(b.k, b.slots, -1)  # (k, slots, out / in)
-        # oneDNN's linear takes both backward GEMMs as transposed views, at twice MKL's rate here (the same as
+        # oneDNN's linear takes both backward GEMMs as transposed views, at twice MKL's rate on AVX-512 (the same as
         # its forward; docs/performance.md); its results are fresh tensors, copied into place.
-        dnnl = ctx.dnnl[0] if ctx.dnnl is not None and b.slots >= ctx.dnnl[2] else None
         experts = range(b.first, b.first + b.k * b.step, b.step)
         if grad_x is not None and b.slots > x_rows:
             gx = grad_x[rows].view(b.k, b.slots, -1)
-            if dnnl is None:
+            if (dnnl := _dnnl_at(ctx.dnnl, native.INPUT_GRAD, b.slots)) is None:
                 torch.bmm(g, _as(_experts_view(weight, b), x.dtype), out=gx)
             else:
                 for j, e in enumerate(experts):
                     gx[j].copy_(dnnl(g[j], _as(weight[e], x.dtype).t(), None, "none", [], ""))
         if grad_w is not None and b.slots > w_rows:
-            if dnnl is None and grad_w.dtype == x.dtype:
+            if (dnnl := _dnnl_at(ctx.dnnl, native.WEIGHT_GRAD, b.slots)) is None and grad_w.dtype == x.dtype:
                 torch.bmm(g.transpose(1, 2), xb, out=_experts_view(grad_w, b))
             elif dnnl is None:
                 _experts_view(grad_w, b).copy_(torch.bmm(g.transpose(1, 2), xb))
@@ -376,9 +396,16 @@ class _ReLU(torch.autograd.Function):
 class CpuLayout:
     """Maps rows grouped by expert, (N, d), to the padded rows of a plan, (R, d), and back."""
 
-    def __init__(self, counts: list[int], weight_numel: int, device: torch.device, kernel: CpuKernel) -> None:
+    def __init__(self, counts: list[int], weight: torch.Tensor, kernel: CpuKernel) -> None:
         self.kernel = kernel
-        self.batches = _plan(counts, weight_numel, kernel.batching)
+        device, batching = weight.device, kernel.batching
+        if batching == "auto" and kernel.dnnl_for(torch.float32 if kernel.upcasts(weight) else weight.dtype, device):
+            # Where oneDNN takes the GEMMs they run one call per expert in any plan, and the native loops one call
+            # for all of their experts: padding is then work for nothing, and batching saves no calls. Measured on
+            # AVX2, float32 forward + backward at 64-8192 tokens over 8-256 experts: 0.94-1.05x of pairs' time, where
+            # the cost model's choice of one span took 1.13-1.29x at E 128 / 256, 1024 tokens (docs/performance.md).
+            batching = "each"
+        self.batches = _plan(counts, weight.shape[1] * weight.shape[2], batching)
         self.rows = sum(b.k * b.slots for b in self.batches)
         self.n = sum(counts)
         # One unpadded batch (one expert, or a span of experts with equal counts) is the identity: then pad and unpad
@@ -432,7 +459,8 @@ class CpuLayout:
 
 @dataclass(frozen=True)
 class CpuKernel:
-    """batching: "auto" (the cost model's choice), "span" (one bmm) or "pairs"; dnnl_min_rows: rows per expert
+    """batching: "auto" (each expert alone where oneDNN runs the GEMMs, else the cost model's choice), "span"
+    (one bmm), "pairs" or "each" (_plan); dnnl_min_rows: rows per expert
     from which the forward and the backward take oneDNN's linear; dnnl: whether to use it at all (when the probe
     finds it);
     native: the hand-written kernels (native.py) for experts with up to native_max_rows() rows, when this machine
@@ -443,7 +471,7 @@ class CpuKernel:
     benchmarks/bench_kernels.py measures what it buys."""
 
     batching: str = "auto"
-    dnnl_min_rows: int | None = None  # forward and backward; None: DNNL_MIN_ROWS for the dtype (bfloat16: never)
+    dnnl_min_rows: int | None = None  # every GEMM; None: DNNL_MIN_ROWS for the dtype here (bfloat16: never)
     dnnl: bool = True
     native: bool = True
     pool: bool = True
@@ -457,9 +485,10 @@ class CpuKernel:
         return self.upcast or not reduced_is_native(x.dtype)
 
     def dnnl_for(self, dtype: torch.dtype, device: torch.device) -> tuple | None:
-        """(op, forward min rows, backward min rows) when GEMMs in dtype may take oneDNN's linear, else None. bfloat16
+        """(op, min rows of the forward, the input gradient, the weight gradient; None: never) when GEMMs in dtype
+        may take oneDNN's linear, else None. bfloat16
         takes it only when dnnl_min_rows says so (tests do) and oneDNN has a bfloat16 path here."""
-        rows = (self.dnnl_min_rows,) * 2 if self.dnnl_min_rows else DNNL_MIN_ROWS.get(dtype)
+        rows = (self.dnnl_min_rows,) * 3 if self.dnnl_min_rows else DNNL_MIN_ROWS[instruction_set()].get(dtype)
         if not (self.dnnl and rows and dtype in (torch.float32, torch.bfloat16) and device.type == "cpu"
                 and torch.backends.mkldnn.enabled) or dtype != torch.float32 and not reduced_is_native(dtype):
             return None
@@ -481,5 +510,5 @@ class CpuKernel:
             return None
         return native.skinny()
 
-    def layout(self, counts: Counts, weight_numel: int, device: torch.device) -> CpuLayout:
-        return CpuLayout(host_counts(counts), weight_numel, device, self)
+    def layout(self, counts: Counts, weight: torch.Tensor) -> CpuLayout:
+        return CpuLayout(host_counts(counts), weight, self)

@@ -64,5 +64,5 @@ class CudaLayout:
 class CudaKernel:
     name = "cuda"
 
-    def layout(self, counts: Counts, weight_numel: int, device: torch.device) -> CudaLayout:
-        return CudaLayout(counts, device)
+    def layout(self, counts: Counts, weight: torch.Tensor) -> CudaLayout:
+        return CudaLayout(counts, weight.device)

@@ -32,5 +32,5 @@ class ReferenceLayout:
 class ReferenceKernel:
     name = "reference"
 
-    def layout(self, counts: Counts, weight_numel: int, device: torch.device) -> ReferenceLayout:
+    def layout(self, counts: Counts, weight: torch.Tensor) -> ReferenceLayout:
         return ReferenceLayout(host_counts(counts))
