@@ -22,11 +22,13 @@ def build_switch(site: FFNSite, modules: dict[str, nn.Module], config: MoEConfig
     """A SwitchFFN shaped like `site` (moefy: experts d_ff / E wide); initialised per config.init, or left
     empty when generator is None."""
     w_in = linear_view(modules[site.w_in])
+    # Built on meta, then given memory: a layer built elsewhere initialises itself, which would be a second,
+    # wasted init of every expert here (and of a whole model's worth when its weights are loaded next).
     layer = SwitchFFN(
         site.d_model, expert_d_ff(site.name, site.d_ff, config), config.routing, site.activation, gated=site.gated,
         bias=site.bias, out_bias=site.out_bias,
         dropout=site.dropout if config.expert_dropout is None else config.expert_dropout,
-        dtype=w_in.weight.dtype, device=w_in.weight.device)
+        dtype=w_in.weight.dtype, device="meta").to_empty(device=w_in.weight.device)
     if generator is not None:
         initialise(layer, dense_ffn(site, modules), config, generator)
     return layer

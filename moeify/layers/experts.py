@@ -15,7 +15,8 @@ class Experts(nn.Module):
 
     w_in: (E, d_ff, d_model), w_gate: (E, d_ff, d_model) for gated FFNs,
     w_out: (E, d_model, d_ff); biases b_in/b_gate (E, d_ff) and b_out (E, d_model) when
-    the dense FFN had them. Gated FFNs compute act(x @ w_gate.T) * (x @ w_in.T).
+    the dense FFN had them. Gated FFNs compute act(x @ w_gate.T) * (x @ w_in.T). Built anywhere
+    but on meta, the weights start with the paper's init (reset_parameters()).
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: nn.Module, *,
@@ -34,6 +35,8 @@ class Experts(nn.Module):
         self.b_out = nn.Parameter(torch.empty(num_experts, d_model, **kw)) if out_bias else None
         self.act = activation
         self.dropout = nn.Dropout(dropout)
+        if not self.w_in.is_meta:  # usable as built, as nn.Linear is; meta stays free (conversions build there)
+            self.reset_parameters()
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "

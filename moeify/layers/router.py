@@ -24,6 +24,7 @@ class Router(nn.Module):
     "Selective precision" (paper, Section 2.4): the weight stays in the router dtype through
     model.to(dtype), .half() and .bfloat16(), and the forward runs with autocast off, so neither
     the expert choices nor the optimiser's updates of the weight are ever rounded to 16 bits.
+    Built anywhere but on meta, the weight starts with the paper's init (reset_parameters()).
     """
 
     def __init__(self, d_model: int, num_experts: int, *, top_k: int = 1, normalize: bool = False,
@@ -36,6 +37,8 @@ class Router(nn.Module):
         self.jitter = jitter
         self.router_dtype = dtype
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=dtype, device=device))
+        if not self.weight.is_meta:  # usable as built, as nn.Linear is; meta stays free (conversions build there)
+            self.reset_parameters()
 
     def _apply(self, fn, recurse: bool = True):
         # Module.to/half/bfloat16 convert every floating parameter. A device move is welcome; a

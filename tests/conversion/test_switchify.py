@@ -125,3 +125,20 @@ def test_one_expert_conversion_preserves_gpt2_and_llama():
         sparse = moeify.convert(dense, moeify.MoEConfig(**EXACT)).eval()
         assert len(sparse.moeify_record.sites) == 2
         torch.testing.assert_close(sparse(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+
+def test_a_conversion_initialises_each_layer_once(monkeypatch):
+    """The layers are built on meta and given memory, so the only init is the conversion's (its seed, its scale)."""
+    from moeify.layers.experts import Experts
+    from moeify.layers.router import Router
+
+    calls = []
+    for cls in (Router, Experts):
+        def spy(self, *args, real=cls.reset_parameters, name=cls.__name__, **kwargs):
+            calls.append((name, args[0] if args else kwargs.get("scale")))
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "reset_parameters", spy)
+    sparse = moeify.convert(tiny_t5(), moeify.MoEConfig(num_experts=4, init="random", seed=7, init_scale=0.2))
+    layers = sum(isinstance(m, SwitchFFN) for m in sparse.modules())
+    assert layers == 4 and calls == [("Router", 0.2), ("Experts", 0.2)] * layers

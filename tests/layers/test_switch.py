@@ -121,3 +121,18 @@ def test_one_expert_with_room_for_every_token_skips_dispatch_and_changes_nothing
     torch.testing.assert_close(gx0, gx1)
     for a, b in zip(gp0, gp1):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_layer_built_by_hand_starts_with_the_papers_init(bias):
+    """Usable as built, as nn.Linear is: truncated normal at scale 0.1, zero biases; on meta nothing is drawn."""
+    layer = SwitchFFN(16, 32, RoutingConfig(num_experts=4), nn.ReLU(), bias=bias)
+    for w in (layer.router.weight, layer.experts.w_in, layer.experts.w_out):
+        std = math.sqrt(0.1 / w.shape[-1])
+        assert w.abs().max() <= 2 * std + 1e-7 and w.std() > std / 2
+    for b in (layer.experts.b_in, layer.experts.b_out):
+        assert b is None if not bias else not b.any()
+    assert torch.isfinite(layer(torch.randn(2, 5, 16))).all()
+    state = torch.random.get_rng_state()
+    on_meta = SwitchFFN(16, 32, RoutingConfig(num_experts=4), nn.ReLU(), device="meta")
+    assert on_meta.experts.w_in.is_meta and torch.equal(torch.random.get_rng_state(), state)

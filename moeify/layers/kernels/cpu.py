@@ -30,10 +30,13 @@ _FLOPS = 150e9
 # for the layer's training step. Where the native loops build (AVX-512, AVX2) they take those rows. bfloat16 has
 # none: its mm is oneDNN's already, and writes straight into the output where the private op's result must be
 # copied there. On AVX2 the weight gradient never takes it: oneDNN's linear(g.T, x.T) ran 1.1-2.1x the time of MKL's
-# mm(g.T, x) written in place, at 40-8192 rows, both FFN shapes (its forward and input gradient: within noise of
-# MKL's). docs/performance.md.
-# {instruction set: {dtype: (forward, input gradient, weight gradient)}}; None: never.
-DNNL_MIN_ROWS = {"avx512": {torch.float32: (1, 3, 3)}, "avx2": {torch.float32: (1, 3, None)}}
+# mm(g.T, x) written in place, at 40-8192 rows, both FFN shapes. Its forward and input gradient stop at 512 rows
+# there: the layer's step with them on MKL from one row took 1.1-1.4x as long at 64-128 rows per expert, as long at
+# 256, and 0.90-0.96x at ~1,000 (oneDNN's result is copied into place, MKL's bmm writes there). docs/performance.md.
+# {instruction set: {dtype: ((from, below) rows of the forward, of the input gradient, of the weight gradient)}};
+# None: never; below None: no bound.
+DNNL_ROWS = {"avx512": {torch.float32: ((1, None), (3, None), (3, None))},
+             "avx2": {torch.float32: ((1, 512), (3, 512), None)}}
 
 
 def instruction_set() -> str:
@@ -131,9 +134,11 @@ class _Batch(NamedTuple):
 
 def _dnnl_at(dnnl: tuple | None, gemm: int, rows: int):
     """oneDNN's linear op when GEMM `gemm` (FORWARD, INPUT_GRAD, WEIGHT_GRAD) of experts with `rows` rows takes it,
-    else None; dnnl is CpuKernel.dnnl_for()'s (op, min rows of each GEMM)."""
-    limit = None if dnnl is None else dnnl[1 + gemm]
-    return None if limit is None or rows < limit else dnnl[0]
+    else None; dnnl is CpuKernel.dnnl_for()'s (op, rows range of each GEMM)."""
+    span = None if dnnl is None else dnnl[1 + gemm]
+    if span is None or rows < span[0] or span[1] is not None and rows >= span[1]:
+        return None
+    return dnnl[0]
 
 
 def _one_expert(batches: list[_Batch]) -> _Batch | None:
@@ -461,7 +466,7 @@ class CpuLayout:
 class CpuKernel:
     """batching: "auto" (each expert alone where oneDNN runs the GEMMs, else the cost model's choice), "span"
     (one bmm), "pairs" or "each" (_plan); dnnl_min_rows: rows per expert
-    from which the forward and the backward take oneDNN's linear; dnnl: whether to use it at all (when the probe
+    from which the forward and the backward take oneDNN's linear (default: DNNL_ROWS for this machine); dnnl: whether to use it at all (when the probe
     finds it);
     native: the hand-written kernels (native.py) for experts with up to native_max_rows() rows, when this machine
     builds them;
@@ -471,7 +476,7 @@ class CpuKernel:
     benchmarks/bench_kernels.py measures what it buys."""
 
     batching: str = "auto"
-    dnnl_min_rows: int | None = None  # every GEMM; None: DNNL_MIN_ROWS for the dtype here (bfloat16: never)
+    dnnl_min_rows: int | None = None  # every GEMM from this many rows; None: DNNL_ROWS here (bfloat16: never)
     dnnl: bool = True
     native: bool = True
     pool: bool = True
@@ -485,10 +490,10 @@ class CpuKernel:
         return self.upcast or not reduced_is_native(x.dtype)
 
     def dnnl_for(self, dtype: torch.dtype, device: torch.device) -> tuple | None:
-        """(op, min rows of the forward, the input gradient, the weight gradient; None: never) when GEMMs in dtype
-        may take oneDNN's linear, else None. bfloat16
-        takes it only when dnnl_min_rows says so (tests do) and oneDNN has a bfloat16 path here."""
-        rows = (self.dnnl_min_rows,) * 3 if self.dnnl_min_rows else DNNL_MIN_ROWS[instruction_set()].get(dtype)
+        """(op, rows of the forward, of the input gradient, of the weight gradient: DNNL_ROWS's ranges) when GEMMs in
+        dtype may take oneDNN's linear, else None. bfloat16 takes it only when dnnl_min_rows says so (tests do) and
+        oneDNN has a bfloat16 path here."""
+        rows = ((self.dnnl_min_rows, None),) * 3 if self.dnnl_min_rows else DNNL_ROWS[instruction_set()].get(dtype)
         if not (self.dnnl and rows and dtype in (torch.float32, torch.bfloat16) and device.type == "cpu"
                 and torch.backends.mkldnn.enabled) or dtype != torch.float32 and not reduced_is_native(dtype):
             return None
