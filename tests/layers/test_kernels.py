@@ -166,8 +166,9 @@ def test_the_onednn_probe_finds_the_op_where_torch_has_it(monkeypatch):
 
 
 @pytest.mark.parametrize("machine", ["avx2", "avx512"])
-@pytest.mark.parametrize("counts", [[40], [40, 0, 33, 5], [600, 0, 530]])  # one expert (its own branch), several,
-def test_onednn_takes_the_gemms_only_where_it_pays(monkeypatch, machine, counts):  # and experts of >= 512 rows
+# One expert (its own branch), several, and experts of 512 rows or more.
+@pytest.mark.parametrize("counts", [[40], [40, 0, 33, 5], [600, 0, 530]])
+def test_onednn_takes_the_gemms_only_where_it_pays(monkeypatch, machine, counts):
     """DNNL_ROWS per machine class: AVX-512 runs every GEMM of 3 rows or more with oneDNN's linear; AVX2 never the
     weight gradient (MKL's mm, as oneDNN's ran 1.1-2.1x slower there), and nothing from 512 rows. Every result
     equals the reference loop's either way."""

@@ -43,6 +43,8 @@ def instruction_set() -> str:
     """The key of the tables tuned per machine class: "avx2" where torch's widest CPU path is AVX2, else "avx512"
     (where most of them were measured)."""
     return "avx2" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "avx512"
+
+
 # From this many bfloat16 rows per expert the forward runs one mm per expert instead of a bmm over a batch of experts
 # (1.1-1.7x faster at E <= 64; bmm is as fast up to ~64 rows).
 MM_MIN_ROWS = 64
@@ -135,8 +137,8 @@ class _Batch(NamedTuple):
 def _dnnl_at(dnnl: tuple | None, gemm: int, rows: int):
     """oneDNN's linear op when GEMM `gemm` (FORWARD, INPUT_GRAD, WEIGHT_GRAD) of experts with `rows` rows takes it,
     else None; dnnl is CpuKernel.dnnl_for()'s (op, rows range of each GEMM)."""
-    span = None if dnnl is None else dnnl[1 + gemm]
-    if span is None or rows < span[0] or span[1] is not None and rows >= span[1]:
+    bounds = None if dnnl is None else dnnl[1 + gemm]
+    if bounds is None or rows < bounds[0] or bounds[1] is not None and rows >= bounds[1]:
         return None
     return dnnl[0]
 
@@ -465,9 +467,8 @@ class CpuLayout:
 @dataclass(frozen=True)
 class CpuKernel:
     """batching: "auto" (each expert alone where oneDNN runs the GEMMs, else the cost model's choice), "span"
-    (one bmm), "pairs" or "each" (_plan); dnnl_min_rows: rows per expert
-    from which the forward and the backward take oneDNN's linear (default: DNNL_ROWS for this machine); dnnl: whether to use it at all (when the probe
-    finds it);
+    (one bmm), "pairs" or "each" (_plan); dnnl_min_rows: rows per expert from which the forward and the backward take
+    oneDNN's linear (default: DNNL_ROWS for this machine); dnnl: whether to use it at all (when the probe finds it);
     native: the hand-written kernels (native.py) for experts with up to native_max_rows() rows, when this machine
     builds them;
     pool: large buffers from moeify.layers.memory's recycled huge-page mappings, else torch.empty;
