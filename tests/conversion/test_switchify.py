@@ -127,7 +127,6 @@ def test_one_expert_conversion_preserves_gpt2_and_llama():
         torch.testing.assert_close(sparse(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-
 def test_a_conversion_initialises_each_layer_once(monkeypatch):
     """The layers are built on meta and given memory, so the only init is the conversion's (its seed, its scale)."""
     from moeify.layers.experts import Experts

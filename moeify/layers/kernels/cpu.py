@@ -251,12 +251,12 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
     """_GroupedLinear's output in x's dtype (weights of another dtype widened to it per batch); narrow: x in the
     weights' dtype, for the batches under UPCAST_MIN_ROWS rows, which then run unwidened."""
     one = _one_expert(batches)
-    if one is not None and _dnnl_at(dnnl, native.FORWARD, one.slots) is not None:
+    if one is not None and (op := _dnnl_at(dnnl, native.FORWARD, one.slots)) is not None:
         # oneDNN's own output is the result, not copied into a buffer of ours (a pass over the output: 1-2 % of a
         # one-expert layer).
         e = one.first
         b_e = None if bias is None else _as(bias[e], x.dtype)
-        return dnnl[0](x, _as(weight[e], x.dtype), b_e, "none", [], "")
+        return op(x, _as(weight[e], x.dtype), b_e, "none", [], "")
     limit = native_max_rows(skinny, x.dtype, weight.dtype, *weight.shape[1:])[0]
     few = _native_rows(batches, limit)
     y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)  # (R, out)
@@ -272,11 +272,11 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
         if narrow is not None and b.slots < UPCAST_MIN_ROWS:
             _linear_per_expert(narrow[rows].view(b.k, b.slots, -1), weight, bias, b, yb)
             continue
-        if _dnnl_at(dnnl, native.FORWARD, b.slots) is not None:
+        if (op := _dnnl_at(dnnl, native.FORWARD, b.slots)) is not None:
             for j in range(b.k):
                 e = b.first + j * b.step
-                yb[j].copy_(dnnl[0](xb[j], _as(weight[e], x.dtype), None if bias is None else _as(bias[e], x.dtype),
-                                    "none", [], ""))
+                yb[j].copy_(op(xb[j], _as(weight[e], x.dtype), None if bias is None else _as(bias[e], x.dtype),
+                               "none", [], ""))
             continue
         if x.dtype != torch.float32 and (b.step > 1 or b.slots >= MM_MIN_ROWS):
             # Reduced-precision bmm copies a transposed weight view whose experts are not adjacent (a pair
@@ -406,7 +406,7 @@ class CpuLayout:
     def __init__(self, counts: list[int], weight: torch.Tensor, kernel: CpuKernel) -> None:
         self.kernel = kernel
         device, batching = weight.device, kernel.batching
-        if batching == "auto" and kernel.dnnl_for(torch.float32 if kernel.upcasts(weight) else weight.dtype, device):
+        if batching == "auto" and kernel.dnnl_for(kernel.compute(weight), device):
             # Where oneDNN takes the GEMMs they run one call per expert in any plan, and the native loops one call
             # for all of their experts: padding is then work for nothing, and batching saves no calls. Measured on
             # AVX2, float32 forward + backward at 64-8192 tokens over 8-256 experts: 0.94-1.05x of pairs' time, where
@@ -457,8 +457,7 @@ class CpuLayout:
         # F.linear does, so a conversion to one expert preserves the model's outputs (bit for bit on AVX-512; on AVX2
         # oneDNN's and MKL's float32 sums run in different orders, within rounding).
         one = _one_expert(self.batches) is not None
-        upcast = self.kernel.upcasts(x)
-        compute = torch.float32 if upcast else x.dtype  # what the GEMMs see: the kernel's paths are chosen for it
+        upcast, compute = self.kernel.upcasts(x), self.kernel.compute(x)  # the kernel's paths are chosen for compute
         return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(compute, x.device),
                                     None if one else self.kernel.skinny_for(compute, x.device, weight),
                                     self.kernel.pool, upcast)
@@ -489,6 +488,10 @@ class CpuKernel:
         if self.upcast is False or x.dtype not in _NATIVE_REDUCED or x.device.type != "cpu":
             return False
         return self.upcast or not reduced_is_native(x.dtype)
+
+    def compute(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype x's GEMMs run in: float32 where upcasts(x), else x's own."""
+        return torch.float32 if self.upcasts(x) else x.dtype
 
     def dnnl_for(self, dtype: torch.dtype, device: torch.device) -> tuple | None:
         """(op, rows of the forward, of the input gradient, of the weight gradient: DNNL_ROWS's ranges) when GEMMs in
