@@ -1,12 +1,34 @@
-"""Shared by the benchmarks: print a rich table and write the same rows as Markdown (for the README) and JSON."""
+"""Shared by the benchmarks: paired ratios and their confidence intervals; a rich table written again as Markdown (for
+the README) and JSON."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+
+def paired(times: list[float], base: list[float]) -> list[float]:
+    """times / base round by round, sorted: a host that speeds up or slows down over seconds moves both steps of a
+    round alike, so their ratio is steadier than the ratio of two medians."""
+    return sorted(a / b for a, b in zip(times, base, strict=True))
+
+
+def interval(ratios: list[float]) -> tuple[float, float]:
+    """95 % confidence interval of the median of sorted per-round ratios (sign test: order statistics), which
+    narrows with more rounds where the ratios' own spread does not."""
+    k = max(0, math.floor((len(ratios) - 1.96 * math.sqrt(len(ratios))) / 2))
+    return ratios[k], ratios[len(ratios) - 1 - k]
+
+
+def verdict(ratios: list[float], target: float) -> str:
+    """"met" when the median's whole confidence interval is at or under the target, "missed" when all of it is over,
+    else "not resolved" (more rounds may tell)."""
+    low, high = interval(ratios)
+    return "met" if high <= target else "missed" if low > target else "not resolved"
 
 
 def report(title: str, header: list[str], rows: list[tuple[str, ...]], out: Path, notes: list[str] = ()) -> None:

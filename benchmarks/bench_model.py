@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from _report import report
+from _report import interval, paired, report, verdict
 from transformers import SwitchTransformersForConditionalGeneration
 
 from moeify.checkpoint.sources import load_dense
@@ -88,19 +87,6 @@ def step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
     return [forward - start, backward - forward, time.perf_counter() - backward]
 
 
-def interval(ratios: list[float]) -> tuple[float, float]:
-    """95 % confidence interval of the median of sorted per-round ratios (sign test: order statistics), which
-    narrows with more rounds where the ratios' own spread does not."""
-    k = max(0, math.floor((len(ratios) - 1.96 * math.sqrt(len(ratios))) / 2))
-    return ratios[k], ratios[len(ratios) - 1 - k]
-
-
-def verdict(ratios: list[float], target: float) -> str:
-    """met when the median's whole confidence interval reaches the target, missed when none of it does."""
-    low, high = interval(ratios)
-    return "met" if high <= target else "missed" if low > target else "not resolved (its interval spans the target)"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="t5-small")
@@ -129,23 +115,23 @@ def main() -> None:
             phases[name].append(step(name, built[name], optimizers[name], batch))
     times = {name: [sum(p) for p in ps] for name, ps in phases.items()}
 
-    def ratios(name: str, base: str) -> list[float]:  # name's step / base's step, round by round, sorted
-        return sorted(a / b for a, b in zip(times[name], times[base]))
+    def ratios(name: str, base: str) -> list[float]:
+        return paired(times[name], times[base])
 
     rows = [(name, *(f"{1e3 * statistics.median(p[i] for p in phases[name]):.0f}" for i in range(len(PHASES))),
              f"{1e3 * statistics.median(times[name]):.0f}",
              *(f"{statistics.median(ratios(name, base)):.2f}x" for base in ("dense", "transformers")))
             for name in names]
     mine = {base: ratios("moeify", base) for base in ("dense", "transformers")}
-    paired = {base: statistics.median(r) for base, r in mine.items()}
+    medians = {base: statistics.median(r) for base, r in mine.items()}
     spread = {base: "{:.2f}-{:.2f}x".format(*interval(r)) for base, r in mine.items()}
     report(f"Training step of {args.preset} (dense) and its Switch-{args.experts} conversion (every other FFN), "
            f"batch {args.batch} x {args.seq_len}, {torch.get_num_threads()} threads, {args.reps} rounds",
            ["model", *(f"{p} ms" for p in PHASES), "step ms", "vs dense", "vs transformers"], rows, args.out,
            ["ms: medians over the rounds; vs: the median over rounds of the two steps' ratio within a round "
             f"(paired); 95 % interval of moeify's: dense {spread['dense']}, transformers {spread['transformers']}.",
-            f"moeify / dense {paired['dense']:.2f}x (target <= {TARGET_VS_DENSE}x: "
-            f"{verdict(mine['dense'], TARGET_VS_DENSE)}); moeify / transformers {paired['transformers']:.2f}x "
+            f"moeify / dense {medians['dense']:.2f}x (target <= {TARGET_VS_DENSE}x: "
+            f"{verdict(mine['dense'], TARGET_VS_DENSE)}); moeify / transformers {medians['transformers']:.2f}x "
             f"(target < 1x: {verdict(mine['transformers'], 1.0)}).",
             *([f"{HYBRID} / transformers: "
                "{:.2f}x (95 % interval {:.2f}-{:.2f}x): the layers alone, in one model.".format(
