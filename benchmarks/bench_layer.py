@@ -6,8 +6,9 @@ sequence, moeify per batch. The roofline is measured in the same run: this machi
 memory bandwidth; a point's bound is the larger of the FLOP time of capacity factor x the dense
 FFN's work and the time to move the expert weights (and in training their gradients).
 Each round runs the three back to back (the order rotating); ratios are the median of the rounds' own ratios, with a
-95 % interval, as the host's speed drifts over seconds. Each point runs at least --reps rounds, more for short steps
-(until they took 3 s, up to 50), and more again while a target's interval still spans it (up to 60 s a point).
+95 % interval, as the host's speed drifts over seconds. Each point runs --reps rounds, or as many as fit in 60 s
+(one at least), more for short steps (until they took 3 s, up to 50), and more again while a target's interval
+still spans it (up to 60 s a point).
 Usage: python benchmarks/bench_layer.py [--reps 5] [--experts ...] [--tokens ...] [--dtypes fp32 bf16]
 """
 from __future__ import annotations
@@ -180,10 +181,11 @@ def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype) -> tup
                        for base, target in targets(num_experts))
 
         r = 0
-        # At least `reps` rounds, more while all of them took under MIN_SECONDS (a median of 3 steps of a few ms
-        # moves by a quarter between runs on a shared host, and more rounds of them cost little), and more again
-        # while a target's interval spans it: close calls get the rounds, clear ones do not.
-        while (r < reps or r < MAX_REPS and spent() < MIN_SECONDS
+        # At least `reps` rounds (but one once they took RESOLVE_SECONDS: torch's bfloat16 baselines on AVX2 take
+        # 30-90 s a step at 8192 tokens), more while all of them took under MIN_SECONDS (a median of 3 steps of a
+        # few ms moves by a quarter between runs on a shared host, and more rounds of them cost little), and more
+        # again while a target's interval spans it: close calls get the rounds, clear ones do not.
+        while (r < reps and (r == 0 or spent() < RESOLVE_SECONDS) or r < MAX_REPS and spent() < MIN_SECONDS
                or r < RESOLVE_REPS and spent() < RESOLVE_SECONDS and unresolved()):
             for name in names[r % 3:] + names[:r % 3]:  # rotate the order each repetition
                 times[name][mode].append(step(modules[name], x, backward))
@@ -231,9 +233,9 @@ def main() -> None:
              "the fastest GEMM rate, or the used experts' weights moved once), which no implementation on this "
              "machine can beat."]
     report(f"SwitchFFN d_model={D_MODEL} d_ff={D_FF}, capacity factor {CAPACITY_FACTOR}, batch 1, "
-           f"{torch.get_num_threads()} threads, at least {args.reps} rounds of the three (more until they "
-           f"took {MIN_SECONDS:.0f} s, up to {MAX_REPS}; more again while a target is not resolved, up to "
-           f"{RESOLVE_SECONDS:.0f} s)", header, rows, args.out, notes)
+           f"{torch.get_num_threads()} threads, {args.reps} rounds of the three or as many as fit in "
+           f"{RESOLVE_SECONDS:.0f} s (more until they took {MIN_SECONDS:.0f} s, up to {MAX_REPS}; more again while a "
+           f"target is not resolved, up to {RESOLVE_SECONDS:.0f} s)", header, rows, args.out, notes)
 
 
 if __name__ == "__main__":

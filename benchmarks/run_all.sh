@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every performance benchmark, one after the other, each writing Markdown and JSON to benchmarks/results/.
 # Run on a quiet machine: each table's ratios come from variants interleaved in one run, but another busy
-# process still adds noise. About 75 minutes on the 2-core development machine (bench_model alone 17).
+# process still adds noise. About 75 minutes on the 2-core AVX-512 development machine (bench_model alone 17); on
+# the AVX2 one bench_layer alone took about 65 (torch's bfloat16 baselines are slow there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
