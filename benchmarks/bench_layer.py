@@ -98,9 +98,10 @@ def routing(layer: SwitchFFN, x: torch.Tensor) -> tuple[int, int]:
     return int(counts.clamp(max=layer.capacity(x.shape[1])).sum()), int((counts > 0).sum())
 
 
-def targets(e: int) -> list[tuple[str, float]]:
-    """(baseline, ratio moeify's step must not exceed) for each paired target at E = e."""
-    return [("transformers", 1.0)] + [("transformers", 0.5)] * (e >= 64) + [("dense", 1.15)] * (e == 1)
+def targets(e: int) -> list[tuple[str, float, str]]:
+    """(baseline, ratio moeify's step must not exceed, name) of each paired target at E = e."""
+    return ([("transformers", 1.0, "<1x transformers")] + [("transformers", 0.5, "0.5x")] * (e >= 64)
+            + [("dense", 1.15, "1.15x dense")] * (e == 1))
 
 
 def verdicts(e: int, tokens: int, ratios: dict[str, list[float]], h: float, o: float, bound: float,
@@ -108,10 +109,8 @@ def verdicts(e: int, tokens: int, ratios: dict[str, list[float]], h: float, o: f
     """Each target that applies to this point, from the paired ratios' intervals: met, MISS, not resolved, or out of
     reach (half of transformers' median time under routed_bound); the roofline's from moeify's median."""
     out = []
-    for base, target in targets(e):
+    for base, target, name in targets(e):
         said = verdict(ratios[base], target)
-        name = {("transformers", 1.0): "<1x transformers", ("transformers", 0.5): "0.5x",
-                ("dense", 1.15): "1.15x dense"}[base, target]
         if target == 0.5 and said != "met" and 0.5 * h < routed:
             out.append(f"0.5x out of reach ({0.5 * h:.1f} < bound {routed:.1f} ms)")
         else:
@@ -178,7 +177,7 @@ def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype) -> tup
 
         def unresolved() -> bool:
             return any(verdict(paired(times["moeify"][mode], times[base][mode]), target) == "not resolved"
-                       for base, target in targets(num_experts))
+                       for base, target, _ in targets(num_experts))
 
         r = 0
         # At least `reps` rounds (but one once they took RESOLVE_SECONDS: torch's bfloat16 baselines on AVX2 take
