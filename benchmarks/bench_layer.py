@@ -1,15 +1,19 @@
 """Time moeify's SwitchFFN against the dense FFN, transformers' SwitchTransformersSparseMLP and the roofline.
 
-All three run in one process, interleaved, on identical weights and inputs; the table reports
-medians and ratios. Batch 1 keeps capacity like-for-like: transformers counts capacity per
+All of them run in one process, interleaved, on identical weights and inputs; the table reports
+medians and ratios. Beside them, the experts' GEMMs alone: torch.nn.functional.grouped_mm used directly on the rows
+the experts keep (no router, dispatch or combine), the roofline-like reference on CUDA; on the CPU, what the layer
+costs above its GEMMs (left out where torch's GEMM has no fast path for the dtype, as bfloat16 on AVX2: seconds a
+step). Batch 1 keeps capacity like-for-like: transformers counts capacity per
 sequence, moeify per batch. The roofline is measured in the same run: this machine's fastest GEMM rate and
 memory bandwidth; a point's bound is the larger of the FLOP time of capacity factor x the dense
 FFN's work and the time to move the expert weights (and in training their gradients).
-Each round runs the three back to back (the order rotating); ratios are the median of the rounds' own ratios, with a
+Each round runs them back to back (the order rotating); ratios are the median of the rounds' own ratios, with a
 95 % interval, as the host's speed drifts over seconds. Each point runs --reps rounds, or as many as fit in 60 s
 (one at least), more for short steps (until they took 3 s, up to 50), and more again while a target's interval
 still spans it (up to 60 s a point).
 Usage: python benchmarks/bench_layer.py [--reps 5] [--experts ...] [--tokens ...] [--dtypes fp32 bf16]
+       [--device cpu|cuda] [--resolve-seconds 60]
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from _report import interval, paired, report, verdict
+from rich.console import Console
 from torch import nn
 from transformers import SwitchTransformersConfig
 from transformers.models.switch_transformers.modeling_switch_transformers import (
@@ -28,49 +34,63 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 
 from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN
+from moeify.layers.dispatch import dispatch
 from moeify.layers.kernels.cpu import dnnl_op, reduced_is_native
+from moeify.layers.kernels.cuda import _ContiguousGrad
 
 D_MODEL, D_FF, CAPACITY_FACTOR = 512, 2048, 1.25  # t5-small's FFN, the paper's training factor
-MIN_SECONDS, MAX_REPS = 3.0, 50  # rounds of the three modules per point and mode: more while under (see measure)
+MIN_SECONDS, MAX_REPS = 3.0, 50  # rounds of the modules per point and mode: more while under (see measure)
 RESOLVE_SECONDS, RESOLVE_REPS = 60.0, 200  # ... and more again while a target is not resolved, up to these
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU = torch.device("cpu")
+GROUPED = "grouped_mm"  # the experts' GEMMs alone (GroupedGemms)
 
 
-def gemm_rate(dtype: torch.dtype, reps: int = 3) -> float:
-    """FLOP/s of the fastest GEMM this machine offers at the FFN's shapes: the best of matmul and oneDNN's linear
-    (what transformers and moeify call), and for reduced precision float32 on widened operands, on both of an FFN's
-    GEMMs over 8192 tokens."""
+def synchronizer(device: torch.device):
+    """What a step's clock waits for before it reads the time: the device's queued work (CUDA), or nothing."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def timed(fn, device: torch.device, reps: int) -> list[float]:
+    """Seconds per call of fn, `reps` times: on CUDA each the mean of 50 calls queued between two synchronisations
+    (one GEMM of the FFN takes tens of microseconds there, as long as a synchronisation)."""
+    sync, calls = synchronizer(device), 50 if device.type == "cuda" else 1
+    fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        times.append((time.perf_counter() - start) / calls)
+    return times
+
+
+def gemm_rate(dtype: torch.dtype, device: torch.device, reps: int = 3) -> float:
+    """FLOP/s of the fastest GEMM this machine offers at the FFN's shapes: the best of matmul and, on the CPU, oneDNN's
+    linear (what transformers and moeify call), and for reduced precision float32 on widened operands, on both of an
+    FFN's GEMMs over 8192 tokens."""
     best = 0.0
     for d_in, d_out in ((D_MODEL, D_FF), (D_FF, D_MODEL)):
-        a, w = torch.randn(8192, d_in, dtype=dtype), torch.randn(d_out, d_in, dtype=dtype)
+        a = torch.randn(8192, d_in, dtype=dtype, device=device)
+        w = torch.randn(d_out, d_in, dtype=dtype, device=device)
         candidates = [lambda: a @ w.t(), lambda: torch.nn.functional.linear(a, w)]
-        if dtype != torch.float32:  # float32 on the widened operands, widening included (moeify's path where faster)
+        if device.type == "cpu" and dtype != torch.float32:  # float32 on the widened operands, widening included
             candidates.append(lambda: torch.nn.functional.linear(a.float(), w.float()).to(dtype))
-        if dnnl_op() is not None and (dtype == torch.float32 or reduced_is_native(dtype)):  # oneDNN has the dtype
+        if device.type == "cpu" and dnnl_op() is not None and (dtype == torch.float32 or reduced_is_native(dtype)):
             candidates.append(lambda: dnnl_op()(a, w, None, "none", [], ""))
         for fn in candidates:
-            fn()
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            best = max(best, 2 * 8192 * d_in * d_out / min(times))
+            best = max(best, 2 * 8192 * d_in * d_out / min(timed(fn, device, reps)))
     return best
 
 
-def bandwidth(reps: int = 5) -> float:
+def bandwidth(device: torch.device, reps: int = 5) -> float:
     """Bytes/s of a 256 MiB copy (read + write)."""
-    src, dst = torch.empty(64 << 20), torch.empty(64 << 20)
-    dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * src.nbytes / statistics.median(times)
+    src, dst = torch.empty(64 << 20, device=device), torch.empty(64 << 20, device=device)
+    return 2 * src.nbytes / statistics.median(timed(lambda: dst.copy_(src), device, reps))
 
 
 def roofline(num_experts: int, tokens: int, backward: bool, dtype: torch.dtype, rate: float, bw: float) -> float:
@@ -120,7 +140,40 @@ def verdicts(e: int, tokens: int, ratios: dict[str, list[float]], h: float, o: f
     return "; ".join(out)
 
 
-def build(num_experts: int, tokens: int):
+class GroupedGemms(nn.Module):
+    """The experts' two GEMMs and ReLU over the rows they keep, by torch.nn.functional.grouped_mm used directly, on
+    copies of the layer's expert weights: what the layer computes without routing, dispatch or combine. Its input is
+    the kept rows grouped by expert (rows(), computed once, outside the clock)."""
+
+    def __init__(self, layer: SwitchFFN, x: torch.Tensor) -> None:
+        super().__init__()
+        self.w_in = nn.Parameter(layer.experts.w_in.detach().clone())  # (E, d_ff, d_model)
+        self.w_out = nn.Parameter(layer.experts.w_out.detach().clone())  # (E, d_model, d_ff)
+        with torch.no_grad():
+            plan = dispatch(layer.router(x).expert_index, layer.num_experts, layer.capacity(x.shape[0]))
+        self.register_buffer("offsets", torch.tensor(plan.counts, device=x.device).cumsum(0).to(torch.int32))
+        self.token_index = plan.token_index
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x's (T, d_model) rows that the experts keep, grouped by expert."""
+        return x.index_select(0, self.token_index)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(F.grouped_mm(rows, self.w_in.transpose(1, 2), offs=self.offsets))
+        # grouped_mm's backward refuses the zero-stride gradient that .sum() hands back: as the cuda kernel does
+        return _ContiguousGrad.apply(F.grouped_mm(h, self.w_out.transpose(1, 2), offs=self.offsets))
+
+
+def has_reference(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether GroupedGemms runs at a GEMM's speed here: on CUDA grouped_mm's fused kernel takes bfloat16 only (other
+    dtypes loop over experts, reading offsets on the host); on the CPU it runs torch's own GEMMs, whose bfloat16 path
+    on AVX2 is the generic one (30-90 s a training step at 8192 tokens)."""
+    if device.type == "cuda":
+        return dtype == torch.bfloat16
+    return dtype == torch.float32 or reduced_is_native(dtype)
+
+
+def build(num_experts: int, tokens: int, device: torch.device):
     routing = RoutingConfig(num_experts=num_experts, capacity_factor=CAPACITY_FACTOR, min_capacity=4)
     ours = SwitchFFN(D_MODEL, D_FF, routing, nn.ReLU())
     g = torch.Generator().manual_seed(0)
@@ -139,38 +192,47 @@ def build(num_experts: int, tokens: int):
             hf.experts[f"expert_{i}"].wo.weight.copy_(ours.experts.w_out[i])
         dense[0].weight.copy_(ours.experts.w_in[0])
         dense[2].weight.copy_(ours.experts.w_out[0])
-    for m in (ours, hf, dense):
-        m.train()
-    return {"dense": dense, "transformers": hf, "moeify": ours}
+    modules = {"dense": dense, "transformers": hf, "moeify": ours}
+    for m in modules.values():
+        m.to(device).train()
+    return modules
 
 
-def step(module: nn.Module, x: torch.Tensor, backward: bool) -> float:
+def step(module: nn.Module, x: torch.Tensor, backward: bool, sync=lambda: None) -> float:
     module.zero_grad(set_to_none=True)
+    sync()
     t0 = time.perf_counter()
     if backward:
         module(x).sum().backward()
     else:
         with torch.no_grad():
             module(x)
+    sync()
     return time.perf_counter() - t0
 
 
-def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype) -> tuple[dict, tuple[int, int]]:
+def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype, device: torch.device = CPU,
+            resolve_seconds: float = RESOLVE_SECONDS) -> tuple[dict, tuple[int, int]]:
     """Each round's seconds by module and mode, and (kept tokens, experts used) of the routing."""
-    modules = build(num_experts, tokens)
-    x = torch.randn(1, tokens, D_MODEL, generator=torch.Generator().manual_seed(1))
+    modules = build(num_experts, tokens, device)
+    x = torch.randn(1, tokens, D_MODEL, generator=torch.Generator().manual_seed(1)).to(device)
     routed = routing(modules["moeify"], x)
     with torch.no_grad():  # the comparison is only meaningful if both layers agree (in float32: bf16 may flip ties)
         diff = (modules["moeify"](x) - modules["transformers"](x)).abs().max().item()
     assert diff < 1e-4, f"moeify and transformers disagree by {diff} at E={num_experts}, T={tokens}"
+    inputs = dict.fromkeys(modules, x)
+    if has_reference(dtype, device):  # the kept rows as moeify's float32 router chose them, before any cast
+        modules[GROUPED] = GroupedGemms(modules["moeify"], x[0])
+        inputs[GROUPED] = modules[GROUPED].rows(x[0])
     if dtype != torch.float32:  # moeify's router stays float32 through .to(); transformers routes in float32 too
         modules = {name: m.to(dtype) for name, m in modules.items()}
-        x = x.to(dtype)
+        inputs = {name: t.to(dtype) for name, t in inputs.items()}
+    sync = synchronizer(device)
     times: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwd+bwd": []} for n in modules}
     names = list(modules)
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         for name in names:  # warm-up
-            step(modules[name], x, backward)
+            step(modules[name], inputs[name], backward, sync)
 
         def spent() -> float:
             return sum(sum(t[mode]) for t in times.values())
@@ -180,16 +242,23 @@ def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype) -> tup
                        for base, target, _ in targets(num_experts))
 
         r = 0
-        # At least `reps` rounds (but one once they took RESOLVE_SECONDS: torch's bfloat16 baselines on AVX2 take
+        # At least `reps` rounds (but one once they took resolve_seconds: torch's bfloat16 baselines on AVX2 take
         # 30-90 s a step at 8192 tokens), more while all of them took under MIN_SECONDS (a median of 3 steps of a
         # few ms moves by a quarter between runs on a shared host, and more rounds of them cost little), and more
         # again while a target's interval spans it: close calls get the rounds, clear ones do not.
-        while (r < reps and (r == 0 or spent() < RESOLVE_SECONDS) or r < MAX_REPS and spent() < MIN_SECONDS
-               or r < RESOLVE_REPS and spent() < RESOLVE_SECONDS and unresolved()):
-            for name in names[r % 3:] + names[:r % 3]:  # rotate the order each repetition
-                times[name][mode].append(step(modules[name], x, backward))
+        while (r < reps and (r == 0 or spent() < resolve_seconds) or r < MAX_REPS and spent() < MIN_SECONDS
+               or r < RESOLVE_REPS and spent() < resolve_seconds and unresolved()):
+            for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order each round
+                times[name][mode].append(step(modules[name], inputs[name], backward, sync))
             r += 1
     return times, routed
+
+
+def machine(device: torch.device) -> str:
+    """The title's words for where it ran: the GPU's name, or the CPU's widest vector path and torch's threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -198,43 +267,56 @@ def main() -> None:
     parser.add_argument("--experts", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 1024, 8192])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--device", type=torch.device, default=CPU, help="cpu, or cuda for a GPU's figures")
+    parser.add_argument("--resolve-seconds", type=float, default=RESOLVE_SECONDS,
+                        help="most seconds a point's rounds may take while a target is not resolved")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_layer.md")
     args = parser.parse_args()
-    bw = bandwidth()
-    rates = {name: gemm_rate(DTYPES[name]) for name in args.dtypes}
-    header = ["E", "tokens", "dtype", "mode", "rounds", "dense ms", "transformers ms", "moeify ms", "roofline ms",
-              "moeify / transformers", "95 % interval", "moeify / dense", "moeify / roofline", "routed bound ms",
-              "targets"]
+    device = args.device
+    bw = bandwidth(device)
+    rates = {name: gemm_rate(DTYPES[name], device) for name in args.dtypes}
+    header = ["E", "tokens", "dtype", "mode", "rounds", "dense ms", "transformers ms", "moeify ms", "grouped_mm ms",
+              "roofline ms", "moeify / transformers", "95 % interval", "moeify / dense", "moeify / grouped_mm",
+              "moeify / roofline", "routed bound ms", "targets"]
     rows = []
+    progress = Console(stderr=True)  # a line per point as it ends: a whole run takes an hour on a 2-core host
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for e in args.experts:
             for t in args.tokens:
-                res, (kept, used) = measure(e, t, args.reps, dtype)
+                res, (kept, used) = measure(e, t, args.reps, dtype, device, args.resolve_seconds)
+                bases = [b for b in ("dense", "transformers", GROUPED) if b in res]
                 for mode, backward in (("fwd", False), ("fwd+bwd", True)):
-                    d, h, o = (statistics.median(res[n][mode]) * 1e3 for n in ("dense", "transformers", "moeify"))
-                    ratios = {base: paired(res["moeify"][mode], res[base][mode]) for base in ("dense", "transformers")}
+                    ms = {n: statistics.median(res[n][mode]) * 1e3 for n in res}
+                    ratios = {base: paired(res["moeify"][mode], res[base][mode]) for base in bases}
+                    ratio = {b: f"{statistics.median(ratios[b]):.2f}x" if b in ratios else "-"
+                             for b in (*bases, GROUPED)}
+                    h, o = ms["transformers"], ms["moeify"]
                     bound = roofline(e, t, backward, dtype, rates[dtype_name], bw) * 1e3
                     routed = routed_bound(kept, used, backward, dtype, rates[dtype_name], bw) * 1e3
-                    rows.append((str(e), str(t), dtype_name, mode, str(len(res["moeify"][mode])), f"{d:.1f}",
-                                 f"{h:.1f}", f"{o:.1f}", f"{bound:.1f}",
-                                 f"{statistics.median(ratios['transformers']):.2f}x",
-                                 "{:.2f}-{:.2f}x".format(*interval(ratios["transformers"])),
-                                 f"{statistics.median(ratios['dense']):.2f}x", f"{o / bound:.2f}x", f"{routed:.1f}",
+                    rows.append((str(e), str(t), dtype_name, mode, str(len(res["moeify"][mode])),
+                                 f"{ms['dense']:.1f}", f"{h:.1f}", f"{o:.1f}",
+                                 f"{ms[GROUPED]:.1f}" if GROUPED in ms else "-", f"{bound:.1f}", ratio["transformers"],
+                                 "{:.2f}-{:.2f}x".format(*interval(ratios["transformers"])), ratio["dense"],
+                                 ratio[GROUPED], f"{o / bound:.2f}x", f"{routed:.1f}",
                                  verdicts(e, t, ratios, h, o, bound, routed)))
+                    progress.log(f"E {e}, {t} tokens, {dtype_name} {mode}: {len(res['moeify'][mode])} rounds, "
+                                 f"moeify / transformers {ratio['transformers']}: {rows[-1][-1]}")
     notes = [f"Measured in this run: fastest GEMM {', '.join(f'{n} {r / 1e9:.0f} GFLOP/s' for n, r in rates.items())}; "
              f"memory bandwidth {bw / 1e9:.1f} GB/s.",
-             "Ratios to transformers and dense: the median over rounds of the two steps' ratio within a round, and its "
-             "95 % interval (sign test); ms: medians. Targets: moeify / transformers <= 0.5x at E >= 64 and <= 1x "
+             "Ratios to transformers, dense and grouped_mm: the median over rounds of the two steps' ratio within a "
+             "round, and its 95 % interval (sign test); ms: medians. grouped_mm: the experts' two GEMMs and ReLU alone "
+             "on the rows they keep, by torch.nn.functional.grouped_mm used directly ('-' where torch's GEMM has no "
+             "fast path for the dtype). Targets: moeify / transformers <= 0.5x at E >= 64 and <= 1x "
              "everywhere, met where the whole interval is at or under the target, MISS where all of it is over, "
              "else not resolved; moeify / roofline <= 1.5x at >= 1024 tokens for E <= 32; E = 1 within 1.15x of "
              "dense. 'Out of reach': half of transformers' time is below the routed bound (the kept tokens' FLOPs at "
              "the fastest GEMM rate, or the used experts' weights moved once), which no implementation on this "
              "machine can beat."]
-    report(f"SwitchFFN d_model={D_MODEL} d_ff={D_FF}, capacity factor {CAPACITY_FACTOR}, batch 1, "
-           f"{torch.get_num_threads()} threads, {args.reps} rounds of the three or as many as fit in "
-           f"{RESOLVE_SECONDS:.0f} s (more until they took {MIN_SECONDS:.0f} s, up to {MAX_REPS}; more again while a "
-           f"target is not resolved, up to {RESOLVE_SECONDS:.0f} s)", header, rows, args.out, notes)
+    report(f"SwitchFFN d_model={D_MODEL} d_ff={D_FF}, capacity factor {CAPACITY_FACTOR}, batch 1, {machine(device)}, "
+           f"{args.reps} rounds of the modules or as many as fit in {args.resolve_seconds:.0f} s (more until they "
+           f"took {MIN_SECONDS:.0f} s, up to {MAX_REPS}; more again while a target is not resolved, up to "
+           f"{args.resolve_seconds:.0f} s)", header, rows, args.out, notes)
 
 
 if __name__ == "__main__":

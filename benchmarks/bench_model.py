@@ -6,7 +6,10 @@ Targets (issue 13): moeify within 1.3x the dense step, and faster than transform
 interleaved on one span-corruption batch, fused AdamW steps (moeify train's), each Switch model's loss with its
 router losses; the verdicts take the median of the per-round ratios (paired), as steps drift on a shared host, with
 its 95 % confidence interval. --hybrid adds transformers' model with moeify's layers in it.
-Usage: python benchmarks/bench_model.py [--reps 150] [--batch 8] [--seq-len 128] [--hybrid] [--out FILE]
+On CUDA (--device cuda) each step's clock waits for the GPU's queued work; --dtype bf16 casts every model (moeify's
+routers stay float32, transformers' routes in float32 too).
+Usage: python benchmarks/bench_model.py [--reps 150] [--batch 8] [--seq-len 128] [--hybrid] [--device cpu|cuda]
+       [--dtype fp32|bf16] [--out FILE]
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from moeify.training.data import prepare_data
 from moeify.training.loop import no_cache
 
 TARGET_VS_DENSE = 1.3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def models(preset: str, experts: int, seq_len: int) -> dict[str, torch.nn.Module]:
@@ -64,12 +68,15 @@ def hybrid(ours: torch.nn.Module, hf: torch.nn.Module) -> torch.nn.Module:
 PHASES = ("forward", "backward", "optimizer")
 
 
-def step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> list[float]:
-    """Seconds of one training step's forward, backward and optimizer step."""
+def step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
+         sync=lambda: None) -> list[float]:
+    """Seconds of one training step's forward, backward and optimizer step; `sync` waits for the device's queued
+    work (torch.cuda.synchronize) before each reading of the clock."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     kwargs = no_cache(model)  # as `moeify train` calls a model: no key/value cache for a loss (T5 builds one)
     ours = bool(switch_layers(model))  # found before the clock starts, as moeify train does once
+    sync()
     start = time.perf_counter()
     if ours:  # what moeify train optimises: cross-entropy + the routers' losses
         with router_losses(model) as losses:
@@ -80,10 +87,13 @@ def step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
         loss = out.loss
     else:
         loss = model(**batch, **kwargs).loss
+    sync()
     forward = time.perf_counter()
     loss.backward()
+    sync()
     backward = time.perf_counter()
     optimizer.step()
+    sync()
     return [forward - start, backward - forward, time.perf_counter() - backward]
 
 
@@ -95,6 +105,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_model.md")
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu, or cuda")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the models' dtype (routers: float32)")
     parser.add_argument("--hybrid", action="store_true", help=f"add '{HYBRID}' (its 'vs transformers' compares "
                         "the two layers inside one model)")
     args = parser.parse_args()
@@ -102,17 +114,20 @@ def main() -> None:
     if args.hybrid:
         built[HYBRID] = hybrid(built["moeify"], built["transformers"])
     batch = next(prepare_data(built["dense"], DataConfig(seq_len=args.seq_len, batch_size=args.batch)).train)
+    built = {name: m.to(args.device, DTYPES[args.dtype]) for name, m in built.items()}
+    batch = {key: t.to(args.device) for key, t in batch.items()}
+    sync = torch.cuda.synchronize if args.device.type == "cuda" else lambda: None
     # The optimizer `moeify train` uses (fused AdamW), the same for every model.
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in built.items()}
     for name, m in built.items():  # warm-up: the optimizers' state, first allocations
-        step(name, m, optimizers[name], batch)
+        step(name, m, optimizers[name], batch, sync)
     # Steps drift by up to 1.5x over seconds on a shared host, so each round runs the models back to back (the order
     # rotating, so none always follows another's optimizer step) and the verdicts use that round's ratios.
     names = list(built)
     phases: dict[str, list[list[float]]] = {name: [] for name in names}
     for rep in range(args.reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
-            phases[name].append(step(name, built[name], optimizers[name], batch))
+            phases[name].append(step(name, built[name], optimizers[name], batch, sync))
     times = {name: [sum(p) for p in ps] for name, ps in phases.items()}
 
     def ratios(name: str, base: str) -> list[float]:
@@ -125,8 +140,10 @@ def main() -> None:
     mine = {base: ratios("moeify", base) for base in ("dense", "transformers")}
     medians = {base: statistics.median(r) for base, r in mine.items()}
     spread = {base: "{:.2f}-{:.2f}x".format(*interval(r)) for base, r in mine.items()}
+    where = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
     report(f"Training step of {args.preset} (dense) and its Switch-{args.experts} conversion (every other FFN), "
-           f"batch {args.batch} x {args.seq_len}, {torch.get_num_threads()} threads, {args.reps} rounds",
+           f"batch {args.batch} x {args.seq_len}, {args.dtype}, {where}, {args.reps} rounds",
            ["model", *(f"{p} ms" for p in PHASES), "step ms", "vs dense", "vs transformers"], rows, args.out,
            ["ms: medians over the rounds; vs: the median over rounds of the two steps' ratio within a round "
             f"(paired); 95 % interval of moeify's: dense {spread['dense']}, transformers {spread['transformers']}.",

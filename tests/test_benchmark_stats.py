@@ -51,3 +51,43 @@ def test_the_layer_benchmark_names_each_verdict(benchmarks):
         "<1x transformers not resolved; 0.5x out of reach (50.0 < bound 60.0 ms)"
     assert bench_layer.verdicts(256, 64, slow, 100.0, 80.0, 30.0, 10.0) == \
         "<1x transformers not resolved; MISS 0.5x"
+
+
+def test_the_grouped_gemms_reference_computes_the_rows_the_layer_keeps(benchmarks):
+    """grouped_mm used directly on the kept rows, gated and put back in place, is the layer's output: the same rows,
+    grouped by expert, on the same weights (capacity factor 1 drops some)."""
+    import torch
+    from torch import nn
+
+    from moeify.config import RoutingConfig
+    from moeify.layers import SwitchFFN
+
+    bench_layer = benchmarks("bench_layer")
+    torch.manual_seed(0)
+    layer = SwitchFFN(16, 32, RoutingConfig(num_experts=4, capacity_factor=1.0, min_capacity=1), nn.ReLU()).train()
+    x = torch.randn(24, 16)
+    reference = bench_layer.GroupedGemms(layer, x)
+    rows = reference.rows(x)
+    assert 0 < rows.shape[0] < 24  # some tokens dropped, so the selection matters
+    y = reference(rows)
+    gate = layer.router(x).gate[:, 0]
+    out = torch.zeros(24, 16).index_copy(0, reference.token_index, y * gate[reference.token_index, None])
+    torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-6)
+    y.sum().backward()  # grouped_mm's backward takes .sum()'s gradient
+    assert reference.w_in.grad.shape == layer.experts.w_in.shape and reference.w_in.grad.abs().sum() > 0
+
+
+def test_a_point_times_every_module_each_round(benchmarks, monkeypatch):
+    import torch
+
+    bench_layer = benchmarks("bench_layer")
+    monkeypatch.setattr(bench_layer, "MIN_SECONDS", 0.0)
+    # 2 rounds at least (each ~0.1 s), more while a target is not resolved, up to 1 s
+    times, (kept, used) = bench_layer.measure(8, 64, 2, torch.float32, resolve_seconds=1.0)
+    assert set(times) == {"dense", "transformers", "moeify", "grouped_mm"}
+    assert all(len(t[mode]) >= 2 for t in times.values() for mode in ("fwd", "fwd+bwd"))
+    assert 0 < kept <= 64 and 0 < used <= 8
+    # the reference runs where grouped_mm is a fast GEMM: float32 on the CPU; bfloat16 alone on CUDA (its fused kernel)
+    assert bench_layer.has_reference(torch.float32, torch.device("cpu"))
+    assert bench_layer.has_reference(torch.bfloat16, torch.device("cuda"))
+    assert not any(bench_layer.has_reference(d, torch.device("cuda")) for d in (torch.float32, torch.float16))

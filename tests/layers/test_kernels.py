@@ -25,8 +25,9 @@ CASES = {  # counts per expert
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
-def run(kernel, counts, gated, bias, dtype, act=nn.GELU, widths=(D_MODEL, D_FF)):
-    """Output and every gradient (input and parameters) of one Experts forward + backward, seeded."""
+def run(kernel, counts, gated, bias, dtype, act=nn.GELU, widths=(D_MODEL, D_FF), device="cpu"):
+    """Output and every gradient (input and parameters) of one Experts forward + backward, seeded (drawn on the CPU,
+    then moved to `device`), on the CPU."""
     g = torch.Generator().manual_seed(0)
     d_model, d_ff = widths
     ex = Experts(len(counts), d_model, d_ff, act(), gated=gated, bias=bias)
@@ -34,23 +35,16 @@ def run(kernel, counts, gated, bias, dtype, act=nn.GELU, widths=(D_MODEL, D_FF))
     for b in (ex.b_in, ex.b_gate, ex.b_out):
         if b is not None:
             nn.init.normal_(b, generator=g)
-    ex.to(dtype)
-    x = torch.randn(sum(counts), d_model, generator=g).to(dtype).requires_grad_()
-    gy = torch.randn(sum(counts), d_model, generator=g).to(dtype)
+    ex.to(device, dtype)
+    x = torch.randn(sum(counts), d_model, generator=g).to(device, dtype).requires_grad_()
+    gy = torch.randn(sum(counts), d_model, generator=g).to(device, dtype)
     y = ex(x, counts, kernel)
     params = [x, *ex.parameters()]
     grads = torch.autograd.grad(y, params, gy, allow_unused=True) if y.numel() else [None] * len(params)
-    return [y, *grads]
+    return [None if t is None else t.cpu() for t in (y, *grads)]
 
 
-@pytest.mark.parametrize("first, second", list(itertools.combinations(BACKENDS, 2)))
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("gated, bias", [(False, False), (True, True)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("act", [nn.GELU, nn.ReLU])  # ReLU: the cpu layout's own, in place, its gradient pooled
-def test_every_pair_of_backends_agrees(first, second, case, gated, bias, dtype, act):
-    counts = CASES[case]
-    a, b = run(first, counts, gated, bias, dtype, act), run(second, counts, gated, bias, dtype, act)
+def assert_agree(a, b, dtype):
     for i, (got, want) in enumerate(zip(a, b)):
         if got is None or want is None:  # no rows at all: nothing flows back
             assert got is None or not got.any(), i
@@ -61,6 +55,28 @@ def test_every_pair_of_backends_agrees(first, second, case, gated, bias, dtype, 
             continue
         error = (got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30)
         assert error <= TOLERANCE[dtype], (i, float(error))
+
+
+@pytest.mark.parametrize("first, second", list(itertools.combinations(BACKENDS, 2)))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("gated, bias", [(False, False), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", [nn.GELU, nn.ReLU])  # ReLU: the cpu layout's own, in place, its gradient pooled
+def test_every_pair_of_backends_agrees(first, second, case, gated, bias, dtype, act):
+    counts = CASES[case]
+    assert_agree(run(first, counts, gated, bias, dtype, act), run(second, counts, gated, bias, dtype, act), dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("gated, bias", [(False, False), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_cuda_kernel_on_a_gpu_agrees_with_the_reference(case, gated, bias, dtype):
+    """grouped_mm on the GPU itself (bfloat16: its fused kernel; float16: torch's fallback loop), against the
+    reference loop on the CPU."""
+    counts = CASES[case]
+    assert_agree(run("cuda", counts, gated, bias, dtype, device="cuda"), run("reference", counts, gated, bias, dtype),
+                 dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -1,7 +1,9 @@
 """The CUDA kernel: one torch.nn.functional.grouped_mm per linear, offsets on the device, no host synchronisation.
 
 It runs anywhere grouped_mm does (CPU too, which is how its logic is tested here). grouped_mm wants every
-stride a multiple of 16 bytes; a layer whose widths are not (tiny test models) takes the reference loop.
+stride a multiple of 16 bytes; a layer whose widths are not (tiny test models) takes the reference loop. On CUDA its
+fused kernel takes bfloat16 only: float16 and float32 go through torch's fallback, which copies the offsets to the
+host and loops over the experts (aten/src/ATen/native/GroupedMMUtils.h), so only bfloat16 runs without a wait.
 """
 from __future__ import annotations
 
