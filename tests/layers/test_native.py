@@ -14,8 +14,9 @@ from moeify.layers.kernels.cpu import CpuKernel
 
 _CPU = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
 # The builds this CPU runs, by its own flags (not by the code under test)
-HERE = [v for v, needs in (("avx512", {"avx512f"}), ("avx2", {"avx2", "fma"})) if needs <= set(_CPU)
-        and (v != "avx512" or torch.backends.cpu.get_cpu_capability().startswith("AVX512"))]
+HERE = [v for v, needs in (("amx", {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}), ("avx512", {"avx512f"}),
+                           ("avx2", {"avx2", "fma"})) if needs <= set(_CPU)
+        and (v == "avx2" or torch.backends.cpu.get_cpu_capability().startswith("AVX512"))]
 BUILDABLE = bool(HERE) and shutil.which(os.environ.get("CXX") or "c++") is not None
 needs_native = pytest.mark.skipif(not BUILDABLE, reason="needs an AVX-512 or AVX2 CPU and a C++ compiler")
 MODES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
@@ -25,7 +26,7 @@ _KERNELS: dict = {}
 
 @pytest.fixture(params=HERE or ["none"])
 def kernel(request):
-    """Each build of the kernels this CPU runs (an AVX-512 machine tests its AVX2 build too)."""
+    """Each build of the kernels this CPU runs (an AMX machine tests its AVX-512 and AVX2 builds too)."""
     if not BUILDABLE:
         pytest.skip("needs an AVX-512 or AVX2 CPU and a C++ compiler")
     if request.param not in _KERNELS:
@@ -70,8 +71,8 @@ def test_the_widest_build_this_cpu_runs_is_the_one_loaded():
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-# blocks of 4 / 6 rows (8 streamed): whole, partial, none
-@pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5]])
+# blocks of 4 / 6 rows (8 streamed): whole, partial, none; AMX tiles of 16 rows, 64 per pass: a second pass
+@pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5], [70, 17]])
 # column tails of the blocks; in > 1024: the streamed input gradient in two chunks; 272 x 2048: on AVX2 the forward's
 # units of 1 MB of weight (128 or 256 rows), the last one partial
 @pytest.mark.parametrize("out, inp", [(16, 16), (48, 80), (64, 32), (32, 208), (16, 1040), (272, 2048)])
@@ -105,6 +106,24 @@ def test_bad_sizes_are_refused_not_computed(kernel):
     rows, empty = np.array([1], dtype=np.int64), np.zeros(1, dtype=np.int64)
     with pytest.raises(ValueError, match="refused op 0 with out=24, in=16"):
         kernel.run(native.FORWARD, torch.float32, rows, empty, empty, empty, 24, 16)
+
+
+@pytest.mark.parametrize("torch_says, builds", [(True, ["amx", "avx512", "avx2"]), (False, ["avx512", "avx2"]),
+                                                (AttributeError, ["amx", "avx512", "avx2"]),
+                                                (RuntimeError, ["amx", "avx512", "avx2"])])
+def test_the_amx_build_is_tried_where_torch_reports_tiles_or_cannot_say(monkeypatch, torch_says, builds):
+    """torch's AMX check is private: missing or failing, the AMX library is still tried, and its own check of the CPU
+    and of the kernel's leave to use the tiles decides."""
+    def check():
+        if isinstance(torch_says, bool):
+            return torch_says
+        raise torch_says("no such check")
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", check, raising=False)
+    assert native.candidates() == builds
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert native.candidates() == ["avx2"]
 
 
 @pytest.fixture

@@ -57,10 +57,13 @@ MM_MIN_ROWS = 64
 # A pair without an entry never runs natively (float32 compute on bfloat16 weights is measured only where it runs
 # by default: AVX2, where torch has no fast bfloat16 GEMM).
 F32, BF16 = torch.float32, torch.bfloat16
+# The AMX build's bfloat16 forward runs on tiles; torch's bfloat16 GEMMs there are oneDNN's on the same tiles, which
+# overtake the native backward's dot products from 2-16 rows (its float32 is the AVX-512 build's).
 NATIVE_MAX_ROWS = {
     "avx512": {(F32, F32): ((64, 16), (48, 128), (128, 64)), (BF16, BF16): ((16, 16), (8, 16), (4, 8))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},
 }
+NATIVE_MAX_ROWS["amx"] = {**NATIVE_MAX_ROWS["avx512"], (BF16, BF16): ((64, 64), (2, 1), (8, 16))}
 
 
 def native_max_rows(skinny: native.Skinny | None, compute: torch.dtype, dtype: torch.dtype, out: int,

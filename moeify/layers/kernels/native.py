@@ -1,5 +1,6 @@
 """The cpu kernel's hand-written GEMMs for few rows per expert (skinny.cpp): built on first use with the system C++
-compiler into a per-user cache, for the widest instruction set this CPU runs (AVX-512, else AVX2 with FMA), loaded
+compiler into a per-user cache, for the widest instruction set this CPU runs (AVX-512 with AMX tiles, AVX-512, else
+AVX2 with FMA), loaded
 with ctypes, and None wherever that cannot be done (no compiler, neither instruction set, a wrong result on the
 probe): the cpu kernel then takes torch's paths, silently."""
 from __future__ import annotations
@@ -19,8 +20,10 @@ SOURCE = Path(__file__).with_name("skinny.cpp")
 # -fno-trapping-math: nothing here reads floating-point exception flags, and without it the compiler will not turn
 # the dropout loops' selects into vector blends (they ran 10-25x slower, scalar).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-trapping-math")
-# Builds of the one source, widest first; each library says whether this CPU runs it (moeify_skinny_supported).
-VARIANTS = {"avx512": ("-mavx512f", "-mavx512bf16", "-mfma"), "avx2": ("-mavx2", "-mfma")}
+# Builds of the one source, widest first; each library says whether this CPU runs it (moeify_skinny_supported). The
+# AMX build is the AVX-512 one plus the bfloat16 forward on AMX tiles.
+_AVX512 = ("-mavx512f", "-mavx512bf16", "-mfma")
+VARIANTS = {"amx": (*_AVX512, "-mamx-tile", "-mamx-bf16"), "avx512": _AVX512, "avx2": ("-mavx2", "-mfma")}
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2  # y = x @ w.T, gx = g @ w, gw = g.T @ x
 RELU_DROPOUT, RELU_DROPOUT_GRAD = 0, 1  # y = relu(h) * keep / (1 - p); gh = (y > 0) * g / (1 - p)
 DROPOUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -37,11 +40,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeify"
 
 
+def has_amx() -> bool:
+    """Whether torch reports AMX tiles on this CPU: a private check, so where it is missing or fails the answer is
+    yes (the AMX library's own check then decides, at the cost of one compile)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def candidates() -> list[str]:
-    """The variants worth building here, widest first: AVX-512 only where torch found it on this CPU (building it
-    elsewhere costs a compile for a library that would refuse to run)."""
-    wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    return [v for v in VARIANTS if wide or v != "avx512"]
+    """The variants worth building here, widest first: AVX-512 only where torch found it on this CPU, AMX only where
+    it also has AMX tiles (building one elsewhere costs a compile for a library that would refuse to run)."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return ["avx2"]
+    return list(VARIANTS) if has_amx() else ["avx512", "avx2"]
 
 
 def build(variant: str) -> Path | None:

@@ -17,6 +17,12 @@
 #include <string.h>
 
 #include <type_traits>
+#include <vector>
+#ifdef __AMX_BF16__
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -88,7 +94,18 @@ inline void sums4(V a, V b, V c, V d, float *s) {
   _mm512_store_ps(lanes, t);
   for (int r = 0; r < 4; r++) s[r] = lanes[4 * r];
 }
+#ifdef __AMX_BF16__
+// The AMX build runs only where the CPU has AMX-BF16 tiles (CPUID leaf 7: EDX bits 22 and 24) and Linux grants this
+// process their state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; oneDNN asks the same for torch's GEMMs).
+bool tiles_granted() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+int supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") && tiles_granted(); }
+#else
 int supported() { return __builtin_cpu_supports("avx512f"); }
+#endif
 #else
 // AVX2: 16 vector registers, not 32. The forward's 4 x 4 accumulators spill a few to L1 (4 rows per pass measured
 // as fast as 2 or 3 at 1-4 rows, with half the passes over the weight at 8; docs/performance.md), and the input
@@ -342,6 +359,102 @@ void with_vecs(int c, F f) {
   f(std::integral_constant<int, C>());
 }
 
+#ifdef __AMX_BF16__
+// The bfloat16 forward on AMX tiles (the AMX build). With 5-64 rows per expert the native dot products above are
+// bound by arithmetic, and torch's GEMMs (oneDNN on the same tiles) re-lay each expert's weight out on every call:
+// here the weight is the tiles' A operand as it lies in memory, 16 rows of it at a time (y.T = w x.T), so it is read
+// once and never copied, and x, the small operand, is laid out once per call as B: pairs of its columns side by side
+// for 16 of its rows (the tiles' VNNI layout), zeros past its last row. Each of 4 accumulator tiles holds 16 weight
+// rows' outputs for 16 rows of x; a pass over the weight rows serves up to 64 rows of x (docs/performance.md).
+constexpr long TILE_ROWS = 16;         // rows of every tile; 64 bytes each: 32 bfloat16 or 16 float32
+constexpr long TILE_K = 32;            // inputs per step (one A tile's row)
+constexpr int TILE_PASS = 4;           // blocks of 16 rows of x per pass over the weight (accumulator tiles 0-3)
+constexpr long TILE_UNIT_ROWS = 128;   // weight rows per unit of work: one tile configuration per unit
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Every tile 16 rows of 64 bytes: accumulators 0-3, the weight's block 4, x's blocks 5 and 6.
+void tiles_configure() {
+  TileConfig c{};
+  c.palette = 1;
+  for (int t = 0; t < 7; t++) c.colsb[t] = 64, c.rows[t] = TILE_ROWS;
+  _tile_loadconfig(&c);
+}
+
+// x (rows, in) as B tiles: for each block m of 16 rows, element (k / 2, j) of 32 bits holds x[16 m + j, k : k + 2].
+void tiles_pack(const bf16 *x, uint32_t *packed, long rows, long in) {
+  const long pairs = in / 2;
+  const uint32_t *x32 = reinterpret_cast<const uint32_t *>(x);
+  for (long m = 0; m < (rows + TILE_ROWS - 1) / TILE_ROWS; m++)
+    for (long kp = 0; kp < pairs; kp++) {
+      uint32_t *dst = packed + (m * pairs + kp) * TILE_ROWS;
+      for (long j = 0, r = m * TILE_ROWS; j < TILE_ROWS; j++, r++) dst[j] = r < rows ? x32[r * pairs + kp] : 0u;
+    }
+}
+
+// One accumulator tile's 16 x 16 float32 (weight row r, x row j) into y[j, o + r] as bfloat16, for j < valid.
+void tiles_store(const float *acc, bf16 *y, long out, long o, long valid) {
+  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(TILE_ROWS));
+  for (long j = 0; j < valid; j++)
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(y + j * out + o), to_bf16(_mm512_i32gather_ps(column, acc + j, 4)));
+}
+
+// y[:, o0 : o1] = x @ w[o0 : o1].T for one expert, from x packed by tiles_pack; tiles configured by the caller.
+void tiles_forward(const uint32_t *packed, const bf16 *w, bf16 *y, long rows, long out, long in, long o0, long o1) {
+  const long blocks = (rows + TILE_ROWS - 1) / TILE_ROWS, block = in / 2 * TILE_ROWS;  // uint32s per packed block
+  alignas(64) float acc[TILE_PASS][TILE_ROWS * TILE_ROWS];
+  for (long o = o0; o < o1; o += TILE_ROWS) {
+    const bf16 *wo = w + o * in;
+    for (long m0 = 0; m0 < blocks; m0 += TILE_PASS) {
+      const long n = blocks - m0 < TILE_PASS ? blocks - m0 : TILE_PASS;
+      const uint32_t *p = packed + m0 * block;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (long k = 0; k < in; k += TILE_K) {
+        const uint32_t *pk = p + k / 2 * TILE_ROWS;
+        _tile_loadd(4, wo + k, in * 2);
+        _tile_loadd(5, pk, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (n > 1) {
+          _tile_loadd(6, pk + block, 64);
+          _tile_dpbf16ps(1, 4, 6);
+        }
+        if (n > 2) {
+          _tile_loadd(5, pk + 2 * block, 64);
+          _tile_dpbf16ps(2, 4, 5);
+        }
+        if (n > 3) {
+          _tile_loadd(6, pk + 3 * block, 64);
+          _tile_dpbf16ps(3, 4, 6);
+        }
+      }
+      _tile_stored(0, acc[0], 64);
+      if (n > 1) _tile_stored(1, acc[1], 64);
+      if (n > 2) _tile_stored(2, acc[2], 64);
+      if (n > 3) _tile_stored(3, acc[3], 64);
+      for (long m = 0; m < n; m++) {
+        const long first = (m0 + m) * TILE_ROWS, valid = rows - first < TILE_ROWS ? rows - first : TILE_ROWS;
+        tiles_store(acc[m], y + first * out, out, o, valid);
+      }
+    }
+  }
+}
+constexpr bool TILES = true;
+#else
+constexpr long TILE_K = 32, TILE_ROWS = 16, TILE_UNIT_ROWS = 16;
+constexpr bool TILES = false;
+void tiles_configure() {}
+void tiles_pack(const bf16 *, uint32_t *, long, long) {}
+void tiles_forward(const uint32_t *, const bf16 *, bf16 *, long, long, long, long, long) {}
+#endif
+
 enum Op { FORWARD = 0, INPUT_GRAD = 1, WEIGHT_GRAD = 2 };
 constexpr long OUT_ROWS = 16;  // weight rows per unit of the weight gradient (of the forward: a multiple, above)
 constexpr long IN_COLS = STREAM_INPUT_GRAD ? STREAM_COLS : IN_VECS * W;  // input columns per unit (input gradient)
@@ -355,6 +468,7 @@ struct Task {
   void *const *c;
   long out, in;
   long unit, per_expert;  // weight rows (forward, weight gradient) or input columns per unit; units per expert
+  bool tiles;              // the forward on AMX tiles (bfloat16, in a multiple of TILE_K, the AMX build)
 };
 
 // One unit: t.unit output rows (forward, weight gradient) or input columns (input gradient) of one expert.
@@ -397,15 +511,43 @@ void run_unit(const Task &t, long u) {
   }
 }
 
+// The forward of a unit on AMX tiles: the unit's weight rows for every row of its expert.
+void tiles_unit(const Task &t, const uint32_t *packed, long u) {
+  long e = u / t.per_expert, o0 = u % t.per_expert * t.unit, o1 = o0 + t.unit < t.out ? o0 + t.unit : t.out;
+  if (t.rows[e] > 0)
+    tiles_forward(packed, static_cast<const bf16 *>(t.b[e]), static_cast<bf16 *>(t.c[e]), t.rows[e], t.out, t.in, o0,
+                  o1);
+}
+
 template <typename X, typename T>
 void work(Task &t, int threads) {
   long total = t.n * t.per_expert;
+  std::vector<long> start;      // tiles: each expert's first uint32 in packed
+  std::vector<uint32_t> packed;  // tiles: every expert's x, laid out by tiles_pack
+  if (t.tiles) {
+    start.assign(t.n + 1, 0);
+    for (long e = 0; e < t.n; e++)  // uint32s: 16 rows' pairs of bfloat16 per block of rows
+      start[e + 1] = start[e] + (t.rows[e] + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS * (t.in / 2);
+    packed.resize(start[t.n]);
+  }
   // OpenMP from the process's libgomp: the team torch's own ops use, already awake between torch's ops. Threads of
   // our own would compete with that team's spinning workers for the same cores (1.3-2x slower, measured).
 #pragma omp parallel num_threads(threads)
   {
+    if (t.tiles) {  // tile configurations are per thread
+#pragma omp for schedule(dynamic, 1)
+      for (long e = 0; e < t.n; e++)
+        tiles_pack(static_cast<const bf16 *>(t.a[e]), packed.data() + start[e], t.rows[e], t.in);
+      tiles_configure();
 #pragma omp for schedule(dynamic, 1) nowait
-    for (long u = 0; u < total; u++) run_unit<X, T>(t, u);
+      for (long u = 0; u < total; u++) tiles_unit(t, packed.data() + start[u / t.per_expert], u);
+#ifdef __AMX_BF16__
+      _tile_release();
+#endif
+    } else {
+#pragma omp for schedule(dynamic, 1) nowait
+      for (long u = 0; u < total; u++) run_unit<X, T>(t, u);
+    }
     _mm_sfence();  // each thread's streamed stores are visible before the caller reads the gradient
   }
 }
@@ -496,7 +638,9 @@ int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const
     unit = blocks > 1 ? blocks * OUT_ROWS : OUT_ROWS;
     unit = unit < out ? unit : out;
   }
-  Task t{op, n, rows, a, b, c, out, in, unit, ((op == INPUT_GRAD ? in : out) + unit - 1) / unit};
+  bool tiles = TILES && op == FORWARD && dtype == 1 && in % TILE_K == 0;
+  if (tiles) unit = TILE_UNIT_ROWS < out ? TILE_UNIT_ROWS : out;
+  Task t{op, n, rows, a, b, c, out, in, unit, ((op == INPUT_GRAD ? in : out) + unit - 1) / unit, tiles};
   threads = threads > 0 ? threads : 1;
   if (dtype == 0) work<float, float>(t, threads);
   else if (dtype == 1) work<bf16, bf16>(t, threads);
