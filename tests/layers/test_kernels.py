@@ -175,19 +175,19 @@ def test_the_onednn_probe_finds_the_op_where_torch_has_it(monkeypatch):
     used = []
     real = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(cpu, "_DNNL", [lambda *a: used.append(a[0].shape[0]) or real(*a)])
-    x, w, b = torch.randn(70, 16), torch.randn(2, 8, 16), torch.randn(2, 8)
-    y = grouped_linear(x, w, b, [64, 6], CpuKernel(batching="pairs"))  # 64 rows reach oneDNN's minimum
-    assert used == [64, 64]  # both experts of the pair: the pair is padded to 64 rows each
-    torch.testing.assert_close(y, grouped_linear(x, w, b, [64, 6], "reference"), rtol=1e-5, atol=1e-5)
+    x, w, b = torch.randn(46, 16), torch.randn(2, 8, 16), torch.randn(2, 8)
+    y = grouped_linear(x, w, b, [40, 6], CpuKernel(batching="pairs"))  # 40 rows: oneDNN's on every machine class
+    assert used == [40, 40]  # both experts of the pair: the pair is padded to 40 rows each
+    torch.testing.assert_close(y, grouped_linear(x, w, b, [40, 6], "reference"), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("machine", ["avx2", "avx512"])
+@pytest.mark.parametrize("machine", ["avx2", "avx512", "amx"])
 # One expert (its own branch), several, and experts of 512 rows or more.
 @pytest.mark.parametrize("counts", [[40], [40, 0, 33, 5], [600, 0, 530]])
 def test_onednn_takes_the_gemms_only_where_it_pays(monkeypatch, machine, counts):
     """DNNL_ROWS per machine class: AVX-512 runs every GEMM of 3 rows or more with oneDNN's linear; AVX2 never the
-    weight gradient (MKL's mm, as oneDNN's ran 1.1-2.1x slower there), and nothing from 512 rows. Every result
-    equals the reference loop's either way."""
+    weight gradient (MKL's mm, as oneDNN's ran 1.1-2.1x slower there), and nothing from 512 rows; AMX nothing from 64
+    rows. Every result equals the reference loop's either way."""
     if cpu.dnnl_op() is None:
         pytest.skip("this torch has no oneDNN linear")
     monkeypatch.setattr(cpu, "instruction_set", lambda: machine)
@@ -211,6 +211,9 @@ def test_onednn_takes_the_gemms_only_where_it_pays(monkeypatch, machine, counts)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     if machine == "avx512":
         assert "other" in calls and "weight" in calls
+    elif machine == "amx":
+        small = [c for c in counts if 3 <= c < 64]  # the weight gradient's oneDNN rows
+        assert ("weight" in calls) == bool(small) and ("other" in calls) == any(0 < c < 64 for c in counts)
     else:
         assert "weight" not in calls and ("other" in calls) == (min(c for c in counts if c) < 512)
 

@@ -35,14 +35,20 @@ _FLOPS = 150e9
 # 256, and 0.90-0.96x at ~1,000 (oneDNN's result is copied into place, MKL's bmm writes there). docs/performance.md.
 # {instruction set: {dtype: ((from, below) rows of the forward, of the input gradient, of the weight gradient)}};
 # None: never; below None: no bound.
+# On the AMX machine (AVX-512 cores with AMX tiles, 2026-12-04) MKL's float32 GEMMs overtook oneDNN's from 64 rows:
+# the layer's training step with oneDNN only below 64 rows took 0.81x the time at E 8 with 1,024 and 8,192 tokens,
+# 0.91x at E 64 / 8,192, the same at E 32 / 1,024 (docs/performance.md).
 DNNL_ROWS = {"avx512": {torch.float32: ((1, None), (3, None), (3, None))},
+             "amx": {torch.float32: ((1, 64), (3, 64), (3, 64))},
              "avx2": {torch.float32: ((1, 512), (3, 512), None)}}
 
 
 def instruction_set() -> str:
-    """The key of the tables tuned per machine class: "avx2" where torch's widest CPU path is AVX2, else "avx512"
-    (where most of them were measured)."""
-    return "avx2" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "avx512"
+    """The key of the tables tuned per machine class: "avx2" where torch's widest CPU path is AVX2, "amx" where it is
+    AVX-512 and torch reports AMX tiles, else "avx512" (where most of them were measured)."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        return "avx2"
+    return "amx" if native.torch_reports_amx() else "avx512"
 
 
 # From this many bfloat16 rows per expert the forward runs one mm per expert instead of a bmm over a batch of experts

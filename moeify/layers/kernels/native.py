@@ -6,6 +6,7 @@ probe): the cpu kernel then takes torch's paths, silently."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -40,21 +41,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeify"
 
 
-def has_amx() -> bool:
-    """Whether torch reports AMX tiles on this CPU: a private check, so where it is missing or fails the answer is
-    yes (the AMX library's own check then decides, at the cost of one compile)."""
+@functools.cache
+def torch_reports_amx() -> bool | None:
+    """Whether torch reports AMX tiles on this CPU; None where its check (a private one) is missing or fails."""
     try:
         return bool(torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
-        return True
+        return None
 
 
 def candidates() -> list[str]:
     """The variants worth building here, widest first: AVX-512 only where torch found it on this CPU, AMX only where
-    it also has AMX tiles (building one elsewhere costs a compile for a library that would refuse to run)."""
+    torch does not say the CPU lacks tiles (building one elsewhere costs a compile for a library that would refuse to
+    run; where torch cannot say, the AMX library's own check decides)."""
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return ["avx2"]
-    return list(VARIANTS) if has_amx() else ["avx512", "avx2"]
+    return list(VARIANTS) if torch_reports_amx() is not False else ["avx512", "avx2"]
 
 
 def build(variant: str) -> Path | None:
