@@ -1,7 +1,7 @@
 """The cpu kernel's hand-written GEMMs for few rows per expert (skinny.cpp): built on first use with the system C++
 compiler into a per-user cache, for the widest instruction set this CPU runs (AVX-512 with AMX tiles, AVX-512, else
 AVX2 with FMA), loaded
-with ctypes, and None wherever that cannot be done (no compiler, neither instruction set, a wrong result on the
+with ctypes, and None wherever that cannot be done (no compiler, none of those instruction sets, a wrong result on the
 probe): the cpu kernel then takes torch's paths, silently."""
 from __future__ import annotations
 

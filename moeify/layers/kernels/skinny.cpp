@@ -1,13 +1,13 @@
 // Grouped GEMMs for experts with few rows each (float32, bfloat16, and float32 activations on bfloat16 weights; all
-// accumulated in float32). One source, two builds: AVX-512 (16 lanes) and AVX2 with FMA (8 lanes), chosen by the
-// flags native.py compiles it with.
+// accumulated in float32). One source, three builds: AVX-512 (16 lanes), the same with the bfloat16 forward on AMX
+// tiles, and AVX2 with FMA (8 lanes), chosen by the flags native.py compiles it with.
 //
 // With few rows per expert a GEMM is bound by streaming the expert's weight (forward, input gradient) or by writing
 // its weight gradient, and MKL / oneDNN do both at a third to a half of the memory's rate here (docs/performance.md).
 // These loops keep the rows' partial sums in registers, read each weight row once per block of rows, and write the
 // weight gradient with non-temporal stores (no read of the lines they overwrite). Each output element is summed in
 // a fixed order that depends on indices only, never on where the operands lie, so results are reproducible bits
-// (per build: the two builds sum in lanes of different widths).
+// (per build: the builds sum in lanes or tiles of different widths).
 //
 // The file ends with the experts' ReLU + dropout in one pass (moeify_dropout), which the cpu kernel runs in training.
 //
