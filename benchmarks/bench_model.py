@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from _report import interval, paired, report, verdict
+from bench_layer import DTYPES, machine, synchronizer
 from transformers import SwitchTransformersForConditionalGeneration
 
 from moeify.checkpoint.sources import load_dense
@@ -34,7 +35,6 @@ from moeify.training.data import prepare_data
 from moeify.training.loop import no_cache
 
 TARGET_VS_DENSE = 1.3
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def models(preset: str, experts: int, seq_len: int) -> dict[str, torch.nn.Module]:
@@ -116,7 +116,7 @@ def main() -> None:
     batch = next(prepare_data(built["dense"], DataConfig(seq_len=args.seq_len, batch_size=args.batch)).train)
     built = {name: m.to(args.device, DTYPES[args.dtype]) for name, m in built.items()}
     batch = {key: t.to(args.device) for key, t in batch.items()}
-    sync = torch.cuda.synchronize if args.device.type == "cuda" else lambda: None
+    sync = synchronizer(args.device)
     # The optimizer `moeify train` uses (fused AdamW), the same for every model.
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in built.items()}
     for name, m in built.items():  # warm-up: the optimizers' state, first allocations
@@ -140,10 +140,8 @@ def main() -> None:
     mine = {base: ratios("moeify", base) for base in ("dense", "transformers")}
     medians = {base: statistics.median(r) for base, r in mine.items()}
     spread = {base: "{:.2f}-{:.2f}x".format(*interval(r)) for base, r in mine.items()}
-    where = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads")
     report(f"Training step of {args.preset} (dense) and its Switch-{args.experts} conversion (every other FFN), "
-           f"batch {args.batch} x {args.seq_len}, {args.dtype}, {where}, {args.reps} rounds",
+           f"batch {args.batch} x {args.seq_len}, {args.dtype}, {machine(args.device)}, {args.reps} rounds",
            ["model", *(f"{p} ms" for p in PHASES), "step ms", "vs dense", "vs transformers"], rows, args.out,
            ["ms: medians over the rounds; vs: the median over rounds of the two steps' ratio within a round "
             f"(paired); 95 % interval of moeify's: dense {spread['dense']}, transformers {spread['transformers']}.",

@@ -2,7 +2,7 @@
 # The GPU figures in one short run, for a CUDA machine: the tests that skip without CUDA (a training step under
 # torch.cuda.set_sync_debug_mode("error"), grouped_mm on the GPU against the reference loop, conversion on the
 # device), then bench_layer.py on CUDA bfloat16 with grouped_mm used directly as the roofline-like reference, and the
-# whole model's training step. About 6 minutes on one H200 (most of it building 256 experts' weights on the host).
+# whole model's training step. Sized for about 6 minutes on one H200 (not yet run on a GPU: none has been lent).
 # Each part writes its own files as it ends, so a run cut short keeps what finished.
 # Usage: benchmarks/gpu.sh [OUT_DIR]   (default benchmarks/results/gpu; $PYTHON, default python3, holds CUDA torch)
 set -uo pipefail

@@ -18,7 +18,8 @@ HERE = [v for v, needs in (("amx", {"avx512f", "avx512_bf16", "amx_tile", "amx_b
                            ("avx2", {"avx2", "fma"})) if needs <= set(_CPU)
         and (v == "avx2" or torch.backends.cpu.get_cpu_capability().startswith("AVX512"))]
 BUILDABLE = bool(HERE) and shutil.which(os.environ.get("CXX") or "c++") is not None
-needs_native = pytest.mark.skipif(not BUILDABLE, reason="needs an AVX-512 (with or without AMX) or AVX2 CPU and a C++ compiler")
+NEEDS = "needs an AVX-512 (with or without AMX) or AVX2 CPU and a C++ compiler"
+needs_native = pytest.mark.skipif(not BUILDABLE, reason=NEEDS)
 MODES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
          "fp32 on bf16": (torch.float32, torch.bfloat16)}  # (activations, weights)
 _KERNELS: dict = {}
@@ -28,7 +29,7 @@ _KERNELS: dict = {}
 def kernel(request):
     """Each build of the kernels this CPU runs (an AMX machine tests its AVX-512 and AVX2 builds too)."""
     if not BUILDABLE:
-        pytest.skip("needs an AVX-512 (with or without AMX) or AVX2 CPU and a C++ compiler")
+        pytest.skip(NEEDS)
     if request.param not in _KERNELS:
         _KERNELS[request.param] = native.probe(request.param)
     assert _KERNELS[request.param] is not None and _KERNELS[request.param].variant == request.param

@@ -102,7 +102,9 @@ bool tiles_granted() {
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
   return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
 }
-int supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") && tiles_granted(); }
+int supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") && tiles_granted();
+}
 #else
 int supported() { return __builtin_cpu_supports("avx512f"); }
 #endif
@@ -359,6 +361,11 @@ void with_vecs(int c, F f) {
   f(std::integral_constant<int, C>());
 }
 
+constexpr long TILE_ROWS = 16;        // rows of every AMX tile; 64 bytes each: 32 bfloat16 or 16 float32
+constexpr long TILE_K = 32;           // inputs per step (one A tile's row)
+constexpr int TILE_PASS = 4;          // blocks of 16 rows of x per pass over the weight (accumulator tiles 0-3)
+constexpr long TILE_UNIT_ROWS = 128;  // weight rows per unit of work: one tile configuration per unit
+
 #ifdef __AMX_BF16__
 // The bfloat16 forward on AMX tiles (the AMX build). With 5-64 rows per expert the native dot products above are
 // bound by arithmetic, and torch's GEMMs (oneDNN on the same tiles) re-lay each expert's weight out on every call:
@@ -366,10 +373,6 @@ void with_vecs(int c, F f) {
 // once and never copied, and x, the small operand, is laid out once per call as B: pairs of its columns side by side
 // for 16 of its rows (the tiles' VNNI layout), zeros past its last row. Each of 4 accumulator tiles holds 16 weight
 // rows' outputs for 16 rows of x; a pass over the weight rows serves up to 64 rows of x (docs/performance.md).
-constexpr long TILE_ROWS = 16;         // rows of every tile; 64 bytes each: 32 bfloat16 or 16 float32
-constexpr long TILE_K = 32;            // inputs per step (one A tile's row)
-constexpr int TILE_PASS = 4;           // blocks of 16 rows of x per pass over the weight (accumulator tiles 0-3)
-constexpr long TILE_UNIT_ROWS = 128;   // weight rows per unit of work: one tile configuration per unit
 
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
@@ -384,6 +387,7 @@ void tiles_configure() {
   for (int t = 0; t < 7; t++) c.colsb[t] = 64, c.rows[t] = TILE_ROWS;
   _tile_loadconfig(&c);
 }
+void tiles_release() { _tile_release(); }
 
 // x (rows, in) as B tiles: for each block m of 16 rows, element (k / 2, j) of 32 bits holds x[16 m + j, k : k + 2].
 void tiles_pack(const bf16 *x, uint32_t *packed, long rows, long in) {
@@ -447,10 +451,10 @@ void tiles_forward(const uint32_t *packed, const bf16 *w, bf16 *y, long rows, lo
   }
 }
 constexpr bool TILES = true;
-#else
-constexpr long TILE_K = 32, TILE_ROWS = 16, TILE_UNIT_ROWS = 16;
+#else  // other builds never take the tiles' path (TILES): these only let work() compile
 constexpr bool TILES = false;
 void tiles_configure() {}
+void tiles_release() {}
 void tiles_pack(const bf16 *, uint32_t *, long, long) {}
 void tiles_forward(const uint32_t *, const bf16 *, bf16 *, long, long, long, long, long) {}
 #endif
@@ -541,9 +545,7 @@ void work(Task &t, int threads) {
       tiles_configure();
 #pragma omp for schedule(dynamic, 1) nowait
       for (long u = 0; u < total; u++) tiles_unit(t, packed.data() + start[u / t.per_expert], u);
-#ifdef __AMX_BF16__
-      _tile_release();
-#endif
+      tiles_release();
     } else {
 #pragma omp for schedule(dynamic, 1) nowait
       for (long u = 0; u < total; u++) run_unit<X, T>(t, u);
