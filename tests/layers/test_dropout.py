@@ -51,7 +51,13 @@ def test_the_cpu_layout_runs_it_in_place_with_torchs_seed_and_autograd(dtype):
 
 
 @needs_native
-def test_the_native_op_is_what_the_layout_uses(monkeypatch):
+@pytest.mark.parametrize("dtype, p, ops", [
+    (torch.float32, 0.1, [native.RELU_DROPOUT, native.RELU_DROPOUT_GRAD]),
+    (torch.bfloat16, 0.1, [native.RELU_DROPOUT, native.RELU_DROPOUT_GRAD]),
+    (torch.bfloat16, 0.0, [native.RELU, native.RELU_GRAD]),  # torch's bfloat16 relu_ widens every element
+    (torch.float32, 0.0, []),  # torch's float32 relu_ is as fast
+])
+def test_the_native_op_is_what_the_layout_uses(monkeypatch, dtype, p, ops):
     calls, original = [], native.Skinny.relu_dropout
 
     def spy(self, op, *args, **kwargs):
@@ -60,9 +66,18 @@ def test_the_native_op_is_what_the_layout_uses(monkeypatch):
 
     monkeypatch.setattr(native.Skinny, "relu_dropout", spy)
     layout = _layout(CpuKernel(), [3, 4])
-    h = layout.linear(torch.randn(layout.rows, 32), torch.randn(2, 64, 32, requires_grad=True), None)
-    layout.relu(h, 0.1).sum().backward()
-    assert calls == [native.RELU_DROPOUT, native.RELU_DROPOUT_GRAD]
+    x, w = torch.randn(layout.rows, 32, dtype=dtype), torch.randn(2, 64, 32, dtype=dtype, requires_grad=True)
+    h = layout.linear(x, w, None)
+    y = layout.relu(h, p)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert calls == ops
+    if not p:  # ReLU's own output and gradient, whichever ran them
+        w2 = w.detach().clone().requires_grad_()
+        plain = torch.relu(layout.linear(x, w2, None))
+        assert torch.equal(plain.detach(), y.detach())
+        plain.backward(g)
+        assert torch.equal(w.grad, w2.grad)
 
 
 @pytest.mark.parametrize("counts, kernel_args", [([12], {}), ([3, 4], {"native": False})])

@@ -76,7 +76,7 @@ def test_the_widest_build_this_cpu_runs_is_the_one_loaded():
 @pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5], [70, 17]])
 # column tails of the blocks; in > 1024: the streamed input gradient in two chunks; 272 x 2048: on AVX2 the forward's
 # units of 1 MB of weight (128 or 256 rows), the last one partial
-@pytest.mark.parametrize("out, inp", [(16, 16), (48, 80), (64, 32), (32, 208), (16, 1040), (272, 2048)])
+@pytest.mark.parametrize("out, inp", [(16, 16), (48, 80), (64, 32), (96, 48), (32, 208), (16, 1040), (272, 2048)])
 def test_each_op_equals_the_product_up_to_rounding(kernel, mode, rows, out, inp):
     got, want = _ops(kernel, mode, rows, out, inp)
     for a, e in zip(got, want):
@@ -267,3 +267,20 @@ def test_the_gradient_passes_where_the_output_is_positive(kernel, dtype):
     kernel.relu_dropout(native.RELU_DROPOUT_GRAD, g, y, gh, 0.25)
     scale = torch.tensor(1 / 0.75, dtype=torch.float32)
     assert torch.equal(gh, torch.where(y > 0, g.float() * scale, 0.0).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DROPOUT_DTYPES)
+def test_relu_without_dropout_and_its_gradient_equal_torchs(kernel, dtype):
+    """RELU in place and RELU_GRAD, what the cpu kernel runs for bfloat16 hiddens without dropout, against torch's relu
+    and threshold_backward: specials included (a NaN output passes its gradient, as in torch)."""
+    h, g = torch.randn(5000).to(dtype), torch.randn(5000).to(dtype)
+    h[:6] = torch.tensor([float("nan"), -float("nan"), 0.0, -0.0, float("inf"), -float("inf")])
+    want = torch.relu(h)
+    y = h.clone()
+    kernel.relu_dropout(native.RELU, y, None, y, 0.0)
+    torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True)
+    assert not y.signbit()[2:].any()  # -0 and negatives become +0
+    gh = torch.empty_like(g)
+    kernel.relu_dropout(native.RELU_GRAD, g, y, gh, 0.0)
+    assert torch.equal(gh, torch.ops.aten.threshold_backward(g, want, 0))
+    assert gh[0] == g[0] and gh[2] == 0 and gh[4] == g[4]

@@ -63,13 +63,14 @@ MM_MIN_ROWS = 64
 # A pair without an entry never runs natively (float32 compute on bfloat16 weights is measured only where it runs
 # by default: AVX2, where torch has no fast bfloat16 GEMM).
 F32, BF16 = torch.float32, torch.bfloat16
-# The AMX build's bfloat16 forward runs on tiles; torch's bfloat16 GEMMs there are oneDNN's on the same tiles, which
-# overtake the native backward's dot products from 2-16 rows (its float32 is the AVX-512 build's).
+# The AMX build's bfloat16 forward and weight gradient run on tiles; torch's bfloat16 GEMMs there are oneDNN's on the
+# same tiles, which overtake the native input gradient's dot products from 2-4 rows (its float32 is the AVX-512
+# build's).
 NATIVE_MAX_ROWS = {
     "avx512": {(F32, F32): ((64, 16), (48, 128), (128, 64)), (BF16, BF16): ((16, 16), (8, 16), (4, 8))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},
 }
-NATIVE_MAX_ROWS["amx"] = {**NATIVE_MAX_ROWS["avx512"], (BF16, BF16): ((64, 64), (2, 1), (8, 16))}
+NATIVE_MAX_ROWS["amx"] = {**NATIVE_MAX_ROWS["avx512"], (BF16, BF16): ((128, 192), (2, 1), (96, 160))}
 
 
 def native_max_rows(skinny: native.Skinny | None, compute: torch.dtype, dtype: torch.dtype, out: int,
@@ -382,9 +383,9 @@ class _ReLU(torch.autograd.Function):
     buffer: a fresh (R, d_ff) tensor either way costs first-touch page faults, a tenth of a large layer's forward
     and 6 % of a bfloat16 training step at E = 8 / 8192 tokens (docs/performance.md).
 
-    With `skinny`, dropout(p) too, in the same pass by the native loops (native.relu_dropout): torch's dropout on CPU
-    draws a Bernoulli per element (with the ReLU 14-29 ms on a (1024, 2048) hidden here, against 0.4-0.7 ms). Its
-    mask is a hash of a seed drawn from torch's generator (so torch.manual_seed repeats it) and of each element's
+    With `skinny`, the native loops run it (native.relu_dropout), and dropout(p) too in the same pass: torch's dropout
+    on CPU draws a Bernoulli per element (with the ReLU 14-29 ms on a (1024, 2048) hidden here, against 0.4-0.7 ms).
+    Its mask is a hash of a seed drawn from torch's generator (so torch.manual_seed repeats it) and of each element's
     index, and the backward needs none: the output is positive exactly where both gradients pass."""
 
     @staticmethod
@@ -393,6 +394,8 @@ class _ReLU(torch.autograd.Function):
         ctx.pool, ctx.p, ctx.skinny = pool, p, skinny
         if skinny is None:
             torch.relu_(h)
+        elif p == 0:
+            skinny.relu_dropout(native.RELU, h, None, h, p)
         else:
             skinny.relu_dropout(native.RELU_DROPOUT, h, None, h, p, seed=int(torch.randint(2 ** 62, ())))
         ctx.save_for_backward(h)
@@ -405,7 +408,8 @@ class _ReLU(torch.autograd.Function):
         if ctx.skinny is None:
             torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=out)
         else:
-            ctx.skinny.relu_dropout(native.RELU_DROPOUT_GRAD, grad.contiguous(), y, out, ctx.p)
+            ctx.skinny.relu_dropout(native.RELU_GRAD if ctx.p == 0 else native.RELU_DROPOUT_GRAD, grad.contiguous(), y,
+                                    out, ctx.p)
         return out, None, None, None
 
 
@@ -457,7 +461,10 @@ class CpuLayout:
     def relu(self, h: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
         # One expert taking every row keeps torch's dropout, as linear() keeps the dense FFN's GEMM: a conversion to
         # one expert then draws the dense model's masks (the same seed gives the same outputs in training mode).
-        skinny = self.kernel.skinny_dropout(h, dropout) if dropout and _one_expert(self.batches) is None else None
+        if dropout:
+            skinny = self.kernel.skinny_dropout(h, dropout) if _one_expert(self.batches) is None else None
+        else:
+            skinny = self.kernel.skinny_relu(h)
         y = _ReLU.apply(h, self.kernel.pool, dropout, skinny)
         return torch.nn.functional.dropout(y, dropout, training=True) if dropout and skinny is None else y
 
@@ -518,6 +525,14 @@ class CpuKernel:
         have, a contiguous weight with sizes in multiples of 16), else None."""
         if not (self.native and (compute, weight.dtype) in native.MODES and device.type == "cpu"
                 and weight.is_contiguous() and weight.shape[1] % 16 == 0 and weight.shape[2] % 16 == 0):
+            return None
+        return native.skinny()
+
+    def skinny_relu(self, h: torch.Tensor) -> native.Skinny | None:
+        """The native loops when they may run relu on h in place: bfloat16 only, where torch's relu_ and its gradient
+        widen every element (a (10240, 2048) hidden: 1.0 ms against 4-11, its gradient 4.2 against 6.6; float32:
+        equal; docs/performance.md)."""
+        if not (self.native and h.dtype == torch.bfloat16 and h.device.type == "cpu" and h.is_contiguous()):
             return None
         return native.skinny()
 

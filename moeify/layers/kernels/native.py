@@ -22,11 +22,12 @@ SOURCE = Path(__file__).with_name("skinny.cpp")
 # the dropout loops' selects into vector blends (they ran 10-25x slower, scalar).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-trapping-math")
 # Builds of the one source, widest first; each library says whether this CPU runs it (moeify_skinny_supported). The
-# AMX build is the AVX-512 one plus the bfloat16 forward on AMX tiles.
+# AMX build is the AVX-512 one plus the bfloat16 forward and weight gradient on AMX tiles.
 _AVX512 = ("-mavx512f", "-mavx512bf16", "-mfma")
 VARIANTS = {"amx": (*_AVX512, "-mamx-tile", "-mamx-bf16"), "avx512": _AVX512, "avx2": ("-mavx2", "-mfma")}
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2  # y = x @ w.T, gx = g @ w, gw = g.T @ x
-RELU_DROPOUT, RELU_DROPOUT_GRAD = 0, 1  # y = relu(h) * keep / (1 - p); gh = (y > 0) * g / (1 - p)
+# y = relu(h) * keep / (1 - p); gh = (y > 0) * g / (1 - p); y = relu(h); gh = (y <= 0 ? 0 : g), as torch's
+RELU_DROPOUT, RELU_DROPOUT_GRAD, RELU, RELU_GRAD = 0, 1, 2, 3
 DROPOUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # (activations' dtype, weights' dtype) -> the library's code: float32 activations on bfloat16 weights are the
 # float32 compute of the cpu kernel's upcast (x, y, g, gx widened; w read and gw written in bfloat16).
@@ -101,7 +102,8 @@ class Skinny:
                      seed: int = 0) -> None:
         """op RELU_DROPOUT: dst = relu(src), each element kept with probability 1 - p (a hash of seed and its index
         against p * 2^32) and scaled by 1 / (1 - p), else 0; dst may be src. RELU_DROPOUT_GRAD: dst = src / (1 - p)
-        where y (that op's output) > 0, else 0. Contiguous tensors of one dtype in DROPOUT_DTYPES; 0 < p < 1."""
+        where y (that op's output) > 0, else 0. RELU and RELU_GRAD: the same without dropout (p unused). Contiguous
+        tensors of one dtype in DROPOUT_DTYPES; 0 < p < 1."""
         threshold = min(round(p * 2 ** 32), 2 ** 32 - 1)
         status = self.dropout_fn(op, DROPOUT_DTYPES[src.dtype], src.numel(), src.data_ptr(),
                                  None if y is None else y.data_ptr(), dst.data_ptr(), seed % 2 ** 64, threshold,

@@ -1,6 +1,6 @@
 // Grouped GEMMs for experts with few rows each (float32, bfloat16, and float32 activations on bfloat16 weights; all
-// accumulated in float32). One source, three builds: AVX-512 (16 lanes), the same with the bfloat16 forward on AMX
-// tiles, and AVX2 with FMA (8 lanes), chosen by the flags native.py compiles it with.
+// accumulated in float32). One source, three builds: AVX-512 (16 lanes), the same with the bfloat16 forward and
+// weight gradient on AMX tiles, and AVX2 with FMA (8 lanes), chosen by the flags native.py compiles it with.
 //
 // With few rows per expert a GEMM is bound by streaming the expert's weight (forward, input gradient) or by writing
 // its weight gradient, and MKL / oneDNN do both at a third to a half of the memory's rate here (docs/performance.md).
@@ -14,8 +14,10 @@
 // Built by moeify/layers/kernels/native.py with the system compiler and called through ctypes.
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include <memory>
 #include <type_traits>
 #include <vector>
 #ifdef __AMX_BF16__
@@ -364,7 +366,16 @@ void with_vecs(int c, F f) {
 constexpr long TILE_ROWS = 16;        // rows of every AMX tile; 64 bytes each: 32 bfloat16 or 16 float32
 constexpr long TILE_K = 32;           // inputs per step (one A tile's row)
 constexpr int TILE_PASS = 4;          // blocks of 16 rows of x per pass over the weight (accumulator tiles 0-3)
-constexpr long TILE_UNIT_ROWS = 128;  // weight rows per unit of work: one tile configuration per unit
+constexpr long TILE_UNIT_ROWS = 128;  // weight rows per unit of the forward
+constexpr long TILE_GRAD_ROWS = 64;   // rows of the weight gradient per unit
+// Up to this many rows an expert's weight gradient takes the loops above: on tiles its rows are padded to 32, and
+// the accumulators' pass through a buffer costs more than the products save (1-4 rows: 1.3-2.1x slower, measured;
+// about equal at 8)
+constexpr long TILE_GRAD_MIN_ROWS = 8;
+
+inline long ceil_to(long v, long m) { return (v + m - 1) / m * m; }
+// Pairs of an expert's rows in the weight gradient's tiles, padded to whole tiles (16 pairs).
+inline long row_pairs(long rows) { return ceil_to(rows, TILE_K) / 2; }
 
 #ifdef __AMX_BF16__
 // The bfloat16 forward on AMX tiles (the AMX build). With 5-64 rows per expert the native dot products above are
@@ -380,14 +391,23 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// Every tile 16 rows of 64 bytes: accumulators 0-3, the weight's block 4, x's blocks 5 and 6.
+// Every tile 16 rows of 64 bytes: accumulators 0-3, A operands 4-5, B operands 6-7 (the forward: 4, then 5 and 6).
 void tiles_configure() {
   TileConfig c{};
   c.palette = 1;
-  for (int t = 0; t < 7; t++) c.colsb[t] = 64, c.rows[t] = TILE_ROWS;
+  for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = TILE_ROWS;
   _tile_loadconfig(&c);
 }
 void tiles_release() { _tile_release(); }
+
+// Zero the four accumulator tiles.
+#define TILES_ZERO() \
+  do {               \
+    _tile_zero(0);   \
+    _tile_zero(1);   \
+    _tile_zero(2);   \
+    _tile_zero(3);   \
+  } while (0)
 
 // x (rows, in) as B tiles: for each block m of 16 rows, element (k / 2, j) of 32 bits holds x[16 m + j, k : k + 2].
 void tiles_pack(const bf16 *x, uint32_t *packed, long rows, long in) {
@@ -417,10 +437,7 @@ void tiles_forward(const uint32_t *packed, const bf16 *w, bf16 *y, long rows, lo
     for (long m0 = 0; m0 < blocks; m0 += TILE_PASS) {
       const long n = blocks - m0 < TILE_PASS ? blocks - m0 : TILE_PASS;
       const uint32_t *p = packed + m0 * block;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      TILES_ZERO();
       for (long k = 0; k < in; k += TILE_K) {
         const uint32_t *pk = p + k / 2 * TILE_ROWS;
         _tile_loadd(4, wo + k, in * 2);
@@ -450,6 +467,100 @@ void tiles_forward(const uint32_t *packed, const bf16 *w, bf16 *y, long rows, lo
     }
   }
 }
+
+// The bfloat16 weight gradient on tiles, gw = g.T x, for experts with more than TILE_GRAD_MIN_ROWS rows: A holds
+// pairs of g's rows transposed to one row per output, B pairs of x's rows side by side, both laid out once per call
+// with zeros past the expert's last row; the accumulators go to gw row-major, rounded as the other builds round.
+// (The input gradient on tiles was tried: interleaving pairs of the weight's rows for B cost more than the products
+// saved, 1.1-1.9x torch's path at 1-128 rows; docs/performance.md.)
+
+// Lane 2 j of the result: lane j of the first operand, lane 2 j + 1: lane j of the second (vpermt2w's indices).
+alignas(64) const uint16_t PAIR_LANES[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                              8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+
+// 16 columns of rows r0 and r1 side by side: 32-bit element j holds (r0[j], r1[j]); a row not present reads as zeros.
+inline __m512i pairs(const bf16 *r0, const bf16 *r1, bool has0, bool has1) {
+  __m512i a = _mm512_maskz_loadu_epi16(has0 ? 0xFFFF : 0, r0), b = _mm512_maskz_loadu_epi16(has1 ? 0xFFFF : 0, r1);
+  return _mm512_permutex2var_epi16(a, _mm512_load_si512(PAIR_LANES), b);
+}
+
+// The weight gradient's operands: x (rows, in) as B tiles, tile (k, n) = 16 pairs of x's rows from 32 k side by
+// side over columns 16 n.., at (n * kp + 16 k) * 16 uint32s (kp: row_pairs); and
+// g (rows, out) as A tiles, tile (o, k) = for each of 16 outputs its 16 pairs of g's rows from 32 k, at
+// (o * kp + 16 k) * 16 uint32s (g's pairs, transposed through a buffer by gathers).
+void tiles_pack_pairs(const bf16 *x, uint32_t *packed, long rows, long in) {
+  const long kp = row_pairs(rows);
+  for (long n = 0; n < in / TILE_ROWS; n++)
+    for (long p = 0; p < kp; p++)
+      _mm512_store_si512(packed + (n * kp + p) * TILE_ROWS,
+                         pairs(x + 2 * p * in + n * TILE_ROWS, x + (2 * p + 1) * in + n * TILE_ROWS, 2 * p < rows,
+                               2 * p + 1 < rows));
+}
+void tiles_pack_transposed(const bf16 *g, uint32_t *packed, long rows, long out) {
+  const long kp = row_pairs(rows);
+  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(TILE_ROWS));
+  alignas(64) uint32_t block[TILE_ROWS * TILE_ROWS];  // 16 pairs (rows) by 16 outputs (columns)
+  for (long o = 0; o < out / TILE_ROWS; o++)
+    for (long p0 = 0; p0 < kp; p0 += TILE_ROWS) {
+      for (long j = 0, p = p0; j < TILE_ROWS; j++, p++)
+        _mm512_store_si512(block + j * TILE_ROWS, pairs(g + 2 * p * out + o * TILE_ROWS,
+                                                        g + (2 * p + 1) * out + o * TILE_ROWS, 2 * p < rows,
+                                                        2 * p + 1 < rows));
+      for (long r = 0; r < TILE_ROWS; r++)
+        _mm512_store_si512(packed + (o * kp + p0 + r) * TILE_ROWS,
+                           _mm512_i32gather_epi32(column, reinterpret_cast<const int *>(block + r), 4));
+    }
+}
+
+// Accumulator tile t's 16 x 16 float32 into saved[t].
+typedef float Saved[TILE_ROWS * TILE_ROWS];
+void tiles_save(int t, Saved *saved) {
+  switch (t) {  // tile numbers are immediates
+    case 0: _tile_stored(0, saved[0], 64); break;
+    case 1: _tile_stored(1, saved[1], 64); break;
+    case 2: _tile_stored(2, saved[2], 64); break;
+    default: _tile_stored(3, saved[3], 64); break;
+  }
+}
+// Rows [0, valid) of `count` saved tiles side by side (16 columns each) into dst (row stride ld) as bfloat16: each
+// row's columns written in order, so that streamed stores fill whole lines (tile after tile, 16 rows apart, left
+// partial lines that the write-combining buffers flushed half-written: 4-6x slower, measured).
+void tiles_rows(const Saved *saved, int count, bf16 *dst, long ld, long valid, bool stream) {
+  for (long j = 0; j < valid; j++)
+    for (int c = 0; c < count; c++) store(dst + j * ld + c * TILE_ROWS, load(saved[c] + j * TILE_ROWS), stream);
+}
+
+// gw[o0 : o1] = g[:, o0 : o1].T @ x for one expert, from packed (tiles_pack_transposed's g, then
+// tiles_pack_pairs' x); written with non-temporal stores, as weight_grad_block's. Blocks of 2 x 2 tiles (2 of 16
+// outputs by 2 of 16 inputs): each loaded operand serves two products.
+void tiles_weight_grad(const uint32_t *packed, bf16 *gw, long rows, long out, long in, long o0, long o1) {
+  const long kp = row_pairs(rows), kb = kp / TILE_ROWS, nb = in / TILE_ROWS, step = kp * TILE_ROWS;
+  const uint32_t *ga = packed, *xb = packed + out * kp;
+  alignas(64) Saved saved[4];
+  for (long o = o0 / TILE_ROWS; o < o1 / TILE_ROWS; o += 2) {
+    const bool two_o = o + 1 < o1 / TILE_ROWS;
+    for (long n = 0; n < nb; n += 2) {
+      const bool two_n = n + 1 < nb;
+      TILES_ZERO();
+      for (long k = 0; k < kb; k++) {
+        const uint32_t *a = ga + (o * kp + k * TILE_ROWS) * TILE_ROWS, *b = xb + (n * kp + k * TILE_ROWS) * TILE_ROWS;
+        _tile_loadd(4, a, 64);
+        _tile_loadd(6, b, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_n) { _tile_loadd(7, b + step, 64); _tile_dpbf16ps(1, 4, 7); }
+        if (two_o) { _tile_loadd(5, a + step, 64); _tile_dpbf16ps(2, 5, 6); }
+        if (two_o && two_n) _tile_dpbf16ps(3, 5, 7);
+      }
+      const int count = two_n ? 2 : 1;
+      for (int c = 0; c < count; c++) tiles_save(c, saved);
+      tiles_rows(saved, count, gw + o * TILE_ROWS * in + n * TILE_ROWS, in, TILE_ROWS, true);
+      if (!two_o) continue;
+      for (int c = 0; c < count; c++) tiles_save(2 + c, saved);
+      tiles_rows(saved + 2, count, gw + (o + 1) * TILE_ROWS * in + n * TILE_ROWS, in, TILE_ROWS, true);
+    }
+  }
+}
 constexpr bool TILES = true;
 #else  // other builds never take the tiles' path (TILES): these only let work() compile
 constexpr bool TILES = false;
@@ -457,6 +568,9 @@ void tiles_configure() {}
 void tiles_release() {}
 void tiles_pack(const bf16 *, uint32_t *, long, long) {}
 void tiles_forward(const uint32_t *, const bf16 *, bf16 *, long, long, long, long, long) {}
+void tiles_pack_pairs(const bf16 *, uint32_t *, long, long) {}
+void tiles_pack_transposed(const bf16 *, uint32_t *, long, long) {}
+void tiles_weight_grad(const uint32_t *, bf16 *, long, long, long, long, long) {}
 #endif
 
 enum Op { FORWARD = 0, INPUT_GRAD = 1, WEIGHT_GRAD = 2 };
@@ -472,7 +586,7 @@ struct Task {
   void *const *c;
   long out, in;
   long unit, per_expert;  // weight rows (forward, weight gradient) or input columns per unit; units per expert
-  bool tiles;              // the forward on AMX tiles (bfloat16, in a multiple of TILE_K, the AMX build)
+  bool tiles;              // on AMX tiles (bfloat16, the AMX build; tiles_for)
 };
 
 // One unit: t.unit output rows (forward, weight gradient) or input columns (input gradient) of one expert.
@@ -515,24 +629,53 @@ void run_unit(const Task &t, long u) {
   }
 }
 
-// The forward of a unit on AMX tiles: the unit's weight rows for every row of its expert.
-void tiles_unit(const Task &t, const uint32_t *packed, long u) {
-  long e = u / t.per_expert, o0 = u % t.per_expert * t.unit, o1 = o0 + t.unit < t.out ? o0 + t.unit : t.out;
-  if (t.rows[e] > 0)
-    tiles_forward(packed, static_cast<const bf16 *>(t.b[e]), static_cast<bf16 *>(t.c[e]), t.rows[e], t.out, t.in, o0,
-                  o1);
+// Whether an expert with this many rows runs on the tiles (a call with t.tiles).
+bool on_tiles(const Task &t, long rows) { return rows > (t.op == FORWARD ? 0 : TILE_GRAD_MIN_ROWS); }
+
+// uint32s of one expert's operands laid out for the tiles: x (forward), or g and x (weight gradient).
+long tiles_packed(const Task &t, long rows) {
+  if (!on_tiles(t, rows)) return 0;
+  return t.op == FORWARD ? ceil_to(rows, TILE_ROWS) * (t.in / 2) : row_pairs(rows) * (t.out + t.in);
 }
+
+void tiles_pack_expert(const Task &t, long e, uint32_t *packed) {
+  const bf16 *a = static_cast<const bf16 *>(t.a[e]);
+  if (!on_tiles(t, t.rows[e])) return;
+  if (t.op == FORWARD) return tiles_pack(a, packed, t.rows[e], t.in);
+  tiles_pack_transposed(a, packed, t.rows[e], t.out);
+  tiles_pack_pairs(static_cast<const bf16 *>(t.b[e]), packed + row_pairs(t.rows[e]) * t.out, t.rows[e],
+                   t.in);
+}
+
+// One unit of a call on AMX tiles: the unit's weight rows for every row of its expert, on the tiles or, for
+// experts with few rows, by the loops above.
+void tiles_unit(const Task &t, const uint32_t *packed, long u) {
+  const long e = u / t.per_expert, rows = t.rows[e], o0 = u % t.per_expert * t.unit;
+  const long o1 = o0 + t.unit < t.out ? o0 + t.unit : t.out;
+  if (!on_tiles(t, rows)) return run_unit<bf16, bf16>(t, u);
+  if (t.op == FORWARD)
+    tiles_forward(packed, static_cast<const bf16 *>(t.b[e]), static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, o0, o1);
+  else
+    tiles_weight_grad(packed, static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, o0, o1);
+}
+
+// Uninitialised, 64-byte aligned uint32s (every element is written before it is read; zeroing the tiles' operands
+// would cost a pass over them).
+struct Free {
+  void operator()(uint32_t *p) const { free(p); }
+};
+typedef std::unique_ptr<uint32_t[], Free> Buffer;
+Buffer buffer(long n) { return Buffer(static_cast<uint32_t *>(aligned_alloc(64, ceil_to(n * 4 + 4, 64)))); }
 
 template <typename X, typename T>
 void work(Task &t, int threads) {
   long total = t.n * t.per_expert;
   std::vector<long> start;      // tiles: each expert's first uint32 in packed
-  std::vector<uint32_t> packed;  // tiles: every expert's x, laid out by tiles_pack
+  Buffer packed;             // tiles: every expert's small operands, laid out by tiles_pack_expert
   if (t.tiles) {
     start.assign(t.n + 1, 0);
-    for (long e = 0; e < t.n; e++)  // uint32s: 16 rows' pairs of bfloat16 per block of rows
-      start[e + 1] = start[e] + (t.rows[e] + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS * (t.in / 2);
-    packed.resize(start[t.n]);
+    for (long e = 0; e < t.n; e++) start[e + 1] = start[e] + tiles_packed(t, t.rows[e]);
+    packed = buffer(start[t.n]);
   }
   // OpenMP from the process's libgomp: the team torch's own ops use, already awake between torch's ops. Threads of
   // our own would compete with that team's spinning workers for the same cores (1.3-2x slower, measured).
@@ -540,11 +683,10 @@ void work(Task &t, int threads) {
   {
     if (t.tiles) {  // tile configurations are per thread
 #pragma omp for schedule(dynamic, 1)
-      for (long e = 0; e < t.n; e++)
-        tiles_pack(static_cast<const bf16 *>(t.a[e]), packed.data() + start[e], t.rows[e], t.in);
+      for (long e = 0; e < t.n; e++) tiles_pack_expert(t, e, packed.get() + start[e]);
       tiles_configure();
 #pragma omp for schedule(dynamic, 1) nowait
-      for (long u = 0; u < total; u++) tiles_unit(t, packed.data() + start[u / t.per_expert], u);
+      for (long u = 0; u < total; u++) tiles_unit(t, packed.get() + start[u / t.per_expert], u);
       tiles_release();
     } else {
 #pragma omp for schedule(dynamic, 1) nowait
@@ -565,7 +707,7 @@ inline uint32_t fmix32(uint32_t h) {  // MurmurHash3's finalizer: a bijection wi
   h *= 0xC2B2AE35u;
   return h ^ (h >> 16);
 }
-enum { RELU_DROPOUT = 0, RELU_DROPOUT_GRAD = 1 };
+enum { RELU_DROPOUT = 0, RELU_DROPOUT_GRAD = 1, RELU = 2, RELU_GRAD = 3 };
 
 // float32 -> bfloat16 as to_bf16 above, without a branch (so that the loops below vectorize).
 inline bf16 to_bf16_select(float f) {
@@ -604,21 +746,40 @@ void dropout_range(const T *src, const T *y, T *dst, long begin, long end, uint6
   }
 }
 
+// RELU: dst = relu(src) on the bits, dst may be src: negative numbers and -0 become +0, NaN stays. RELU_GRAD:
+// dst = y <= 0 ? 0 : src, y that op's output, as torch's threshold_backward (a NaN output passes its gradient).
+// (torch's bfloat16 relu_ and threshold_backward widen each element to float32 and back: 4-11x and 1.4-1.6x these
+// loops' time, measured; docs/performance.md.)
+inline uint32_t relu_bits(uint32_t v) { return (v >> 31) && (v & 0x7FFFFFFFu) <= 0x7F800000u ? 0u : v; }
+inline uint16_t relu_bits(uint16_t v) { return (v >> 15) && (v & 0x7FFFu) <= 0x7F80u ? uint16_t(0) : v; }
+template <typename U>
+inline bool passes(U y) { return relu_bits(y) != 0; }  // y is neither +-0 nor below 0
+template <typename T, int OP>
+void relu_range(const T *src, const T *y, T *dst, long begin, long end) {
+  typedef std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t> U;
+  const U *s = reinterpret_cast<const U *>(src) + begin, *r = reinterpret_cast<const U *>(y) + begin;
+  U *d = reinterpret_cast<U *>(dst) + begin;
+  for (long j = 0; j < end - begin; j++) d[j] = OP == RELU ? relu_bits(s[j]) : passes(r[j]) ? s[j] : U(0);
+}
+
 template <typename T, int OP>
 void dropout_all(const T *src, const T *y, T *dst, long n, uint64_t seed, uint32_t threshold, float scale,
                  int threads) {
   constexpr long CHUNK = 1 << 14;  // elements per piece of work
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long c = 0; c < (n + CHUNK - 1) / CHUNK; c++)
-    dropout_range<T, OP>(src, y, dst, c * CHUNK, c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n, seed, threshold,
-                         scale);
+    if constexpr (OP >= RELU) relu_range<T, OP>(src, y, dst, c * CHUNK, c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n);
+    else dropout_range<T, OP>(src, y, dst, c * CHUNK, c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n, seed, threshold,
+                              scale);
 }
 
 template <typename T>
 void dropout_typed(int op, const T *src, const T *y, T *dst, long n, uint64_t seed, uint32_t threshold, float scale,
                    int threads) {
   if (op == RELU_DROPOUT) dropout_all<T, RELU_DROPOUT>(src, y, dst, n, seed, threshold, scale, threads);
-  else dropout_all<T, RELU_DROPOUT_GRAD>(src, y, dst, n, seed, threshold, scale, threads);
+  else if (op == RELU_DROPOUT_GRAD) dropout_all<T, RELU_DROPOUT_GRAD>(src, y, dst, n, seed, threshold, scale, threads);
+  else if (op == RELU) dropout_all<T, RELU>(src, y, dst, n, seed, threshold, scale, threads);
+  else dropout_all<T, RELU_GRAD>(src, y, dst, n, seed, threshold, scale, threads);
 }
 
 }  // namespace
@@ -640,8 +801,10 @@ int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const
     unit = blocks > 1 ? blocks * OUT_ROWS : OUT_ROWS;
     unit = unit < out ? unit : out;
   }
-  bool tiles = TILES && op == FORWARD && dtype == 1 && in % TILE_K == 0;
-  if (tiles) unit = TILE_UNIT_ROWS < out ? TILE_UNIT_ROWS : out;
+  // On tiles: the bfloat16 forward (in a multiple of TILE_K) and weight gradient.
+  bool tiles = TILES && dtype == 1 && (op == FORWARD ? in % TILE_K == 0 : op == WEIGHT_GRAD);
+  if (tiles) unit = op == FORWARD ? TILE_UNIT_ROWS : TILE_GRAD_ROWS;
+  if (tiles) unit = unit < out ? unit : out;
   Task t{op, n, rows, a, b, c, out, in, unit, ((op == INPUT_GRAD ? in : out) + unit - 1) / unit, tiles};
   threads = threads > 0 ? threads : 1;
   if (dtype == 0) work<float, float>(t, threads);
@@ -650,11 +813,12 @@ int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const
   return 0;
 }
 
-// op RELU_DROPOUT or RELU_DROPOUT_GRAD (above) over n contiguous elements of dtype 0 float32 or 1 bfloat16; an element
-// is kept where its hash is at least threshold (p * 2^32 drops a fraction p). Returns 0, or -1 on bad arguments.
+// op RELU_DROPOUT, RELU_DROPOUT_GRAD, RELU or RELU_GRAD (above) over n contiguous elements of dtype 0 float32 or 1
+// bfloat16; an element is kept where its hash is at least threshold (p * 2^32 drops a fraction p; the last two read
+// neither). Returns 0, or -1 on bad arguments.
 int moeify_dropout(int op, int dtype, long n, const void *src, const void *y, void *dst, uint64_t seed,
                    uint32_t threshold, float scale, int threads) {
-  if (op < 0 || op > 1 || dtype < 0 || dtype > 1 || n < 0) return -1;
+  if (op < 0 || op > 3 || dtype < 0 || dtype > 1 || n < 0) return -1;
   threads = threads > 0 ? threads : 1;
   if (dtype == 0) dropout_typed(op, static_cast<const float *>(src), static_cast<const float *>(y),
                                 static_cast<float *>(dst), n, seed, threshold, scale, threads);
