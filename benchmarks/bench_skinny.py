@@ -3,8 +3,10 @@
 64 experts of t5-small's two FFN shapes (out x in: 2048 x 512, 512 x 2048), 2 threads, one process, the two
 implementations interleaved, medians of --reps; modes float32, bfloat16, and float32 compute on bfloat16 weights (the
 cpu kernel's upcast, where torch has no fast bfloat16 GEMM). torch's path is the cpu kernel's own code without the
-native kernels (cpu._forward, cpu._backward over one batch of the 64 experts). The row limits in
-moeify/layers/kernels/cpu.py (NATIVE_MAX_ROWS, per build of the kernels) come from this table.
+native kernels (cpu._forward, cpu._backward over one batch of the 64 experts); for the ReLU on the (rows, out) output
+and its gradient (without dropout), torch's relu_ and threshold_backward. The row limits in
+moeify/layers/kernels/cpu.py (NATIVE_MAX_ROWS, per build of the kernels) and the dtypes of CpuKernel.skinny_relu come
+from this table.
 Usage: python benchmarks/bench_skinny.py [--rows 1 2 4 ...] [--modes fp32 bf16 "fp32 on bf16"] [--out FILE]
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ EXPERTS = 64
 SHAPES = [(2048, 512), (512, 2048)]
 MODES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
          "fp32 on bf16": (torch.float32, torch.bfloat16)}  # (activations, weights)
-OPS = ["forward", "input grad", "weight grad"]
+OPS = ["forward", "input grad", "weight grad", "relu", "relu grad"]
 
 
 def cases(kernel: native.Skinny, compute: torch.dtype, dtype: torch.dtype, out: int, in_: int, k: int):
@@ -52,7 +54,13 @@ def cases(kernel: native.Skinny, compute: torch.dtype, dtype: torch.dtype, out: 
         ctx = SimpleNamespace(batches=batches, skinny=None, needs_input_grad=(need_x, not need_x, False), pool=True,
                               dnnl=dnnl, has_bias=False)
         return lambda: cpu._backward(ctx, x, w, gy)
+    # ReLU in place on a (rows, out) output and its gradient: the native loops' bits against torch's relu_ and
+    # threshold_backward, what cpu._ReLU runs without them (in place: after the first call both run on its output)
+    h, hg = torch.randn(EXPERTS * k, out, generator=g).to(compute), torch.empty(EXPERTS * k, out, dtype=compute)
     return {
+        "relu": (lambda: kernel.relu_dropout(native.RELU, h, None, h, 0.0), lambda: torch.relu_(h)),
+        "relu grad": (lambda: kernel.relu_dropout(native.RELU_GRAD, gy, h, hg, 0.0),
+                      lambda: torch.ops.aten.threshold_backward.grad_input(gy, h, 0, grad_input=hg)),
         "forward": (native_op(native.FORWARD, x, w, y),
                     lambda: cpu._forward(x, w, None, batches, dnnl, None, True, narrow)),
         "input grad": (native_op(native.INPUT_GRAD, gy, w, gx), backward(True)),
@@ -90,13 +98,15 @@ def main() -> None:
                 for f in (f for pair in fns.values() for f in pair):  # warm-up: first touches, the pool's mappings
                     f()
                 cells = []
+                relu_taken = cpu.CpuKernel().skinny_relu(torch.empty(1, out, dtype=compute)) is not None
                 for i, op in enumerate(OPS):
                     mine, theirs = median_ms(fns[op], args.reps)
-                    taken = k <= limits[i]
+                    taken = k <= limits[i] if i < len(limits) else relu_taken
                     cells.append(f"{mine:.1f} / {theirs:.1f} = {mine / theirs:.2f}x{' *' if taken else ''}")
                 rows.append((name, f"{out} x {in_}", str(k), *cells))
     report(f"Native kernel ({kernel.variant}) / torch's path, ms for {EXPERTS} experts, {torch.get_num_threads()} "
-           f"threads, median of {args.reps}; * where the cpu kernel takes the native kernel (cpu.NATIVE_MAX_ROWS)",
+           f"threads, median of {args.reps}; * where the cpu kernel takes the native kernel (cpu.NATIVE_MAX_ROWS; "
+           "ReLU: CpuKernel.skinny_relu)",
            ["mode", "out x in", "rows per expert", *OPS], rows, args.out,
            ["Below 1.00x the native kernel is faster."])
 
