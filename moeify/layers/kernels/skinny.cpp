@@ -676,6 +676,7 @@ void work(Task &t, int threads) {
     start.assign(t.n + 1, 0);
     for (long e = 0; e < t.n; e++) start[e + 1] = start[e] + tiles_packed(t, t.rows[e]);
     packed = buffer(start[t.n]);
+    t.tiles = packed != nullptr;  // without memory for the layout, the loops (any unit size) do the work
   }
   // OpenMP from the process's libgomp: the team torch's own ops use, already awake between torch's ops. Threads of
   // our own would compete with that team's spinning workers for the same cores (1.3-2x slower, measured).
