@@ -328,3 +328,28 @@ def test_float32_compute_keeps_what_autograd_saves_in_bfloat16():
     assert y.dtype == torch.bfloat16 and {d for d in saved if d.is_floating_point} == {torch.bfloat16}  # (and indices)
     y.sum().backward()
     assert x.grad.dtype == ex.w_in.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_experts_paired_with_a_gap_get_their_input_gradient_without_a_weight_copy(monkeypatch, dtype):
+    """A pair of experts with others between them is one strided view of the stacked weight: torch's reduced-precision
+    bmm copies it into a temporary first, so there the input gradient takes one mm per expert (as the forward does).
+    Either way the gradients equal the reference's."""
+    counts = [20, 3, 18, 5]  # pairs by count: experts (0, 2) and (3, 1), each pair strided
+    kernel = CpuKernel(batching="pairs", native=False, dnnl=False)  # torch's bmm / mm paths only
+    w = torch.randn(4, 64, 32).to(dtype)
+    assert all(b.step > 1 for b in kernel.layout(counts, w).batches)
+    strided = []
+    real = torch.bmm
+    monkeypatch.setattr(cpu.torch, "bmm", lambda a, b, **kw: strided.append(not b.is_contiguous()) or real(a, b, **kw))
+    x, gy = torch.randn(sum(counts), 32).to(dtype), torch.randn(sum(counts), 64).to(dtype)
+    got = []
+    for k in (kernel, "reference"):
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        grouped_linear(*leaves, None, counts, k).backward(gy)
+        got.append([t.grad for t in leaves])
+    # bmm ran (the weight gradient's reads g transposed and x's rows); a strided weight view reaches it in float32
+    # only, where one bmm over the pair is faster than an mm per expert and copies nothing
+    assert strided and any(strided) == (dtype == torch.float32)
+    for a, e in zip(*got):
+        torch.testing.assert_close(a, e, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
