@@ -93,12 +93,12 @@ def main() -> None:
         compute, dtype = MODES[name]
         for out, in_ in SHAPES:
             limits = cpu.native_max_rows(kernel, compute, dtype, out, in_)
+            relu_taken = cpu.CpuKernel().skinny_relu(torch.empty(1, out, dtype=compute)) is not None
             for k in args.rows:
                 fns = cases(kernel, compute, dtype, out, in_, k)
                 for f in (f for pair in fns.values() for f in pair):  # warm-up: first touches, the pool's mappings
                     f()
                 cells = []
-                relu_taken = cpu.CpuKernel().skinny_relu(torch.empty(1, out, dtype=compute)) is not None
                 for i, op in enumerate(OPS):
                     mine, theirs = median_ms(fns[op], args.reps)
                     taken = k <= limits[i] if i < len(limits) else relu_taken

@@ -102,8 +102,9 @@ class Skinny:
                      seed: int = 0) -> None:
         """op RELU_DROPOUT: dst = relu(src), each element kept with probability 1 - p (a hash of seed and its index
         against p * 2^32) and scaled by 1 / (1 - p), else 0; dst may be src. RELU_DROPOUT_GRAD: dst = src / (1 - p)
-        where y (that op's output) > 0, else 0. RELU and RELU_GRAD: the same without dropout (p unused). Contiguous
-        tensors of one dtype in DROPOUT_DTYPES; 0 < p < 1."""
+        where y (that op's output) > 0, else 0. RELU: dst = relu(src), dst may be src; RELU_GRAD: dst = src where y is
+        not <= 0 (NaN included, as torch's threshold_backward), else 0; both ignore p and seed. Contiguous tensors of
+        one dtype in DROPOUT_DTYPES; 0 < p < 1 for the dropout ops."""
         threshold = min(round(p * 2 ** 32), 2 ** 32 - 1)
         status = self.dropout_fn(op, DROPOUT_DTYPES[src.dtype], src.numel(), src.data_ptr(),
                                  None if y is None else y.data_ptr(), dst.data_ptr(), seed % 2 ** 64, threshold,

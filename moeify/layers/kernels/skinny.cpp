@@ -553,11 +553,10 @@ void tiles_weight_grad(const uint32_t *packed, bf16 *gw, long rows, long out, lo
         if (two_o && two_n) _tile_dpbf16ps(3, 5, 7);
       }
       const int count = two_n ? 2 : 1;
-      for (int c = 0; c < count; c++) tiles_save(c, saved);
-      tiles_rows(saved, count, gw + o * TILE_ROWS * in + n * TILE_ROWS, in, TILE_ROWS, true);
-      if (!two_o) continue;
-      for (int c = 0; c < count; c++) tiles_save(2 + c, saved);
-      tiles_rows(saved + 2, count, gw + (o + 1) * TILE_ROWS * in + n * TILE_ROWS, in, TILE_ROWS, true);
+      for (int h = 0; h < (two_o ? 2 : 1); h++) {  // accumulators 2 h and 2 h + 1: output block o + h
+        for (int c = 0; c < count; c++) tiles_save(2 * h + c, saved);
+        tiles_rows(saved + 2 * h, count, gw + (o + h) * TILE_ROWS * in + n * TILE_ROWS, in, TILE_ROWS, true);
+      }
     }
   }
 }
@@ -586,7 +585,7 @@ struct Task {
   void *const *c;
   long out, in;
   long unit, per_expert;  // weight rows (forward, weight gradient) or input columns per unit; units per expert
-  bool tiles;              // on AMX tiles (bfloat16, the AMX build; tiles_for)
+  bool tiles;              // on AMX tiles (bfloat16, the AMX build), each expert as on_tiles says
 };
 
 // One unit: t.unit output rows (forward, weight gradient) or input columns (input gradient) of one expert.
@@ -643,8 +642,7 @@ void tiles_pack_expert(const Task &t, long e, uint32_t *packed) {
   if (!on_tiles(t, t.rows[e])) return;
   if (t.op == FORWARD) return tiles_pack(a, packed, t.rows[e], t.in);
   tiles_pack_transposed(a, packed, t.rows[e], t.out);
-  tiles_pack_pairs(static_cast<const bf16 *>(t.b[e]), packed + row_pairs(t.rows[e]) * t.out, t.rows[e],
-                   t.in);
+  tiles_pack_pairs(static_cast<const bf16 *>(t.b[e]), packed + row_pairs(t.rows[e]) * t.out, t.rows[e], t.in);
 }
 
 // One unit of a call on AMX tiles: the unit's weight rows for every row of its expert, on the tiles or, for
@@ -749,7 +747,7 @@ void dropout_range(const T *src, const T *y, T *dst, long begin, long end, uint6
 
 // RELU: dst = relu(src) on the bits, dst may be src: negative numbers and -0 become +0, NaN stays. RELU_GRAD:
 // dst = y <= 0 ? 0 : src, y that op's output, as torch's threshold_backward (a NaN output passes its gradient).
-// (torch's bfloat16 relu_ and threshold_backward widen each element to float32 and back: 4-11x and 1.4-1.6x these
+// (torch's bfloat16 relu_ and threshold_backward widen each element to float32 and back: 2-11x and 1.3-3x these
 // loops' time, measured; docs/performance.md.)
 inline uint32_t relu_bits(uint32_t v) { return (v >> 31) && (v & 0x7FFFFFFFu) <= 0x7F800000u ? 0u : v; }
 inline uint16_t relu_bits(uint16_t v) { return (v >> 15) && (v & 0x7FFFu) <= 0x7F80u ? uint16_t(0) : v; }
@@ -768,10 +766,11 @@ void dropout_all(const T *src, const T *y, T *dst, long n, uint64_t seed, uint32
                  int threads) {
   constexpr long CHUNK = 1 << 14;  // elements per piece of work
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (long c = 0; c < (n + CHUNK - 1) / CHUNK; c++)
-    if constexpr (OP >= RELU) relu_range<T, OP>(src, y, dst, c * CHUNK, c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n);
-    else dropout_range<T, OP>(src, y, dst, c * CHUNK, c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n, seed, threshold,
-                              scale);
+  for (long c = 0; c < (n + CHUNK - 1) / CHUNK; c++) {
+    const long begin = c * CHUNK, end = begin + CHUNK < n ? begin + CHUNK : n;
+    if constexpr (OP >= RELU) relu_range<T, OP>(src, y, dst, begin, end);
+    else dropout_range<T, OP>(src, y, dst, begin, end, seed, threshold, scale);
+  }
 }
 
 template <typename T>
@@ -804,8 +803,10 @@ int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const
   }
   // On tiles: the bfloat16 forward (in a multiple of TILE_K) and weight gradient.
   bool tiles = TILES && dtype == 1 && (op == FORWARD ? in % TILE_K == 0 : op == WEIGHT_GRAD);
-  if (tiles) unit = op == FORWARD ? TILE_UNIT_ROWS : TILE_GRAD_ROWS;
-  if (tiles) unit = unit < out ? unit : out;
+  if (tiles) {
+    unit = op == FORWARD ? TILE_UNIT_ROWS : TILE_GRAD_ROWS;
+    unit = unit < out ? unit : out;
+  }
   Task t{op, n, rows, a, b, c, out, in, unit, ((op == INPUT_GRAD ? in : out) + unit - 1) / unit, tiles};
   threads = threads > 0 ? threads : 1;
   if (dtype == 0) work<float, float>(t, threads);
