@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from _report import interval, paired, report, verdict
 from rich.console import Console
 from torch import nn
@@ -36,7 +35,7 @@ from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN
 from moeify.layers.dispatch import dispatch
 from moeify.layers.kernels.cpu import dnnl_op, reduced_is_native
-from moeify.layers.kernels.cuda import _ContiguousGrad
+from moeify.layers.kernels.cuda import _ContiguousGrad, grouped_mm
 
 D_MODEL, D_FF, CAPACITY_FACTOR = 512, 2048, 1.25  # t5-small's FFN, the paper's training factor
 MIN_SECONDS, MAX_REPS = 3.0, 50  # rounds of the modules per point and mode: more while under (see measure)
@@ -159,9 +158,9 @@ class GroupedGemms(nn.Module):
         return x.index_select(0, self.token_index)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(F.grouped_mm(rows, self.w_in.transpose(1, 2), offs=self.offsets))
+        h = torch.relu(grouped_mm(rows, self.w_in.transpose(1, 2), self.offsets))
         # grouped_mm's backward refuses the zero-stride gradient that .sum() hands back: as the cuda kernel does
-        return _ContiguousGrad.apply(F.grouped_mm(h, self.w_out.transpose(1, 2), offs=self.offsets))
+        return _ContiguousGrad.apply(grouped_mm(h, self.w_out.transpose(1, 2), self.offsets))
 
 
 def has_reference(dtype: torch.dtype, device: torch.device) -> bool:

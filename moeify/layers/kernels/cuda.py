@@ -2,8 +2,9 @@
 
 It runs anywhere grouped_mm does (CPU too, which is how its logic is tested here). grouped_mm wants every
 stride a multiple of 16 bytes; a layer whose widths are not (tiny test models) takes the reference loop. On CUDA its
-fused kernel takes bfloat16 only: float16 and float32 go through torch's fallback, which copies the offsets to the
-host and loops over the experts (aten/src/ATen/native/GroupedMMUtils.h), so only bfloat16 runs without a wait.
+fused kernel takes bfloat16 only: for float16 and float32 torch's recent releases copy the offsets to the host and
+loop over the experts (aten/src/ATen/native/GroupedMMUtils.h), and older ones refuse them, so on CUDA those dtypes
+take the reference loop, which does the same; only bfloat16 runs without a wait.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """torch.nn.functional.grouped_mm, or torch._grouped_mm where a torch release has not made it public yet."""
+    return getattr(F, "grouped_mm", torch._grouped_mm)(a, b, offs=offsets)
+
+
 def aligned(weight: torch.Tensor) -> bool:
     """Whether rows of the input (in) and of the output (out) of weight (E, out, in) are whole 16-byte units."""
     return all(n * weight.element_size() % ALIGN_BYTES == 0 for n in weight.shape[1:])
@@ -51,10 +57,10 @@ class CudaLayout:
         return F.dropout(h, dropout, training=True) if dropout else h
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if not aligned(weight):
+        if not aligned(weight) or (x.is_cuda and x.dtype != torch.bfloat16):
             return ReferenceLayout(self.counts.tolist()).linear(x, weight, bias)
         # weight (E, out, in) read as (E, in, out): a transposed view, no copy.
-        y = _ContiguousGrad.apply(F.grouped_mm(x, weight.transpose(1, 2), offs=self.offsets))
+        y = _ContiguousGrad.apply(grouped_mm(x, weight.transpose(1, 2), self.offsets))
         if bias is not None:
             # Each row's expert, found on the device: the rows before offsets[e] belong to experts <= e.
             rows = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
