@@ -26,6 +26,7 @@ import torch
 from _report import interval, paired, report, verdict
 from rich.console import Console
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import SwitchTransformersConfig
 from transformers.models.switch_transformers.modeling_switch_transformers import (
     SwitchTransformersSparseMLP,
@@ -90,6 +91,33 @@ def bandwidth(device: torch.device, reps: int = 5) -> float:
     """Bytes/s of a 256 MiB copy (read + write)."""
     src, dst = torch.empty(64 << 20, device=device), torch.empty(64 << 20, device=device)
     return 2 * src.nbytes / statistics.median(timed(lambda: dst.copy_(src), device, reps))
+
+
+def op_floor(device: torch.device) -> float:
+    """Seconds one op costs when its work is nothing: a chain of one-element adds, queued and waited for. On a GPU
+    the host's time to issue an op (Python, dispatcher, launch); a step of N ops cannot take less than N times it
+    however fast the GPU runs them."""
+    t = torch.zeros(1, device=device)
+    return min(timed(lambda: [t.add_(1) for _ in range(100)], device, 5)) / 100
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the ops that reach torch's dispatcher (views too: each costs the host's time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(module: nn.Module, x: torch.Tensor, backward: bool) -> int:
+    """The ops one step of module issues (forward, or forward and backward)."""
+    with _Ops() as ops:
+        step(module, x, backward)
+    return ops.count
 
 
 def roofline(num_experts: int, tokens: int, backward: bool, dtype: torch.dtype, rate: float, bw: float) -> float:
@@ -211,8 +239,9 @@ def step(module: nn.Module, x: torch.Tensor, backward: bool, sync=lambda: None) 
 
 
 def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype, device: torch.device = CPU,
-            resolve_seconds: float = RESOLVE_SECONDS) -> tuple[dict, tuple[int, int]]:
-    """Each round's seconds by module and mode, and (kept tokens, experts used) of the routing."""
+            resolve_seconds: float = RESOLVE_SECONDS) -> tuple[dict, tuple[int, int], dict]:
+    """Each round's seconds by module and mode, (kept tokens, experts used) of the routing, and on CUDA the ops
+    a step of each module issues by mode (on a GPU these layers' steps are bound by issuing them)."""
     modules = build(num_experts, tokens, device)
     x = torch.randn(1, tokens, D_MODEL, generator=torch.Generator().manual_seed(1)).to(device)
     routed = routing(modules["moeify"], x)
@@ -228,10 +257,13 @@ def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype, device
         inputs = {name: t.to(dtype) for name, t in inputs.items()}
     sync = synchronizer(device)
     times: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwd+bwd": []} for n in modules}
+    ops: dict[str, dict[str, int]] = {n: {} for n in modules}
     names = list(modules)
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         for name in names:  # warm-up
             step(modules[name], inputs[name], backward, sync)
+            if device.type == "cuda":
+                ops[name][mode] = ops_per_step(modules[name], inputs[name], backward)
 
         def spent() -> float:
             return sum(sum(t[mode]) for t in times.values())
@@ -250,7 +282,12 @@ def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype, device
             for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order each round
                 times[name][mode].append(step(modules[name], inputs[name], backward, sync))
             r += 1
-    return times, routed
+    return times, routed, ops
+
+
+def milliseconds(ms: float) -> str:
+    """A table's milliseconds: one decimal, two under 1 ms (a GPU's steps and roofline take tens of microseconds)."""
+    return f"{ms:.2f}" if ms < 1 else f"{ms:.1f}"
 
 
 def machine(device: torch.device) -> str:
@@ -274,16 +311,18 @@ def main() -> None:
     device = args.device
     bw = bandwidth(device)
     rates = {name: gemm_rate(DTYPES[name], device) for name in args.dtypes}
+    floor = op_floor(device) if device.type == "cuda" else None
     header = ["E", "tokens", "dtype", "mode", "rounds", "dense ms", "transformers ms", "moeify ms", "grouped_mm ms",
               "roofline ms", "moeify / transformers", "95 % interval", "moeify / dense", "moeify / grouped_mm",
-              "moeify / roofline", "routed bound ms", "targets"]
+              "moeify / roofline", "routed bound ms", *(["ops dense / transformers / moeify"] if floor else []),
+              "targets"]
     rows = []
     progress = Console(stderr=True)  # a line per point as it ends: a whole run takes an hour on a 2-core host
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for e in args.experts:
             for t in args.tokens:
-                res, (kept, used) = measure(e, t, args.reps, dtype, device, args.resolve_seconds)
+                res, (kept, used), ops = measure(e, t, args.reps, dtype, device, args.resolve_seconds)
                 bases = [b for b in ("dense", "transformers", GROUPED) if b in res]
                 for mode, backward in (("fwd", False), ("fwd+bwd", True)):
                     ms = {n: statistics.median(res[n][mode]) * 1e3 for n in res}
@@ -294,15 +333,20 @@ def main() -> None:
                     bound = roofline(e, t, backward, dtype, rates[dtype_name], bw) * 1e3
                     routed = routed_bound(kept, used, backward, dtype, rates[dtype_name], bw) * 1e3
                     rows.append((str(e), str(t), dtype_name, mode, str(len(res["moeify"][mode])),
-                                 f"{ms['dense']:.1f}", f"{h:.1f}", f"{o:.1f}",
-                                 f"{ms[GROUPED]:.1f}" if GROUPED in ms else "-", f"{bound:.1f}", ratio["transformers"],
+                                 milliseconds(ms["dense"]), milliseconds(h), milliseconds(o),
+                                 milliseconds(ms[GROUPED]) if GROUPED in ms else "-", milliseconds(bound),
+                                 ratio["transformers"],
                                  "{:.2f}-{:.2f}x".format(*interval(ratios["transformers"])), ratio["dense"],
-                                 ratio[GROUPED], f"{o / bound:.2f}x", f"{routed:.1f}",
+                                 ratio[GROUPED], f"{o / bound:.2f}x", milliseconds(routed),
+                                 *(["/".join(str(ops[n][mode]) for n in ("dense", "transformers", "moeify"))]
+                                   if floor else []),
                                  verdicts(e, t, ratios, h, o, bound, routed)))
                     progress.log(f"E {e}, {t} tokens, {dtype_name} {mode}: {len(res['moeify'][mode])} rounds, "
                                  f"moeify / transformers {ratio['transformers']}: {rows[-1][-1]}")
     notes = [f"Measured in this run: fastest GEMM {', '.join(f'{n} {r / 1e9:.0f} GFLOP/s' for n, r in rates.items())}; "
-             f"memory bandwidth {bw / 1e9:.1f} GB/s.",
+             f"memory bandwidth {bw / 1e9:.1f} GB/s"
+             + (f"; one op issued and run with no work {floor * 1e6:.1f} us (the host's floor per op: a step of N "
+                "ops takes at least N times it)." if floor else "."),
              "Ratios to transformers, dense and grouped_mm: the median over rounds of the two steps' ratio within a "
              "round, and its 95 % interval (sign test); ms: medians. grouped_mm: the experts' two GEMMs and ReLU alone "
              "on the rows they keep, by torch.nn.functional.grouped_mm used directly ('-' where torch's GEMM has no "

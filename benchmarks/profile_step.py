@@ -3,7 +3,11 @@
 SwitchFFN names its phases with record_function (moeify::router, ::dispatch, ::experts, ::combine; the
 collector's hook is moeify::router_losses); the rest of the forward is the dense model (attention, layer
 norms, the dense FFNs left), and backward and the optimizer step are timed as wholes.
-Usage: python benchmarks/profile_step.py [--preset t5-small] [--experts 8] [--steps 3] [--out FILE]
+On CUDA (--device cuda, --dtype bf16 casts the model; its routers stay float32) the scopes time the host, which
+queues the kernels: what a step of these small layers waits on there, as the GPU finishes each kernel sooner than
+the host can queue the next; the wall time waits for the GPU's queue at the end of the steps.
+Usage: python benchmarks/profile_step.py [--preset t5-small] [--experts 8] [--steps 3] [--device cpu|cuda]
+       [--dtype fp32|bf16] [--out FILE]
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import torch
 from _report import report
+from bench_layer import DTYPES, machine, synchronizer
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from moeify.checkpoint.sources import load_dense
@@ -48,17 +53,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu, or cuda")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the model's dtype (routers: float32)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_step.md")
     args = parser.parse_args()
     model = convert(load_dense(args.preset).model, MoEConfig(num_experts=args.experts), inplace=True)
-    trainer = ProfiledTrainer(model, TrainConfig(steps=10**6))
     data = prepare_data(model, DataConfig(seq_len=args.seq_len, batch_size=args.batch))
-    batches = [next(data.train) for _ in range(args.steps + 1)]
+    batches = [{k: t.to(args.device) for k, t in next(data.train).items()} for _ in range(args.steps + 1)]
+    trainer = ProfiledTrainer(model.to(args.device, DTYPES[args.dtype]), TrainConfig(steps=10**6))
+    sync = synchronizer(args.device)
     trainer.train_step(batches[0])  # warm-up: the optimizer's state, first allocations
+    sync()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for batch in batches[1:]:
             trainer.train_step(batch)
+        sync()
     wall = (time.perf_counter() - start) / args.steps
     totals = {e.key: e.cpu_time_total / 1e3 / args.steps for e in prof.key_averages() if e.key in PHASES + STEP}
     step_ms = sum(totals.get(k, 0.0) for k in STEP)
@@ -70,7 +80,7 @@ def main() -> None:
     rows.append(("  rest of the forward (dense model)", f"{totals.get('step::forward', 0.0) - moe:.1f}",
                  f"{(totals.get('step::forward', 0.0) - moe) / step_ms:.1%}"))
     report(f"Training step of {args.preset} -> Switch-{args.experts}, batch {args.batch} x {args.seq_len}, "
-           f"{torch.get_num_threads()} threads, mean of {args.steps} profiled steps ({1e3 * wall:.0f} ms wall each)",
+           f"{args.dtype}, {machine(args.device)}, mean of {args.steps} profiled steps ({1e3 * wall:.0f} ms wall each)",
            ["part", "ms per step", "share"], rows, args.out,
            ["The profiler's own overhead is in these times; backward is not split by phase (autograd runs it "
             "outside the forward's scopes)."])

@@ -83,11 +83,25 @@ def test_a_point_times_every_module_each_round(benchmarks, monkeypatch):
     bench_layer = benchmarks("bench_layer")
     monkeypatch.setattr(bench_layer, "MIN_SECONDS", 0.0)
     # 2 rounds at least (each ~0.1 s), more while a target is not resolved, up to 1 s
-    times, (kept, used) = bench_layer.measure(8, 64, 2, torch.float32, resolve_seconds=1.0)
+    times, (kept, used), ops = bench_layer.measure(8, 64, 2, torch.float32, resolve_seconds=1.0)
     assert set(times) == {"dense", "transformers", "moeify", "grouped_mm"}
+    assert ops == {name: {} for name in times}  # ops are counted on CUDA only, where they bound a step
     assert all(len(t[mode]) >= 2 for t in times.values() for mode in ("fwd", "fwd+bwd"))
     assert 0 < kept <= 64 and 0 < used <= 8
     # the reference runs where grouped_mm is a fast GEMM: float32 on the CPU; bfloat16 alone on CUDA (its fused kernel)
     assert bench_layer.has_reference(torch.float32, torch.device("cpu"))
     assert bench_layer.has_reference(torch.bfloat16, torch.device("cuda"))
     assert not any(bench_layer.has_reference(d, torch.device("cuda")) for d in (torch.float32, torch.float16))
+
+
+def test_ops_are_counted_per_step_with_backward_and_milliseconds_keep_two_digits_under_one(benchmarks):
+    import torch
+    from torch import nn
+
+    bench_layer = benchmarks("bench_layer")
+    dense = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 8, bias=False))
+    x = torch.randn(4, 8)
+    forward, training = bench_layer.ops_per_step(dense, x, False), bench_layer.ops_per_step(dense, x, True)
+    assert forward >= 3 and training > 2 * forward  # two GEMMs and a ReLU at least; backward adds their gradients
+    assert bench_layer.ops_per_step(dense, x, False) == forward  # the same step issues the same ops
+    assert [bench_layer.milliseconds(v) for v in (0.0412, 0.5, 1.04, 12.345)] == ["0.04", "0.50", "1.0", "12.3"]

@@ -25,9 +25,14 @@ class LayerRouting:
     z_loss_coef: float
     tokens_per_expert: torch.Tensor  # (E,) assignments (token, choice) to each expert, before capacity
     capacity: int | None  # slots per expert; None when dropless
-    # Assignments over capacity (they add nothing to their token's output), kept on the device: reading `dropped`
-    # waits for it, which a CUDA forward must not do.
-    dropped_count: torch.Tensor
+
+    @property
+    def dropped_count(self) -> torch.Tensor:
+        """Assignments over capacity (they add nothing to their token's output), on the device: computed when
+        asked, not in the forward (each op there is a kernel launch on CUDA), and reading `dropped` waits for it."""
+        if self.capacity is None:
+            return self.tokens_per_expert.new_zeros(())
+        return (self.tokens_per_expert - self.tokens_per_expert.clamp(max=self.capacity)).sum()
 
     @property
     def dropped(self) -> int:
@@ -86,18 +91,17 @@ def router_losses(model: nn.Module, fractions: Callable[[torch.Tensor, int], tor
         @traced("moeify::router_losses")
         def hook(_router, _inputs, out) -> None:
             routed = assignments_per_expert(out.expert_index.detach().reshape(-1), layer.num_experts)
-            capacity = layer.capacity(out.expert_index.shape[0])
+            tokens = out.expert_index.shape[0]
             collected.layers.append(LayerRouting(
                 name=name,
-                aux_loss=load_balancing_loss(out.probs, out.expert_index, None if fractions is None
-                                             else fractions(routed, out.expert_index.shape[0])),
+                # f from the counts just made, not counted again inside the loss
+                aux_loss=load_balancing_loss(out.probs, out.expert_index, routed / tokens if fractions is None
+                                             else fractions(routed, tokens)),
                 z_loss=router_z_loss(out.logits),
                 aux_loss_coef=layer.routing.aux_loss_coef,
                 z_loss_coef=layer.routing.z_loss_coef,
                 tokens_per_expert=routed,
-                capacity=capacity,
-                dropped_count=(routed - routed.clamp(max=capacity)).sum() if capacity is not None
-                else routed.new_zeros(()),
+                capacity=layer.capacity(tokens),
             ))
         return hook
 

@@ -96,13 +96,16 @@ class SwitchFFN(nn.Module):
     def _static_forward(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         """forward's arithmetic over every assignment (static shapes): dropped ones enter as zeros and leave
         masked, so they add nothing, gradients included. (T, d_model)."""
-        plan = dispatch_static(route.expert_index, self.num_experts, self.capacity(x.shape[0]))
-        keep = plan.keep.unsqueeze(-1)  # (A, 1)
-        y = self._static_expert_step(x, route, plan)  # (A, d_model)
-        gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (A,)
-        y = torch.where(keep, y * gate.unsqueeze(-1), 0.0)
-        out = y.new_zeros(x.shape[0], y.shape[-1])
-        return out.index_copy(0, plan.token_index, y) if self.top_k == 1 else out.index_add(0, plan.token_index, y)
+        with phase("moeify::dispatch"):
+            plan = dispatch_static(route.expert_index, self.num_experts, self.capacity(x.shape[0]))
+        with phase("moeify::experts"):
+            y = self._static_expert_step(x, route, plan)  # (A, d_model)
+        with phase("moeify::combine"):
+            gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (A,)
+            y = y * torch.where(plan.keep, gate, 0.0).unsqueeze(-1)  # masked on the (A,) gate, not on all of y
+            if self.top_k == 1:  # each token has its one row (A = T, dropped ones zero): a permutation, no zeros first
+                return y.new_empty(x.shape[0], y.shape[-1]).index_copy(0, plan.token_index, y)
+            return y.new_zeros(x.shape[0], y.shape[-1]).index_add(0, plan.token_index, y)
 
     def _static_expert_step(self, x: torch.Tensor, route: RouterOutput, plan: StaticDispatch) -> torch.Tensor:
         """Expert outputs of every assignment in plan.assignment order, (A, d_model); the dropped ones' rows are

@@ -105,6 +105,17 @@ def test_the_cuda_kernel_takes_grouped_mm_when_widths_allow(monkeypatch):
     assert len(calls) == 1
 
 
+
+def test_the_cuda_kernel_runs_one_expert_as_the_dense_gemm_without_offsets(monkeypatch):
+    monkeypatch.setattr(cuda.F, "grouped_mm", lambda *a, **kw: pytest.fail("grouped_mm for one expert"))
+    x, w, b = torch.randn(5, 16, requires_grad=True), torch.randn(1, 8, 16, requires_grad=True), torch.randn(1, 8)
+    layout = cuda.CudaKernel().layout([5], w)
+    y = layout.linear(x, w, b)
+    torch.testing.assert_close(y, x @ w[0].t() + b[0])
+    y.sum().backward()
+    torch.testing.assert_close(w.grad[0], torch.ones(5, 8).t() @ x.detach())
+    assert "offsets" not in vars(layout)  # no counts went to the device (on CUDA that copy waits for the GPU)
+
 def test_the_kernel_comes_from_the_config_and_reaches_the_experts(monkeypatch):
     seen = []
     forward = Experts.forward

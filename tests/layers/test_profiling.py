@@ -1,6 +1,7 @@
 """The Switch layer names its phases in torch.profiler traces, and only while a profiler records."""
 import contextlib
 
+import pytest
 import torch
 from torch import nn
 from torch.profiler import profile
@@ -12,15 +13,16 @@ from moeify.layers.collector import router_losses
 PHASES = {"moeify::router", "moeify::router_losses", "moeify::dispatch", "moeify::experts", "moeify::combine"}
 
 
-def layer() -> nn.Module:
-    m = nn.Sequential(SwitchFFN(8, 16, RoutingConfig(num_experts=4), nn.ReLU()))
+def layer(kernel: str = "auto") -> nn.Module:
+    m = nn.Sequential(SwitchFFN(8, 16, RoutingConfig(num_experts=4, kernel=kernel), nn.ReLU()))
     for p in m.parameters():
         nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
     return m
 
 
-def test_every_phase_is_named_in_a_profile():
-    m, x = layer(), torch.randn(2, 5, 8)
+@pytest.mark.parametrize("kernel", ["auto", "cuda"])  # cuda: the plan made on the device (static shapes)
+def test_every_phase_is_named_in_a_profile(kernel):
+    m, x = layer(kernel), torch.randn(2, 5, 8)
     with router_losses(m), profile() as prof:
         m(x).sum().backward()
     assert PHASES <= {e.name for e in prof.events()}

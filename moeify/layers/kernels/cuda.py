@@ -8,6 +8,8 @@ take the reference loop, which does the same; only bfloat16 runs without a wait.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -42,9 +44,13 @@ def aligned(weight: torch.Tensor) -> bool:
 
 class CudaLayout:
     def __init__(self, counts: Counts, device: torch.device) -> None:
-        counts = torch.as_tensor(counts, device=device)  # a list is uploaded; a device tensor stays put
-        self.counts = counts
-        self.offsets = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end row of each expert
+        self.counts, self.device = counts, device
+
+    @functools.cached_property
+    def offsets(self) -> torch.Tensor:
+        """(E,) int32 end row of each expert. Made on first use: one expert needs none, and a list of counts is
+        uploaded, which waits for the GPU (a device tensor stays put)."""
+        return torch.cumsum(torch.as_tensor(self.counts, device=self.device), 0, dtype=torch.int32)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous()
@@ -57,8 +63,11 @@ class CudaLayout:
         return F.dropout(h, dropout, training=True) if dropout else h
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if weight.shape[0] == 1:  # every row is the one expert's (a static plan's dropped rows too): the dense GEMM
+            return F.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))  # views both ways
         if not aligned(weight) or (x.is_cuda and x.dtype != torch.bfloat16):
-            return ReferenceLayout(self.counts.tolist()).linear(x, weight, bias)
+            counts = self.counts if isinstance(self.counts, list) else self.counts.tolist()
+            return ReferenceLayout(counts).linear(x, weight, bias)
         # weight (E, out, in) read as (E, in, out): a transposed view, no copy.
         y = _ContiguousGrad.apply(grouped_mm(x, weight.transpose(1, 2), self.offsets))
         if bias is not None:
