@@ -135,9 +135,22 @@ def test_the_kernel_comes_from_the_config_and_reaches_the_experts(monkeypatch):
     assert MoEConfig().kernel == "auto" and RoutingConfig.from_moe(MoEConfig(kernel="cpu")).kernel == "cpu"
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_expert_on_torchs_gemms_is_the_dense_linear(monkeypatch, dtype):
+    monkeypatch.setattr(cpu._GroupedLinear, "apply", lambda *a: pytest.fail("the plan's Function for one expert"))
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g).to(dtype).requires_grad_() for shape in ((5, 16), (1, 8, 16), (1, 8)))
+    y = grouped_linear(x, w, b, [5], CpuKernel(dnnl=False, upcast=False))  # torch's GEMMs: no oneDNN, no widening
+    want = nn.functional.linear(x, w[0], b[0])
+    assert torch.equal(y, want)  # what the dense FFN computes, bit for bit
+    y.sum().backward()
+    assert torch.equal(w.grad[0], torch.autograd.grad(want.sum(), w)[0][0])
+
 def test_auto_and_unknown_kernels():
     assert get_kernel("auto", torch.device("cpu")).name == "cpu"
     assert get_kernel("auto", torch.device("cuda")).name == "cuda"
+    assert get_kernel("auto", torch.device("cpu")) is get_kernel("cpu", torch.device("cpu"))  # made once
     tuned = CpuKernel(batching="pairs")
     assert get_kernel(tuned, torch.device("cpu")) is tuned
     with pytest.raises(MoeifyError, match="kernel 'tpu' is not one of auto, reference, cpu, cuda"):

@@ -1,6 +1,7 @@
 """Grouped expert GEMMs behind one interface, by backend: rows grouped by expert times each expert's weight."""
 from __future__ import annotations
 
+import functools
 from typing import Protocol, Sequence
 
 import torch
@@ -39,6 +40,12 @@ def get_kernel(kernel: str | Kernel, device: torch.device) -> Kernel:
         return kernel
     if kernel == "auto":
         kernel = "cuda" if device.type == "cuda" else "cpu"
+    return _named(kernel)
+
+
+@functools.cache
+def _named(kernel: str) -> Kernel:
+    """One instance per backend (they hold no state), made once: every layer's forward asks for its kernel."""
     if kernel == "reference":
         from moeify.layers.kernels.reference import ReferenceKernel
 

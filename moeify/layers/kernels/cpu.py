@@ -425,6 +425,10 @@ class CpuLayout:
 
     def __init__(self, counts: list[int], weight: torch.Tensor, kernel: CpuKernel) -> None:
         self.kernel = kernel
+        self.n = sum(counts)
+        if len(counts) == 1:  # one expert: its rows as they are, planned without numpy (E = 1 layers are small)
+            self.batches, self.rows, self.identity = [_Batch(0, 1, 1, self.n, 0)] if self.n else [], self.n, True
+            return
         device, batching = weight.device, kernel.batching
         if batching == "auto" and kernel.dnnl_for(kernel.compute(weight), device):
             # Where oneDNN takes the GEMMs they run one call per expert in any plan, and the native loops one call
@@ -434,7 +438,6 @@ class CpuLayout:
             batching = "each"
         self.batches = _plan(counts, weight.shape[1] * weight.shape[2], batching)
         self.rows = sum(b.k * b.slots for b in self.batches)
-        self.n = sum(counts)
         # One unpadded batch (one expert, or a span of experts with equal counts) is the identity: then pad and unpad
         # are free. Otherwise it is when no expert's rows move; the indices in numpy, as _experts_of (torch ops on
         # these small tensors cost ten times as much).
@@ -481,7 +484,13 @@ class CpuLayout:
         # oneDNN's and MKL's float32 sums run in different orders, within rounding).
         one = _one_expert(self.batches) is not None
         upcast, compute = self.kernel.upcasts(x), self.kernel.compute(x)  # the kernel's paths are chosen for compute
-        return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, self.kernel.dnnl_for(compute, x.device),
+        dnnl = self.kernel.dnnl_for(compute, x.device)
+        if weight.shape[0] == 1 and not upcast and dnnl is None:
+            # One expert on torch's own GEMMs is the dense FFN: F.linear itself, without the plan's autograd Function
+            # and its Python (bfloat16, E = 1 at 64 tokens: a forward 1.4 ms through the plan, 1.1 this way; where
+            # oneDNN's linear runs float32 the plan keeps it: 0.78x dense at 8,192 tokens, F.linear 0.96x).
+            return torch.nn.functional.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
+        return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, dnnl,
                                     None if one else self.kernel.skinny_for(compute, x.device, weight),
                                     self.kernel.pool, upcast)
 
