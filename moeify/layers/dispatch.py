@@ -56,25 +56,42 @@ class StaticDispatch(NamedTuple):
     routed: torch.Tensor  # (E,) assignments that chose each expert, before dropping
 
 
+# Elements of dispatch_static's running count (E x A, 128 MiB in int64) beyond which it counts by sorting instead:
+# two more sorts and gathers, O(A) memory (64 experts x 2 M assignments would take 1 GiB).
+RUNNING_COUNT_MAX = 1 << 24
+
+
+def _places(flat: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A,) each assignment's place within its expert, counting from 1 in assignment order, and (E,) the assignments
+    per expert. Small plans read a running count along each expert's one-hot row at the assignment's own expert: on
+    CUDA, where a step of small layers is bound by how many kernels it launches, that and the caller's one sort
+    replace two sorts and their gathers. The count runs along the last dimension: CUDA scans an outer one a column
+    per thread, serially (on an H200 the 8,192-token forward took 1.5-2.5 ms instead of 1.1-1.4). Larger plans sort."""
+    if num_experts * flat.numel() <= RUNNING_COUNT_MAX:
+        one_hot = torch.zeros(num_experts, flat.numel(), dtype=torch.long, device=flat.device)
+        running = one_hot.scatter_(0, flat.unsqueeze(0), 1).cumsum_(1)  # (E, A)
+        routed = running[:, -1] if flat.numel() else running.new_zeros(num_experts)
+        return running.gather(0, flat.unsqueeze(0)).squeeze(0), routed
+    order = torch.argsort(flat, stable=True)  # (A,) grouped by expert, earlier assignments first within one
+    routed = assignments_per_expert(flat, num_experts)
+    starts = torch.cumsum(routed, 0) - routed  # (E,) first sorted slot of each expert
+    places = torch.empty_like(flat)
+    places[order] = torch.arange(1, flat.numel() + 1, device=flat.device) - starts[flat[order]]
+    return places, routed
+
+
 def dispatch_static(expert_index: torch.Tensor, num_experts: int, capacity: int | None) -> StaticDispatch:
     """dispatch() without a host round trip: the same kept assignments in the same order, followed by the dropped
     ones (which the caller zeroes), so every shape is known from (T, k) alone. The dropped rows count as the last
     expert's, so a grouped GEMM covers all rows; zero inputs and masked outputs make them add nothing, gradients
     included."""
     flat = expert_index.t().reshape(-1)  # (A,) choice-major: a = choice * T + token
-    # Each assignment's place within its expert, counting from 1 in assignment order: a running count along each
-    # expert's one-hot row, read at the assignment's own expert. This and one sort is the whole plan: on CUDA, where
-    # a step of small layers is bound by how many kernels it launches, it replaces dispatch()'s two sorts and their
-    # gathers. The count runs along the last dimension: CUDA scans an outer one a column per thread, serially
-    # (on an H200 the 8,192-token forward took 1.5-2.5 ms instead of 1.1-1.4).
-    one_hot = torch.zeros(num_experts, flat.numel(), dtype=torch.long, device=flat.device)
-    running = one_hot.scatter_(0, flat.unsqueeze(0), 1).cumsum_(1)  # (E, A)
-    routed = running[:, -1] if flat.numel() else running.new_zeros(num_experts)  # (E,)
     if capacity is None:
-        keep, kept = torch.ones_like(flat, dtype=torch.bool), routed
-        key = flat
+        routed = assignments_per_expert(flat, num_experts)
+        keep, kept, key = torch.ones_like(flat, dtype=torch.bool), routed, flat
     else:
-        keep = running.gather(0, flat.unsqueeze(0)).squeeze(0) <= capacity  # (A,) in assignment order
+        places, routed = _places(flat, num_experts)
+        keep = places <= capacity  # (A,) in assignment order
         kept = routed.clamp(max=capacity)
         key = torch.where(keep, flat, flat + num_experts)  # kept ones by expert, then the dropped ones by expert
     assignment = torch.argsort(key, stable=True)  # ties keep assignment order: earlier tokens, first choices, first

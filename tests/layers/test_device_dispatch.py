@@ -7,12 +7,15 @@ from torch import nn
 from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN
 from moeify.layers.collector import router_losses
+from moeify.layers import dispatch as dispatch_module
 from moeify.layers.dispatch import dispatch, dispatch_static
 
 
 @pytest.mark.parametrize("tokens, experts, k, capacity", [
     (40, 8, 1, 4), (40, 8, 2, 6), (7, 4, 1, None), (33, 5, 3, 7), (16, 4, 2, None), (9, 3, 1, 1), (1, 1, 1, 1)])
-def test_the_static_plan_keeps_what_dispatch_keeps(tokens, experts, k, capacity):
+@pytest.mark.parametrize("count_max", [dispatch_module.RUNNING_COUNT_MAX, 0], ids=["running count", "sorted"])
+def test_the_static_plan_keeps_what_dispatch_keeps(monkeypatch, tokens, experts, k, capacity, count_max):
+    monkeypatch.setattr(dispatch_module, "RUNNING_COUNT_MAX", count_max)  # 0: every plan counts places by sorting
     g = torch.Generator().manual_seed(tokens * experts + k)
     index = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])  # (T, k), distinct
     dynamic, static = dispatch(index, experts, capacity), dispatch_static(index, experts, capacity)
