@@ -6,8 +6,8 @@ from torch import nn
 
 from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN
-from moeify.layers.collector import router_losses
 from moeify.layers import dispatch as dispatch_module
+from moeify.layers.collector import router_losses
 from moeify.layers.dispatch import dispatch, dispatch_static
 
 
