@@ -17,3 +17,6 @@ $PY benchmarks/bench_model.py                     # one training step of t5-smal
 $PY benchmarks/profile_step.py                    # where that step's time goes
 $PY benchmarks/bench_convert.py                   # conversion and loading: wall time and peak RSS
 $PY benchmarks/bench_onnx.py --parts forward generate quantize  # onnxruntime vs eager, KV cache, QMoE
+if $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    PYTHON=$PY benchmarks/gpu.sh                  # where CUDA is: the GPU figures (benchmarks/results/gpu/)
+fi
