@@ -61,6 +61,12 @@ def _named(kernel: str) -> Kernel:
     raise MoeifyError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}")
 
 
+def one_expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight[0].T + bias[0] for a layer of one expert: the dense FFN's own F.linear, on views of weight (1, out,
+    in) and bias (1, out) whose gradients are views back (a kernel's grouped path would add its own Python)."""
+    return torch.nn.functional.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
+
+
 def host_counts(counts: Counts) -> list[int]:
     """Counts as a Python list: free for a list, a device sync for a CUDA tensor (host-planned kernels only)."""
     return counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from moeify.layers import memory
-from moeify.layers.kernels import Counts, host_counts, native
+from moeify.layers.kernels import Counts, host_counts, native, one_expert_linear
 from moeify.layers.memory import gradient_buffer, zero_pages_
 
 # Cost model for choosing how to batch experts into bmm calls, in units of "one padded row".
@@ -489,7 +489,7 @@ class CpuLayout:
             # One expert on torch's own GEMMs is the dense FFN: F.linear itself, without the plan's autograd Function
             # and its Python (bfloat16, E = 1 at 64 tokens: a forward 1.4 ms through the plan, 1.1 this way; where
             # oneDNN's linear runs float32 the plan keeps it: 0.78x dense at 8,192 tokens, F.linear 0.96x).
-            return torch.nn.functional.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
+            return one_expert_linear(x, weight, bias)
         return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, dnnl,
                                     None if one else self.kernel.skinny_for(compute, x.device, weight),
                                     self.kernel.pool, upcast)

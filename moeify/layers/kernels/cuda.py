@@ -13,7 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from moeify.layers.kernels import Counts
+from moeify.layers.kernels import Counts, one_expert_linear
 from moeify.layers.kernels.reference import ReferenceLayout
 
 ALIGN_BYTES = 16
@@ -62,7 +62,7 @@ class CudaLayout:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight.shape[0] == 1:  # every row is the one expert's (a static plan's dropped rows too): the dense GEMM
-            return F.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))  # views both ways
+            return one_expert_linear(x, weight, bias)
         if not aligned(weight) or (x.is_cuda and x.dtype != torch.bfloat16):
             counts = self.counts if isinstance(self.counts, list) else self.counts.tolist()
             return ReferenceLayout(counts).linear(x, weight, bias)
