@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -10,7 +12,7 @@ from torch import nn
 
 from moeify.errors import MoeifyError
 from moeify.layers.dispatch import assignments_per_expert
-from moeify.layers.losses import load_balancing_loss, router_z_loss
+from moeify.layers.losses import fused_router_losses
 from moeify.layers.profiling import traced
 
 
@@ -23,6 +25,7 @@ class LayerRouting:
     z_loss: torch.Tensor  # unscaled router z-loss (differentiable)
     aux_loss_coef: float
     z_loss_coef: float
+    loss: torch.Tensor  # aux_loss_coef * aux_loss + z_loss_coef * z_loss (differentiable)
     tokens_per_expert: torch.Tensor  # (E,) assignments (token, choice) to each expert, before capacity
     capacity: int | None  # slots per expert; None when dropless
 
@@ -52,8 +55,8 @@ class RouterLosses:
 
     def total(self) -> torch.Tensor:
         """Sum over layers of aux_loss_coef * load balancing + z_loss_coef * z-loss."""
-        terms = [r.aux_loss_coef * r.aux_loss + r.z_loss_coef * r.z_loss for r in self.layers]
-        return torch.stack(terms).sum() if terms else torch.zeros(())
+        # Added in Python: a stack and a sum would cost a select per layer in the backward.
+        return functools.reduce(operator.add, [r.loss for r in self.layers]) if self.layers else torch.zeros(())
 
     def aux_loss(self) -> torch.Tensor:
         return torch.stack([r.aux_loss for r in self.layers]).sum() if self.layers else torch.zeros(())
@@ -92,14 +95,12 @@ def router_losses(model: nn.Module, fractions: Callable[[torch.Tensor, int], tor
         def hook(_router, _inputs, out) -> None:
             routed = assignments_per_expert(out.expert_index.detach().reshape(-1), layer.num_experts)
             tokens = out.expert_index.shape[0]
+            r = layer.routing
+            # f from the counts just made, not counted again inside the loss
+            f = routed / tokens if fractions is None else fractions(routed, tokens)
+            aux, z, loss = fused_router_losses(out.logits, out.probs, f, r.aux_loss_coef, r.z_loss_coef)
             collected.layers.append(LayerRouting(
-                name=name,
-                # f from the counts just made, not counted again inside the loss
-                aux_loss=load_balancing_loss(out.probs, out.expert_index, routed / tokens if fractions is None
-                                             else fractions(routed, tokens)),
-                z_loss=router_z_loss(out.logits),
-                aux_loss_coef=layer.routing.aux_loss_coef,
-                z_loss_coef=layer.routing.z_loss_coef,
+                name=name, aux_loss=aux, z_loss=z, aux_loss_coef=r.aux_loss_coef, z_loss_coef=r.z_loss_coef, loss=loss,
                 tokens_per_expert=routed,
                 capacity=layer.capacity(tokens),
             ))

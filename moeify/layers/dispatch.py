@@ -52,6 +52,7 @@ class StaticDispatch(NamedTuple):
     assignment: torch.Tensor  # (A,) a = choice * T + token: kept ones by expert, then the dropped ones
     token_index: torch.Tensor  # (A,) the token of each
     keep: torch.Tensor  # (A,) bool: within its expert's capacity
+    keep_by_assignment: torch.Tensor  # (A,) bool, the same indexed by a (with top-1: by token)
     counts: torch.Tensor  # (E,) rows per expert, on the device; the last expert's also holds the dropped rows
     routed: torch.Tensor  # (E,) assignments that chose each expert, before dropping
 
@@ -98,4 +99,4 @@ def dispatch_static(expert_index: torch.Tensor, num_experts: int, capacity: int 
     # The dropped rows ride with the last expert: its count is whatever the others leave of all A rows.
     counts = torch.cat([kept[:-1], flat.numel() - kept[:-1].sum(0, keepdim=True)])
     token_index = assignment if expert_index.shape[1] == 1 else assignment % expert_index.shape[0]
-    return StaticDispatch(assignment, token_index, keep.index_select(0, assignment), counts, routed)
+    return StaticDispatch(assignment, token_index, keep.index_select(0, assignment), keep, counts, routed)

@@ -86,11 +86,14 @@ class SwitchFFN(nn.Module):
         with phase("moeify::experts"):
             y = self._expert_step(x, route, plan)  # (K, d_model)
         with phase("moeify::combine"):
-            gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (K,)
-            y = y * gate.unsqueeze(-1)  # the gate is how the router learns
             out = y.new_zeros(x.shape[0], y.shape[-1])  # (T, d_model)
-            # One kept assignment per token with k = 1: a copy; with k > 1 a token sums its choices.
-            out = out.index_copy(0, plan.token_index, y) if self.top_k == 1 else out.index_add(0, plan.token_index, y)
+            if self.top_k == 1:
+                # Each kept token's one row back in its place, then every token times its gate (the gate is how the
+                # router learns): a dropped token's row stays zero, so no gate needs gathering into plan order.
+                out = out.index_copy(0, plan.token_index, y) * route.gate.to(y.dtype)
+            else:  # a token sums its kept choices, each times its gate
+                gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (K,)
+                out = out.index_add(0, plan.token_index, y * gate.unsqueeze(-1))
         return out.view(*shape[:-1], y.shape[-1])
 
     def _static_forward(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
@@ -101,10 +104,13 @@ class SwitchFFN(nn.Module):
         with phase("moeify::experts"):
             y = self._static_expert_step(x, route, plan)  # (A, d_model)
         with phase("moeify::combine"):
+            if self.top_k == 1:
+                # Each token has its one row (A = T): a permutation back, no zeros first, then each token times its
+                # gate, masked where the token was dropped (its row is the experts' output for a zero input).
+                out = y.new_empty(x.shape[0], y.shape[-1]).index_copy(0, plan.token_index, y)
+                return out * torch.where(plan.keep_by_assignment.unsqueeze(-1), route.gate, 0.0).to(y.dtype)
             gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (A,)
             y = y * torch.where(plan.keep, gate, 0.0).unsqueeze(-1)  # masked on the (A,) gate, not on all of y
-            if self.top_k == 1:  # each token has its one row (A = T, dropped ones zero): a permutation, no zeros first
-                return y.new_empty(x.shape[0], y.shape[-1]).index_copy(0, plan.token_index, y)
             return y.new_zeros(x.shape[0], y.shape[-1]).index_add(0, plan.token_index, y)
 
     def _static_expert_step(self, x: torch.Tensor, route: RouterOutput, plan: StaticDispatch) -> torch.Tensor:

@@ -7,7 +7,7 @@ from torch import nn
 import moeify
 from moeify.config import RoutingConfig
 from moeify.layers import SwitchFFN
-from moeify.layers.losses import load_balancing_loss, router_z_loss
+from moeify.layers.losses import fused_router_losses, load_balancing_loss, router_z_loss
 
 LN2 = math.log(2.0)
 
@@ -95,3 +95,54 @@ def test_collector_refuses_a_model_without_switch_layers():
     with pytest.raises(moeify.MoeifyError, match="no SwitchFFN layers"):
         with moeify.router_losses(nn.Linear(2, 2)):
             pass
+
+
+def _router_output(tokens=12, experts=5, top_k=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(tokens * 10 + experts)
+    logits = (torch.randn(tokens, experts, generator=g, dtype=dtype) * 3).requires_grad_()
+    probs = torch.softmax(logits, -1)
+    index = probs.topk(top_k, -1).indices
+    return logits, probs, index
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("weights", [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.3, -2.0, 5.0)])
+def test_fused_losses_equal_the_two_definitions_values_and_gradients(top_k, weights):
+    """fused_router_losses' (aux, z, weighted sum) and its hand-written backward against autograd through
+    load_balancing_loss and router_z_loss, whichever outputs the loss uses."""
+    aux_coef, z_coef = 0.7, 0.05
+    logits, probs, index = _router_output(top_k=top_k)
+    f = torch.zeros(5, dtype=torch.float64).index_add_(0, index.reshape(-1), torch.ones(index.numel(),
+                                                                                     dtype=torch.float64)) / 12
+    aux, z, total = fused_router_losses(logits, probs, f, aux_coef, z_coef)
+    ref_aux, ref_z = load_balancing_loss(probs, index), router_z_loss(logits)
+    torch.testing.assert_close((aux, z, total), (ref_aux, ref_z, aux_coef * ref_aux + z_coef * ref_z),
+                               rtol=1e-12, atol=0)
+    # Only the outputs with a weight enter the loss: the others' gradients reach the backward as None.
+    ours = sum(w * t for w, t in zip(weights, (aux, z, total)) if w)
+    theirs = sum(w * t for w, t in zip(weights, (ref_aux, ref_z, aux_coef * ref_aux + z_coef * ref_z)) if w)
+    ours, theirs = (torch.autograd.grad(t, logits, retain_graph=True)[0] for t in (ours, theirs))
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-15)
+
+
+def test_fused_losses_pass_gradcheck_and_take_the_given_fractions():
+    """The backward is the forward's derivative (finite differences, float64), with f given from outside (a
+    distributed step's global fractions) and held constant."""
+    logits = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    f = torch.tensor([0.1, 0.5, 0.4, 0.0], dtype=torch.float64)
+
+    def losses(lg):
+        return fused_router_losses(lg, torch.softmax(lg, -1), f, 0.3, 0.02)
+
+    assert torch.autograd.gradcheck(losses, (logits,))
+    aux = losses(logits)[0]
+    torch.testing.assert_close(aux, 4 * (f * torch.softmax(logits, -1).mean(0)).sum())
+
+
+def test_fused_losses_with_a_zero_coefficient_leave_that_loss_out_of_the_total():
+    logits, probs, index = _router_output()
+    f = torch.full((5,), 0.2, dtype=torch.float64)
+    _, z, total = fused_router_losses(logits, probs, f, 0.0, 1.0)
+    torch.testing.assert_close(total, z, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(total, logits)[0], torch.autograd.grad(router_z_loss(logits),
+                                                                                          logits)[0])
