@@ -73,8 +73,8 @@ def _plus(grad: torch.Tensor | None, g_total: torch.Tensor | None, coef: float, 
 
 
 def fused_router_losses(logits: torch.Tensor, probs: torch.Tensor, fractions: torch.Tensor, aux_coef: float,
-                  z_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        z_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(load_balancing_loss, router_z_loss, aux_coef * the first + z_coef * the second) of one router's output, with
-    the values and gradients of the two functions above in a third of the ops. `probs` must be softmax(logits) (the
+    the values and gradients of the two functions above in about half the ops. `probs` must be softmax(logits) (the
     router's), `fractions` the f of the load-balancing loss, (E,) without gradient."""
     return _RouterLosses.apply(logits, probs, fractions.to(probs.dtype), float(aux_coef), float(z_coef))

@@ -27,6 +27,8 @@ def test_the_static_plan_keeps_what_dispatch_keeps(monkeypatch, tokens, experts,
     assert static.counts[:-1].tolist() == dynamic.counts[:-1]
     assert int(static.counts[-1]) == dynamic.counts[-1] + tokens * k - kept  # the dropped ride last
     assert torch.equal(static.routed, dynamic.routed)
+    kept_ones = set(dynamic.assignment.tolist())  # the same flags indexed by assignment (top-1: by token)
+    assert static.keep_by_assignment.tolist() == [a in kept_ones for a in range(tokens * k)]
 
 
 def layer(kernel: str, routing: dict, gated: bool, width: int) -> SwitchFFN:

@@ -49,8 +49,7 @@ def _ops(kernel, mode, rows, out, inp, offset=0, seed=0):
 
     n, top = len(rows), max(rows)
     x, w, gy = make(n, top, inp), make(n, out, inp, dtype=dtype), make(n, top, out)
-    y, gx, gw = torch.empty(n, top, out, dtype=compute), torch.empty(n, top, inp, dtype=compute), \
-        make(n, out, inp, dtype=dtype)
+    y, gx, gw = make(n, top, out), torch.empty(n, top, inp, dtype=compute), make(n, out, inp, dtype=dtype)
     r = np.array(rows, dtype=np.int64)
 
     def ptrs(t):
@@ -75,8 +74,10 @@ def test_the_widest_build_this_cpu_runs_is_the_one_loaded():
 # blocks of 4 / 6 rows (8 streamed): whole, partial, none; AMX tiles of 16 rows, 64 per pass: a second pass
 @pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5], [70, 17]])
 # column tails of the blocks; in > 1024: the streamed input gradient in two chunks; 272 x 2048: on AVX2 the forward's
-# units of 1 MB of weight (128 or 256 rows), the last one partial
-@pytest.mark.parametrize("out, inp", [(16, 16), (48, 80), (64, 32), (96, 48), (32, 208), (16, 1040), (272, 2048)])
+# units of 1 MB of weight (128 or 256 rows), the last one partial; out > in (AMX: 2 x 2 blocks of tiles) in units of
+# 128 rows with pairs of 16 and a single 16 last
+@pytest.mark.parametrize("out, inp", [(16, 16), (48, 80), (64, 32), (96, 48), (32, 208), (16, 1040), (272, 2048),
+                                      (80, 64), (272, 64)])
 def test_each_op_equals_the_product_up_to_rounding(kernel, mode, rows, out, inp):
     got, want = _ops(kernel, mode, rows, out, inp)
     for a, e in zip(got, want):
@@ -88,16 +89,17 @@ def test_each_op_equals_the_product_up_to_rounding(kernel, mode, rows, out, inp)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_the_bits_depend_on_neither_alignment_nor_threads(kernel, mode):
+@pytest.mark.parametrize("out, inp", [(48, 96), (96, 64)])  # AMX: streamed whole lines where y is aligned
+def test_the_bits_depend_on_neither_alignment_nor_threads(kernel, mode, out, inp):
     """Each output element is summed in a fixed order of indices: where operands lie, and how many threads share the
     work, change nothing."""
-    want, _ = _ops(kernel, mode, [7, 3, 16], 48, 96)
+    want, _ = _ops(kernel, mode, [7, 3, 16, 40], out, inp)
     threads = torch.get_num_threads()
     try:
         for offset in (1, 3, 8, 15):
             for count in (1, 3):
                 torch.set_num_threads(count)
-                got, _ = _ops(kernel, mode, [7, 3, 16], 48, 96, offset)
+                got, _ = _ops(kernel, mode, [7, 3, 16, 40], out, inp, offset)
                 assert all(torch.equal(a, e) for a, e in zip(got, want)), (offset, count)
     finally:
         torch.set_num_threads(threads)

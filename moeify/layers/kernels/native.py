@@ -126,9 +126,10 @@ class Skinny:
 
 def _correct(kernel: Skinny) -> bool:
     """Each op and mode against torch on small cases with two experts (one of 7 rows: a partial block of rows), with
-    an input width that bfloat16's pair dot product takes (96) and one it leaves to the conversion path (80); and the
-    dropout ops."""
-    return all(_correct_at(kernel, *mode, 32, in_) for mode in MODES for in_ in (80, 96)) and \
+    an input width that bfloat16's pair dot product takes (96) and one it leaves to the conversion path (80), and a
+    weight wider out than in (the AMX forward's other blocking); and the dropout ops."""
+    shapes = ((32, 80), (32, 96), (64, 32))
+    return all(_correct_at(kernel, *mode, out, in_) for mode in MODES for out, in_ in shapes) and \
         all(_dropout_correct(kernel, dtype) for dtype in DROPOUT_DTYPES)
 
 

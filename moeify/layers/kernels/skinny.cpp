@@ -384,6 +384,7 @@ inline long row_pairs(long rows) { return ceil_to(rows, TILE_K) / 2; }
 // once and never copied, and x, the small operand, is laid out once per call as B: pairs of its columns side by side
 // for 16 of its rows (the tiles' VNNI layout), zeros past its last row. Each of 4 accumulator tiles holds 16 weight
 // rows' outputs for 16 rows of x; a pass over the weight rows serves up to 64 rows of x (docs/performance.md).
+// Weights wider out than in take 2 x 2 blocks instead (tiles_forward_2x2).
 
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
@@ -468,6 +469,103 @@ void tiles_forward(const uint32_t *packed, const bf16 *w, bf16 *y, long rows, lo
   }
 }
 
+// Accumulator tile t's 16 x 16 float32 into saved[t].
+typedef float Saved[TILE_ROWS * TILE_ROWS];
+void tiles_save(int t, Saved *saved) {
+  switch (t) {  // tile numbers are immediates
+    case 0: _tile_stored(0, saved[0], 64); break;
+    case 1: _tile_stored(1, saved[1], 64); break;
+    case 2: _tile_stored(2, saved[2], 64); break;
+    default: _tile_stored(3, saved[3], 64); break;
+  }
+}
+
+// r[i][j] -> r[j][i] for a 16 x 16 block of float32 in registers: pairs, then quads within 128-bit lanes, then
+// lanes (64 shuffles).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1] lane L: rows i, i + 1 interleaved, columns 4L..4L+1, 4L+2..4L+3
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c] lane L: column 4L + c of rows i..i+3
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; c++) {  // lanes 0 and 2 (0x88), or 1 and 3 (0xdd), of the first operand, then the second's
+    t[c] = _mm512_shuffle_f32x4(r[c], r[c + 4], 0x88);
+    t[c + 4] = _mm512_shuffle_f32x4(r[c], r[c + 4], 0xdd);
+    t[c + 8] = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0x88);
+    t[c + 12] = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0xdd);
+  }
+  for (int c = 0; c < 4; c++) {  // r[4L + c]: column 4L + c of every row
+    r[c] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88);
+    r[c + 8] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0xdd);
+    r[c + 4] = _mm512_shuffle_f32x4(t[c + 4], t[c + 12], 0x88);
+    r[c + 12] = _mm512_shuffle_f32x4(t[c + 4], t[c + 12], 0xdd);
+  }
+}
+
+// Saved accumulators (weight row r, x row j) into y[j, r] as bfloat16 for j < valid: `lo` for outputs 0-15 and, if
+// given, `hi` for 16-31, each row of y then one whole 64-byte line, streamed (no read of the line it overwrites).
+void tiles_store_lines(const float *lo, const float *hi, bf16 *y, long out, long valid) {
+  __m512 a[TILE_ROWS], b[TILE_ROWS];
+  for (int i = 0; i < TILE_ROWS; i++) a[i] = _mm512_load_ps(lo + i * TILE_ROWS);
+  transpose16(a);
+  if (hi == nullptr) {
+    for (long j = 0; j < valid; j++) _mm256_storeu_si256(reinterpret_cast<__m256i *>(y + j * out), to_bf16(a[j]));
+    return;
+  }
+  for (int i = 0; i < TILE_ROWS; i++) b[i] = _mm512_load_ps(hi + i * TILE_ROWS);
+  transpose16(b);
+  for (long j = 0; j < valid; j++) {
+    const __m512i line = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(a[j])), to_bf16(b[j]), 1);
+    bf16 *dst = y + j * out;
+    if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) _mm512_stream_si512(reinterpret_cast<__m512i *>(dst), line);
+    else _mm512_storeu_si512(dst, line);
+  }
+}
+
+// tiles_forward for weights wider out than in (an FFN's first linear): blocks of 2 x 2 tiles, 32 weight rows by 32
+// rows of x, each loaded operand serving two products and each row of y written a whole line at a time. tiles_forward
+// writes half lines 4 KB apart, each line's halves in two passes over the weight: at 2,048 x 512 that cost it a third
+// of its time at 128 rows per expert. Where in >= out its single weight tile per pass pays instead: the weight's
+// strided rows are read half as often (512 x 2,048 at 64 rows: 9.3-9.4 ms against 10.6, 64 experts;
+// docs/performance.md).
+void tiles_forward_2x2(const uint32_t *packed, const bf16 *w, bf16 *y, long rows, long out, long in, long o0,
+                       long o1) {
+  const long blocks = (rows + TILE_ROWS - 1) / TILE_ROWS, block = in / 2 * TILE_ROWS;  // uint32s per packed block
+  alignas(64) Saved saved[4];
+  for (long o = o0; o < o1; o += 2 * TILE_ROWS) {
+    const bool two_o = o + TILE_ROWS < o1;
+    const bf16 *wo = w + o * in;
+    for (long m = 0; m < blocks; m += 2) {
+      const bool two_m = m + 1 < blocks;
+      const uint32_t *p = packed + m * block;
+      TILES_ZERO();
+      for (long k = 0; k < in; k += TILE_K) {  // accumulators: 0 (o, m), 1 (o, m + 1), 2 (o + 16, m), 3 (o + 16, m + 1)
+        const uint32_t *pk = p + k / 2 * TILE_ROWS;
+        _tile_loadd(4, wo + k, in * 2);
+        _tile_loadd(6, pk, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_m) { _tile_loadd(7, pk + block, 64); _tile_dpbf16ps(1, 4, 7); }
+        if (two_o) { _tile_loadd(5, wo + TILE_ROWS * in + k, in * 2); _tile_dpbf16ps(2, 5, 6); }
+        if (two_o && two_m) _tile_dpbf16ps(3, 5, 7);
+      }
+      for (int b = 0; b < (two_m ? 2 : 1); b++) {
+        tiles_save(b, saved);
+        if (two_o) tiles_save(2 + b, saved);
+        const long first = (m + b) * TILE_ROWS, valid = rows - first < TILE_ROWS ? rows - first : TILE_ROWS;
+        tiles_store_lines(saved[b], two_o ? saved[2 + b] : nullptr, y + first * out + o, out, valid);
+      }
+    }
+  }
+}
+
 // The bfloat16 weight gradient on tiles, gw = g.T x, for experts with more than TILE_GRAD_MIN_ROWS rows: A holds
 // pairs of g's rows transposed to one row per output, B pairs of x's rows side by side, both laid out once per call
 // with zeros past the expert's last row; the accumulators go to gw row-major, rounded as the other builds round.
@@ -513,16 +611,6 @@ void tiles_pack_transposed(const bf16 *g, uint32_t *packed, long rows, long out)
     }
 }
 
-// Accumulator tile t's 16 x 16 float32 into saved[t].
-typedef float Saved[TILE_ROWS * TILE_ROWS];
-void tiles_save(int t, Saved *saved) {
-  switch (t) {  // tile numbers are immediates
-    case 0: _tile_stored(0, saved[0], 64); break;
-    case 1: _tile_stored(1, saved[1], 64); break;
-    case 2: _tile_stored(2, saved[2], 64); break;
-    default: _tile_stored(3, saved[3], 64); break;
-  }
-}
 // Rows [0, valid) of `count` saved tiles side by side (16 columns each) into dst (row stride ld) as bfloat16: each
 // row's columns written in order, so that streamed stores fill whole lines (tile after tile, 16 rows apart, left
 // partial lines that the write-combining buffers flushed half-written: 4-6x slower, measured).
@@ -567,6 +655,7 @@ void tiles_configure() {}
 void tiles_release() {}
 void tiles_pack(const bf16 *, uint32_t *, long, long) {}
 void tiles_forward(const uint32_t *, const bf16 *, bf16 *, long, long, long, long, long) {}
+void tiles_forward_2x2(const uint32_t *, const bf16 *, bf16 *, long, long, long, long, long) {}
 void tiles_pack_pairs(const bf16 *, uint32_t *, long, long) {}
 void tiles_pack_transposed(const bf16 *, uint32_t *, long, long) {}
 void tiles_weight_grad(const uint32_t *, bf16 *, long, long, long, long, long) {}
@@ -652,7 +741,8 @@ void tiles_unit(const Task &t, const uint32_t *packed, long u) {
   const long o1 = o0 + t.unit < t.out ? o0 + t.unit : t.out;
   if (!on_tiles(t, rows)) return run_unit<bf16, bf16>(t, u);
   if (t.op == FORWARD)
-    tiles_forward(packed, static_cast<const bf16 *>(t.b[e]), static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, o0, o1);
+    (t.in < t.out ? tiles_forward_2x2 : tiles_forward)(packed, static_cast<const bf16 *>(t.b[e]),
+                                                       static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, o0, o1);
   else
     tiles_weight_grad(packed, static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, o0, o1);
 }
