@@ -532,8 +532,8 @@ void tiles_store_lines(const float *lo, const float *hi, bf16 *y, long out, long
 
 // tiles_forward for weights wider out than in (an FFN's first linear): blocks of 2 x 2 tiles, 32 weight rows by 32
 // rows of x, each loaded operand serving two products and each row of y written a whole line at a time. tiles_forward
-// writes half lines 4 KB apart, each line's halves in two passes over the weight: at 2,048 x 512 that cost it a third
-// of its time at 128 rows per expert. Where in >= out its single weight tile per pass pays instead: the weight's
+// writes half lines a row of y apart, each line's halves in two passes over the weight: at 2,048 x 512 that cost it a
+// third of its time at 128 rows per expert. Where in >= out its single weight tile per pass pays instead: the weight's
 // strided rows are read half as often (512 x 2,048 at 64 rows: 9.3-9.4 ms against 10.6, 64 experts;
 // docs/performance.md).
 void tiles_forward_2x2(const uint32_t *packed, const bf16 *w, bf16 *y, long rows, long out, long in, long o0,
