@@ -51,12 +51,14 @@ class Experts(nn.Module):
             if b is not None and not b.is_meta:
                 nn.init.zeros_(b)
 
-    def forward(self, x: torch.Tensor, counts: Counts, kernel: str | Kernel = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: Counts, kernel: str | Kernel = "auto",
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """x: (N, d_model), rows grouped by expert with counts[e] rows for expert e (a list, or an (E,) tensor
-        on x's device); `kernel` computes the grouped GEMMs (moeify.layers.kernels)."""
+        on x's device); `kernel` computes the grouped GEMMs (moeify.layers.kernels). `rows`: run the experts on
+        x.index_select(0, rows) instead, gathered together with the kernel's own padding."""
         assert len(counts) == self.num_experts, f"{len(counts)} counts for {self.num_experts} experts"
         layout = get_kernel(kernel, x.device).layout(counts, self.w_in)  # pad once, unpad once
-        x = layout.pad(x.to(self.w_in.dtype))  # (R, d_model)
+        x = layout.pad(x.to(self.w_in.dtype), rows)  # (R, d_model)
         h = layout.linear(x, self.w_in, self.b_in)  # (R, d_ff)
         if self.gated:
             h = self.dropout(self.act(layout.linear(x, self.w_gate, self.b_gate)) * h)

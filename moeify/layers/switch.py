@@ -124,7 +124,7 @@ class SwitchFFN(nn.Module):
         x is (T, d_model); `plan.capacity` is the slots per expert the plan was made with. The one
         step a subclass overrides to run the experts somewhere else (see ExpertParallelFFN).
         """
-        return self.experts(x.index_select(0, plan.token_index), plan.counts, self.routing.kernel)
+        return self.experts(x, plan.counts, self.routing.kernel, rows=plan.token_index)
 
     def extra_repr(self) -> str:
         r = self.routing

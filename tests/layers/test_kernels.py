@@ -119,8 +119,8 @@ def test_the_cuda_kernel_runs_one_expert_as_the_dense_gemm_without_offsets(monke
 def test_the_kernel_comes_from_the_config_and_reaches_the_experts(monkeypatch):
     seen = []
     forward = Experts.forward
-    monkeypatch.setattr(Experts, "forward", lambda self, x, counts, kernel="auto": seen.append(kernel)
-                        or forward(self, x, counts, kernel))
+    monkeypatch.setattr(Experts, "forward", lambda self, x, counts, kernel="auto", rows=None: seen.append(kernel)
+                        or forward(self, x, counts, kernel, rows))
     layers = {k: SwitchFFN(D_MODEL, D_FF, RoutingConfig(num_experts=4, kernel=k), nn.ReLU()) for k in BACKENDS}
     g = torch.Generator().manual_seed(0)
     layers["reference"].router.reset_parameters(1.0, g)

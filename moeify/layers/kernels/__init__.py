@@ -15,9 +15,10 @@ Counts = Sequence[int] | torch.Tensor  # rows per expert: a host list, or an (E,
 class Layout(Protocol):
     """One grouping of rows, reused for every linear of an expert FFN: pad once, linear(s), unpad once; relu() of a
     linear's output, then dropout with probability `dropout` when it is not 0 (where a layout can, in place and in
-    one pass: a fresh activation the size of the FFN's hidden costs page faults)."""
+    one pass: a fresh activation the size of the FFN's hidden costs page faults). pad(x, rows) lays out
+    x.index_select(0, rows), in one gather where the layout moves rows anyway."""
 
-    def pad(self, x: torch.Tensor) -> torch.Tensor: ...
+    def pad(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 

@@ -462,8 +462,11 @@ class CpuLayout:
         source = (starts[slot_expert] + last).clip(0, self.n - 1)  # (R,) row each slot copies
         self.source = torch.from_numpy(source).to(device)
 
-    def pad(self, x: torch.Tensor) -> torch.Tensor:  # (N, d) -> (R, d)
-        return x.contiguous() if self.identity else x.index_select(0, self.source)
+    def pad(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:  # (N, d) -> (R, d)
+        if rows is None:
+            return x.contiguous() if self.identity else x.index_select(0, self.source)
+        # The caller's gather and the padding's as one (and one index_add in the backward, not two).
+        return x.index_select(0, rows if self.identity else rows.index_select(0, self.source))
 
     def unpad(self, y: torch.Tensor) -> torch.Tensor:  # (R, d) -> (N, d)
         return y if self.identity else y.index_select(0, self.index)

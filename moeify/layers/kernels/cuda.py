@@ -52,8 +52,8 @@ class CudaLayout:
         uploaded, which waits for the GPU (a device tensor stays put)."""
         return torch.cumsum(torch.as_tensor(self.counts, device=self.device), 0, dtype=torch.int32)
 
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous()
+    def pad(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return x.contiguous() if rows is None else x.index_select(0, rows)
 
     def unpad(self, y: torch.Tensor) -> torch.Tensor:
         return y

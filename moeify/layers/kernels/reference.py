@@ -11,8 +11,8 @@ class ReferenceLayout:
     def __init__(self, counts: list[int]) -> None:
         self.counts = counts
 
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def pad(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return x if rows is None else x.index_select(0, rows)
 
     def unpad(self, y: torch.Tensor) -> torch.Tensor:
         return y

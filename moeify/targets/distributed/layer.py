@@ -179,8 +179,7 @@ class ExpertParallelFFN(SwitchFFN):
             back[order] = torch.arange(order.numel(), device=order.device)
             self._arrival = (key, order, back, counts, torch.tensor(counts, device=received.device))
         _, order, back, counts, device_counts = self._arrival
-        y = self.experts(received.index_select(0, order), device_counts if on_device else counts,
-                         self.routing.kernel)
+        y = self.experts(received, device_counts if on_device else counts, self.routing.kernel, rows=order)
         return y.index_select(0, back)  # in arrival order again, for the return exchange
 
     def _grouping(self, capacities: list[int], device: torch.device) -> tuple[torch.Tensor, list[int]]:
