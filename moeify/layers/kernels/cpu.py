@@ -70,7 +70,7 @@ NATIVE_MAX_ROWS = {
     "avx512": {(F32, F32): ((64, 16), (48, 128), (128, 64)), (BF16, BF16): ((16, 16), (8, 16), (4, 8))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},
 }
-NATIVE_MAX_ROWS["amx"] = {**NATIVE_MAX_ROWS["avx512"], (BF16, BF16): ((256, 192), (2, 1), (96, 160))}
+NATIVE_MAX_ROWS["amx"] = {**NATIVE_MAX_ROWS["avx512"], (BF16, BF16): ((256, 192), (2, 1), (256, 384))}
 
 
 def native_max_rows(skinny: native.Skinny | None, compute: torch.dtype, dtype: torch.dtype, out: int,

@@ -755,15 +755,30 @@ struct Free {
 typedef std::unique_ptr<uint32_t[], Free> Buffer;
 Buffer buffer(long n) { return Buffer(static_cast<uint32_t *>(aligned_alloc(64, ceil_to(n * 4 + 4, 64)))); }
 
+// The calling thread's buffer of at least n uint32s, kept from call to call and grown as needed (nullptr without
+// memory). A fresh one each call is a fresh mapping once it is large (glibc maps blocks above its threshold anew, and
+// raises the threshold to at most 32 MB), and its first touch faults every page: the weight gradient's operands of
+// 64 experts with 128 rows each are 42 MB.
+uint32_t *scratch(long n) {
+  thread_local Buffer kept;
+  thread_local long size = 0;
+  if (n > size) {
+    kept.reset();  // the old one first: never both at once
+    kept = buffer(n);
+    size = kept ? n : 0;
+  }
+  return kept.get();
+}
+
 template <typename X, typename T>
 void work(Task &t, int threads) {
   long total = t.n * t.per_expert;
   std::vector<long> start;      // tiles: each expert's first uint32 in packed
-  Buffer packed;             // tiles: every expert's small operands, laid out by tiles_pack_expert
+  uint32_t *packed = nullptr;  // tiles: every expert's small operands, laid out by tiles_pack_expert
   if (t.tiles) {
     start.assign(t.n + 1, 0);
     for (long e = 0; e < t.n; e++) start[e + 1] = start[e] + tiles_packed(t, t.rows[e]);
-    packed = buffer(start[t.n]);
+    packed = scratch(start[t.n]);
     t.tiles = packed != nullptr;  // without memory for the layout, the loops (any unit size) do the work
   }
   // OpenMP from the process's libgomp: the team torch's own ops use, already awake between torch's ops. Threads of
@@ -772,10 +787,10 @@ void work(Task &t, int threads) {
   {
     if (t.tiles) {  // tile configurations are per thread
 #pragma omp for schedule(dynamic, 1)
-      for (long e = 0; e < t.n; e++) tiles_pack_expert(t, e, packed.get() + start[e]);
+      for (long e = 0; e < t.n; e++) tiles_pack_expert(t, e, packed + start[e]);
       tiles_configure();
 #pragma omp for schedule(dynamic, 1) nowait
-      for (long u = 0; u < total; u++) tiles_unit(t, packed.get() + start[u / t.per_expert], u);
+      for (long u = 0; u < total; u++) tiles_unit(t, packed + start[u / t.per_expert], u);
       tiles_release();
     } else {
 #pragma omp for schedule(dynamic, 1) nowait
