@@ -421,54 +421,6 @@ void tiles_pack(const bf16 *x, uint32_t *packed, long rows, long in) {
     }
 }
 
-// One accumulator tile's 16 x 16 float32 (weight row r, x row j) into y[j, o + r] as bfloat16, for j < valid.
-void tiles_store(const float *acc, bf16 *y, long out, long o, long valid) {
-  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(TILE_ROWS));
-  for (long j = 0; j < valid; j++)
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(y + j * out + o), to_bf16(_mm512_i32gather_ps(column, acc + j, 4)));
-}
-
-// y[:, o0 : o1] = x @ w[o0 : o1].T for one expert, from x packed by tiles_pack; tiles configured by the caller.
-void tiles_forward(const uint32_t *packed, const bf16 *w, bf16 *y, long rows, long out, long in, long o0, long o1) {
-  const long blocks = (rows + TILE_ROWS - 1) / TILE_ROWS, block = in / 2 * TILE_ROWS;  // uint32s per packed block
-  alignas(64) float acc[TILE_PASS][TILE_ROWS * TILE_ROWS];
-  for (long o = o0; o < o1; o += TILE_ROWS) {
-    const bf16 *wo = w + o * in;
-    for (long m0 = 0; m0 < blocks; m0 += TILE_PASS) {
-      const long n = blocks - m0 < TILE_PASS ? blocks - m0 : TILE_PASS;
-      const uint32_t *p = packed + m0 * block;
-      TILES_ZERO();
-      for (long k = 0; k < in; k += TILE_K) {
-        const uint32_t *pk = p + k / 2 * TILE_ROWS;
-        _tile_loadd(4, wo + k, in * 2);
-        _tile_loadd(5, pk, 64);
-        _tile_dpbf16ps(0, 4, 5);
-        if (n > 1) {
-          _tile_loadd(6, pk + block, 64);
-          _tile_dpbf16ps(1, 4, 6);
-        }
-        if (n > 2) {
-          _tile_loadd(5, pk + 2 * block, 64);
-          _tile_dpbf16ps(2, 4, 5);
-        }
-        if (n > 3) {
-          _tile_loadd(6, pk + 3 * block, 64);
-          _tile_dpbf16ps(3, 4, 6);
-        }
-      }
-      _tile_stored(0, acc[0], 64);
-      if (n > 1) _tile_stored(1, acc[1], 64);
-      if (n > 2) _tile_stored(2, acc[2], 64);
-      if (n > 3) _tile_stored(3, acc[3], 64);
-      for (long m = 0; m < n; m++) {
-        const long first = (m0 + m) * TILE_ROWS, valid = rows - first < TILE_ROWS ? rows - first : TILE_ROWS;
-        tiles_store(acc[m], y + first * out, out, o, valid);
-      }
-    }
-  }
-}
-
 // Accumulator tile t's 16 x 16 float32 into saved[t].
 typedef float Saved[TILE_ROWS * TILE_ROWS];
 void tiles_save(int t, Saved *saved) {
@@ -527,6 +479,46 @@ void tiles_store_lines(const float *lo, const float *hi, bf16 *y, long out, long
     bf16 *dst = y + j * out;
     if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0) _mm512_stream_si512(reinterpret_cast<__m512i *>(dst), line);
     else _mm512_storeu_si512(dst, line);
+  }
+}
+
+// y[:, o0 : o1] = x @ w[o0 : o1].T for one expert, from x packed by tiles_pack; tiles configured by the caller.
+void tiles_forward(const uint32_t *packed, const bf16 *w, bf16 *y, long rows, long out, long in, long o0, long o1) {
+  const long blocks = (rows + TILE_ROWS - 1) / TILE_ROWS, block = in / 2 * TILE_ROWS;  // uint32s per packed block
+  alignas(64) float acc[TILE_PASS][TILE_ROWS * TILE_ROWS];
+  for (long o = o0; o < o1; o += TILE_ROWS) {
+    const bf16 *wo = w + o * in;
+    for (long m0 = 0; m0 < blocks; m0 += TILE_PASS) {
+      const long n = blocks - m0 < TILE_PASS ? blocks - m0 : TILE_PASS;
+      const uint32_t *p = packed + m0 * block;
+      TILES_ZERO();
+      for (long k = 0; k < in; k += TILE_K) {
+        const uint32_t *pk = p + k / 2 * TILE_ROWS;
+        _tile_loadd(4, wo + k, in * 2);
+        _tile_loadd(5, pk, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (n > 1) {
+          _tile_loadd(6, pk + block, 64);
+          _tile_dpbf16ps(1, 4, 6);
+        }
+        if (n > 2) {
+          _tile_loadd(5, pk + 2 * block, 64);
+          _tile_dpbf16ps(2, 4, 5);
+        }
+        if (n > 3) {
+          _tile_loadd(6, pk + 3 * block, 64);
+          _tile_dpbf16ps(3, 4, 6);
+        }
+      }
+      _tile_stored(0, acc[0], 64);
+      if (n > 1) _tile_stored(1, acc[1], 64);
+      if (n > 2) _tile_stored(2, acc[2], 64);
+      if (n > 3) _tile_stored(3, acc[3], 64);
+      for (long m = 0; m < n; m++) {
+        const long first = (m0 + m) * TILE_ROWS, valid = rows - first < TILE_ROWS ? rows - first : TILE_ROWS;
+        tiles_store_lines(acc[m], nullptr, y + first * out + o, out, valid);
+      }
+    }
   }
 }
 
