@@ -179,6 +179,39 @@ def test_gradient_buffer_cache():
     memory.empty_cache()
 
 
+def test_gradient_buffer_cache_keeps_the_newest_within_its_limit(monkeypatch):
+    like = torch.empty(4, 1 << 20)  # 16 MiB each
+    monkeypatch.setattr(memory, "cache_limit_bytes", 2 * like.nbytes)
+    memory.empty_cache()
+    buffers = [memory.gradient_buffer(like)[0] for _ in range(3)]
+    ptrs = [b.data_ptr() for b in buffers]
+    while buffers:
+        buffers.pop(0)  # freed in order: the first no longer fits once the third is back
+    assert memory._cached[0] == 2 * like.nbytes
+    again = [memory.gradient_buffer(like) for _ in range(3)]
+    assert [(b.data_ptr(), fresh) for b, fresh in again[:2]] == [(ptrs[2], False), (ptrs[1], False)]
+    assert again[2][1]  # a fresh mapping
+    memory.empty_cache()
+
+
+@pytest.mark.parametrize("setting, physical, limit", [(None, 24 << 30, 6 << 30), (None, 4 << 30, 2 << 30),
+                                                      ("1048576", 24 << 30, 1 << 20), ("0", 24 << 30, 0),
+                                                      ("lots", 24 << 30, 6 << 30)])
+def test_default_cache_limit(monkeypatch, setting, physical, limit):
+    # a training step's buffers must all fit (2 GiB did not: 256 experts' float32 gradients alone), bounded by memory
+    if setting is None:
+        monkeypatch.delenv("MOEIFY_BUFFER_CACHE_BYTES", raising=False)
+    else:
+        monkeypatch.setenv("MOEIFY_BUFFER_CACHE_BYTES", setting)
+    sizes = {"SC_PHYS_PAGES": physical // 4096, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(memory.os, "sysconf", lambda name: sizes[name])
+    if setting == "lots":
+        with pytest.warns(UserWarning, match="MOEIFY_BUFFER_CACHE_BYTES='lots' is not a number of bytes"):
+            assert memory._default_cache_limit() == limit
+    else:
+        assert memory._default_cache_limit() == limit
+
+
 def test_backward_accumulates_in_pooled_gradient_buffers(big):
     # 16 MiB per weight: gradients come from the huge-page pool, and later backward passes get
     # recycled buffers, whose experts without rows must be zeroed before they are added.
