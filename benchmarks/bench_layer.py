@@ -88,9 +88,11 @@ def gemm_rate(dtype: torch.dtype, device: torch.device, reps: int = 3) -> float:
 
 
 def bandwidth(device: torch.device, reps: int = 5) -> float:
-    """Bytes/s of a 256 MiB copy (read + write)."""
+    """Bytes/s of the fastest of `reps` 256 MiB copies (read + write). A shared host's bandwidth moves with its
+    neighbours (16.7-33 GB/s within an hour here): main() takes the best of samples spread over the run, so that a
+    busy moment cannot lower the bounds that declare a target out of reach."""
     src, dst = torch.empty(64 << 20, device=device), torch.empty(64 << 20, device=device)
-    return 2 * src.nbytes / statistics.median(timed(lambda: dst.copy_(src), device, reps))
+    return 2 * src.nbytes / min(timed(lambda: dst.copy_(src), device, reps))
 
 
 def op_floor(device: torch.device) -> float:
@@ -316,34 +318,41 @@ def main() -> None:
               "roofline ms", "moeify / transformers", "95 % interval", "moeify / dense", "moeify / grouped_mm",
               "moeify / roofline", "routed bound ms", *(["ops dense / transformers / moeify"] if floor else []),
               "targets"]
-    rows = []
+    points = []
     progress = Console(stderr=True)  # a line per point as it ends: a whole run takes an hour on a 2-core host
     for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
         for e in args.experts:
             for t in args.tokens:
-                res, (kept, used), ops = measure(e, t, args.reps, dtype, device, args.resolve_seconds)
-                bases = [b for b in ("dense", "transformers", GROUPED) if b in res]
-                for mode, backward in (("fwd", False), ("fwd+bwd", True)):
-                    ms = {n: statistics.median(res[n][mode]) * 1e3 for n in res}
-                    ratios = {base: paired(res["moeify"][mode], res[base][mode]) for base in bases}
-                    ratio = {b: f"{statistics.median(ratios[b]):.2f}x" if b in ratios else "-"
-                             for b in (*bases, GROUPED)}
-                    h, o = ms["transformers"], ms["moeify"]
-                    bound = roofline(e, t, backward, dtype, rates[dtype_name], bw) * 1e3
-                    routed = routed_bound(kept, used, backward, dtype, rates[dtype_name], bw) * 1e3
-                    rows.append((str(e), str(t), dtype_name, mode, str(len(res["moeify"][mode])),
-                                 milliseconds(ms["dense"]), milliseconds(h), milliseconds(o),
-                                 milliseconds(ms[GROUPED]) if GROUPED in ms else "-", milliseconds(bound),
-                                 ratio["transformers"],
-                                 "{:.2f}-{:.2f}x".format(*interval(ratios["transformers"])), ratio["dense"],
-                                 ratio[GROUPED], f"{o / bound:.2f}x", milliseconds(routed),
-                                 *(["/".join(str(ops[n][mode]) for n in ("dense", "transformers", "moeify"))]
-                                   if floor else []),
-                                 verdicts(e, t, ratios, h, o, bound, routed)))
-                    progress.log(f"E {e}, {t} tokens, {dtype_name} {mode}: {len(res['moeify'][mode])} rounds, "
-                                 f"moeify / transformers {ratio['transformers']}: {rows[-1][-1]}")
-    notes = [f"Measured in this run: fastest GEMM {', '.join(f'{n} {r / 1e9:.0f} GFLOP/s' for n, r in rates.items())}; "
+                points.append((e, t, dtype_name, *measure(e, t, args.reps, DTYPES[dtype_name], device,
+                                                          args.resolve_seconds)))
+                bw = max(bw, bandwidth(device))  # the bounds take the run's best: see bandwidth()
+                for mode in ("fwd", "fwd+bwd"):
+                    ratios = paired(points[-1][3]["moeify"][mode], points[-1][3]["transformers"][mode])
+                    progress.log(f"E {e}, {t} tokens, {dtype_name} {mode}: {len(ratios)} rounds, moeify / "
+                                 f"transformers {statistics.median(ratios):.2f}x "
+                                 "({:.2f}-{:.2f}x)".format(*interval(ratios)))
+    rates = {name: max(rate, gemm_rate(DTYPES[name], device)) for name, rate in rates.items()}
+    rows = []
+    for e, t, dtype_name, res, (kept, used), ops in points:
+        dtype = DTYPES[dtype_name]
+        bases = [b for b in ("dense", "transformers", GROUPED) if b in res]
+        for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+            ms = {n: statistics.median(res[n][mode]) * 1e3 for n in res}
+            ratios = {base: paired(res["moeify"][mode], res[base][mode]) for base in bases}
+            ratio = {b: f"{statistics.median(ratios[b]):.2f}x" if b in ratios else "-" for b in (*bases, GROUPED)}
+            h, o = ms["transformers"], ms["moeify"]
+            bound = roofline(e, t, backward, dtype, rates[dtype_name], bw) * 1e3
+            routed = routed_bound(kept, used, backward, dtype, rates[dtype_name], bw) * 1e3
+            rows.append((str(e), str(t), dtype_name, mode, str(len(res["moeify"][mode])),
+                         milliseconds(ms["dense"]), milliseconds(h), milliseconds(o),
+                         milliseconds(ms[GROUPED]) if GROUPED in ms else "-", milliseconds(bound),
+                         ratio["transformers"], "{:.2f}-{:.2f}x".format(*interval(ratios["transformers"])),
+                         ratio["dense"], ratio[GROUPED], f"{o / bound:.2f}x", milliseconds(routed),
+                         *(["/".join(str(ops[n][mode]) for n in ("dense", "transformers", "moeify"))]
+                           if floor else []),
+                         verdicts(e, t, ratios, h, o, bound, routed)))
+    notes = [f"Measured in this run (the best of samples at its start and end, and bandwidth after every point): "
+             f"fastest GEMM {', '.join(f'{n} {r / 1e9:.0f} GFLOP/s' for n, r in rates.items())}; "
              f"memory bandwidth {bw / 1e9:.1f} GB/s"
              + (f"; one op issued and run with no work {floor * 1e6:.1f} us (the host's floor per op: a step of N "
                 "ops takes at least N times it)." if floor else "."),
