@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from moeify.config import RoutingConfig
+from moeify.layers import memory
 from moeify.layers.dispatch import Dispatch, StaticDispatch, dispatch, dispatch_static
 from moeify.layers.experts import Experts
-from moeify.layers import memory
 from moeify.layers.kernels import get_kernel
 from moeify.layers.profiling import phase
 from moeify.layers.router import Router, RouterOutput

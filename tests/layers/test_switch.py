@@ -136,3 +136,27 @@ def test_a_layer_built_by_hand_starts_with_the_papers_init(bias):
     state = torch.random.get_rng_state()
     on_meta = SwitchFFN(16, 32, RoutingConfig(num_experts=4), nn.ReLU(), device="meta")
     assert on_meta.experts.w_in.is_meta and torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_pooled_combine_buffer_is_zero_where_tokens_drop(monkeypatch):
+    # The combine's (T, d_model) buffer comes from the cpu kernel's buffer cache when large; a recycled block holds
+    # the last step's rows, so dropped tokens must still come out exactly zero.
+    from moeify.layers import memory
+
+    monkeypatch.setattr(memory, "_MIN_BYTES", 1)
+    memory.empty_cache()
+    layer = make(capacity_factor=0.75, min_capacity=1)
+    x = torch.randn(3, 9, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        first = layer(x)
+        assert memory._live and first.data_ptr() in memory._live  # from the cache
+        ptr = first.data_ptr()
+        first.fill_(7.0)
+        del first
+        second = layer(x)
+    assert second.data_ptr() == ptr  # the recycled block, written with 7s
+    expected = reference(layer, x)
+    dropped = expected.reshape(-1, 8).eq(0).all(-1)
+    assert bool(dropped.any()) and bool(second.reshape(-1, 8)[dropped].eq(0).all())
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-6)
+    memory.empty_cache()
