@@ -64,13 +64,15 @@ MM_MIN_ROWS = 64
 # by default: AVX2, where torch has no fast bfloat16 GEMM).
 F32, BF16 = torch.float32, torch.bfloat16
 # The AMX build's bfloat16 forward and weight gradient run on tiles; torch's bfloat16 GEMMs there are oneDNN's on the
-# same tiles, which overtake the native input gradient's dot products from 2-4 rows. Its float32 code is the AVX-512
-# build's, with limits measured on the AMX machine's cores: the input gradient where out > in loses from 16 rows
-# there (from 64 on the AVX-512 machine), the weight gradient wins to 96 / 80.
+# same tiles, which overtake the native input gradient (float32 FMAs on widened operands) from 8-16 rows. Its float32
+# code is the AVX-512 build's, with limits measured on the AMX machine's cores: the weight gradient wins to 96 / 80
+# rows, the input gradient to 48 / 64 since it reads the weight in runs (0.4-0.9x torch's path at 4-48 rows, as fast
+# at 64 where out <= in, 1.6x where out > in and torch's path turns to bmm; bench_skinny). The AVX-512 machine's
+# limits were measured with the column strips that the runs replaced (not again: that machine is not at hand).
 NATIVE_MAX_ROWS = {
     "avx512": {(F32, F32): ((64, 16), (48, 128), (128, 64)), (BF16, BF16): ((16, 16), (8, 16), (4, 8))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},
-    "amx": {(F32, F32): ((48, 32), (12, 32), (96, 80)), (BF16, BF16): ((256, 192), (2, 1), (256, 384))},
+    "amx": {(F32, F32): ((48, 32), (48, 64), (96, 80)), (BF16, BF16): ((256, 192), (8, 4), (256, 384))},
 }
 
 

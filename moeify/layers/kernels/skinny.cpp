@@ -52,11 +52,17 @@ inline void store1(bf16 *p, float v) { *p = to_bf16(v); }
 typedef __m512 V;
 constexpr int W = 16;  // lanes
 constexpr int KB = 6;  // rows of x (or of the gradient) held in registers at once: 6 x 4 accumulators + operands
-constexpr int IN_VECS = 4;  // vectors of input columns per unit of the input gradient (4 x 6 accumulators)
-constexpr bool STREAM_INPUT_GRAD = false;  // input_grad_block's column strips (input_grad_stream below: AVX2)
+constexpr int IN_VECS = 4;  // vectors of input columns per chunk of the input gradient (4 x 6 accumulators)
+constexpr bool STREAM_INPUT_GRAD = false;  // the input gradient in runs (input_grad_runs below; AVX2 streams)
 constexpr int WG_VECS = 4;  // vectors of columns per block of the weight gradient (4 x 4 accumulators)
 constexpr long ROW_FORWARD_X_BYTES = 0;  // forward_rows below: measured on AVX2 only
-constexpr long FORWARD_UNIT_BYTES = 0;   // forward units of OUT_ROWS weight rows, as measured here
+#ifdef __AMX_BF16__
+// Forward units of about 1 MB of weight on the AMX machine's cores: its float32 forward at E 128-256 with 1,024
+// tokens (4-10 rows per expert) took 0.79-0.82x the time of 16-row units (docs/performance.md).
+constexpr long FORWARD_UNIT_BYTES = 1 << 20;
+#else
+constexpr long FORWARD_UNIT_BYTES = 0;  // forward units of OUT_ROWS weight rows, as measured on the AVX-512 machine
+#endif
 
 inline V vzero() { return _mm512_setzero_ps(); }
 inline V vset1(float f) { return _mm512_set1_ps(f); }
@@ -200,32 +206,12 @@ void forward_block(const X *x, const T *w, X *y, long out, long in, long o) {
   for (int k = 0; k < K; k++) store_sums4(y + k * out + o, acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
 }
 
-// gx[k, i0 : i0 + W C] = sum over o of g[k, o] * w[o, i0 : i0 + W C], for k < K: the weight panel streamed once.
-template <typename X, typename T, int K, int C>
-void input_grad_block(const X *g, const T *w, X *gx, long out, long in, long i0) {
-  V acc[K][C];
-  for (int k = 0; k < K; k++)
-    for (int c = 0; c < C; c++) acc[k][c] = vzero();
-  for (long o = 0; o < out; o++) {
-    V wv[C];
-    for (int c = 0; c < C; c++) wv[c] = load(w + o * in + i0 + W * c);
-    for (int c = 0; c < C; c++)  // a strided walk down the weight's rows: fetch a few rows ahead
-      _mm_prefetch(reinterpret_cast<const char *>(w + (o + 8) * in + i0 + W * c), _MM_HINT_T0);
-    for (int k = 0; k < K; k++) {
-      V gv = vset1(scalar(g[k * out + o]));
-      for (int c = 0; c < C; c++) acc[k][c] = vfma(gv, wv[c], acc[k][c]);
-    }
-  }
-  for (int k = 0; k < K; k++)
-    for (int c = 0; c < C; c++) store(gx + k * in + i0 + W * c, acc[k][c], false);
-}
-
 constexpr long STREAM_COLS = 1024;  // input columns per unit of input_grad_stream (4 KB runs of a float32 row)
 constexpr long STREAM_ROWS = 8;     // rows of the gradient whose partial sums (32 KB) share one pass over the weight
 
 // gx[k, i0 : i0 + cols] = sum over o of g[k, o] * w[o, i0 : i0 + cols] for k < rows, with the partial sums in a
 // buffer in cache instead of registers: the weight is read row after row in runs of up to 4 KB that the hardware
-// prefetcher follows, where input_grad_block's column strips take a line or two from each of `out` rows (on AVX2,
+// prefetcher follows, where column strips held in registers take a line or two from each of `out` rows (on AVX2,
 // whose 16 registers allow only narrow strips, up to twice torch's time at one row; docs/performance.md).
 template <typename X, typename T>
 void input_grad_stream(const X *g, const T *w, X *gx, long rows, long out, long in, long i0, long cols) {
@@ -250,6 +236,68 @@ void input_grad_stream(const X *g, const T *w, X *gx, long rows, long out, long 
     }
     for (long k = 0; k < kn; k++)
       for (long i = 0; i < cols; i += W) store(gx + (k0 + k) * in + i0 + i, load(acc[k] + i), false);
+  }
+}
+
+// input_grad_runs' blocking, measured on the AMX machine over 128 experts at 1-16 rows (512 or 2,048 columns per
+// unit, 8-32 rows per block, 16-64 rows ahead: within 10 % of each other; docs/performance.md).
+constexpr long RUN_COLS = 1024;   // input columns per unit (runs of up to 4 KB of a float32 row)
+constexpr long RUN_ROWS = 16;     // weight rows per block
+constexpr long RUN_AHEAD = 32;    // weight rows prefetched ahead
+constexpr long RUN_PART = 16384;  // floats of partial sums a unit holds (64 KB, on the stack)
+
+// input_grad_runs' work on one chunk of C vectors of columns at i for K rows of g, over weight rows o0 <= o < o1: the
+// chain of sums of each output element continues from p (partial sums, row stride ldp) unless first.
+template <typename X, typename T, int K, int C>
+inline void input_grad_chunk(const X *g, const T *w, float *p, long out, long in, long ldp, long o0, long o1, long i,
+                             bool first, bool fetch) {
+  V acc[K][C];
+  for (int k = 0; k < K; k++)
+    for (int c = 0; c < C; c++) acc[k][c] = first ? vzero() : load(p + k * ldp + W * c);
+  for (long o = o0; o < o1; o++) {
+    V wv[C];
+    for (int c = 0; c < C; c++) wv[c] = load(w + o * in + i + W * c);
+    if (fetch)
+      for (long line = 0; line < C * W * long(sizeof(T)); line += 64)
+        _mm_prefetch(reinterpret_cast<const char *>(w + (o + RUN_AHEAD) * in + i) + line, _MM_HINT_T0);
+    for (int k = 0; k < K; k++) {
+      V gv = vset1(scalar(g[k * out + o]));
+      for (int c = 0; c < C; c++) acc[k][c] = vfma(gv, wv[c], acc[k][c]);
+    }
+  }
+  for (int k = 0; k < K; k++)
+    for (int c = 0; c < C; c++) store(p + k * ldp + W * c, acc[k][c], false);
+}
+
+// gx[k, i0 : i0 + cols] = sum over o of g[k, o] * w[o, i0 : i0 + cols] for k < rows (AVX-512): the weight read in
+// blocks of RUN_ROWS rows, a run of each row's columns at a time (from cache again for each block of KB rows of g
+// after the first), with the partial sums of every row kept in `part` between blocks. Strips of four vectors of
+// columns walked down all `out` rows instead (a line or four from each row, far apart; the prefetchers follow them
+// badly) ran at 0.4-0.8x this speed at 1-16 rows. Each element is summed o after o in one chain per lane either way.
+template <typename X, typename T>
+void input_grad_runs(const X *g, const T *w, X *gx, long rows, long out, long in, long i0, long cols) {
+  constexpr long CHUNK = IN_VECS * W, MOST_ROWS = RUN_PART / CHUNK;
+  alignas(64) float part[RUN_PART];
+  for (long r0 = 0; r0 < rows; r0 += MOST_ROWS) {
+    const long rn = rows - r0 < MOST_ROWS ? rows - r0 : MOST_ROWS;
+    const long span = RUN_PART / rn / CHUNK * CHUNK;  // columns whose partial sums for rn rows fit in part
+    const X *gr = g + r0 * out;
+    for (long s0 = 0; s0 < cols; s0 += span) {
+      const long sn = cols - s0 < span ? cols - s0 : span;
+      for (long o0 = 0; o0 < out; o0 += RUN_ROWS) {
+        const long o1 = o0 + RUN_ROWS < out ? o0 + RUN_ROWS : out;
+        for (long k0 = 0; k0 < rn; k0 += KB)
+          with_rows(int(rn - k0 < KB ? rn - k0 : KB), [&](auto K) {
+            for (long c = 0; c < sn; c += CHUNK)
+              with_vecs(int(sn - c < CHUNK ? (sn - c) / W : IN_VECS), [&](auto C) {
+                input_grad_chunk<X, T, decltype(K)::value, decltype(C)::value>(
+                    gr + k0 * out, w, part + k0 * sn + c, out, in, sn, o0, o1, i0 + s0 + c, o0 == 0, k0 == 0);
+              });
+          });
+      }
+      for (long k = 0; k < rn; k++)
+        for (long i = 0; i < sn; i += W) store(gx + (r0 + k) * in + i0 + s0 + i, load(part + k * sn + i), false);
+    }
   }
 }
 
@@ -655,7 +703,7 @@ void tiles_weight_grad(const uint32_t *, bf16 *, long, long, long, long, long) {
 
 enum Op { FORWARD = 0, INPUT_GRAD = 1, WEIGHT_GRAD = 2 };
 constexpr long OUT_ROWS = 16;  // weight rows per unit of the weight gradient (of the forward: a multiple, above)
-constexpr long IN_COLS = STREAM_INPUT_GRAD ? STREAM_COLS : IN_VECS * W;  // input columns per unit (input gradient)
+constexpr long IN_COLS = STREAM_INPUT_GRAD ? STREAM_COLS : RUN_COLS;  // input columns per unit (input gradient)
 
 struct Task {
   int op;
@@ -686,16 +734,8 @@ void run_unit(const Task &t, long u) {
     const T *w = static_cast<const T *>(t.b[e]);
     X *gx = static_cast<X *>(t.c[e]);
     long i0 = j * t.unit, cols = in - i0 < t.unit ? in - i0 : t.unit;
-    if constexpr (STREAM_INPUT_GRAD) {
-      input_grad_stream<X, T>(g, w, gx, rows, out, in, i0, cols);
-    } else {
-      for (long k = 0; k < rows; k += KB)
-        with_rows(int(rows - k < KB ? rows - k : KB), [&](auto K) {
-          with_vecs(int(cols / W), [&](auto C) {
-            input_grad_block<X, T, decltype(K)::value, decltype(C)::value>(g + k * out, w, gx + k * in, out, in, i0);
-          });
-        });
-    }
+    if constexpr (STREAM_INPUT_GRAD) input_grad_stream<X, T>(g, w, gx, rows, out, in, i0, cols);
+    else input_grad_runs<X, T>(g, w, gx, rows, out, in, i0, cols);
   } else {  // a = g (rows, out), b = x (rows, in), c = gw (out, in)
     const X *g = static_cast<const X *>(t.a[e]);
     const X *x = static_cast<const X *>(t.b[e]);
