@@ -117,6 +117,12 @@ def _take(nbytes: int) -> tuple[_Block, bool]:
     return _Block(-(-nbytes // _HUGE) * _HUGE), True
 
 
+def pools(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `empty` takes a tensor of this shape, dtype and device from the recycled mappings (else torch.empty)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    return _madvise is not None and torch.device(device).type == "cpu" and nbytes >= max(_MIN_BYTES, 1)
+
+
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
           pool: bool = True) -> tuple[torch.Tensor, bool]:
     """(tensor, is_zero): an uninitialised contiguous tensor, and whether it reads as all zeros.
@@ -129,10 +135,9 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
     read as zero with `zero_pages_`, which only works on these buffers.
     """
     numel = math.prod(shape)
-    nbytes = numel * dtype.itemsize
-    if not pool or _madvise is None or torch.device(device).type != "cpu" or nbytes < max(_MIN_BYTES, 1):
+    if not pool or not pools(shape, dtype, device):
         return torch.empty(shape, dtype=dtype, device=device), False
-    block, is_zero = _take(nbytes)
+    block, is_zero = _take(numel * dtype.itemsize)
     view = memoryview(block.map)
     flat = torch.frombuffer(view, dtype=dtype, count=numel, offset=block.offset)
     # A tensor of its own on that storage rather than flat.view(shape): a view may not be modified in place

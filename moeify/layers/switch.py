@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from moeify.config import RoutingConfig
-from moeify.layers import memory
+from moeify.layers.combine import gated_combine
 from moeify.layers.dispatch import Dispatch, StaticDispatch, dispatch, dispatch_static
 from moeify.layers.experts import Experts
 from moeify.layers.kernels import get_kernel
@@ -79,7 +79,9 @@ class SwitchFFN(nn.Module):
             # the router's gradient is what the general path gives.
             with phase("moeify::experts"):
                 y = self.experts(x, [x.shape[0]], self.routing.kernel)
-            return (y * route.gate.to(y.dtype)).view(*shape[:-1], -1)
+            with phase("moeify::combine"):
+                out = gated_combine(y, route.gate.view(-1).to(y.dtype), None, x.shape[0], pool=self._pool(y))
+            return out.view(*shape[:-1], -1)
         if self.device_dispatch and get_kernel(self.routing.kernel, x.device).name == "cuda":
             return self._static_forward(x, route).view(*shape[:-1], -1)
         with phase("moeify::dispatch"):
@@ -87,23 +89,18 @@ class SwitchFFN(nn.Module):
         with phase("moeify::experts"):
             y = self._expert_step(x, route, plan)  # (K, d_model)
         with phase("moeify::combine"):
-            gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (K,)
-            y = y * gate.unsqueeze(-1)  # the gate is how the router learns
-            out = self._zeros(x.shape[0], y)  # (T, d_model)
             # One kept assignment per token with k = 1: a copy; with k > 1 a token sums its choices. (Gating after the
             # copy, in token order as the static plan below does for the GPU, saves three small ops here but cost an
             # E 8 / 8,192-token bfloat16 training step 5 % on the CPU, five interleaved pairs.)
-            # In place on the fresh buffer: the out-of-place forms copy it first (8,192 x 512 float32: 3.8 ms).
-            out = out.index_copy_(0, plan.token_index, y) if self.top_k == 1 else out.index_add_(0, plan.token_index, y)
+            gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (K,)
+            out = gated_combine(y, gate, plan.token_index, x.shape[0], accumulate=self.top_k > 1, pool=self._pool(y))
         return out.view(*shape[:-1], y.shape[-1])
 
-    def _zeros(self, rows: int, like: torch.Tensor) -> torch.Tensor:
-        """(rows, like's width) zeros for the combine; large ones from the buffer cache where the kernel pools its
-        buffers: a fresh (8,192, 512) float32 tensor faults its pages in at every step (glibc returns them between
-        steps), 3.7 ms of an E 8 forward to zero it against 0.3 on warm pages."""
-        pool = getattr(get_kernel(self.routing.kernel, like.device), "pool", False)
-        out, is_zero = memory.empty((rows, like.shape[-1]), like.dtype, like.device, pool)
-        return out if is_zero else out.zero_()
+    def _pool(self, like: torch.Tensor) -> bool:
+        """Whether the kernel takes its large buffers from the recycled cache (moeify.layers.memory), for the
+        combine's too: a fresh (8,192, 512) float32 tensor faults its pages in at every step (glibc returns them
+        between steps), 3.7 ms of an E 8 forward to zero it against 0.3 on warm pages."""
+        return getattr(get_kernel(self.routing.kernel, like.device), "pool", False)
 
     def _static_forward(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         """forward's arithmetic over every assignment (static shapes): dropped ones enter as zeros and leave

@@ -150,11 +150,11 @@ def test_pooled_combine_buffer_is_zero_where_tokens_drop(monkeypatch):
     with torch.no_grad():
         first = layer(x)
         assert memory._live and first.data_ptr() in memory._live  # from the cache
-        ptr = first.data_ptr()
-        first.fill_(7.0)
         del first
+        for block in memory._free:  # every recycled block (the output's and the combine's temporaries) holds 7s
+            torch.frombuffer(memoryview(block.map), dtype=torch.float32).fill_(7.0)
         second = layer(x)
-    assert second.data_ptr() == ptr  # the recycled block, written with 7s
+    assert second.data_ptr() in memory._live  # a recycled block, written with 7s
     expected = reference(layer, x)
     dropped = expected.reshape(-1, 8).eq(0).all(-1)
     assert bool(dropped.any()) and bool(second.reshape(-1, 8)[dropped].eq(0).all())

@@ -1,0 +1,45 @@
+"""The gated combine: its pooled autograd node computes what the plain ops compute, bit for bit, gradients included."""
+import pytest
+import torch
+
+from moeify.layers import memory
+from moeify.layers.combine import gated_combine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["copy", "add", "identity"])
+def test_pooled_node_equals_plain_ops(monkeypatch, dtype, form):
+    monkeypatch.setattr(memory, "_MIN_BYTES", 1)  # every temporary from the recycled buffers
+    memory.empty_cache()
+    g = torch.Generator().manual_seed(3)
+    tokens, rows, d = 9, 7, 16
+    if form == "identity":
+        rows, index = tokens, None
+    elif form == "copy":
+        index = torch.randperm(tokens, generator=g)[:rows]  # two tokens dropped: their rows must be zero
+    else:
+        index = torch.randint(0, tokens, (rows,), generator=g)  # repeats: a token sums its choices
+    y0 = torch.randn(rows, d, generator=g).to(dtype)
+    gate0 = torch.rand(rows, generator=g).to(dtype)
+    upstream = torch.randn(tokens, d, generator=g).to(dtype)
+    results = []
+    for pool in (False, True):
+        y, gate = y0.clone().requires_grad_(), gate0.clone().requires_grad_()
+        out = gated_combine(y, gate, index, tokens, accumulate=form == "add", pool=pool)
+        out.backward(upstream)
+        results.append((out.detach(), y.grad, gate.grad, out.grad_fn.name()))
+    (plain, plain_gy, plain_gg, plain_node), (pooled, pooled_gy, pooled_gg, pooled_node) = results
+    assert "PooledGatedCombine" in pooled_node and "PooledGatedCombine" not in plain_node
+    assert memory._live or memory._free  # the pooled run took its buffers from the cache
+    assert torch.equal(pooled, plain) and torch.equal(pooled_gy, plain_gy) and torch.equal(pooled_gg, plain_gg)
+    expected = torch.zeros(tokens, d, dtype=torch.float64)
+    if index is None:
+        expected = y0.double() * gate0.double()[:, None]
+    else:
+        expected.index_add_(0, index, y0.double() * gate0.double()[:, None])
+    torch.testing.assert_close(plain.double(), expected, rtol=1e-2, atol=1e-2)
+    if form == "copy":
+        dropped = torch.ones(tokens, dtype=torch.bool)
+        dropped[index] = False
+        assert bool(pooled[dropped].eq(0).all())
+    memory.empty_cache()
