@@ -730,7 +730,8 @@ void tiles_interleave(const bf16 *w, TileOperand *b, long out, long in, long o, 
     }
     const __mmask32 has0 = r < out ? ~__mmask32(0) : 0, has1 = r + 1 < out ? ~__mmask32(0) : 0;
     for (long q = 0; q < groups; q++) {
-      const __m512i a = _mm512_maskz_loadu_epi16(has0, r0 + q * TILE_K), c = _mm512_maskz_loadu_epi16(has1, r1 + q * TILE_K);
+      const __m512i a = _mm512_maskz_loadu_epi16(has0, r0 + q * TILE_K);
+      const __m512i c = _mm512_maskz_loadu_epi16(has1, r1 + q * TILE_K);
       _mm512_store_si512(b[2 * q] + p * TILE_ROWS, _mm512_unpacklo_epi16(a, c));
       _mm512_store_si512(b[2 * q + 1] + p * TILE_ROWS, _mm512_unpackhi_epi16(a, c));
     }
@@ -742,7 +743,8 @@ inline void tiles_columns(const float *lo, const float *hi, bf16 *dst) {
   alignas(64) static const int first[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
   alignas(64) static const int second[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
   const __m512 l = _mm512_load_ps(lo), h = _mm512_load_ps(hi);
-  _mm256_storeu_si256(reinterpret_cast<__m256i *>(dst), to_bf16(_mm512_permutex2var_ps(l, _mm512_load_si512(first), h)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i *>(dst),
+                      to_bf16(_mm512_permutex2var_ps(l, _mm512_load_si512(first), h)));
   _mm256_storeu_si256(reinterpret_cast<__m256i *>(dst + W),
                       to_bf16(_mm512_permutex2var_ps(l, _mm512_load_si512(second), h)));
 }
