@@ -16,7 +16,7 @@ class _PooledGatedCombine(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, gate: torch.Tensor, token_index: torch.Tensor | None, num_tokens: int,
                 accumulate: bool) -> torch.Tensor:
         ctx.save_for_backward(y, gate, token_index)
-        gated = torch.mul(y, gate.unsqueeze(-1), out=_buffer(y.shape, y))
+        gated = torch.mul(y, gate.unsqueeze(-1), out=memory.gradient_buffer(y)[0])
         if token_index is None:
             return gated
         out, is_zero = memory.empty((num_tokens, y.shape[-1]), y.dtype, y.device)
@@ -29,17 +29,13 @@ class _PooledGatedCombine(torch.autograd.Function):
         y, gate, token_index = ctx.saved_tensors
         # d out / d gated, in y's row order: autograd's own tensor (left unchanged) or a gather of it.
         rows = grad_out if token_index is None else torch.index_select(grad_out, 0, token_index,
-                                                                        out=_buffer(y.shape, y))
-        grad_gate = torch.mul(rows, y, out=_buffer(y.shape, y)).sum(-1) if ctx.needs_input_grad[1] else None
+                                                                        out=memory.gradient_buffer(y)[0])
+        grad_gate = torch.mul(rows, y, out=memory.gradient_buffer(y)[0]).sum(-1) if ctx.needs_input_grad[1] else None
         grad_y = None
         if ctx.needs_input_grad[0]:
             gate = gate.unsqueeze(-1)
-            grad_y = torch.mul(rows, gate, out=_buffer(y.shape, y)) if token_index is None else rows.mul_(gate)
+            grad_y = torch.mul(rows, gate, out=memory.gradient_buffer(y)[0]) if token_index is None else rows.mul_(gate)
         return grad_y, grad_gate, None, None, None
-
-
-def _buffer(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-    return memory.empty(tuple(shape), like.dtype, like.device)[0]
 
 
 def gated_combine(y: torch.Tensor, gate: torch.Tensor, token_index: torch.Tensor | None, num_tokens: int, *,

@@ -64,12 +64,13 @@ MM_MIN_ROWS = 64
 # by default: AVX2, where torch has no fast bfloat16 GEMM).
 F32, BF16 = torch.float32, torch.bfloat16
 # The AMX build's bfloat16 ops run on tiles from a few rows (the input gradient from 5, its weight interleaved in
-# cache); torch's bfloat16 GEMMs there are oneDNN's on the same tiles, as fast as the native input gradient from 8 rows
-# where out <= in, and faster from 24 where out > in (0.82x at 8-16 rows; bench_skinny, 2026-12-05). Its float32
-# code is the AVX-512 build's, with limits measured on the AMX machine's cores: the weight gradient wins to 96 / 80
-# rows, the input gradient to 48 / 64 since it reads the weight in runs (0.4-0.9x torch's path at 4-48 rows, as fast
-# at 64 where out <= in, 1.6x where out > in and torch's path turns to bmm; bench_skinny). The AVX-512 machine's
-# limits were measured with the column strips that the runs replaced (not again: that machine is not at hand).
+# cache); torch's bfloat16 GEMMs there are oneDNN's on the same tiles. Against them the native input gradient takes
+# 0.70-0.72x the time at 8-16 rows where out > in and loses from 24, and is about even from 8 rows where out <= in
+# (0.93-0.96x at 8-16; bench_skinny, 2026-12-05). Its float32 code is the AVX-512 build's, with limits measured on the
+# AMX machine's cores: the weight gradient wins to 96 / 80 rows, the input gradient to 48 / 64 since it reads the
+# weight in runs (0.4-0.9x torch's path at 4-48 rows, as fast at 64 where out <= in, 1.6x where out > in and torch's
+# path turns to bmm; bench_skinny). The AVX-512 machine's limits were measured with the column strips that the runs
+# replaced (not again: that machine is not at hand).
 NATIVE_MAX_ROWS = {
     "avx512": {(F32, F32): ((64, 16), (48, 128), (128, 64)), (BF16, BF16): ((16, 16), (8, 16), (4, 8))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},

@@ -422,8 +422,11 @@ constexpr long TILE_GRAD_ROWS = 64;   // rows of the weight gradient per unit
 constexpr long TILE_GRAD_MIN_ROWS = 8;
 // Up to this many rows the input gradient takes the loops above (input_grad_runs) rather than the tiles.
 constexpr long TILE_IG_MIN_ROWS = 4;
+constexpr long TILE_IG_COLS = 256;  // input columns at a time (B tiles and accumulators in L1 at 16 rows)
 
 inline long ceil_to(long v, long m) { return (v + m - 1) / m * m; }
+// Steps of TILE_K weight rows (the last one partial) of the tiles' input gradient over `out` rows.
+inline long tile_steps(long out) { return (out + TILE_K - 1) / TILE_K; }
 // Pairs of an expert's rows in the weight gradient's tiles, padded to whole tiles (16 pairs).
 inline long row_pairs(long rows) { return ceil_to(rows, TILE_K) / 2; }
 
@@ -698,12 +701,9 @@ void tiles_weight_grad(const uint32_t *packed, bf16 *gw, long rows, long out, lo
 // rows of g, row after row in runs of 256 columns. Interleaving two rows' 32 columns within 128-bit lanes
 // (vpunpck*wd) gives B tiles whose 16 columns are 0-3, 8-11, 16-19, 24-27 (lo) and 4-7, 12-15, 20-23, 28-31 (hi) of
 // the 32: the accumulators keep that order, and tiles_columns puts it back as gx is written.
-constexpr long TILE_IG_COLS = 256;  // input columns at a time (B tiles and accumulators in L1 at 16 rows)
 constexpr int TILE_IG_BLOCKS = 4;   // blocks of 16 rows of g per pass over the weight (A tiles 0-3)
 constexpr long TILE_IG_AHEAD = 128; // weight rows prefetched ahead
 typedef uint32_t TileOperand[TILE_ROWS * TILE_ROWS];  // one B tile: 16 rows of 64 bytes
-
-inline long tile_steps(long out) { return (out + TILE_K - 1) / TILE_K; }
 
 // g (rows, out) as A tiles: tile (m, s) = rows 16 m.. by outputs 32 s.., at (m * steps + s) * 256 uint32s.
 void tiles_pack_rows(const bf16 *g, uint32_t *packed, long rows, long out) {
@@ -804,8 +804,6 @@ void tiles_forward_2x2(const uint32_t *, const bf16 *, bf16 *, long, long, long,
 void tiles_pack_pairs(const bf16 *, uint32_t *, long, long) {}
 void tiles_pack_transposed(const bf16 *, uint32_t *, long, long) {}
 void tiles_weight_grad(const uint32_t *, bf16 *, long, long, long, long, long) {}
-constexpr long TILE_IG_COLS = 0;
-inline long tile_steps(long) { return 0; }
 void tiles_pack_rows(const bf16 *, uint32_t *, long, long) {}
 void tiles_input_grad(const uint32_t *, const bf16 *, bf16 *, long, long, long, long, long) {}
 #endif
@@ -1057,13 +1055,13 @@ int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const
     unit = blocks > 1 ? blocks * OUT_ROWS : OUT_ROWS;
     unit = unit < out ? unit : out;
   }
-  // On tiles: the bfloat16 forward (in a multiple of TILE_K) and weight gradient.
+  // On tiles: the bfloat16 forward and input gradient (in a multiple of TILE_K) and weight gradient.
   bool tiles = TILES && dtype == 1 && (op == WEIGHT_GRAD || in % TILE_K == 0);
-  if (tiles) {
-    // The input gradient keeps the loops' units, which its experts with few rows take: in units of 256 columns
-    // they ran 1.1-1.5x slower at 1-4 rows (measured).
-    if (op != INPUT_GRAD) unit = op == FORWARD ? TILE_UNIT_ROWS : TILE_GRAD_ROWS;
-    unit = unit < out || op == INPUT_GRAD ? unit : out;
+  // The input gradient keeps the loops' units, which its experts with few rows take: in units of 256 columns they
+  // ran 1.1-1.5x slower at 1-4 rows (measured).
+  if (tiles && op != INPUT_GRAD) {
+    unit = op == FORWARD ? TILE_UNIT_ROWS : TILE_GRAD_ROWS;
+    unit = unit < out ? unit : out;
   }
   Task t{op, n, rows, a, b, c, out, in, unit, ((op == INPUT_GRAD ? in : out) + unit - 1) / unit, tiles};
   threads = threads > 0 ? threads : 1;
