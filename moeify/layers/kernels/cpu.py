@@ -63,18 +63,19 @@ MM_MIN_ROWS = 64
 # A pair without an entry never runs natively (float32 compute on bfloat16 weights is measured only where it runs
 # by default: AVX2, where torch has no fast bfloat16 GEMM).
 F32, BF16 = torch.float32, torch.bfloat16
-# The AMX build's bfloat16 ops run on tiles from a few rows (the input gradient from 5, its weight interleaved in
-# cache); torch's bfloat16 GEMMs there are oneDNN's on the same tiles. Against them the native input gradient takes
-# 0.70-0.72x the time at 8-16 rows where out > in and loses from 24, and is about even from 8 rows where out <= in
-# (0.93-0.96x at 8-16; bench_skinny, 2026-12-05). Its float32 code is the AVX-512 build's, with limits measured on the
-# AMX machine's cores: the weight gradient wins to 96 / 80 rows, the input gradient to 48 / 64 since it reads the
-# weight in runs (0.4-0.9x torch's path at 4-48 rows, as fast at 64 where out <= in, 1.6x where out > in and torch's
-# path turns to bmm; bench_skinny). The AVX-512 machine's limits were measured with the column strips that the runs
-# replaced (not again: that machine is not at hand).
+# The AMX build's bfloat16 ops run on tiles from a few rows (the input gradient from 5, its weight interleaved in cache;
+# from 32 rows in blocks of 2 x 2 tiles); torch's bfloat16 GEMMs there are oneDNN's on the same tiles. Against them the
+# native input gradient takes 0.74-0.80x the time at 8-16 rows where out > in and loses from 24 (1.14-1.32x); where out
+# <= in it is about even at 8-24 rows (1.01-1.06x) and ahead at 32-192 (0.92-0.96x at 32-128; bench_skinny, 2026-12-05,
+# tenth session), and in a layer's step at 16 rows 0.93-0.94x (E 64 / 1,024). Its float32 code is the AVX-512 build's,
+# with limits measured on the AMX machine's cores: the weight gradient wins to 96 / 80 rows, the input gradient to 48 /
+# 64 since it reads the weight in runs (0.4-0.9x torch's path at 4-48 rows, as fast at 64 where out <= in, 1.6x where
+# out > in and torch's path turns to bmm; bench_skinny). The AVX-512 machine's limits were measured with the column
+# strips that the runs replaced (not again: that machine is not at hand).
 NATIVE_MAX_ROWS = {
     "avx512": {(F32, F32): ((64, 16), (48, 128), (128, 64)), (BF16, BF16): ((16, 16), (8, 16), (4, 8))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},
-    "amx": {(F32, F32): ((48, 32), (48, 64), (96, 80)), (BF16, BF16): ((256, 192), (16, 4), (256, 384))},
+    "amx": {(F32, F32): ((48, 32), (48, 64), (96, 80)), (BF16, BF16): ((256, 192), (16, 192), (256, 384))},
 }
 
 

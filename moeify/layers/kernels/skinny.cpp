@@ -423,10 +423,16 @@ constexpr long TILE_GRAD_MIN_ROWS = 8;
 // Up to this many rows the input gradient takes the loops above (input_grad_runs) rather than the tiles.
 constexpr long TILE_IG_MIN_ROWS = 4;
 constexpr long TILE_IG_COLS = 256;  // input columns at a time (B tiles and accumulators in L1 at 16 rows)
+// From this many rows the input gradient holds its accumulators in the tiles (tiles_input_grad_blocks). Below it the
+// accumulators' trips through L1 (tiles_input_grad) cost less than a piece of the weight interleaved before any
+// product: in blocks, 8-16 rows ran 1.1-1.5x slower where out > in and about even where out <= in (measured).
+constexpr long TILE_IG_BLOCK_ROWS = 32;
 
 inline long ceil_to(long v, long m) { return (v + m - 1) / m * m; }
 // Steps of TILE_K weight rows (the last one partial) of the tiles' input gradient over `out` rows.
 inline long tile_steps(long out) { return (out + TILE_K - 1) / TILE_K; }
+// uint32s of tiles_input_grad_blocks' interleaved weight: the B tiles of every step for TILE_IG_COLS columns.
+inline long tiles_input_grad_b(long out) { return tile_steps(out) * TILE_IG_COLS * TILE_ROWS; }
 // Pairs of an expert's rows in the weight gradient's tiles, padded to whole tiles (16 pairs).
 inline long row_pairs(long rows) { return ceil_to(rows, TILE_K) / 2; }
 
@@ -535,6 +541,21 @@ void tiles_store_lines(const float *lo, const float *hi, bf16 *y, long out, long
   }
 }
 
+// The weight rows after the ones a pass of tiles_forward_2x2 reads, into L2 a few lines at each of the pass's `steps`
+// steps: the tiles' loads of 16 strided rows at once leave the hardware prefetcher behind (without it that forward
+// ran 1.1-1.2x slower at 64-192 rows per expert; tiles_forward, whose rows are 4x longer, ran 1.03-1.15x slower with
+// it: measured).
+struct Ahead {
+  const char *at, *end;
+  long per;  // lines per step
+  Ahead(const bf16 *begin, const bf16 *stop, long steps)
+      : at(reinterpret_cast<const char *>(begin)), end(reinterpret_cast<const char *>(stop)),
+        per(end > at ? ((end - at) / 64 + steps - 1) / steps : 0) {}
+  void step() {
+    for (long l = 0; l < per && at < end; l++, at += 64) _mm_prefetch(at, _MM_HINT_T1);
+  }
+};
+
 // y[:, o0 : o1] = x @ w[o0 : o1].T for one expert, from x packed by tiles_pack; tiles configured by the caller.
 void tiles_forward(const uint32_t *packed, const bf16 *w, bf16 *y, long rows, long out, long in, long o0, long o1) {
   const long blocks = (rows + TILE_ROWS - 1) / TILE_ROWS, block = in / 2 * TILE_ROWS;  // uint32s per packed block
@@ -588,12 +609,15 @@ void tiles_forward_2x2(const uint32_t *packed, const bf16 *w, bf16 *y, long rows
   for (long o = o0; o < o1; o += 2 * TILE_ROWS) {
     const bool two_o = o + TILE_ROWS < o1;
     const bf16 *wo = w + o * in;
+    Ahead ahead(wo + 2 * TILE_ROWS * in, w + (o + 4 * TILE_ROWS < out ? o + 4 * TILE_ROWS : out) * in,
+                (blocks + 1) / 2 * (in / TILE_K));
     for (long m = 0; m < blocks; m += 2) {
       const bool two_m = m + 1 < blocks;
       const uint32_t *p = packed + m * block;
       TILES_ZERO();
       for (long k = 0; k < in; k += TILE_K) {  // accumulators: 0 (o, m), 1 (o, m + 1), 2 (o + 16, m), 3 (o + 16, m + 1)
         const uint32_t *pk = p + k / 2 * TILE_ROWS;
+        ahead.step();
         _tile_loadd(4, wo + k, in * 2);
         _tile_loadd(6, pk, 64);
         _tile_dpbf16ps(0, 4, 6);
@@ -614,8 +638,8 @@ void tiles_forward_2x2(const uint32_t *packed, const bf16 *w, bf16 *y, long rows
 // The bfloat16 weight gradient on tiles, gw = g.T x, for experts with more than TILE_GRAD_MIN_ROWS rows: A holds
 // pairs of g's rows transposed to one row per output, B pairs of x's rows side by side, both laid out once per call
 // with zeros past the expert's last row; the accumulators go to gw row-major, rounded as the other builds round.
-// (The input gradient on tiles was tried: interleaving pairs of the weight's rows for B cost more than the products
-// saved, 1.1-1.9x torch's path at 1-128 rows; docs/performance.md.)
+// (The input gradient's tiles, below, interleave the weight in pieces that stay in cache: laid out whole before the
+// products it ran 1.1-1.9x torch's path at 1-128 rows; docs/performance.md.)
 
 // Lane 2 j of the result: lane j of the first operand, lane 2 j + 1: lane j of the second (vpermt2w's indices).
 alignas(64) const uint16_t PAIR_LANES[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
@@ -738,15 +762,18 @@ void tiles_interleave(const bf16 *w, TileOperand *b, long out, long in, long o, 
   }
 }
 
-// Row j of a lo and a hi accumulator tile (tiles_interleave's column order) as 32 columns of bfloat16 at dst.
-inline void tiles_columns(const float *lo, const float *hi, bf16 *dst) {
+// Row j of a lo and a hi accumulator tile (tiles_interleave's column order) as 32 columns of bfloat16 at dst, one
+// 64-byte line, streamed where it is a whole line in memory (`stream`).
+inline void tiles_columns(const float *lo, const float *hi, bf16 *dst, bool stream) {
   alignas(64) static const int first[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
   alignas(64) static const int second[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
   const __m512 l = _mm512_load_ps(lo), h = _mm512_load_ps(hi);
-  _mm256_storeu_si256(reinterpret_cast<__m256i *>(dst),
-                      to_bf16(_mm512_permutex2var_ps(l, _mm512_load_si512(first), h)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i *>(dst + W),
-                      to_bf16(_mm512_permutex2var_ps(l, _mm512_load_si512(second), h)));
+  const __m512i line =
+      _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(_mm512_permutex2var_ps(l, _mm512_load_si512(first), h))),
+                         to_bf16(_mm512_permutex2var_ps(l, _mm512_load_si512(second), h)), 1);
+  if (stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
+    _mm512_stream_si512(reinterpret_cast<__m512i *>(dst), line);
+  else _mm512_storeu_si512(dst, line);
 }
 
 // One accumulator tile's step: zeroed at the first step, else loaded from acc; += A x B (tile 4); stored back.
@@ -789,8 +816,54 @@ void tiles_input_grad(const uint32_t *packed, const bf16 *w, bf16 *gx, long rows
       for (long j = 0; j < valid; j++)
         for (long q = 0; q < groups; q++)
           tiles_columns(acc[m][2 * q] + j * TILE_ROWS, acc[m][2 * q + 1] + j * TILE_ROWS,
-                        gx + (first + j) * in + i0 + q * TILE_K);
+                        gx + (first + j) * in + i0 + q * TILE_K, false);
     }
+  }
+}
+
+// tiles_input_grad for an expert with at least TILE_IG_BLOCK_ROWS rows: blocks of 2 x 2 tiles (32 rows of g by a
+// group's lo and hi tiles), each accumulator held in its tile over every step and written once. For each piece of
+// TILE_IG_COLS columns the weight is interleaved once, row after row, into b (tiles_input_grad_b uint32s; step s,
+// group q at b[2 (s * groups + q)]), then served to every block of rows from cache. Where out <= in: 0.92-0.96x
+// torch's path at 32-128 rows per expert (tiles_input_grad there: 1.04-1.57x); where out > in 1.2-1.3x, so the limits
+// leave it to torch there (bench_skinny). What it costs is the interleaving: with one piece reused for every expert
+// the products alone ran 2-3x faster (docs/performance.md).
+void tiles_input_grad_blocks(const uint32_t *packed, const bf16 *w, bf16 *gx, long rows, long out, long in, long i0,
+                             long cols, uint32_t *buffer) {
+  TileOperand *b = reinterpret_cast<TileOperand *>(buffer);
+  const long steps = tile_steps(out), blocks = (rows + TILE_ROWS - 1) / TILE_ROWS;
+  const long next = steps * TILE_ROWS * TILE_ROWS;  // uint32s from one block of rows' A tiles to the next's
+  alignas(64) Saved saved[4];
+  for (long i = i0; i < i0 + cols; i += TILE_IG_COLS) {
+    const long groups = (i0 + cols - i < TILE_IG_COLS ? i0 + cols - i : TILE_IG_COLS) / TILE_K;
+    for (long s = 0; s < steps; s++) tiles_interleave(w, b + 2 * s * groups, out, in, s * TILE_K, i, groups);
+    for (long q = 0; q < groups; q++)
+      for (long m = 0; m < blocks; m += 2) {
+        const bool two_m = m + 1 < blocks;
+        const uint32_t *a = packed + m * next;
+        TILES_ZERO();
+        for (long s = 0; s < steps; s++) {  // accumulators: 0 (m, lo), 1 (m, hi), 2 (m + 1, lo), 3 (m + 1, hi)
+          const TileOperand *bs = b + 2 * (s * groups + q);
+          _tile_loadd(4, a + s * TILE_ROWS * TILE_ROWS, 64);
+          _tile_loadd(6, bs[0], 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_loadd(7, bs[1], 64);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two_m) {
+            _tile_loadd(5, a + next + s * TILE_ROWS * TILE_ROWS, 64);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        for (int h = 0; h < (two_m ? 2 : 1); h++) {
+          tiles_save(2 * h, saved);
+          tiles_save(2 * h + 1, saved);
+          const long first = (m + h) * TILE_ROWS, valid = rows - first < TILE_ROWS ? rows - first : TILE_ROWS;
+          for (long j = 0; j < valid; j++)
+            tiles_columns(saved[2 * h] + j * TILE_ROWS, saved[2 * h + 1] + j * TILE_ROWS,
+                          gx + (first + j) * in + i + q * TILE_K, true);
+        }
+      }
   }
 }
 constexpr bool TILES = true;
@@ -805,6 +878,7 @@ void tiles_pack_pairs(const bf16 *, uint32_t *, long, long) {}
 void tiles_pack_transposed(const bf16 *, uint32_t *, long, long) {}
 void tiles_weight_grad(const uint32_t *, bf16 *, long, long, long, long, long) {}
 void tiles_pack_rows(const bf16 *, uint32_t *, long, long) {}
+void tiles_input_grad_blocks(const uint32_t *, const bf16 *, bf16 *, long, long, long, long, long, uint32_t *) {}
 void tiles_input_grad(const uint32_t *, const bf16 *, bf16 *, long, long, long, long, long) {}
 #endif
 
@@ -877,12 +951,23 @@ void tiles_pack_expert(const Task &t, long e, uint32_t *packed) {
   tiles_pack_pairs(static_cast<const bf16 *>(t.b[e]), packed + row_pairs(t.rows[e]) * t.out, t.rows[e], t.in);
 }
 
+// The calling thread's buffers (below): the tiles' packed operands, laid out by the calling thread for every thread's
+// units, and tiles_input_grad_blocks' interleaved weight, each thread's own.
+enum Scratch { SCRATCH_PACKED, SCRATCH_INTERLEAVED, SCRATCHES };
+uint32_t *scratch(long n, Scratch which);
+
 // One unit of a call on AMX tiles: the unit's weight rows for every row of its expert, on the tiles or, for
 // experts with few rows, by the loops above.
 void tiles_unit(const Task &t, const uint32_t *packed, long u) {
   const long e = u / t.per_expert, rows = t.rows[e], o0 = u % t.per_expert * t.unit;
   const long o1 = o0 + t.unit < t.out ? o0 + t.unit : t.out;
   if (!on_tiles(t, rows)) return run_unit<bf16, bf16>(t, u);
+  if (t.op == INPUT_GRAD && rows >= TILE_IG_BLOCK_ROWS) {
+    uint32_t *b = scratch(tiles_input_grad_b(t.out), SCRATCH_INTERLEAVED);
+    if (b != nullptr)
+      return tiles_input_grad_blocks(packed, static_cast<const bf16 *>(t.b[e]), static_cast<bf16 *>(t.c[e]), rows,
+                                     t.out, t.in, o0, t.in - o0 < t.unit ? t.in - o0 : t.unit, b);
+  }
   if (t.op == INPUT_GRAD) {  // the unit is columns o0 .. o0 + t.unit of gx: the loops' units (IN_COLS), in pieces
     for (long i = o0; i < o0 + t.unit && i < t.in; i += TILE_IG_COLS)
       tiles_input_grad(packed, static_cast<const bf16 *>(t.b[e]), static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, i,
@@ -904,19 +989,19 @@ struct Free {
 typedef std::unique_ptr<uint32_t[], Free> Buffer;
 Buffer buffer(long n) { return Buffer(static_cast<uint32_t *>(aligned_alloc(64, ceil_to(n * 4 + 4, 64)))); }
 
-// The calling thread's buffer of at least n uint32s, kept from call to call and grown as needed (nullptr without
-// memory). A fresh one each call is a fresh mapping once it is large (glibc maps blocks above its threshold anew, and
-// raises the threshold to at most 32 MB), and its first touch faults every page: the weight gradient's operands of
-// 64 experts with 128 rows each are 42 MB.
-uint32_t *scratch(long n) {
-  thread_local Buffer kept;
-  thread_local long size = 0;
-  if (n > size) {
-    kept.reset();  // the old one first: never both at once
-    kept = buffer(n);
-    size = kept ? n : 0;
+// The calling thread's buffer `which` of at least n uint32s, kept from call to call and grown as needed (nullptr
+// without memory). A fresh one each call is a fresh mapping once it is large (glibc maps blocks above its threshold
+// anew, and raises the threshold to at most 32 MB), and its first touch faults every page: the weight gradient's
+// operands of 64 experts with 128 rows each are 42 MB.
+uint32_t *scratch(long n, Scratch which) {
+  thread_local Buffer kept[SCRATCHES];
+  thread_local long size[SCRATCHES] = {};
+  if (n > size[which]) {
+    kept[which].reset();  // the old one first: never both at once
+    kept[which] = buffer(n);
+    size[which] = kept[which] ? n : 0;
   }
-  return kept.get();
+  return kept[which].get();
 }
 
 template <typename X, typename T>
@@ -927,7 +1012,7 @@ void work(Task &t, int threads) {
   if (t.tiles) {
     start.assign(t.n + 1, 0);
     for (long e = 0; e < t.n; e++) start[e + 1] = start[e] + tiles_packed(t, t.rows[e]);
-    packed = scratch(start[t.n]);
+    packed = scratch(start[t.n], SCRATCH_PACKED);
     t.tiles = packed != nullptr;  // without memory for the layout, the loops (any unit size) do the work
   }
   // OpenMP from the process's libgomp: the team torch's own ops use, already awake between torch's ops. Threads of
