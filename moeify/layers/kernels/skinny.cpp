@@ -825,7 +825,7 @@ void tiles_input_grad(const uint32_t *packed, const bf16 *w, bf16 *gx, long rows
 // group's lo and hi tiles), each accumulator held in its tile over every step and written once. For each piece of
 // TILE_IG_COLS columns the weight is interleaved once, row after row, into b (tiles_input_grad_b uint32s; step s,
 // group q at b[2 (s * groups + q)]), then served to every block of rows from cache. Where out <= in: 0.92-0.96x
-// torch's path at 32-128 rows per expert (tiles_input_grad there: 1.04-1.57x); where out > in 1.2-1.3x, so the limits
+// torch's path at 32-128 rows per expert (tiles_input_grad there: 1.04-1.65x); where out > in 1.2-1.3x, so the limits
 // leave it to torch there (bench_skinny). What it costs is the interleaving: with one piece reused for every expert
 // the products alone ran 2-3x faster (docs/performance.md).
 void tiles_input_grad_blocks(const uint32_t *packed, const bf16 *w, bf16 *gx, long rows, long out, long in, long i0,
