@@ -743,7 +743,7 @@ void tiles_pack_rows(const bf16 *g, uint32_t *packed, long rows, long out) {
 }
 
 // Weight rows o.. (pairs o + 2 p, o + 2 p + 1 for p < 16; rows past out read as zeros), columns i..i + 32 groups, as
-// B tiles: b[2 q] and b[2 q + 1] the lo and hi tiles of group q. Prefetches the rows RUN_AHEAD further on.
+// B tiles: b[2 q] and b[2 q + 1] the lo and hi tiles of group q. Prefetches the rows TILE_IG_AHEAD further on.
 void tiles_interleave(const bf16 *w, TileOperand *b, long out, long in, long o, long i, long groups) {
   for (long p = 0; p < TILE_ROWS; p++) {
     const long r = o + 2 * p;
@@ -786,37 +786,39 @@ inline void tiles_columns(const float *lo, const float *hi, bf16 *dst, bool stre
   } while (0)
 
 // gx[:, i0 : i0 + cols] = g @ w[:, i0 : i0 + cols] for one expert, from packed (tiles_pack_rows' g); cols a multiple of
-// 32, at most TILE_IG_COLS (the unit's piece).
+// 32, taken TILE_IG_COLS at a time.
 void tiles_input_grad(const uint32_t *packed, const bf16 *w, bf16 *gx, long rows, long out, long in, long i0,
                       long cols) {
-  const long steps = tile_steps(out), blocks = (rows + TILE_ROWS - 1) / TILE_ROWS, groups = cols / TILE_K;
-  const long tiles = 2 * groups;
+  const long steps = tile_steps(out), blocks = (rows + TILE_ROWS - 1) / TILE_ROWS;
+  const long next = steps * TILE_ROWS * TILE_ROWS;  // uint32s from one block of rows' A tile to the next's
   alignas(64) TileOperand b[TILE_IG_COLS / TILE_ROWS];
   alignas(64) Saved acc[TILE_IG_BLOCKS][TILE_IG_COLS / TILE_ROWS];
-  for (long m0 = 0; m0 < blocks; m0 += TILE_IG_BLOCKS) {
-    const long n = blocks - m0 < TILE_IG_BLOCKS ? blocks - m0 : TILE_IG_BLOCKS;
-    for (long s = 0; s < steps; s++) {
-      tiles_interleave(w, b, out, in, s * TILE_K, i0, groups);
-      const uint32_t *a = packed + (m0 * steps + s) * TILE_ROWS * TILE_ROWS;
-      const long next = steps * TILE_ROWS * TILE_ROWS;  // uint32s from one block of rows' A tile to the next's
-      _tile_loadd(0, a, 64);
-      if (n > 1) _tile_loadd(1, a + next, 64);
-      if (n > 2) _tile_loadd(2, a + 2 * next, 64);
-      if (n > 3) _tile_loadd(3, a + 3 * next, 64);
-      for (long c = 0; c < tiles; c++) {
-        _tile_loadd(4, b[c], 64);
-        TILES_IG_STEP(0, 5, acc[0][c], s == 0);
-        if (n > 1) TILES_IG_STEP(1, 6, acc[1][c], s == 0);
-        if (n > 2) TILES_IG_STEP(2, 5, acc[2][c], s == 0);
-        if (n > 3) TILES_IG_STEP(3, 6, acc[3][c], s == 0);
+  for (long i = i0; i < i0 + cols; i += TILE_IG_COLS) {
+    const long groups = (i0 + cols - i < TILE_IG_COLS ? i0 + cols - i : TILE_IG_COLS) / TILE_K, tiles = 2 * groups;
+    for (long m0 = 0; m0 < blocks; m0 += TILE_IG_BLOCKS) {
+      const long n = blocks - m0 < TILE_IG_BLOCKS ? blocks - m0 : TILE_IG_BLOCKS;
+      for (long s = 0; s < steps; s++) {
+        tiles_interleave(w, b, out, in, s * TILE_K, i, groups);
+        const uint32_t *a = packed + (m0 * steps + s) * TILE_ROWS * TILE_ROWS;
+        _tile_loadd(0, a, 64);
+        if (n > 1) _tile_loadd(1, a + next, 64);
+        if (n > 2) _tile_loadd(2, a + 2 * next, 64);
+        if (n > 3) _tile_loadd(3, a + 3 * next, 64);
+        for (long c = 0; c < tiles; c++) {
+          _tile_loadd(4, b[c], 64);
+          TILES_IG_STEP(0, 5, acc[0][c], s == 0);
+          if (n > 1) TILES_IG_STEP(1, 6, acc[1][c], s == 0);
+          if (n > 2) TILES_IG_STEP(2, 5, acc[2][c], s == 0);
+          if (n > 3) TILES_IG_STEP(3, 6, acc[3][c], s == 0);
+        }
       }
-    }
-    for (long m = 0; m < n; m++) {
-      const long first = (m0 + m) * TILE_ROWS, valid = rows - first < TILE_ROWS ? rows - first : TILE_ROWS;
-      for (long j = 0; j < valid; j++)
-        for (long q = 0; q < groups; q++)
-          tiles_columns(acc[m][2 * q] + j * TILE_ROWS, acc[m][2 * q + 1] + j * TILE_ROWS,
-                        gx + (first + j) * in + i0 + q * TILE_K, false);
+      for (long m = 0; m < n; m++) {
+        const long first = (m0 + m) * TILE_ROWS, valid = rows - first < TILE_ROWS ? rows - first : TILE_ROWS;
+        for (long j = 0; j < valid; j++)
+          for (long q = 0; q < groups; q++)
+            tiles_columns(acc[m][2 * q] + j * TILE_ROWS, acc[m][2 * q + 1] + j * TILE_ROWS,
+                          gx + (first + j) * in + i + q * TILE_K, false);
+      }
     }
   }
 }
@@ -962,17 +964,13 @@ void tiles_unit(const Task &t, const uint32_t *packed, long u) {
   const long e = u / t.per_expert, rows = t.rows[e], o0 = u % t.per_expert * t.unit;
   const long o1 = o0 + t.unit < t.out ? o0 + t.unit : t.out;
   if (!on_tiles(t, rows)) return run_unit<bf16, bf16>(t, u);
-  if (t.op == INPUT_GRAD && rows >= TILE_IG_BLOCK_ROWS) {
-    uint32_t *b = scratch(tiles_input_grad_b(t.out), SCRATCH_INTERLEAVED);
-    if (b != nullptr)
-      return tiles_input_grad_blocks(packed, static_cast<const bf16 *>(t.b[e]), static_cast<bf16 *>(t.c[e]), rows,
-                                     t.out, t.in, o0, t.in - o0 < t.unit ? t.in - o0 : t.unit, b);
-  }
-  if (t.op == INPUT_GRAD) {  // the unit is columns o0 .. o0 + t.unit of gx: the loops' units (IN_COLS), in pieces
-    for (long i = o0; i < o0 + t.unit && i < t.in; i += TILE_IG_COLS)
-      tiles_input_grad(packed, static_cast<const bf16 *>(t.b[e]), static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, i,
-                       t.in - i < TILE_IG_COLS ? t.in - i : TILE_IG_COLS);
-    return;
+  if (t.op == INPUT_GRAD) {  // the unit is columns o0 .. o0 + t.unit of gx: the loops' units (IN_COLS)
+    const bf16 *w = static_cast<const bf16 *>(t.b[e]);
+    bf16 *gx = static_cast<bf16 *>(t.c[e]);
+    const long cols = t.in - o0 < t.unit ? t.in - o0 : t.unit;
+    uint32_t *b = rows >= TILE_IG_BLOCK_ROWS ? scratch(tiles_input_grad_b(t.out), SCRATCH_INTERLEAVED) : nullptr;
+    if (b != nullptr) return tiles_input_grad_blocks(packed, w, gx, rows, t.out, t.in, o0, cols, b);
+    return tiles_input_grad(packed, w, gx, rows, t.out, t.in, o0, cols);
   }
   if (t.op == FORWARD)
     (t.in < t.out ? tiles_forward_2x2 : tiles_forward)(packed, static_cast<const bf16 *>(t.b[e]),
