@@ -436,6 +436,145 @@ inline long tiles_input_grad_b(long out) { return tile_steps(out) * TILE_IG_COLS
 // Pairs of an expert's rows in the weight gradient's tiles, padded to whole tiles (16 pairs).
 inline long row_pairs(long rows) { return ceil_to(rows, TILE_K) / 2; }
 
+#ifdef __AVX512F__
+// r[i][j] -> r[j][i] for a 16 x 16 block of float32 in registers: pairs, then quads within 128-bit lanes, then
+// lanes (64 shuffles).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1] lane L: rows i, i + 1 interleaved, columns 4L..4L+1, 4L+2..4L+3
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + c] lane L: column 4L + c of rows i..i+3
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; c++) {  // lanes 0 and 2 (0x88), or 1 and 3 (0xdd), of the first operand, then the second's
+    t[c] = _mm512_shuffle_f32x4(r[c], r[c + 4], 0x88);
+    t[c + 4] = _mm512_shuffle_f32x4(r[c], r[c + 4], 0xdd);
+    t[c + 8] = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0x88);
+    t[c + 12] = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0xdd);
+  }
+  for (int c = 0; c < 4; c++) {  // r[4L + c]: column 4L + c of every row
+    r[c] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88);
+    r[c + 8] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0xdd);
+    r[c + 4] = _mm512_shuffle_f32x4(t[c + 4], t[c + 12], 0x88);
+    r[c + 12] = _mm512_shuffle_f32x4(t[c + 4], t[c + 12], 0xdd);
+  }
+}
+
+// The float32 forward from OUTER_MIN_ROWS rows per expert, as outer products: y.T = w x.T. The dot products above
+// read x again for every four weight rows and sum lanes at the end; torch's GEMMs pack (transpose) the weight on
+// every call. Here x is laid out once per call, transposed (outer_pack), and each weight element is broadcast from
+// memory as it lies, once per 64 rows of x, against vectors of 16 rows of x: NB weight rows by MV vectors of rows in
+// registers, every output summed in one chain over the inputs. The accumulators go to a staging buffer, and from it
+// to y through 16 x 16 transposes, a line of y at a time, streamed (ordinary stores: up to 1.15x slower). 64 experts
+// at 32-64 rows: 0.63-0.88x torch's path, 0.66-0.74x the dot products' time (docs/performance.md). The input gradient
+// the same way (the weight's columns broadcast, walked down its rows) ran 1.3-2.4x the time of input_grad_runs.
+constexpr long OUTER_MIN_ROWS = 16;
+constexpr int OUTER_MV = 4;  // vectors of x's rows per pass over a block of weight rows (64 rows)
+// Weight rows per block by vectors of x's rows in the widest chunk (1-4): with 16-32 rows, 8 rows (8 or 16
+// accumulators) ran 0.91-0.95x the time of 12 or 16, and 4 rows 1.1-1.3x; with 48-64 rows, 6 (18 or 24 accumulators)
+// as fast as 8 and faster than 4 (64 experts; docs/performance.md). Even numbers: a unit's rows left after whole
+// blocks go in blocks of 4 and 2.
+constexpr int OUTER_NB[OUTER_MV + 1] = {0, 8, 8, 6, 6};
+constexpr long OUTER_KC = 128;  // inputs per piece: a chunk's piece of xt (32 KB) stays in L1 for every weight block
+
+inline long outer_ld(long rows) { return ceil_to(rows, W); }  // xt's row: x's rows, padded to whole vectors
+
+// x (rows, in) into xt (in, outer_ld(rows)): column k of x is row k of xt, zeros past x's last row.
+void outer_pack(const float *x, float *xt, long rows, long in) {
+  const long ld = outer_ld(rows);
+  for (long m = 0; m < ld; m += W)
+    for (long k = 0; k < in; k += W) {
+      __m512 r[W];
+      for (int i = 0; i < W; i++) r[i] = m + i < rows ? _mm512_loadu_ps(x + (m + i) * in + k) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int i = 0; i < W; i++) _mm512_store_ps(xt + (k + i) * ld + m, r[i]);
+    }
+}
+
+// st[r * ld + 16 v + j] (+)= sum over k < kc of w[r * in + k] * xt[k * ld + 16 v + j] for r < NB, v < MV: the sums go
+// on from st's unless first. The NB weight rows after these (`next`) are prefetched a line of each row per 16 inputs:
+// without it 1.4-1.9x slower at 32-64 rows, and no faster two or four blocks ahead into L2 (64 experts, measured).
+template <int MV, int NB>
+void outer_block(const float *xt, long ld, const float *w, long in, long kc, const float *next, float *st, bool first) {
+  V acc[NB][MV];
+  for (int r = 0; r < NB; r++)
+    for (int v = 0; v < MV; v++) acc[r][v] = first ? vzero() : _mm512_load_ps(st + r * ld + v * W);
+  for (long k0 = 0; k0 < kc; k0 += W) {
+    for (int r = 0; r < NB; r++) _mm_prefetch(reinterpret_cast<const char *>(next + r * in + k0), _MM_HINT_T0);
+    for (long k = k0; k < k0 + W; k++) {
+      V xv[MV];
+      for (int v = 0; v < MV; v++) xv[v] = _mm512_load_ps(xt + k * ld + v * W);
+      for (int r = 0; r < NB; r++) {
+        const V b = vset1(w[r * in + k]);
+        for (int v = 0; v < MV; v++) acc[r][v] = vfma(b, xv[v], acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < NB; r++)
+    for (int v = 0; v < MV; v++) _mm512_store_ps(st + r * ld + v * W, acc[r][v]);
+}
+
+// Blocks of NB weight rows from o while a whole one fits below o1, over inputs k0 .. k0 + kc, for the chunk of x's
+// rows at m (`vecs` vectors of them, up to OUTER_MV); returns the first weight row left.
+template <int NB>
+long outer_blocks(const float *xt, long ld, const float *w, long in, long k0, long kc, long m, long vecs, long o,
+                  long o0, long o1, float *st) {
+  for (; o + NB <= o1; o += NB) {
+    const float *x = xt + k0 * ld + m, *wo = w + o * in + k0, *next = wo + NB * in;
+    float *so = st + (o - o0) * ld + m;
+    if (vecs >= 4) outer_block<4, NB>(x, ld, wo, in, kc, next, so, k0 == 0);
+    else if (vecs == 3) outer_block<3, NB>(x, ld, wo, in, kc, next, so, k0 == 0);
+    else if (vecs == 2) outer_block<2, NB>(x, ld, wo, in, kc, next, so, k0 == 0);
+    else outer_block<1, NB>(x, ld, wo, in, kc, next, so, k0 == 0);
+  }
+  return o;
+}
+
+// y[:, o0 : o1] = x @ w[o0 : o1].T for one expert, from xt (outer_pack); st: the calling thread's staging buffer of
+// (o1 - o0) * outer_ld(rows) floats. o1 - o0 is a multiple of 16. Inputs in pieces of OUTER_KC, each piece for a chunk
+// of 64 rows of x (32 KB of xt) read from L1 by every block of weight rows.
+void outer_forward(const float *xt, const float *w, float *y, long rows, long out, long in, long o0, long o1,
+                   float *st) {
+  const long ld = outer_ld(rows), vecs = ld / W;
+  const int mv = vecs < OUTER_MV ? int(vecs) : OUTER_MV;  // the widest chunk's: it takes the most time
+  for (long k0 = 0; k0 < in; k0 += OUTER_KC) {
+    const long kc = in - k0 < OUTER_KC ? in - k0 : OUTER_KC;
+    for (long m = 0; m < ld; m += OUTER_MV * W) {
+      const long v = (ld - m) / W < OUTER_MV ? (ld - m) / W : OUTER_MV;
+      long o = o0;
+      if (mv == 4) o = outer_blocks<OUTER_NB[4]>(xt, ld, w, in, k0, kc, m, v, o, o0, o1, st);
+      else if (mv == 3) o = outer_blocks<OUTER_NB[3]>(xt, ld, w, in, k0, kc, m, v, o, o0, o1, st);
+      else if (mv == 2) o = outer_blocks<OUTER_NB[2]>(xt, ld, w, in, k0, kc, m, v, o, o0, o1, st);
+      else o = outer_blocks<OUTER_NB[1]>(xt, ld, w, in, k0, kc, m, v, o, o0, o1, st);
+      o = outer_blocks<4>(xt, ld, w, in, k0, kc, m, v, o, o0, o1, st);  // what is left (o1 - o0 and blocks are even)
+      outer_blocks<2>(xt, ld, w, in, k0, kc, m, v, o, o0, o1, st);
+    }
+  }
+  for (long r = 0; r < o1 - o0; r += W)
+    for (long v = 0; v < vecs; v++) {
+      __m512 a[W];
+      for (int i = 0; i < W; i++) a[i] = _mm512_load_ps(st + (r + i) * ld + v * W);
+      transpose16(a);  // a[j]: outputs o0 + r .. + 16 of x's row 16 v + j
+      const long valid = rows - v * W < W ? rows - v * W : W;
+      for (long j = 0; j < valid; j++) store(y + (v * W + j) * out + o0 + r, a[j], true);
+    }
+}
+constexpr bool OUTER = true;
+#else  // AVX2 builds never take the outer products' path (OUTER): these only let work() compile
+constexpr bool OUTER = false;
+constexpr long OUTER_MIN_ROWS = 0;
+inline long outer_ld(long rows) { return rows; }
+void outer_pack(const float *, float *, long, long) {}
+void outer_forward(const float *, const float *, float *, long, long, long, long, long, float *) {}
+#endif
+
 #ifdef __AMX_BF16__
 // The bfloat16 forward on AMX tiles (the AMX build). With 5-64 rows per expert the native dot products above are
 // bound by arithmetic, and torch's GEMMs (oneDNN on the same tiles) re-lay each expert's weight out on every call:
@@ -488,36 +627,6 @@ void tiles_save(int t, Saved *saved) {
     case 1: _tile_stored(1, saved[1], 64); break;
     case 2: _tile_stored(2, saved[2], 64); break;
     default: _tile_stored(3, saved[3], 64); break;
-  }
-}
-
-// r[i][j] -> r[j][i] for a 16 x 16 block of float32 in registers: pairs, then quads within 128-bit lanes, then
-// lanes (64 shuffles).
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {  // t[i], t[i + 1] lane L: rows i, i + 1 interleaved, columns 4L..4L+1, 4L+2..4L+3
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // r[i + c] lane L: column 4L + c of rows i..i+3
-    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
-    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
-    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int c = 0; c < 4; c++) {  // lanes 0 and 2 (0x88), or 1 and 3 (0xdd), of the first operand, then the second's
-    t[c] = _mm512_shuffle_f32x4(r[c], r[c + 4], 0x88);
-    t[c + 4] = _mm512_shuffle_f32x4(r[c], r[c + 4], 0xdd);
-    t[c + 8] = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0x88);
-    t[c + 12] = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0xdd);
-  }
-  for (int c = 0; c < 4; c++) {  // r[4L + c]: column 4L + c of every row
-    r[c] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88);
-    r[c + 8] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0xdd);
-    r[c + 4] = _mm512_shuffle_f32x4(t[c + 4], t[c + 12], 0x88);
-    r[c + 12] = _mm512_shuffle_f32x4(t[c + 4], t[c + 12], 0xdd);
   }
 }
 
@@ -898,6 +1007,7 @@ struct Task {
   long out, in;
   long unit, per_expert;  // weight rows (forward, weight gradient) or input columns per unit; units per expert
   bool tiles;              // on AMX tiles (bfloat16, the AMX build), each expert as on_tiles says
+  bool outer;              // the float32 forward as outer products (AVX-512) for experts from OUTER_MIN_ROWS rows
 };
 
 // One unit: t.unit output rows (forward, weight gradient) or input columns (input gradient) of one expert.
@@ -953,9 +1063,10 @@ void tiles_pack_expert(const Task &t, long e, uint32_t *packed) {
   tiles_pack_pairs(static_cast<const bf16 *>(t.b[e]), packed + row_pairs(t.rows[e]) * t.out, t.rows[e], t.in);
 }
 
-// The calling thread's buffers (below): the tiles' packed operands, laid out by the calling thread for every thread's
-// units, and tiles_input_grad_blocks' interleaved weight, each thread's own.
-enum Scratch { SCRATCH_PACKED, SCRATCH_INTERLEAVED, SCRATCHES };
+// The calling thread's buffers (below): the tiles' or the outer products' packed operands, laid out by the calling
+// thread for every thread's units; tiles_input_grad_blocks' interleaved weight and outer_forward's staging, each
+// thread's own.
+enum Scratch { SCRATCH_PACKED, SCRATCH_INTERLEAVED, SCRATCH_STAGING, SCRATCHES };
 uint32_t *scratch(long n, Scratch which);
 
 // One unit of a call on AMX tiles: the unit's weight rows for every row of its expert, on the tiles or, for
@@ -977,6 +1088,18 @@ void tiles_unit(const Task &t, const uint32_t *packed, long u) {
                                                        static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, o0, o1);
   else
     tiles_weight_grad(packed, static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, o0, o1);
+}
+
+// Floats of one expert's x laid out for the outer products (outer_pack), none where its rows take the loops.
+long outer_packed(const Task &t, long rows) { return t.outer && rows >= OUTER_MIN_ROWS ? t.in * outer_ld(rows) : 0; }
+
+// One unit of a float32 forward with outer products: the unit's weight rows for every row of its expert, by
+// outer_forward from xt, or by the loops for experts with few rows (or without a staging buffer).
+void outer_unit(const Task &t, const float *xt, float *st, long u) {
+  const long e = u / t.per_expert, rows = t.rows[e], o0 = u % t.per_expert * t.unit;
+  if (outer_packed(t, rows) == 0 || st == nullptr) return run_unit<float, float>(t, u);
+  outer_forward(xt, static_cast<const float *>(t.b[e]), static_cast<float *>(t.c[e]), rows, t.out, t.in, o0,
+                o0 + t.unit < t.out ? o0 + t.unit : t.out, st);
 }
 
 // Uninitialised, 64-byte aligned uint32s (every element is written before it is read; zeroing the tiles' operands
@@ -1004,14 +1127,20 @@ uint32_t *scratch(long n, Scratch which) {
 
 template <typename X, typename T>
 void work(Task &t, int threads) {
-  long total = t.n * t.per_expert;
-  std::vector<long> start;      // tiles: each expert's first uint32 in packed
-  uint32_t *packed = nullptr;  // tiles: every expert's small operands, laid out by tiles_pack_expert
-  if (t.tiles) {
+  long total = t.n * t.per_expert, staging = 0;
+  std::vector<long> start;      // tiles, outer: each expert's first uint32 in packed
+  uint32_t *packed = nullptr;  // tiles, outer: every expert's small operands, laid out by tiles_pack_expert, outer_pack
+  if (t.tiles || t.outer) {
     start.assign(t.n + 1, 0);
-    for (long e = 0; e < t.n; e++) start[e + 1] = start[e] + tiles_packed(t, t.rows[e]);
+    for (long e = 0; e < t.n; e++) {
+      const long rows = t.rows[e], n = t.tiles ? tiles_packed(t, rows) : outer_packed(t, rows);
+      start[e + 1] = start[e] + n;
+      if (n) staging = staging > t.unit * outer_ld(rows) ? staging : t.unit * outer_ld(rows);
+    }
     packed = scratch(start[t.n], SCRATCH_PACKED);
-    t.tiles = packed != nullptr;  // without memory for the layout, the loops (any unit size) do the work
+    // without memory for the layout, the loops (any unit size) do the work
+    t.tiles = t.tiles && packed != nullptr;
+    t.outer = t.outer && packed != nullptr;
   }
   // OpenMP from the process's libgomp: the team torch's own ops use, already awake between torch's ops. Threads of
   // our own would compete with that team's spinning workers for the same cores (1.3-2x slower, measured).
@@ -1024,6 +1153,16 @@ void work(Task &t, int threads) {
 #pragma omp for schedule(dynamic, 1) nowait
       for (long u = 0; u < total; u++) tiles_unit(t, packed + start[u / t.per_expert], u);
       tiles_release();
+    } else if (t.outer) {
+      if constexpr (std::is_same_v<X, float> && std::is_same_v<T, float>) {
+        float *xt = reinterpret_cast<float *>(packed);
+#pragma omp for schedule(dynamic, 1)
+        for (long e = 0; e < t.n; e++)
+          if (outer_packed(t, t.rows[e])) outer_pack(static_cast<const float *>(t.a[e]), xt + start[e], t.rows[e], t.in);
+        float *st = reinterpret_cast<float *>(scratch(staging, SCRATCH_STAGING));
+#pragma omp for schedule(dynamic, 1) nowait
+        for (long u = 0; u < total; u++) outer_unit(t, xt + start[u / t.per_expert], st, u);
+      }
     } else {
 #pragma omp for schedule(dynamic, 1) nowait
       for (long u = 0; u < total; u++) run_unit<X, T>(t, u);
@@ -1146,7 +1285,8 @@ int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const
     unit = op == FORWARD ? TILE_UNIT_ROWS : TILE_GRAD_ROWS;
     unit = unit < out ? unit : out;
   }
-  Task t{op, n, rows, a, b, c, out, in, unit, ((op == INPUT_GRAD ? in : out) + unit - 1) / unit, tiles};
+  Task t{op, n, rows, a, b, c, out, in, unit, ((op == INPUT_GRAD ? in : out) + unit - 1) / unit, tiles,
+         OUTER && op == FORWARD && dtype == 0};
   threads = threads > 0 ? threads : 1;
   if (dtype == 0) work<float, float>(t, threads);
   else if (dtype == 1) work<bf16, bf16>(t, threads);
