@@ -7,7 +7,8 @@ costs above its GEMMs (left out where torch's GEMM has no fast path for the dtyp
 step). Batch 1 keeps capacity like-for-like: transformers counts capacity per
 sequence, moeify per batch. The roofline is measured in the same run: this machine's fastest GEMM rate and
 memory bandwidth; a point's bound is the larger of the FLOP time of capacity factor x the dense
-FFN's work and the time to move the expert weights (and in training their gradients).
+FFN's work and the time to move the expert weights (and in training their gradients). In training the input takes
+its gradient, as a layer's inside a model does: each step runs the six GEMMs (three weight reads) that the bounds count.
 Each round runs them back to back (the order rotating); ratios are the median of the rounds' own ratios, with a
 95 % interval, as the host's speed drifts over seconds. Each point runs --reps rounds, or as many as fit in 60 s
 (one at least), more for short steps (until they took 3 s, up to 50), and more again while a target's interval
@@ -232,6 +233,7 @@ def step(module: nn.Module, x: torch.Tensor, backward: bool, sync=lambda: None) 
     sync()
     t0 = time.perf_counter()
     if backward:
+        x.grad = None  # a fresh gradient each step, as the layer below would receive it
         module(x).sum().backward()
     else:
         with torch.no_grad():
@@ -257,6 +259,9 @@ def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype, device
     if dtype != torch.float32:  # moeify's router stays float32 through .to(); transformers routes in float32 too
         modules = {name: m.to(dtype) for name, m in modules.items()}
         inputs = {name: t.to(dtype) for name, t in inputs.items()}
+    # Leaves that take their gradient in training (the forward runs without autograd): without it every layer would
+    # skip its first linear's input gradient, a sixth of the work that routed_bound() counts.
+    inputs = {name: t.detach().requires_grad_() for name, t in inputs.items()}
     sync = synchronizer(device)
     times: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwd+bwd": []} for n in modules}
     ops: dict[str, dict[str, int]] = {n: {} for n in modules}

@@ -55,6 +55,9 @@ constexpr int KB = 6;  // rows of x (or of the gradient) held in registers at on
 constexpr int IN_VECS = 4;  // vectors of input columns per chunk of the input gradient (4 x 6 accumulators)
 constexpr bool STREAM_INPUT_GRAD = false;  // the input gradient in runs (input_grad_runs below; AVX2 streams)
 constexpr int WG_VECS = 4;  // vectors of columns per block of the weight gradient (4 x 4 accumulators)
+// Rows of the weight gradient per unit: float32 on the AMX machine's cores in units of 64 rows took 0.87-0.95x the time
+// of 16-row units at 4-64 rows per expert (64 experts, measured).
+constexpr long WG_UNIT_ROWS = 64;
 constexpr long ROW_FORWARD_X_BYTES = 0;  // forward_rows below: measured on AVX2 only
 #ifdef __AMX_BF16__
 // Forward units of about 1 MB of weight on the AMX machine's cores: its float32 forward at E 128-256 with 1,024
@@ -124,6 +127,7 @@ typedef __m256 V;
 constexpr int W = 8;
 constexpr int KB = 4;
 constexpr int WG_VECS = 2;
+constexpr long WG_UNIT_ROWS = 16;
 constexpr int IN_VECS = 1;  // unused: the input gradient streams
 constexpr bool STREAM_INPUT_GRAD = true;
 // The forward reads the weight row after row (forward_rows) for blocks of under KB rows of x taking at most this
@@ -566,6 +570,53 @@ void outer_forward(const float *xt, const float *w, float *y, long rows, long ou
       for (long j = 0; j < valid; j++) store(y + (v * W + j) * out + o0 + r, a[j], true);
     }
 }
+
+// The float32 weight gradient from OUTER_MIN_ROWS rows, gw = g.T x, on operands laid out once per call: g transposed
+// (outer_pack: each column of g, its rows side by side) and x in strips of WG_STRIP columns (each strip's rows side by
+// side), so that a block's broadcasts and loads come from a few KB in L1. Read in place (weight_grad_block), g's
+// columns and x's strips step a row of out or in floats at a time, lines that fall in the same few L1 sets.
+constexpr long WG_STRIP = WG_VECS * W;
+
+// x (rows, in) into strips: columns i0 .. i0 + WG_STRIP (fewer in the last) of every row at xs + i0 * rows.
+void wgrad_pack_x(const float *x, float *xs, long rows, long in) {
+  for (long i0 = 0; i0 < in; i0 += WG_STRIP) {
+    const long width = in - i0 < WG_STRIP ? in - i0 : WG_STRIP;
+    for (long k = 0; k < rows; k++) memcpy(xs + i0 * rows + k * width, x + k * in + i0, width * sizeof(float));
+  }
+}
+
+// gw[r, 0 : 16 C] = sum over k < rows of gt[r * ld + k] * xs[k * 16 C : + 16 C] for r < 4 (gw a row of in floats
+// apart), streamed out.
+template <int C>
+void wgrad_block(const float *gt, long ld, const float *xs, float *gw, long rows, long in) {
+  V acc[4][C];
+  for (int r = 0; r < 4; r++)
+    for (int c = 0; c < C; c++) acc[r][c] = vzero();
+  for (long k = 0; k < rows; k++) {
+    V xv[C];
+    for (int c = 0; c < C; c++) xv[c] = _mm512_load_ps(xs + k * C * W + c * W);
+    for (int r = 0; r < 4; r++) {
+      const V b = vset1(gt[r * ld + k]);
+      for (int c = 0; c < C; c++) acc[r][c] = vfma(b, xv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < 4; r++)
+    for (int c = 0; c < C; c++) store(gw + r * in + c * W, acc[r][c], true);
+}
+
+// gw[o0 : o1] of one expert (o1 - o0 a multiple of 4) from gt (outer_pack of g) and xs (wgrad_pack_x of x).
+void wgrad_packed(const float *gt, const float *xs, float *gw, long rows, long in, long o0, long o1) {
+  const long ld = outer_ld(rows);
+  for (long i0 = 0; i0 < in; i0 += WG_STRIP) {
+    const long vecs = (in - i0 < WG_STRIP ? in - i0 : WG_STRIP) / W;
+    const float *strip = xs + i0 * rows;
+    for (long o = o0; o < o1; o += 4) {
+      const float *g = gt + o * ld;
+      float *dst = gw + o * in + i0;
+      with_vecs<WG_VECS>(int(vecs), [&](auto C) { wgrad_block<decltype(C)::value>(g, ld, strip, dst, rows, in); });
+    }
+  }
+}
 constexpr bool OUTER = true;
 #else  // AVX2 builds never take the outer products' path (OUTER): these only let work() compile
 constexpr bool OUTER = false;
@@ -573,6 +624,8 @@ constexpr long OUTER_MIN_ROWS = 0;
 inline long outer_ld(long rows) { return rows; }
 void outer_pack(const float *, float *, long, long) {}
 void outer_forward(const float *, const float *, float *, long, long, long, long, long, float *) {}
+void wgrad_pack_x(const float *, float *, long, long) {}
+void wgrad_packed(const float *, const float *, float *, long, long, long, long) {}
 #endif
 
 #ifdef __AMX_BF16__
@@ -994,7 +1047,7 @@ void tiles_input_grad(const uint32_t *, const bf16 *, bf16 *, long, long, long, 
 #endif
 
 enum Op { FORWARD = 0, INPUT_GRAD = 1, WEIGHT_GRAD = 2 };
-constexpr long OUT_ROWS = 16;  // weight rows per unit of the weight gradient (of the forward: a multiple, above)
+constexpr long OUT_ROWS = 16;  // weight rows per unit of the forward (or a multiple, above); WG_UNIT_ROWS's a multiple
 constexpr long IN_COLS = STREAM_INPUT_GRAD ? STREAM_COLS : RUN_COLS;  // input columns per unit (input gradient)
 
 struct Task {
@@ -1007,7 +1060,7 @@ struct Task {
   long out, in;
   long unit, per_expert;  // weight rows (forward, weight gradient) or input columns per unit; units per expert
   bool tiles;              // on AMX tiles (bfloat16, the AMX build), each expert as on_tiles says
-  bool outer;              // the float32 forward as outer products (AVX-512) for experts from OUTER_MIN_ROWS rows
+  bool outer;              // float32 forward and weight gradient on packed operands (AVX-512), from OUTER_MIN_ROWS rows
 };
 
 // One unit: t.unit output rows (forward, weight gradient) or input columns (input gradient) of one expert.
@@ -1091,15 +1144,31 @@ void tiles_unit(const Task &t, const uint32_t *packed, long u) {
 }
 
 // Floats of one expert's x laid out for the outer products (outer_pack), none where its rows take the loops.
-long outer_packed(const Task &t, long rows) { return t.outer && rows >= OUTER_MIN_ROWS ? t.in * outer_ld(rows) : 0; }
+long outer_packed(const Task &t, long rows) {
+  if (!t.outer || rows < OUTER_MIN_ROWS) return 0;
+  return t.op == FORWARD ? t.in * outer_ld(rows) : t.out * outer_ld(rows) + rows * t.in;  // x.T; or g.T, x's strips
+}
 
-// One unit of a float32 forward with outer products: the unit's weight rows for every row of its expert, by
-// outer_forward from xt, or by the loops for experts with few rows (or without a staging buffer).
-void outer_unit(const Task &t, const float *xt, float *st, long u) {
+// Lays out expert e's operands for the outer products at p (outer_packed's floats).
+void outer_pack_expert(const Task &t, long e, float *p) {
+  const long rows = t.rows[e];
+  if (outer_packed(t, rows) == 0) return;
+  if (t.op == FORWARD) return outer_pack(static_cast<const float *>(t.a[e]), p, rows, t.in);
+  outer_pack(static_cast<const float *>(t.a[e]), p, rows, t.out);
+  wgrad_pack_x(static_cast<const float *>(t.b[e]), p + t.out * outer_ld(rows), rows, t.in);
+}
+
+// One unit of a float32 forward or weight gradient on packed operands: the unit's weight rows for every row of its
+// expert, by outer_forward or wgrad_packed from p (outer_pack_expert's), or by the loops for experts with few rows
+// (or, forward, without a staging buffer).
+void outer_unit(const Task &t, const float *p, float *st, long u) {
   const long e = u / t.per_expert, rows = t.rows[e], o0 = u % t.per_expert * t.unit;
-  if (outer_packed(t, rows) == 0 || st == nullptr) return run_unit<float, float>(t, u);
-  outer_forward(xt, static_cast<const float *>(t.b[e]), static_cast<float *>(t.c[e]), rows, t.out, t.in, o0,
-                o0 + t.unit < t.out ? o0 + t.unit : t.out, st);
+  const long o1 = o0 + t.unit < t.out ? o0 + t.unit : t.out;
+  if (outer_packed(t, rows) == 0 || t.op == FORWARD && st == nullptr) return run_unit<float, float>(t, u);
+  if (t.op == FORWARD)
+    return outer_forward(p, static_cast<const float *>(t.b[e]), static_cast<float *>(t.c[e]), rows, t.out, t.in, o0,
+                         o1, st);
+  wgrad_packed(p, p + t.out * outer_ld(rows), static_cast<float *>(t.c[e]), rows, t.in, o0, o1);
 }
 
 // Uninitialised, 64-byte aligned uint32s (every element is written before it is read; zeroing the tiles' operands
@@ -1135,7 +1204,7 @@ void work(Task &t, int threads) {
     for (long e = 0; e < t.n; e++) {
       const long rows = t.rows[e], n = t.tiles ? tiles_packed(t, rows) : outer_packed(t, rows);
       start[e + 1] = start[e] + n;
-      if (n) staging = staging > t.unit * outer_ld(rows) ? staging : t.unit * outer_ld(rows);
+      if (n && t.op == FORWARD) staging = staging > t.unit * outer_ld(rows) ? staging : t.unit * outer_ld(rows);
     }
     packed = scratch(start[t.n], SCRATCH_PACKED);
     // without memory for the layout, the loops (any unit size) do the work
@@ -1155,13 +1224,12 @@ void work(Task &t, int threads) {
       tiles_release();
     } else if (t.outer) {
       if constexpr (std::is_same_v<X, float> && std::is_same_v<T, float>) {
-        float *xt = reinterpret_cast<float *>(packed);
+        float *p = reinterpret_cast<float *>(packed);
 #pragma omp for schedule(dynamic, 1)
-        for (long e = 0; e < t.n; e++)
-          if (outer_packed(t, t.rows[e])) outer_pack(static_cast<const float *>(t.a[e]), xt + start[e], t.rows[e], t.in);
+        for (long e = 0; e < t.n; e++) outer_pack_expert(t, e, p + start[e]);
         float *st = reinterpret_cast<float *>(scratch(staging, SCRATCH_STAGING));
 #pragma omp for schedule(dynamic, 1) nowait
-        for (long u = 0; u < total; u++) outer_unit(t, xt + start[u / t.per_expert], st, u);
+        for (long u = 0; u < total; u++) outer_unit(t, p + start[u / t.per_expert], st, u);
       }
     } else {
 #pragma omp for schedule(dynamic, 1) nowait
@@ -1271,7 +1339,8 @@ int moeify_skinny_supported() { return supported() ? 1 : 0; }
 int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const *a, const void *const *b,
                   void *const *c, long out, long in, int threads) {
   if (op < 0 || op > 2 || dtype < 0 || dtype > 2 || n < 0 || out % 16 || in % 16 || out <= 0 || in <= 0) return -1;
-  long unit = op == INPUT_GRAD ? IN_COLS : OUT_ROWS;
+  long unit = op == INPUT_GRAD ? IN_COLS : op == WEIGHT_GRAD ? WG_UNIT_ROWS : OUT_ROWS;
+  unit = op == WEIGHT_GRAD && unit > out ? out : unit;
   if (op == FORWARD) {  // about FORWARD_UNIT_BYTES of weight in whole blocks of OUT_ROWS rows, at most all of it
     long bytes = in * (dtype == 0 ? 4 : 2), blocks = FORWARD_UNIT_BYTES / (bytes * OUT_ROWS);
     unit = blocks > 1 ? blocks * OUT_ROWS : OUT_ROWS;
@@ -1286,7 +1355,7 @@ int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const
     unit = unit < out ? unit : out;
   }
   Task t{op, n, rows, a, b, c, out, in, unit, ((op == INPUT_GRAD ? in : out) + unit - 1) / unit, tiles,
-         OUTER && op == FORWARD && dtype == 0};
+         OUTER && op != INPUT_GRAD && dtype == 0};
   threads = threads > 0 ? threads : 1;
   if (dtype == 0) work<float, float>(t, threads);
   else if (dtype == 1) work<bf16, bf16>(t, threads);
