@@ -37,9 +37,10 @@ _FLOPS = 150e9
 # None: never; below None: no bound.
 # On the AMX machine (AVX-512 cores with AMX tiles, 2026-12-04) MKL's float32 GEMMs overtook oneDNN's from 64 rows:
 # the layer's training step with oneDNN only below 64 rows took 0.81x the time at E 8 with 1,024 and 8,192 tokens,
-# 0.91x at E 64 / 8,192, the same at E 32 / 1,024 (docs/performance.md).
+# 0.91x at E 64 / 8,192, the same at E 32 / 1,024 (docs/performance.md). Its input gradient (g @ w, the weight as it
+# lies) from 16 rows: MKL's per expert took 0.80-0.97x oneDNN's time at 16-64 rows (64 experts, eleventh session).
 DNNL_ROWS = {"avx512": {torch.float32: ((1, None), (3, None), (3, None))},
-             "amx": {torch.float32: ((1, 64), (3, 64), (3, 64))},
+             "amx": {torch.float32: ((1, 64), (3, 16), (3, 64))},
              "avx2": {torch.float32: ((1, 512), (3, 512), None)}}
 
 
