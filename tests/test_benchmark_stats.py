@@ -105,3 +105,19 @@ def test_ops_are_counted_per_step_with_backward_and_milliseconds_keep_two_digits
     assert forward >= 3 and training > 2 * forward  # two GEMMs and a ReLU at least; backward adds their gradients
     assert bench_layer.ops_per_step(dense, x, False) == forward  # the same step issues the same ops
     assert [bench_layer.milliseconds(v) for v in (0.0412, 0.5, 1.04, 12.345)] == ["0.04", "0.50", "1.0", "12.3"]
+
+
+def test_a_layer_training_step_gives_its_input_a_fresh_gradient(benchmarks):
+    """bench_layer's training step backpropagates into the input, as a layer inside a model does (the bounds count
+    that GEMM), and each step's gradient is that step's alone, not a sum over steps."""
+    import torch
+    from torch import nn
+
+    bench_layer = benchmarks("bench_layer")
+    layer = nn.Linear(4, 3)
+    x = torch.randn(2, 4).requires_grad_()
+    bench_layer.step(layer, x, backward=True)
+    want = layer.weight.detach().sum(0).expand(2, 4)  # d sum(x @ W.T + b) / dx
+    assert torch.allclose(x.grad, want)
+    bench_layer.step(layer, x, backward=True)
+    assert torch.allclose(x.grad, want)  # replaced, not accumulated
