@@ -74,7 +74,8 @@ def test_the_widest_build_this_cpu_runs_is_the_one_loaded():
 # blocks of 4 / 6 rows (8 streamed): whole, partial, none; AMX tiles of 16 rows, 64 per pass: a second pass; the
 # AVX-512 input gradient's partial sums in spans of columns (from 17 rows), and in two groups of rows (over 256);
 # the AMX input gradient's 2 x 2 blocks (from 32 rows: pairs of 16 rows and a single 16 last, partial); the AVX-512
-# float32 forward's outer products (from 16 rows: a chunk of 64 rows and a partial one, 70 and 260)
+# float32 forward's outer products and weight gradient's laid-out operands (from 16 rows; the forward: a chunk of 64
+# rows and a partial one, 70 and 260)
 @pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5], [70, 17], [260, 1]])
 # column tails of the blocks; in > 1024: the input gradient in two units (streamed, or in runs); 272 x 2048: the
 # float32 forward's units of 1 MB of weight on AVX2 and AMX (128 or 256 rows), the last one partial; out > in (AMX:
