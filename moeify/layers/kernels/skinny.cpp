@@ -481,7 +481,7 @@ inline void transpose16(__m512 r[16]) {
 // the same way (the weight's columns broadcast, walked down its rows) ran 1.3-2.4x the time of input_grad_runs.
 constexpr long OUTER_MIN_ROWS = 16;
 constexpr int OUTER_MV = 4;  // vectors of x's rows per pass over a block of weight rows (64 rows)
-// Weight rows per block by vectors of x's rows in the widest chunk (1-4): with 16-32 rows, 8 rows (8 or 16
+// Weight rows per block by vectors of x's rows in the chunk (1-4): with 16-32 rows, 8 rows (8 or 16
 // accumulators) ran 0.91-0.95x the time of 12 or 16, and 4 rows 1.1-1.3x; with 48-64 rows, 6 (18 or 24 accumulators)
 // as fast as 8 and faster than 4 (64 experts; docs/performance.md). Even numbers: a unit's rows left after whole
 // blocks go in blocks of 4 and 2.
@@ -525,40 +525,42 @@ void outer_block(const float *xt, long ld, const float *w, long in, long kc, con
     for (int v = 0; v < MV; v++) _mm512_store_ps(st + r * ld + v * W, acc[r][v]);
 }
 
-// Blocks of NB weight rows from o while a whole one fits below o1, over inputs k0 .. k0 + kc, for the chunk of x's
-// rows at m (`vecs` vectors of them, up to OUTER_MV); returns the first weight row left.
-template <int NB>
-long outer_blocks(const float *xt, long ld, const float *w, long in, long k0, long kc, long m, long vecs, long o,
-                  long o0, long o1, float *st) {
+// Blocks of NB weight rows from o while a whole one fits below o1, over inputs k0 .. k0 + kc, for the chunk of MV
+// vectors of x's rows at m; returns the first weight row left.
+template <int MV, int NB>
+long outer_blocks(const float *xt, long ld, const float *w, long in, long k0, long kc, long m, long o, long o0, long o1,
+                  float *st) {
   for (; o + NB <= o1; o += NB) {
-    const float *x = xt + k0 * ld + m, *wo = w + o * in + k0, *next = wo + NB * in;
-    float *so = st + (o - o0) * ld + m;
-    if (vecs >= 4) outer_block<4, NB>(x, ld, wo, in, kc, next, so, k0 == 0);
-    else if (vecs == 3) outer_block<3, NB>(x, ld, wo, in, kc, next, so, k0 == 0);
-    else if (vecs == 2) outer_block<2, NB>(x, ld, wo, in, kc, next, so, k0 == 0);
-    else outer_block<1, NB>(x, ld, wo, in, kc, next, so, k0 == 0);
+    const float *wo = w + o * in + k0;
+    outer_block<MV, NB>(xt + k0 * ld + m, ld, wo, in, kc, wo + NB * in, st + (o - o0) * ld + m, k0 == 0);
   }
   return o;
 }
 
+// outer_blocks over all of o0 .. o1 for a chunk of MV vectors of rows: blocks of OUTER_NB[MV] weight rows, then of 4
+// and 2 for what is left (o1 - o0 and the blocks are even).
+template <int MV>
+void outer_chunk(const float *xt, long ld, const float *w, long in, long k0, long kc, long m, long o0, long o1,
+                 float *st) {
+  long o = outer_blocks<MV, OUTER_NB[MV]>(xt, ld, w, in, k0, kc, m, o0, o0, o1, st);
+  o = outer_blocks<MV, 4>(xt, ld, w, in, k0, kc, m, o, o0, o1, st);
+  outer_blocks<MV, 2>(xt, ld, w, in, k0, kc, m, o, o0, o1, st);
+}
+
 // y[:, o0 : o1] = x @ w[o0 : o1].T for one expert, from xt (outer_pack); st: the calling thread's staging buffer of
 // (o1 - o0) * outer_ld(rows) floats. o1 - o0 is a multiple of 16. Inputs in pieces of OUTER_KC, each piece for a chunk
-// of 64 rows of x (32 KB of xt) read from L1 by every block of weight rows.
+// of 64 rows of x (32 KB of xt) read from L1 by every block of weight rows; each chunk in blocks of its own width.
 void outer_forward(const float *xt, const float *w, float *y, long rows, long out, long in, long o0, long o1,
                    float *st) {
   const long ld = outer_ld(rows), vecs = ld / W;
-  const int mv = vecs < OUTER_MV ? int(vecs) : OUTER_MV;  // the widest chunk's: it takes the most time
   for (long k0 = 0; k0 < in; k0 += OUTER_KC) {
     const long kc = in - k0 < OUTER_KC ? in - k0 : OUTER_KC;
     for (long m = 0; m < ld; m += OUTER_MV * W) {
       const long v = (ld - m) / W < OUTER_MV ? (ld - m) / W : OUTER_MV;
-      long o = o0;
-      if (mv == 4) o = outer_blocks<OUTER_NB[4]>(xt, ld, w, in, k0, kc, m, v, o, o0, o1, st);
-      else if (mv == 3) o = outer_blocks<OUTER_NB[3]>(xt, ld, w, in, k0, kc, m, v, o, o0, o1, st);
-      else if (mv == 2) o = outer_blocks<OUTER_NB[2]>(xt, ld, w, in, k0, kc, m, v, o, o0, o1, st);
-      else o = outer_blocks<OUTER_NB[1]>(xt, ld, w, in, k0, kc, m, v, o, o0, o1, st);
-      o = outer_blocks<4>(xt, ld, w, in, k0, kc, m, v, o, o0, o1, st);  // what is left (o1 - o0 and blocks are even)
-      outer_blocks<2>(xt, ld, w, in, k0, kc, m, v, o, o0, o1, st);
+      if (v == 4) outer_chunk<4>(xt, ld, w, in, k0, kc, m, o0, o1, st);
+      else if (v == 3) outer_chunk<3>(xt, ld, w, in, k0, kc, m, o0, o1, st);
+      else if (v == 2) outer_chunk<2>(xt, ld, w, in, k0, kc, m, o0, o1, st);
+      else outer_chunk<1>(xt, ld, w, in, k0, kc, m, o0, o1, st);
     }
   }
   for (long r = 0; r < o1 - o0; r += W)
