@@ -433,6 +433,8 @@ constexpr long TILE_IG_COLS = 256;  // input columns at a time (B tiles and accu
 constexpr long TILE_IG_BLOCK_ROWS = 32;
 
 inline long ceil_to(long v, long m) { return (v + m - 1) / m * m; }
+// Rows of an expert's block of TILE_ROWS from row `first` that exist (its last block may be partial).
+inline long block_rows(long rows, long first) { return rows - first < TILE_ROWS ? rows - first : TILE_ROWS; }
 // Steps of TILE_K weight rows (the last one partial) of the tiles' input gradient over `out` rows.
 inline long tile_steps(long out) { return (out + TILE_K - 1) / TILE_K; }
 // uint32s of tiles_input_grad_blocks' interleaved weight: the B tiles of every step for TILE_IG_COLS columns.
@@ -556,11 +558,9 @@ void outer_forward(const float *xt, const float *w, float *y, long rows, long ou
   for (long k0 = 0; k0 < in; k0 += OUTER_KC) {
     const long kc = in - k0 < OUTER_KC ? in - k0 : OUTER_KC;
     for (long m = 0; m < ld; m += OUTER_MV * W) {
-      const long v = (ld - m) / W < OUTER_MV ? (ld - m) / W : OUTER_MV;
-      if (v == 4) outer_chunk<4>(xt, ld, w, in, k0, kc, m, o0, o1, st);
-      else if (v == 3) outer_chunk<3>(xt, ld, w, in, k0, kc, m, o0, o1, st);
-      else if (v == 2) outer_chunk<2>(xt, ld, w, in, k0, kc, m, o0, o1, st);
-      else outer_chunk<1>(xt, ld, w, in, k0, kc, m, o0, o1, st);
+      with_vecs<OUTER_MV>(int((ld - m) / W), [&](auto MV) {
+        outer_chunk<decltype(MV)::value>(xt, ld, w, in, k0, kc, m, o0, o1, st);
+      });
     }
   }
   for (long r = 0; r < o1 - o0; r += W)
@@ -568,7 +568,7 @@ void outer_forward(const float *xt, const float *w, float *y, long rows, long ou
       __m512 a[W];
       for (int i = 0; i < W; i++) a[i] = _mm512_load_ps(st + (r + i) * ld + v * W);
       transpose16(a);  // a[j]: outputs o0 + r .. + 16 of x's row 16 v + j
-      const long valid = rows - v * W < W ? rows - v * W : W;
+      const long valid = block_rows(rows, v * W);  // W is TILE_ROWS here
       for (long j = 0; j < valid; j++) store(y + (v * W + j) * out + o0 + r, a[j], true);
     }
 }
@@ -754,7 +754,7 @@ void tiles_forward(const uint32_t *packed, const bf16 *w, bf16 *y, long rows, lo
       if (n > 2) _tile_stored(2, acc[2], 64);
       if (n > 3) _tile_stored(3, acc[3], 64);
       for (long m = 0; m < n; m++) {
-        const long first = (m0 + m) * TILE_ROWS, valid = rows - first < TILE_ROWS ? rows - first : TILE_ROWS;
+        const long first = (m0 + m) * TILE_ROWS, valid = block_rows(rows, first);
         tiles_store_lines(acc[m], nullptr, y + first * out + o, out, valid);
       }
     }
@@ -793,7 +793,7 @@ void tiles_forward_2x2(const uint32_t *packed, const bf16 *w, bf16 *y, long rows
       for (int b = 0; b < (two_m ? 2 : 1); b++) {
         tiles_save(b, saved);
         if (two_o) tiles_save(2 + b, saved);
-        const long first = (m + b) * TILE_ROWS, valid = rows - first < TILE_ROWS ? rows - first : TILE_ROWS;
+        const long first = (m + b) * TILE_ROWS, valid = block_rows(rows, first);
         tiles_store_lines(saved[b], two_o ? saved[2 + b] : nullptr, y + first * out + o, out, valid);
       }
     }
@@ -978,7 +978,7 @@ void tiles_input_grad(const uint32_t *packed, const bf16 *w, bf16 *gx, long rows
         }
       }
       for (long m = 0; m < n; m++) {
-        const long first = (m0 + m) * TILE_ROWS, valid = rows - first < TILE_ROWS ? rows - first : TILE_ROWS;
+        const long first = (m0 + m) * TILE_ROWS, valid = block_rows(rows, first);
         for (long j = 0; j < valid; j++)
           for (long q = 0; q < groups; q++)
             tiles_columns(acc[m][2 * q] + j * TILE_ROWS, acc[m][2 * q + 1] + j * TILE_ROWS,
@@ -1025,7 +1025,7 @@ void tiles_input_grad_blocks(const uint32_t *packed, const bf16 *w, bf16 *gx, lo
         for (int h = 0; h < (two_m ? 2 : 1); h++) {
           tiles_save(2 * h, saved);
           tiles_save(2 * h + 1, saved);
-          const long first = (m + h) * TILE_ROWS, valid = rows - first < TILE_ROWS ? rows - first : TILE_ROWS;
+          const long first = (m + h) * TILE_ROWS, valid = block_rows(rows, first);
           for (long j = 0; j < valid; j++)
             tiles_columns(saved[2 * h] + j * TILE_ROWS, saved[2 * h + 1] + j * TILE_ROWS,
                           gx + (first + j) * in + i + q * TILE_K, true);
@@ -1342,20 +1342,16 @@ int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const
                   void *const *c, long out, long in, int threads) {
   if (op < 0 || op > 2 || dtype < 0 || dtype > 2 || n < 0 || out % 16 || in % 16 || out <= 0 || in <= 0) return -1;
   long unit = op == INPUT_GRAD ? IN_COLS : op == WEIGHT_GRAD ? WG_UNIT_ROWS : OUT_ROWS;
-  unit = op == WEIGHT_GRAD && unit > out ? out : unit;
-  if (op == FORWARD) {  // about FORWARD_UNIT_BYTES of weight in whole blocks of OUT_ROWS rows, at most all of it
+  if (op == FORWARD) {  // about FORWARD_UNIT_BYTES of weight in whole blocks of OUT_ROWS rows
     long bytes = in * (dtype == 0 ? 4 : 2), blocks = FORWARD_UNIT_BYTES / (bytes * OUT_ROWS);
     unit = blocks > 1 ? blocks * OUT_ROWS : OUT_ROWS;
-    unit = unit < out ? unit : out;
   }
   // On tiles: the bfloat16 forward and input gradient (in a multiple of TILE_K) and weight gradient.
   bool tiles = TILES && dtype == 1 && (op == WEIGHT_GRAD || in % TILE_K == 0);
   // The input gradient keeps the loops' units, which its experts with few rows take: in units of 256 columns they
   // ran 1.1-1.5x slower at 1-4 rows (measured).
-  if (tiles && op != INPUT_GRAD) {
-    unit = op == FORWARD ? TILE_UNIT_ROWS : TILE_GRAD_ROWS;
-    unit = unit < out ? unit : out;
-  }
+  if (tiles && op != INPUT_GRAD) unit = op == FORWARD ? TILE_UNIT_ROWS : TILE_GRAD_ROWS;
+  if (op != INPUT_GRAD && unit > out) unit = out;  // units of weight rows: at most all of them
   Task t{op, n, rows, a, b, c, out, in, unit, ((op == INPUT_GRAD ? in : out) + unit - 1) / unit, tiles,
          OUTER && op != INPUT_GRAD && dtype == 0};
   threads = threads > 0 ? threads : 1;
