@@ -1,10 +1,10 @@
 """What each trick of the cpu kernel buys: the Switch layer's training step with each one switched off.
 
 One process, every variant interleaved on identical weights and inputs, medians of --reps. Variants: the
-cpu kernel as shipped; without oneDNN's linear; without the huge-page buffer pool; without the native kernels for
-few rows per expert (skinny.cpp); without float32 compute for bfloat16 (which runs only where torch has no fast
-bfloat16 GEMM); with the cost model replaced by one bmm over all experts (span) or by pairs; the
-reference loop; the cuda kernel's grouped_mm (which runs on CPU too).
+cpu kernel as shipped; without oneDNN's linear; without MKL's batched GEMM; without the huge-page buffer pool;
+without the native kernels for few rows per expert (skinny.cpp); without float32 compute for bfloat16 (which runs
+only where torch has no fast bfloat16 GEMM); with the cost model replaced by one bmm over all experts (span) or by
+pairs; the reference loop; the cuda kernel's grouped_mm (which runs on CPU too).
 Usage: python benchmarks/bench_kernels.py [--dtype fp32|bf16] [--reps 7] [--out FILE]
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VARIANTS = {
     "cpu": CpuKernel(),
     "no oneDNN": CpuKernel(dnnl=False),
+    "no MKL batch": CpuKernel(mkl_batch=False),
     "no pool": CpuKernel(pool=False),
     "no native kernels": CpuKernel(native=False),
     "no float32 compute": CpuKernel(upcast=False),

@@ -360,7 +360,7 @@ def test_experts_paired_with_a_gap_get_their_input_gradient_without_a_weight_cop
     bmm copies it into a temporary first, so there the input gradient takes one mm per expert (as the forward does).
     Either way the gradients equal the reference's."""
     counts = [20, 3, 18, 5]  # pairs by count: experts (0, 2) and (3, 1), each pair strided
-    kernel = CpuKernel(batching="pairs", native=False, dnnl=False)  # torch's bmm / mm paths only
+    kernel = CpuKernel(batching="pairs", native=False, dnnl=False, mkl_batch=False)  # torch's bmm / mm paths only
     w = torch.randn(4, 64, 32).to(dtype)
     assert all(b.step > 1 for b in kernel.layout(counts, w).batches)
     strided = []

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from moeify.layers import memory
-from moeify.layers.kernels import Counts, host_counts, native, one_expert_linear
+from moeify.layers.kernels import Counts, host_counts, mkl, native, one_expert_linear
 from moeify.layers.memory import gradient_buffer, zero_pages_
 
 # Cost model for choosing how to batch experts into bmm calls, in units of "one padded row".
@@ -42,6 +42,18 @@ _FLOPS = 150e9
 DNNL_ROWS = {"avx512": {torch.float32: ((1, None), (3, None), (3, None))},
              "amx": {torch.float32: ((1, 64), (3, 16), (3, 64))},
              "avx2": {torch.float32: ((1, 512), (3, 512), None)}}
+
+# Below these rows per expert, the float32 GEMMs that would run on MKL one expert per call (above the native loops'
+# rows and oneDNN's) run as one call of MKL's batched GEMM (mkl.py), which hands MKL's threads whole experts: the
+# forward, and the input gradient where out > in. Measured on the AMX machine (twelfth session, docs/performance.md):
+# over 64 experts of 64-384 rows the forward took 0.85-0.98x the time of one mm per expert, that input gradient
+# 0.84-0.98x; in the layer's step at 8,192 tokens 4-15 ms less per linear at E 32-128 (34-288 rows), but more from
+# ~256 rows for that input gradient (+3 %) and at ~1,000 for the forward (+4-16 %). Where out <= in the input
+# gradient took 1.08x as long in the layer (E 64 / 8,192) though 0.89-0.98x alone; the weight gradient was even.
+MKL_BATCH_ROWS = {"amx": {torch.float32: (512, 192)}}
+# ... and only with this many experts in the call: 8 experts of ~128 rows took 1.06x as long batched (MKL's threads
+# then take whole experts of unequal sizes), 16 of them 0.96x, 32 of ~128 0.95x.
+MKL_BATCH_MIN_EXPERTS = 16
 
 
 def instruction_set() -> str:
@@ -248,15 +260,16 @@ class _GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, batches, dnnl, skinny, pool, upcast):
+    def forward(ctx, x, weight, bias, batches, dnnl, skinny, pool, upcast, batched):
         # x: (R, in), weight: (E, out, in), bias: (E, out); skinny: native.Skinny for few rows per expert, or None;
-        # upcast: x's GEMMs in float32, its weights widened batch by batch (no float32 copy of every expert)
+        # upcast: x's GEMMs in float32, its weights widened batch by batch (no float32 copy of every expert);
+        # batched: CpuKernel.mkl_batch_for()'s rows, or None
         ctx.batches, ctx.pool, ctx.skinny, ctx.dnnl, ctx.upcast = batches, pool, skinny, dnnl, upcast
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.batched = bias is not None, batched
         ctx.save_for_backward(x, weight)  # in x's own dtype: upcast widens it again in backward
         if upcast:
             return _forward(x.float(), weight, bias, batches, dnnl, skinny, pool, narrow=x).to(x.dtype)
-        return _forward(x, weight, bias, batches, dnnl, skinny, pool)
+        return _forward(x, weight, bias, batches, dnnl, skinny, pool, batched=batched)
 
     @staticmethod
     def backward(ctx, grad_y):  # grad_y: (R, out)
@@ -265,12 +278,13 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.upcast:
             x, grad_y = x.float(), grad_y.float()
         grad_x, grad_w, grad_b = _backward(ctx, x, weight, grad_y)
-        return _as(grad_x, dtype), grad_w, _as(grad_b, weight.dtype), None, None, None, None, None
+        return _as(grad_x, dtype), grad_w, _as(grad_b, weight.dtype), None, None, None, None, None, None
 
 
-def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
+def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None, batched=None):
     """_GroupedLinear's output in x's dtype (weights of another dtype widened to it per batch); narrow: x in the
-    weights' dtype, for the batches under UPCAST_MIN_ROWS rows, which then run unwidened."""
+    weights' dtype, for the batches under UPCAST_MIN_ROWS rows, which then run unwidened; batched: rows below which
+    MKL's GEMMs run as one batched call (MKL_BATCH_ROWS), or None."""
     one = _one_expert(batches)
     if one is not None and (op := _dnnl_at(dnnl, native.FORWARD, one.slots)) is not None:
         # oneDNN's own output is the result, not copied into a buffer of ours (a pass over the output: 1-2 % of a
@@ -283,6 +297,7 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
     y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)  # (R, out)
     if few:
         _native(skinny, native.FORWARD, few, weight, (x, True), (weight, False), (y, True))
+    gemms, biased = mkl.GemmBatch(mkl.function(), MKL_BATCH_MIN_EXPERTS) if batched else None, []
     for b in batches:
         rows = slice(b.row, b.row + b.k * b.slots)
         if b.slots <= limit:  # computed natively above: no views of its rows (a few us each, per batch)
@@ -299,6 +314,11 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
                 yb[j].copy_(op(xb[j], _as(weight[e], x.dtype), None if bias is None else _as(bias[e], x.dtype),
                                "none", [], ""))
             continue
+        if gemms is not None and b.slots < batched[0]:
+            for j in range(b.k):
+                gemms.add(xb[j], weight[b.first + j * b.step], yb[j], transpose_b=True)
+            biased += [(yb, b)] if bias is not None else []
+            continue
         if x.dtype != torch.float32 and (b.step > 1 or b.slots >= MM_MIN_ROWS):
             # Reduced-precision bmm copies a transposed weight view whose experts are not adjacent (a pair
             # with a gap) into a contiguous temporary first: 16x slower than one mm per expert here.
@@ -309,6 +329,10 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None):
             torch.bmm(xb, w, out=yb)
         else:
             torch.baddbmm(_as(_experts_view(bias, b), x.dtype).unsqueeze(1), xb, w, out=yb)
+    if gemms is not None:
+        gemms.run()
+        for yb, b in biased:
+            yb.add_(_experts_view(bias, b).unsqueeze(1))
     return y
 
 
@@ -350,6 +374,9 @@ def _backward(ctx, x, weight, grad_y):
     if few_w:
         _native(skinny, native.WEIGHT_GRAD, few_w, weight, (grad_y, True), (x, True), (grad_w, False))
     covered = [False] * weight.shape[0]
+    # MKL's batched GEMM takes the input gradient only where out > in (MKL_BATCH_ROWS)
+    gemms = mkl.GemmBatch(mkl.function(), MKL_BATCH_MIN_EXPERTS) if ctx.batched and weight.shape[1] > weight.shape[2] \
+        else None
     for b in batches:
         for j in range(b.k):
             covered[b.first + j * b.step] = True
@@ -369,6 +396,9 @@ def _backward(ctx, x, weight, grad_y):
                 # per expert; 9-17 ms of copies in an E 64 / 1,024-token training step; docs/performance.md).
                 for j, e in enumerate(experts):
                     torch.mm(g[j], _as(weight[e], x.dtype), out=gx[j])
+            elif dnnl is None and gemms is not None and b.slots < ctx.batched[1]:
+                for j, e in enumerate(experts):
+                    gemms.add(g[j], weight[e], gx[j], transpose_b=False)
             elif dnnl is None:
                 torch.bmm(g, _as(_experts_view(weight, b), x.dtype), out=gx)
             else:
@@ -384,6 +414,8 @@ def _backward(ctx, x, weight, grad_y):
                     grad_w[e].copy_(dnnl(g[j].t(), xb[j].t(), None, "none", [], ""))
         if grad_b is not None:
             torch.sum(g, dim=1, out=_experts_view(grad_b, b))
+    if gemms is not None:
+        gemms.run()
     if grad_w is not None and not w_zero:
         e = 0  # zero the uncovered experts, one call per run of them
         while e < len(covered):
@@ -499,6 +531,7 @@ class CpuLayout:
         one = _one_expert(self.batches) is not None
         upcast, compute = self.kernel.upcasts(x), self.kernel.compute(x)  # the kernel's paths are chosen for compute
         dnnl = self.kernel.dnnl_for(compute, x.device)
+        batched = self.kernel.mkl_batch_for(compute, weight.dtype, x.device)
         if weight.shape[0] == 1 and not upcast and dnnl is None:
             # One expert on torch's own GEMMs is the dense FFN: F.linear itself, without the plan's autograd Function
             # and its Python (bfloat16, E = 1 at 64 tokens: a forward 1.4 ms through the plan, 1.1 this way; where
@@ -506,7 +539,7 @@ class CpuLayout:
             return one_expert_linear(x, weight, bias)
         return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, dnnl,
                                     None if one else self.kernel.skinny_for(compute, x.device, weight),
-                                    self.kernel.pool, upcast)
+                                    self.kernel.pool, upcast, batched)
 
 
 @dataclass(frozen=True)
@@ -518,7 +551,8 @@ class CpuKernel:
     builds them;
     pool: large buffers from moeify.layers.memory's recycled huge-page mappings, else torch.empty;
     upcast: reduced-precision GEMMs computed in float32: None where reduced_is_native() says torch has no fast path for
-    the dtype here, True always (tests), False never. Each trick can be switched off, which is how
+    the dtype here, True always (tests), False never; mkl_batch: MKL's GEMMs of experts alone as one batched call
+    (MKL_BATCH_ROWS) where torch exports it (mkl.py). Each trick can be switched off, which is how
     benchmarks/bench_kernels.py measures what it buys."""
 
     batching: str = "auto"
@@ -527,6 +561,7 @@ class CpuKernel:
     native: bool = True
     pool: bool = True
     upcast: bool | None = None
+    mkl_batch: bool = True
     name: str = "cpu"
 
     def upcasts(self, x: torch.Tensor) -> bool:
@@ -549,6 +584,12 @@ class CpuKernel:
             return None
         op = dnnl_op()
         return None if op is None else (op, *rows)
+
+    def mkl_batch_for(self, compute: torch.dtype, dtype: torch.dtype, device: torch.device) -> tuple | None:
+        """MKL_BATCH_ROWS's (forward, input gradient) rows for GEMMs computed in `compute` on weights in `dtype` where
+        MKL's batched GEMM runs them here, else None."""
+        rows = MKL_BATCH_ROWS.get(instruction_set(), {}).get(compute) if compute == dtype else None
+        return rows if self.mkl_batch and rows and device.type == "cpu" and mkl.function() is not None else None
 
     def skinny_for(self, compute: torch.dtype, device: torch.device, weight: torch.Tensor) -> native.Skinny | None:
         """The native kernels when they may run a linear computed in `compute` on `weight` (a pair of dtypes they
