@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from moeify.layers import memory
 from moeify.layers.kernels import cpu, grouped_linear, native
 from moeify.layers.kernels.cpu import CpuKernel
 
@@ -108,6 +109,22 @@ def test_the_bits_depend_on_neither_alignment_nor_threads(kernel, mode, out, inp
                 assert all(torch.equal(a, e) for a, e in zip(got, want)), (offset, count)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_released_buffers_are_freed_and_laid_out_again(kernel, monkeypatch):
+    """The operands a call lays out stay for the next call until release() (or memory.empty_cache()) frees them;
+    the call after that lays them out afresh and computes the same bits."""
+    want, _ = _ops(kernel, "fp32", [40, 24], 64, 32)
+    kernel.release()
+    assert kernel.release() == 0  # nothing left to free
+    got, _ = _ops(kernel, "fp32", [40, 24], 64, 32)
+    assert all(torch.equal(a, e) for a, e in zip(got, want))
+    # AVX-512 builds lay out float32 operands from 16 rows (the outer products); AVX2 builds read them in place
+    assert (kernel.release() > 0) == (kernel.variant != "avx2")
+    _ops(kernel, "fp32", [40, 24], 64, 32)
+    monkeypatch.setattr(native, "_LOADED", [kernel])
+    memory.empty_cache()
+    assert kernel.release() == 0
 
 
 def test_bad_sizes_are_refused_not_computed(kernel):

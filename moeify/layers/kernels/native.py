@@ -97,6 +97,14 @@ class Skinny:
         self.dropout_fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
         self.dropout_fn.restype = ctypes.c_int
+        self.release_fn = lib.moeify_release
+        self.release_fn.argtypes = [ctypes.c_int]
+        self.release_fn.restype = ctypes.c_long
+
+    def release(self) -> int:
+        """Frees the operand buffers that the calling thread and its team of torch.get_num_threads() threads keep
+        between calls (the next call lays them out afresh); returns the bytes the calling thread held."""
+        return self.release_fn(torch.get_num_threads())
 
     def relu_dropout(self, op: int, src: torch.Tensor, y: torch.Tensor | None, dst: torch.Tensor, p: float,
                      seed: int = 0) -> None:
@@ -188,3 +196,8 @@ def skinny() -> Skinny | None:
     if not _LOADED:
         _LOADED.append(probe())
     return _LOADED[0]
+
+
+def loaded() -> Skinny | None:
+    """The kernels if an earlier call loaded them, without building or probing."""
+    return _LOADED[0] if _LOADED else None

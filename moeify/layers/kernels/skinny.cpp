@@ -1183,19 +1183,28 @@ struct Free {
 typedef std::unique_ptr<uint32_t[], Free> Buffer;
 Buffer buffer(long n) { return Buffer(static_cast<uint32_t *>(aligned_alloc(64, ceil_to(n * 4 + 4, 64)))); }
 
-// The calling thread's buffer `which` of at least n uint32s, kept from call to call and grown as needed (nullptr
-// without memory). A fresh one each call is a fresh mapping once it is large (glibc maps blocks above its threshold
-// anew, and raises the threshold to at most 32 MB), and its first touch faults every page: the weight gradient's
-// operands of 64 experts with 128 rows each are 42 MB.
+// Each thread's buffers, kept from call to call and grown as needed, until moeify_release frees them. A fresh one
+// each call is a fresh mapping once it is large (glibc maps blocks above its threshold anew, and raises the threshold
+// to at most 32 MB), and its first touch faults every page: the weight gradient's operands of 64 experts with 128
+// rows each are 42 MB.
+thread_local Buffer scratch_kept[SCRATCHES];
+thread_local long scratch_size[SCRATCHES] = {};
+
+// The calling thread's buffer `which` of at least n uint32s (nullptr without memory).
 uint32_t *scratch(long n, Scratch which) {
-  thread_local Buffer kept[SCRATCHES];
-  thread_local long size[SCRATCHES] = {};
-  if (n > size[which]) {
-    kept[which].reset();  // the old one first: never both at once
-    kept[which] = buffer(n);
-    size[which] = kept[which] ? n : 0;
+  if (n > scratch_size[which]) {
+    scratch_kept[which].reset();  // the old one first: never both at once
+    scratch_kept[which] = buffer(n);
+    scratch_size[which] = scratch_kept[which] ? n : 0;
   }
-  return kept[which].get();
+  return scratch_kept[which].get();
+}
+
+void release_scratch() {
+  for (int i = 0; i < SCRATCHES; i++) {
+    scratch_kept[i].reset();
+    scratch_size[i] = 0;
+  }
 }
 
 template <typename X, typename T>
@@ -1334,6 +1343,17 @@ extern "C" {
 
 // 1 where this CPU runs the instructions this build was compiled for.
 int moeify_skinny_supported() { return supported() ? 1 : 0; }
+
+// Frees the buffers kept between calls by the calling thread and by a team of `threads` OpenMP threads (the team
+// moeify_skinny runs with the same count). Returns the bytes the calling thread kept before.
+long moeify_release(int threads) {
+  long bytes = 0;
+  for (int i = 0; i < SCRATCHES; i++) bytes += scratch_size[i] * 4;
+  release_scratch();
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+  release_scratch();
+  return bytes;
+}
 
 // For each of n experts: op 0 c = a @ b.T (x, w -> y); op 1 c = a @ b (g, w -> gx); op 2 c = a.T @ b (g, x -> gw).
 // Every operand is contiguous; out and in are multiples of 16; dtype 0 float32, 1 bfloat16, 2 float32 activations
