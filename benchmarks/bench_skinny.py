@@ -48,11 +48,12 @@ def cases(kernel: native.Skinny, compute: torch.dtype, dtype: torch.dtype, out: 
 
     batches = [cpu._Batch(0, 1, EXPERTS, k, 0)]
     dnnl = cpu.CpuKernel().dnnl_for(compute, x.device)
+    batched = cpu.CpuKernel().mkl_batch_for(compute, dtype, x.device)
     narrow = None if compute == dtype else x.to(dtype)  # the upcast forward's unwidened rows
 
     def backward(need_x):
         ctx = SimpleNamespace(batches=batches, skinny=None, needs_input_grad=(need_x, not need_x, False), pool=True,
-                              dnnl=dnnl, has_bias=False)
+                              dnnl=dnnl, has_bias=False, batched=batched)
         return lambda: cpu._backward(ctx, x, w, gy)
     # ReLU in place on a (rows, out) output and its gradient: the native loops' bits against torch's relu_ and
     # threshold_backward, what cpu._ReLU runs without them (in place: after the first call both run on its output)
@@ -62,7 +63,7 @@ def cases(kernel: native.Skinny, compute: torch.dtype, dtype: torch.dtype, out: 
         "relu grad": (lambda: kernel.relu_dropout(native.RELU_GRAD, gy, h, hg, 0.0),
                       lambda: torch.ops.aten.threshold_backward.grad_input(gy, h, 0, grad_input=hg)),
         "forward": (native_op(native.FORWARD, x, w, y),
-                    lambda: cpu._forward(x, w, None, batches, dnnl, None, True, narrow)),
+                    lambda: cpu._forward(x, w, None, batches, dnnl, None, True, narrow, batched)),
         "input grad": (native_op(native.INPUT_GRAD, gy, w, gx), backward(True)),
         "weight grad": (native_op(native.WEIGHT_GRAD, gy, x, gw), backward(False)),
     }

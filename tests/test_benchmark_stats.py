@@ -121,3 +121,28 @@ def test_a_layer_training_step_gives_its_input_a_fresh_gradient(benchmarks):
     assert torch.allclose(x.grad, want)
     bench_layer.step(layer, x, backward=True)
     assert torch.allclose(x.grad, want)  # replaced, not accumulated
+
+
+def test_the_native_kernels_benchmark_times_each_op_both_ways(benchmarks, tmp_path, monkeypatch):
+    """bench_skinny runs each op natively and on the cpu kernel's own path (torch's GEMMs, oneDNN's, MKL's batched
+    one) and marks the rows that the cpu kernel gives the native loops (NATIVE_MAX_ROWS)."""
+    import sys
+
+    import torch
+
+    from moeify.layers.kernels import cpu, native
+
+    if native.skinny() is None:
+        pytest.skip("no native kernels on this machine")
+    bench_skinny = benchmarks("bench_skinny")
+    out = tmp_path / "skinny.md"
+    monkeypatch.setattr(sys, "argv", ["bench_skinny.py", "--modes", "fp32", "--rows", "1", "40", "--reps", "1",
+                                      "--out", str(out)])
+    bench_skinny.main()
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| fp32 |")]
+    assert [(r[1], r[2]) for r in rows] == [(shape, k) for shape in ("2048 x 512", "512 x 2048") for k in ("1", "40")]
+    for r in rows:
+        out_, in_ = map(int, r[1].split(" x "))
+        limits = cpu.native_max_rows(native.skinny(), torch.float32, torch.float32, out_, in_)
+        for cell, limit in zip(r[3:6], limits):  # forward, input grad, weight grad: "native / torch = ratio x[ *]"
+            assert " / " in cell and " = " in cell and cell.rstrip(" |").endswith("*") == (int(r[2]) <= limit), cell
