@@ -48,7 +48,7 @@ def test_the_probe_falls_back_silently(monkeypatch, fault):
     elif fault == "no library":
         monkeypatch.setattr(mkl, "LIBRARY", {})
     else:
-        monkeypatch.setattr(mkl, "_function", lambda: lambda *args: None)  # returns, writes nothing
+        monkeypatch.setattr(mkl, "_exported", lambda: lambda *args: None)  # returns, writes nothing
     assert mkl.probe() is None
     monkeypatch.setattr(mkl, "_PROBED", [])  # probed again on next use, under the patch
     monkeypatch.setattr(cpu, "instruction_set", lambda: "amx")

@@ -16,7 +16,7 @@ SYMBOL = "sgemm_batch_64"
 LIBRARY = {"linux": "libtorch_cpu.so", "darwin": "libtorch_cpu.dylib", "win32": "torch_cpu.dll"}
 
 
-def _function():
+def _exported():
     """The exported function, or None where this torch's library or the symbol is missing."""
     name = LIBRARY.get(sys.platform)
     try:
@@ -51,23 +51,23 @@ class GemmBatch:
         self._items, self._operands = [], []
 
     def _batched(self) -> None:
-        items = np.array(sorted(self._items), dtype=np.int64)
-        keys, sizes = np.unique(items[:, :7], axis=0, return_counts=True)  # sorted, as the items are
+        items = np.array(sorted(self._items), dtype=np.int64)  # each group's products side by side
+        keys, sizes = np.unique(items[:, :7], axis=0, return_counts=True)  # in the same order
         groups = len(keys)
-        transpose = np.frombuffer(b"NT", dtype="S1")[keys[:, 0]].copy()
-        no = np.full(groups, b"N", dtype="S1")
-        one, zero = np.ones(groups, np.float32), np.zeros(groups, np.float32)
-        arrays = [transpose, no, *(np.ascontiguousarray(keys[:, j]) for j in (1, 2, 3)), one,
-                  np.ascontiguousarray(items[:, 7]), np.ascontiguousarray(keys[:, 4]),
-                  np.ascontiguousarray(items[:, 8]), np.ascontiguousarray(keys[:, 5]), zero,
-                  np.ascontiguousarray(items[:, 9]), np.ascontiguousarray(keys[:, 6]),
-                  np.array([groups], dtype=np.int64), sizes.astype(np.int64)]
-        self._function(*(ctypes.c_void_p(array.ctypes.data) for array in arrays))
+        # In the call's own terms, column-major c.T = b.T @ a.T: its first operand is our b, its second our a.
+        transpose_a = np.frombuffer(b"NT", dtype="S1")[keys[:, 0]]
+        m, n, k, lda, ldb, ldc = keys[:, 1:7].T
+        a, b, c = items[:, 7:10].T
+        # The call reads each array by address: all stay referenced here until it returns.
+        arrays = [np.ascontiguousarray(v) for v in (
+            transpose_a, np.full(groups, b"N", dtype="S1"), m, n, k, np.ones(groups, np.float32), a, lda, b, ldb,
+            np.zeros(groups, np.float32), c, ldc, np.array([groups], dtype=np.int64), sizes.astype(np.int64))]
+        self._function(*(ctypes.c_void_p(v.ctypes.data) for v in arrays))
 
 
 def probe():
     """sgemm_batch_64 when this torch exports it and it computes both kinds of product right here, else None."""
-    function = _function()
+    function = _exported()
     if function is None:
         return None
     try:
