@@ -99,13 +99,13 @@ def test_each_op_equals_the_product_up_to_rounding(kernel, mode, rows, out, inp)
 def test_the_bits_depend_on_neither_alignment_nor_threads(kernel, mode, out, inp):
     """Each output element is summed in a fixed order of indices: where operands lie, and how many threads share the
     work, change nothing."""
-    want, _ = _ops(kernel, mode, [7, 3, 16, 40], out, inp)
+    want, _ = _ops(kernel, mode, [7, 3, 16, 40, 60], out, inp)
     threads = torch.get_num_threads()
     try:
         for offset in (1, 3, 8, 15):
             for count in (1, 3):
                 torch.set_num_threads(count)
-                got, _ = _ops(kernel, mode, [7, 3, 16, 40], out, inp, offset)
+                got, _ = _ops(kernel, mode, [7, 3, 16, 40, 60], out, inp, offset)
                 assert all(torch.equal(a, e) for a, e in zip(got, want)), (offset, count)
     finally:
         torch.set_num_threads(threads)

@@ -82,9 +82,11 @@ F32, BF16 = torch.float32, torch.bfloat16
 # <= in it is about even at 8-24 rows (1.01-1.06x) and ahead at 32-192 (0.92-0.96x at 32-128; bench_skinny, 2026-12-05,
 # tenth session), and in a layer's step at 16 rows 0.93-0.94x (E 64 / 1,024). Its float32 code is the AVX-512 build's,
 # with limits measured on the AMX machine's cores: the weight gradient wins to 128 / 128 rows on operands laid out for
-# it (0.60-0.93x torch's path at 64-128 rows, 1.01-1.04x at 192; eleventh session), the input gradient to 32 / 64
-# since it reads the weight in runs (0.45-0.94x torch's path at 4-32 rows; where out > in 1.23x at 48 since torch's
-# path takes MKL from 16 rows, DNNL_ROWS; where out <= in 0.94x at 64; eleventh session's bench_skinny), the forward
+# it (0.60-0.93x torch's path at 64-128 rows, 1.01-1.04x at 192; eleventh session), the input gradient to 32 / 128
+# since it reads the weight in runs and from 56 rows copies strips of it out first (0.45-0.94x torch's path at 4-32
+# rows; where out > in 1.22x at 48, torch's path there being MKL's batched GEMM from 16 rows, DNNL_ROWS and
+# MKL_BATCH_ROWS; where out <= in 0.82-0.91x at 64-128 against MKL's bmm over 64 equal experts, 1.02x at 192; the
+# layer's second linear's backward at E 128 / 8,192 0.94x, twelfth session), the forward
 # to 256 / 96 since it runs as outer products from 16 rows (0.59-0.65x torch's path at 16-24 rows, 0.74-0.90x at
 # 64-128 and 0.96-0.97x at 192-256 where out > in; 0.74-0.83x at 16-64 and 0.94-0.96x at 80-96 where out <= in, 1.03x
 # at 128; eleventh session). The AVX-512 machine's limits were measured with the column strips that the runs replaced
@@ -92,7 +94,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 NATIVE_MAX_ROWS = {
     "avx512": {(F32, F32): ((64, 16), (48, 128), (128, 64)), (BF16, BF16): ((16, 16), (8, 16), (4, 8))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},
-    "amx": {(F32, F32): ((256, 96), (32, 64), (128, 128)), (BF16, BF16): ((256, 192), (16, 192), (256, 384))},
+    "amx": {(F32, F32): ((256, 96), (32, 128), (128, 128)), (BF16, BF16): ((256, 192), (16, 192), (256, 384))},
 }
 
 
