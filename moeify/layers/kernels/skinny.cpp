@@ -620,6 +620,7 @@ void wgrad_packed(const float *gt, const float *xs, float *gw, long rows, long i
     }
   }
 }
+
 // The float32 input gradient from PANEL_MIN_ROWS rows (AVX-512): each strip of 64 of the unit's columns is first
 // copied out of the weight, row after row, into the thread's buffer (out x 64 floats, contiguous), and every block of
 // KB rows of g then sums over all of out in registers against it. Read in place, the strip's rows lie a row of the
@@ -656,12 +657,14 @@ void input_grad_packed(const float *g, const float *w, float *gx, long rows, lon
       if (o + PANEL_PACK_AHEAD < out)
         for (long line = 0; line < width * 4; line += 64)
           _mm_prefetch(reinterpret_cast<const char *>(w + (o + PANEL_PACK_AHEAD) * in + i0 + c) + line, _MM_HINT_T0);
-      for (long v = 0; v < width; v += W) _mm512_store_ps(panel + o * width + v, _mm512_loadu_ps(w + o * in + i0 + c + v));
+      for (long v = 0; v < width; v += W)
+        _mm512_store_ps(panel + o * width + v, _mm512_loadu_ps(w + o * in + i0 + c + v));
     }
     with_vecs(int(width / W), [&](auto C) {
       for (long k0 = 0; k0 < rows; k0 += KB)
         with_rows(int(rows - k0 < KB ? rows - k0 : KB), [&](auto K) {
-          input_grad_strip<decltype(K)::value, decltype(C)::value>(g + k0 * out, panel, gx + k0 * in + i0 + c, out, in);
+          input_grad_strip<decltype(K)::value, decltype(C)::value>(g + k0 * out, panel, gx + k0 * in + i0 + c, out,
+                                                                   in);
         });
     });
   }
@@ -675,7 +678,6 @@ constexpr long OUTER_MIN_ROWS = 0;
 inline long outer_ld(long rows) { return rows; }
 void outer_pack(const float *, float *, long, long) {}
 void outer_forward(const float *, const float *, float *, long, long, long, long, long, float *) {}
-void input_grad_packed(const float *, const float *, float *, long, long, long, long, long, float *) {}
 void wgrad_pack_x(const float *, float *, long, long) {}
 void wgrad_packed(const float *, const float *, float *, long, long, long, long) {}
 #endif
@@ -1115,10 +1117,13 @@ struct Task {
   bool outer;              // float32 forward and weight gradient on packed operands (AVX-512), from OUTER_MIN_ROWS rows
 };
 
-// One unit: t.unit output rows (forward, weight gradient) or input columns (input gradient) of one expert.
+// The calling thread's buffers (below): the tiles' or the outer products' packed operands, laid out by the calling
+// thread for every thread's units; tiles_input_grad_blocks' interleaved weight (or, in float32, input_grad_packed's
+// strip), and outer_forward's staging, each thread's own.
 enum Scratch { SCRATCH_PACKED, SCRATCH_INTERLEAVED, SCRATCH_STAGING, SCRATCHES };
 uint32_t *scratch(long n, Scratch which);
 
+// One unit: t.unit output rows (forward, weight gradient) or input columns (input gradient) of one expert.
 template <typename X, typename T>
 void run_unit(const Task &t, long u) {
   long e = u / t.per_expert, j = u % t.per_expert, rows = t.rows[e], out = t.out, in = t.in;
@@ -1175,10 +1180,6 @@ void tiles_pack_expert(const Task &t, long e, uint32_t *packed) {
   tiles_pack_transposed(a, packed, t.rows[e], t.out);
   tiles_pack_pairs(static_cast<const bf16 *>(t.b[e]), packed + row_pairs(t.rows[e]) * t.out, t.rows[e], t.in);
 }
-
-// The calling thread's buffers (below): the tiles' or the outer products' packed operands, laid out by the calling
-// thread for every thread's units; tiles_input_grad_blocks' interleaved weight and outer_forward's staging, each
-// thread's own.
 
 // One unit of a call on AMX tiles: the unit's weight rows for every row of its expert, on the tiles or, for
 // experts with few rows, by the loops above.
