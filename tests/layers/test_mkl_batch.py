@@ -97,3 +97,18 @@ def test_the_cpu_kernel_batches_mkl_experts_where_it_pays(monkeypatch, out, inp)
     added.clear()
     step(CpuKernel(native=False, mkl_batch=False))
     assert added == []
+
+
+@needs_mkl
+@pytest.mark.parametrize("machine, compute, weights, batched", [
+    ("amx", torch.float32, torch.float32, True),
+    ("amx", torch.bfloat16, torch.bfloat16, False),  # bfloat16 GEMMs are oneDNN's on the tiles there
+    ("amx", torch.float32, torch.bfloat16, False),  # float32 compute on bfloat16 weights widens them per expert
+    ("avx512", torch.float32, torch.float32, False),  # oneDNN takes every float32 GEMM there (DNNL_ROWS)
+    ("avx2", torch.float32, torch.float32, False),  # not measured there: MKL takes float32 only from 512 rows
+])
+def test_the_batch_runs_only_where_it_was_measured_to_pay(monkeypatch, machine, compute, weights, batched):
+    monkeypatch.setattr(cpu, "instruction_set", lambda: machine)
+    rows = CpuKernel().mkl_batch_for(compute, weights, torch.device("cpu"))
+    assert rows == (cpu.MKL_BATCH_ROWS["amx"][torch.float32] if batched else None)
+    assert CpuKernel(mkl_batch=False).mkl_batch_for(compute, weights, torch.device("cpu")) is None
