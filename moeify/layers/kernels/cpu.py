@@ -86,11 +86,11 @@ F32, BF16 = torch.float32, torch.bfloat16
 # since it reads the weight in runs and from 56 rows copies strips of it out first (0.45-0.94x torch's path at 4-32
 # rows; where out > in 1.22x at 48, torch's path there being MKL's batched GEMM from 16 rows, DNNL_ROWS and
 # MKL_BATCH_ROWS; where out <= in 0.82-0.91x at 64-128 against MKL's bmm over 64 equal experts, 1.02x at 192; the
-# layer's second linear's backward at E 128 / 8,192 0.94x, twelfth session), the forward
-# to 256 / 96 since it runs as outer products from 16 rows (0.59-0.65x torch's path at 16-24 rows, 0.74-0.90x at
-# 64-128 and 0.96-0.97x at 192-256 where out > in; 0.74-0.83x at 16-64 and 0.94-0.96x at 80-96 where out <= in, 1.03x
-# at 128; eleventh session). The AVX-512 machine's limits were measured with the column strips that the runs replaced
-# (not again: that machine is not at hand).
+# layer's second linear's backward at E 128 / 8,192 0.94x, twelfth session), the forward to 256 / 96 since it runs as
+# outer products from 16 rows (0.59-0.65x torch's path at 16-24 rows, 0.74-0.90x at 64-128 and 0.96-0.97x at 192-256
+# where out > in; 0.74-0.83x at 16-64 and 0.94-0.96x at 80-96 where out <= in, 1.03x at 128; eleventh session). The
+# AVX-512 machine's limits were measured with the column strips that the runs replaced (not again: that machine is not
+# at hand).
 NATIVE_MAX_ROWS = {
     "avx512": {(F32, F32): ((64, 16), (48, 128), (128, 64)), (BF16, BF16): ((16, 16), (8, 16), (4, 8))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},
