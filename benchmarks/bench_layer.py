@@ -4,7 +4,8 @@ All of them run in one process, interleaved, on identical weights and inputs; th
 medians and ratios. Beside them, the experts' GEMMs alone: torch.nn.functional.grouped_mm used directly on the rows
 the experts keep (no router, dispatch or combine), the roofline-like reference on CUDA; on the CPU, what the layer
 costs above its GEMMs (left out where torch's GEMM has no fast path for the dtype, as bfloat16 on AVX2: seconds a
-step). Batch 1 keeps capacity like-for-like: transformers counts capacity per
+step). At E = 1, the dense FFN with the least any Switch layer adds to it (a float32 router and the gate's multiply):
+the floor of the 1.15x-of-dense target. Batch 1 keeps capacity like-for-like: transformers counts capacity per
 sequence, moeify per batch. The roofline is measured in the same run: this machine's fastest GEMM rate and
 memory bandwidth; a point's bound is the larger of the FLOP time of capacity factor x the dense
 FFN's work and the time to move the expert weights (and in training their gradients). In training the input takes
@@ -47,6 +48,7 @@ RESOLVE_SECONDS, RESOLVE_REPS = 60.0, 200  # ... and more again while a target i
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU = torch.device("cpu")
 GROUPED = "grouped_mm"  # the experts' GEMMs alone (GroupedGemms)
+ROUTED = "dense + router"  # at E = 1: the dense FFN and the least a Switch layer adds to it (RoutedDense)
 
 
 def synchronizer(device: torch.device):
@@ -157,12 +159,15 @@ def targets(e: int) -> list[tuple[str, float, str]]:
 def verdicts(e: int, tokens: int, ratios: dict[str, list[float]], h: float, o: float, bound: float,
              routed: float) -> str:
     """Each target that applies to this point, from the paired ratios' intervals: met, MISS, not resolved, or out of
-    reach (half of transformers' median time under routed_bound); the roofline's from moeify's median."""
+    reach (half of transformers' median time under routed_bound; at E = 1, RoutedDense's whole interval over 1.15x
+    dense, in ratios[ROUTED]); the roofline's from moeify's median."""
     out = []
     for base, target, name in targets(e):
         said = verdict(ratios[base], target)
         if target == 0.5 and said != "met" and 0.5 * h < routed:
             out.append(f"0.5x out of reach ({0.5 * h:.1f} < bound {routed:.1f} ms)")
+        elif base == "dense" and said != "met" and ROUTED in ratios and verdict(ratios[ROUTED], target) == "missed":
+            out.append(f"1.15x dense out of reach (router and gate alone {statistics.median(ratios[ROUTED]):.2f}x)")
         else:
             out.append({"met": f"met {name}", "missed": f"MISS {name}"}.get(said, f"{name} not resolved"))
     if e <= 32 and tokens >= 1024:
@@ -192,6 +197,24 @@ class GroupedGemms(nn.Module):
         h = torch.relu(grouped_mm(rows, self.w_in.transpose(1, 2), self.offsets))
         # grouped_mm's backward refuses the zero-stride gradient that .sum() hands back: as the cuda kernel does
         return _ContiguousGrad.apply(grouped_mm(h, self.w_out.transpose(1, 2), self.offsets))
+
+
+class RoutedDense(nn.Module):
+    """At E = 1, the dense FFN and the least that any eager Switch layer adds to it: the router's logits in float32
+    (the paper's selective precision), their softmax and top-1, and the output times the gate (in bfloat16, the casts
+    to float32 and back). One expert takes every token, so nothing is dispatched. Its time over the dense FFN's is the
+    floor of a Switch layer's over it at E = 1: where that alone exceeds 1.15x, so must any such layer."""
+
+    def __init__(self, dense: nn.Module, router_weight: torch.Tensor) -> None:
+        super().__init__()
+        self.dense = dense
+        self.router = nn.Parameter(router_weight.detach().float().clone())  # (1, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        logits = nn.functional.linear(rows.float(), self.router)
+        gate = torch.softmax(logits, dim=-1).max(dim=-1, keepdim=True)[0]
+        return (self.dense(rows) * gate.to(x.dtype)).view(x.shape)
 
 
 def has_reference(dtype: torch.dtype, device: torch.device) -> bool:
@@ -259,6 +282,9 @@ def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype, device
     if dtype != torch.float32:  # moeify's router stays float32 through .to(); transformers routes in float32 too
         modules = {name: m.to(dtype) for name, m in modules.items()}
         inputs = {name: t.to(dtype) for name, t in inputs.items()}
+    if num_experts == 1:  # on the dense FFN's own module: its weights, in the run's dtype; the router's in float32
+        modules[ROUTED] = RoutedDense(modules["dense"], modules["moeify"].router.weight)
+        inputs[ROUTED] = inputs["dense"]
     # Leaves that take their gradient in training (the forward runs without autograd): without it every layer would
     # skip its first linear's input gradient, a sixth of the work that routed_bound() counts.
     inputs = {name: t.detach().requires_grad_() for name, t in inputs.items()}
@@ -321,7 +347,8 @@ def main() -> None:
     floor = op_floor(device) if device.type == "cuda" else None
     header = ["E", "tokens", "dtype", "mode", "rounds", "dense ms", "transformers ms", "moeify ms", "grouped_mm ms",
               "roofline ms", "moeify / transformers", "95 % interval", "moeify / dense", "moeify / grouped_mm",
-              "moeify / roofline", "routed bound ms", *(["ops dense / transformers / moeify"] if floor else []),
+              "dense + router / dense", "moeify / roofline", "routed bound ms",
+              *(["ops dense / transformers / moeify"] if floor else []),
               "targets"]
     points = []
     progress = Console(stderr=True)  # a line per point as it ends: a whole run takes an hour on a 2-core host
@@ -344,6 +371,8 @@ def main() -> None:
         for mode, backward in (("fwd", False), ("fwd+bwd", True)):
             ms = {n: statistics.median(res[n][mode]) * 1e3 for n in res}
             ratios = {base: paired(res["moeify"][mode], res[base][mode]) for base in bases}
+            if ROUTED in res:  # the floor's own ratio to dense, for verdicts()
+                ratios[ROUTED] = paired(res[ROUTED][mode], res["dense"][mode])
             ratio = {b: f"{statistics.median(ratios[b]):.2f}x" if b in ratios else "-" for b in (*bases, GROUPED)}
             h, o = ms["transformers"], ms["moeify"]
             bound = roofline(e, t, backward, dtype, rates[dtype_name], bw) * 1e3
@@ -352,7 +381,9 @@ def main() -> None:
                          milliseconds(ms["dense"]), milliseconds(h), milliseconds(o),
                          milliseconds(ms[GROUPED]) if GROUPED in ms else "-", milliseconds(bound),
                          ratio["transformers"], "{:.2f}-{:.2f}x".format(*interval(ratios["transformers"])),
-                         ratio["dense"], ratio[GROUPED], f"{o / bound:.2f}x", milliseconds(routed),
+                         ratio["dense"], ratio[GROUPED],
+                         f"{statistics.median(ratios[ROUTED]):.2f}x" if ROUTED in ratios else "-",
+                         f"{o / bound:.2f}x", milliseconds(routed),
                          *(["/".join(str(ops[n][mode]) for n in ("dense", "transformers", "moeify"))]
                            if floor else []),
                          verdicts(e, t, ratios, h, o, bound, routed)))
@@ -362,14 +393,16 @@ def main() -> None:
              + (f"; one op issued and run with no work {floor * 1e6:.1f} us (the host's floor per op: a step of N "
                 "ops takes at least N times it)." if floor else "."),
              "Ratios to transformers, dense and grouped_mm: the median over rounds of the two steps' ratio within a "
-             "round, and its 95 % interval (sign test); ms: medians. grouped_mm: the experts' two GEMMs and ReLU alone "
-             "on the rows they keep, by torch.nn.functional.grouped_mm used directly ('-' where torch's GEMM has no "
-             "fast path for the dtype). Targets: moeify / transformers <= 0.5x at E >= 64 and <= 1x "
-             "everywhere, met where the whole interval is at or under the target, MISS where all of it is over, "
-             "else not resolved; moeify / roofline <= 1.5x at >= 1024 tokens for E <= 32; E = 1 within 1.15x of "
-             "dense. 'Out of reach': half of transformers' time is below the routed bound (the kept tokens' FLOPs at "
-             "the fastest GEMM rate, or the used experts' weights moved once), which no implementation on this "
-             "machine can beat."]
+             "round, and its 95 % interval (sign test); ms: medians. grouped_mm: the experts' two GEMMs and ReLU alone"
+             " on the rows they keep, by torch.nn.functional.grouped_mm used directly ('-' where torch's GEMM has no "
+             "fast path for the dtype). dense + router (E = 1): the dense FFN with the least a Switch layer adds, a "
+             "float32 router's logits, softmax and top-1 and the gate's multiply, over the dense FFN. Targets: moeify "
+             "/ transformers <= 0.5x at E >= 64 and <= 1x everywhere, met where the whole interval is at or under the "
+             "target, MISS where all of it is over, else not resolved; moeify / roofline <= 1.5x at >= 1024 tokens for"
+             " E <= 32; E = 1 within 1.15x of dense. 'Out of reach': half of transformers' time is below the routed "
+             "bound (the kept tokens' FLOPs at the fastest GEMM rate, or the used experts' weights moved once), which "
+             "no implementation on this machine can beat; at E = 1, dense + router alone over 1.15x dense in its whole"
+             " interval, which no eager Switch layer can beat."]
     report(f"SwitchFFN d_model={D_MODEL} d_ff={D_FF}, capacity factor {CAPACITY_FACTOR}, batch 1, {machine(device)}, "
            f"{args.reps} rounds of the modules or as many as fit in {args.resolve_seconds:.0f} s (more until they "
            f"took {MIN_SECONDS:.0f} s, up to {MAX_REPS}; more again while a target is not resolved, up to "

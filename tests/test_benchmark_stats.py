@@ -53,6 +53,37 @@ def test_the_layer_benchmark_names_each_verdict(benchmarks):
         "<1x transformers not resolved; MISS 0.5x"
 
 
+def test_e1_is_out_of_reach_only_where_the_router_alone_misses_it(benchmarks):
+    bench_layer = benchmarks("bench_layer")
+    slow = {"transformers": [0.80, 0.85, 0.90, 0.92, 0.95], "dense": [1.20, 1.25, 1.30, 1.35, 1.40]}
+    floor = {**slow, bench_layer.ROUTED: [1.16, 1.18, 1.20, 1.22, 1.25]}
+    assert bench_layer.verdicts(1, 64, floor, 100.0, 90.0, 30.0, 10.0) == \
+        "met <1x transformers; 1.15x dense out of reach (router and gate alone 1.20x)"
+    # the floor's interval reaches 1.15x: a layer as lean as it could meet the target, so the miss stands
+    spans = {**slow, bench_layer.ROUTED: [1.05, 1.10, 1.20, 1.22, 1.25]}
+    assert bench_layer.verdicts(1, 64, spans, 100.0, 90.0, 30.0, 10.0) == "met <1x transformers; MISS 1.15x dense"
+    met = {**floor, "dense": [1.00, 1.05, 1.10, 1.12, 1.14]}  # under the floor (its own backward is faster): met
+    assert bench_layer.verdicts(1, 64, met, 100.0, 90.0, 30.0, 10.0) == "met <1x transformers; met 1.15x dense"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_routed_dense_floor_computes_the_one_expert_layer(benchmarks, dtype):
+    """RoutedDense is the E = 1 layer's arithmetic (every gate is 1 and one expert takes every token) on the dense
+    FFN's own weights, its router in float32 in any dtype; its backward reaches the router's weight."""
+    import torch
+
+    bench_layer = benchmarks("bench_layer")
+    dtype = getattr(torch, dtype)
+    modules = bench_layer.build(1, 16, torch.device("cpu"))
+    layer, dense = modules["moeify"].to(dtype), modules["dense"].to(dtype)
+    floor = bench_layer.RoutedDense(dense, layer.router.weight)
+    x = torch.randn(1, 16, bench_layer.D_MODEL).to(dtype)
+    assert floor.router.dtype == torch.float32 and floor.dense is dense
+    torch.testing.assert_close(floor(x), layer(x))
+    floor(x).sum().backward()
+    assert floor.router.grad is not None and dense[0].weight.grad is not None
+
+
 def test_the_grouped_gemms_reference_computes_the_rows_the_layer_keeps(benchmarks):
     """grouped_mm used directly on the kept rows, gated and put back in place, is the layer's output: the same rows,
     grouped by expert, on the same weights (capacity factor 1 drops some)."""
@@ -92,6 +123,10 @@ def test_a_point_times_every_module_each_round(benchmarks, monkeypatch):
     assert bench_layer.has_reference(torch.float32, torch.device("cpu"))
     assert bench_layer.has_reference(torch.bfloat16, torch.device("cuda"))
     assert not any(bench_layer.has_reference(d, torch.device("cuda")) for d in (torch.float32, torch.float16))
+    # at E = 1 the dense FFN with a router runs too: the floor of the 1.15x-of-dense target
+    times, _, _ = bench_layer.measure(1, 64, 2, torch.float32, resolve_seconds=0.5)
+    assert set(times) == {"dense", "transformers", "moeify", "grouped_mm", bench_layer.ROUTED}
+    assert all(len(t[mode]) >= 2 for t in times.values() for mode in ("fwd", "fwd+bwd"))
 
 
 def test_ops_are_counted_per_step_with_backward_and_milliseconds_keep_two_digits_under_one(benchmarks):

@@ -4,6 +4,19 @@ from __future__ import annotations
 import torch
 
 from moeify.layers import memory
+from moeify.layers.kernels import records_grad
+
+
+def _pooled_combine(y: torch.Tensor, gate: torch.Tensor, token_index: torch.Tensor | None, num_tokens: int,
+                    accumulate: bool) -> torch.Tensor:
+    """_PooledGatedCombine's forward without its autograd node."""
+    gated = torch.mul(y, gate.unsqueeze(-1), out=memory.gradient_buffer(y)[0])
+    if token_index is None:
+        return gated
+    out, is_zero = memory.empty((num_tokens, y.shape[-1]), y.dtype, y.device)
+    if not is_zero:
+        out.zero_()  # tokens with no kept choice stay exactly zero: the residual carries them
+    return out.index_add_(0, token_index, gated) if accumulate else out.index_copy_(0, token_index, gated)
 
 
 class _PooledGatedCombine(torch.autograd.Function):
@@ -16,13 +29,7 @@ class _PooledGatedCombine(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, gate: torch.Tensor, token_index: torch.Tensor | None, num_tokens: int,
                 accumulate: bool) -> torch.Tensor:
         ctx.save_for_backward(y, gate, token_index)
-        gated = torch.mul(y, gate.unsqueeze(-1), out=memory.gradient_buffer(y)[0])
-        if token_index is None:
-            return gated
-        out, is_zero = memory.empty((num_tokens, y.shape[-1]), y.dtype, y.device)
-        if not is_zero:
-            out.zero_()  # tokens with no kept choice stay exactly zero: the residual carries them
-        return out.index_add_(0, token_index, gated) if accumulate else out.index_copy_(0, token_index, gated)
+        return _pooled_combine(y, gate, token_index, num_tokens, accumulate)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -44,7 +51,9 @@ def gated_combine(y: torch.Tensor, gate: torch.Tensor, token_index: torch.Tensor
     added) to row token_index[a] of zeros; with token_index None, y * gate itself (K = num_tokens). `pool`: the
     kernel takes its large buffers from memory's recycled ones, and so does this where they are large."""
     if pool and memory.pools(tuple(y.shape), y.dtype, y.device):
-        return _PooledGatedCombine.apply(y, gate, token_index, num_tokens, accumulate)
+        if records_grad(y, gate):
+            return _PooledGatedCombine.apply(y, gate, token_index, num_tokens, accumulate)
+        return _pooled_combine(y, gate, token_index, num_tokens, accumulate)
     # Plain ops where no buffer would be pooled: a custom node's Python cost an E 1 / 64-token step 2-3 %.
     gated = y * gate.unsqueeze(-1)
     if token_index is None:

@@ -38,6 +38,9 @@ def test_pooled_node_equals_plain_ops(monkeypatch, dtype, form):
     else:
         expected.index_add_(0, index, y0.double() * gate0.double()[:, None])
     torch.testing.assert_close(plain.double(), expected, rtol=1e-2, atol=1e-2)
+    with torch.no_grad():  # without autograd the pooled arithmetic runs without its node: the same bits
+        unrecorded = gated_combine(y0, gate0, index, tokens, accumulate=form == "add", pool=True)
+    assert unrecorded.grad_fn is None and torch.equal(unrecorded, pooled)
     if form == "copy":
         dropped = torch.ones(tokens, dtype=torch.bool)
         dropped[index] = False

@@ -105,6 +105,40 @@ def test_the_cuda_kernel_takes_grouped_mm_when_widths_allow(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("counts", [[70], [0, 0, 70, 0]], ids=["one expert", "all in one of four"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype, upcast", [(torch.float32, None), (torch.bfloat16, True)], ids=["fp32", "bf16 widened"])
+def test_one_expert_taking_every_row_runs_its_gemms_alone(counts, bias, dtype, upcast):
+    """Without oneDNN (as from 64 rows on AMX), one expert with every row takes one mm per GEMM, outside the plan's
+    batches: the reference's results, and with E = 1 the dense F.linear's output bit for bit."""
+    kernel = CpuKernel(dnnl=False, upcast=upcast)
+    assert_agree(run(kernel, counts, False, bias, dtype, nn.ReLU), run("reference", counts, False, bias, dtype,
+                                                                           nn.ReLU), dtype)
+    if len(counts) == 1 and dtype == torch.float32:
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*shape, generator=g).requires_grad_() for shape in ((70, 16), (1, 8, 16), (1, 8)))
+        y = grouped_linear(x, w, b if bias else None, counts, kernel)
+        want = nn.functional.linear(x, w[0], b[0] if bias else None)
+        assert torch.equal(y, want)
+        grads = torch.autograd.grad(y.sum(), (x, w))
+        assert all(torch.equal(got, need) for got, need in zip(grads, torch.autograd.grad(want.sum(), (x, w))))
+
+
+@pytest.mark.parametrize("counts", [[70], [3, 0, 5, 0, 1, 0, 0, 7]], ids=["one expert", "empty experts"])
+def test_without_autograd_the_cpu_kernel_runs_no_function_node(monkeypatch, counts):
+    """Under no_grad the plan's Functions are not built, and the results are the same bits."""
+    g = torch.Generator().manual_seed(0)
+    ex = Experts(len(counts), D_MODEL, D_FF, nn.ReLU())
+    ex.reset_parameters(1.0, g)
+    x = torch.randn(sum(counts), D_MODEL, generator=g)
+    kernel = CpuKernel(dnnl=False)
+    with_grad = ex(x, counts, kernel)
+    assert with_grad.grad_fn is not None
+    for function in (cpu._GroupedLinear, cpu._ReLU):
+        monkeypatch.setattr(function, "apply", lambda *a: pytest.fail("an autograd Function without autograd"))
+    with torch.no_grad():
+        assert torch.equal(ex(x, counts, kernel), with_grad)
+
 
 def test_the_cuda_kernel_runs_one_expert_as_the_dense_gemm_without_offsets(monkeypatch):
     monkeypatch.setattr(cuda.F, "grouped_mm", lambda *a, **kw: pytest.fail("grouped_mm for one expert"))
@@ -146,6 +180,7 @@ def test_one_expert_on_torchs_gemms_is_the_dense_linear(monkeypatch, dtype):
     assert torch.equal(y, want)  # what the dense FFN computes, bit for bit
     y.sum().backward()
     assert torch.equal(w.grad[0], torch.autograd.grad(want.sum(), w)[0][0])
+
 
 def test_auto_and_unknown_kernels():
     assert get_kernel("auto", torch.device("cpu")).name == "cpu"

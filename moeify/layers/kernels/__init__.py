@@ -68,6 +68,13 @@ def one_expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return torch.nn.functional.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
 
 
+def records_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors. Where it does not (inference, torch.no_grad), a kernel runs
+    its custom autograd Function's forward as a plain function: the node's Python cost an E = 1 / 64-token float32
+    forward 3-6 % (docs/performance.md)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def host_counts(counts: Counts) -> list[int]:
     """Counts as a Python list: free for a list, a device sync for a CUDA tensor (host-planned kernels only)."""
     return counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from moeify.layers import memory
-from moeify.layers.kernels import Counts, host_counts, mkl, native, one_expert_linear
+from moeify.layers.kernels import Counts, host_counts, mkl, native, one_expert_linear, records_grad
 from moeify.layers.memory import gradient_buffer, zero_pages_
 
 # Cost model for choosing how to batch experts into bmm calls, in units of "one padded row".
@@ -269,9 +269,7 @@ class _GroupedLinear(torch.autograd.Function):
         ctx.batches, ctx.pool, ctx.skinny, ctx.dnnl, ctx.upcast = batches, pool, skinny, dnnl, upcast
         ctx.has_bias, ctx.batched = bias is not None, batched
         ctx.save_for_backward(x, weight)  # in x's own dtype: upcast widens it again in backward
-        if upcast:
-            return _forward(x.float(), weight, bias, batches, dnnl, skinny, pool, narrow=x).to(x.dtype)
-        return _forward(x, weight, bias, batches, dnnl, skinny, pool, batched=batched)
+        return _linear(x, weight, bias, batches, dnnl, skinny, pool, upcast, batched)
 
     @staticmethod
     def backward(ctx, grad_y):  # grad_y: (R, out)
@@ -283,17 +281,27 @@ class _GroupedLinear(torch.autograd.Function):
         return _as(grad_x, dtype), grad_w, _as(grad_b, weight.dtype), None, None, None, None, None, None
 
 
+def _linear(x, weight, bias, batches, dnnl, skinny, pool, upcast, batched):
+    """_GroupedLinear's forward without its autograd node (what it computes where no gradient is needed)."""
+    if upcast:
+        return _forward(x.float(), weight, bias, batches, dnnl, skinny, pool, narrow=x).to(x.dtype)
+    return _forward(x, weight, bias, batches, dnnl, skinny, pool, batched=batched)
+
+
 def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None, batched=None):
     """_GroupedLinear's output in x's dtype (weights of another dtype widened to it per batch); narrow: x in the
     weights' dtype, for the batches under UPCAST_MIN_ROWS rows, which then run unwidened; batched: rows below which
     MKL's GEMMs run as one batched call (MKL_BATCH_ROWS), or None."""
     one = _one_expert(batches)
-    if one is not None and (op := _dnnl_at(dnnl, native.FORWARD, one.slots)) is not None:
-        # oneDNN's own output is the result, not copied into a buffer of ours (a pass over the output: 1-2 % of a
-        # one-expert layer).
-        e = one.first
-        b_e = None if bias is None else _as(bias[e], x.dtype)
-        return op(x, _as(weight[e], x.dtype), b_e, "none", [], "")
+    if one is not None and (narrow is None or one.slots >= UPCAST_MIN_ROWS):
+        # One expert takes every row: its one GEMM, with none of the plan's Python (a tenth of an E = 1 / 64-token
+        # float32 forward). oneDNN's own output is the result, not copied into a buffer of ours (a pass over the
+        # output: 1-2 % of a one-expert layer); else torch's mm, as the dense FFN's F.linear computes it.
+        w_e, b_e = _as(weight[one.first], x.dtype), None if bias is None else _as(bias[one.first], x.dtype)
+        if (op := _dnnl_at(dnnl, native.FORWARD, one.slots)) is not None:
+            return op(x, w_e, b_e, "none", [], "")
+        y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)
+        return torch.mm(x, w_e.t(), out=y) if b_e is None else torch.addmm(b_e, x, w_e.t(), out=y)
     limit = native_max_rows(skinny, x.dtype, weight.dtype, *weight.shape[1:])[0]
     few = _native_rows(batches, limit)
     y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)  # (R, out)
@@ -357,13 +365,26 @@ def _backward(ctx, x, weight, grad_y):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     grad_y = grad_y.contiguous()
     one = _one_expert(batches)
-    if weight.shape[0] == 1 and one is not None and (op := _dnnl_at(ctx.dnnl, native.INPUT_GRAD, one.slots)):
-        # E = 1, as in the forward: oneDNN's (or MKL's) fresh results are the gradients, not copied into buffers of
-        # ours (a pass over the weight's gradient: 0.2-0.5 ms of a 64-token step of t5-small's FFN).
-        op_w = _dnnl_at(ctx.dnnl, native.WEIGHT_GRAD, one.slots)
-        grad_w = (op_w(grad_y.t(), x.t(), None, "none", [], "") if op_w else grad_y.t().mm(x)) if need_w else None
-        return (op(grad_y, _as(weight[0], x.dtype).t(), None, "none", [], "") if need_x else None,
-                _as(grad_w, weight.dtype).unsqueeze(0) if need_w else None,
+    if weight.shape[0] == 1 and one is not None:
+        # E = 1, as in the forward: each gradient one GEMM. oneDNN's fresh results are the gradients, not copied into
+        # buffers of ours (a pass over the weight's gradient: 0.2-0.5 ms of a 64-token step of t5-small's FFN); MKL's
+        # write into them. The weight's comes out in its own (out, in) layout, where the dense FFN's autograd
+        # computes its transpose and copies it.
+        op, op_w = (_dnnl_at(ctx.dnnl, gemm, one.slots) for gemm in (native.INPUT_GRAD, native.WEIGHT_GRAD))
+        grad_x = grad_w = None
+        if need_x:
+            w = _as(weight[0], x.dtype)
+            grad_x = op(grad_y, w.t(), None, "none", [], "") if op else \
+                torch.mm(grad_y, w, out=memory.empty(tuple(x.shape), x.dtype, x.device, ctx.pool)[0])
+        if need_w and op_w:
+            grad_w = _as(op_w(grad_y.t(), x.t(), None, "none", [], ""), weight.dtype).unsqueeze(0)
+        elif need_w:
+            grad_w = gradient_buffer(weight, ctx.pool)[0]
+            if grad_w.dtype == x.dtype:
+                torch.mm(grad_y.t(), x, out=grad_w[0])
+            else:
+                grad_w[0].copy_(grad_y.t().mm(x))
+        return (grad_x, grad_w,
                 grad_y.sum(0, keepdim=True) if need_b and ctx.has_bias else None)
     grad_x = memory.empty(tuple(x.shape), x.dtype, x.device, ctx.pool)[0] if need_x else None  # (R, in)
     grad_w, w_zero = gradient_buffer(weight, ctx.pool) if need_w else (None, True)  # (E, out, in)
@@ -430,6 +451,17 @@ def _backward(ctx, x, weight, grad_y):
     return grad_x, grad_w, grad_b
 
 
+def _relu_(h: torch.Tensor, p: float, skinny: native.Skinny | None) -> torch.Tensor:
+    """_ReLU's forward without its autograd node: relu, then dropout(p) where skinny runs it, on h in place."""
+    if skinny is None:
+        return torch.relu_(h)
+    if p == 0:
+        skinny.relu_dropout(native.RELU, h, None, h, p)
+    else:
+        skinny.relu_dropout(native.RELU_DROPOUT, h, None, h, p, seed=int(torch.randint(2 ** 62, ())))
+    return h
+
+
 class _ReLU(torch.autograd.Function):
     """ReLU in place on a _GroupedLinear output (a fresh buffer autograd saved nowhere), its gradient in a pooled
     buffer: a fresh (R, d_ff) tensor either way costs first-touch page faults, a tenth of a large layer's forward
@@ -444,13 +476,7 @@ class _ReLU(torch.autograd.Function):
     def forward(ctx, h, pool, p, skinny):
         ctx.mark_dirty(h)
         ctx.pool, ctx.p, ctx.skinny = pool, p, skinny
-        if skinny is None:
-            torch.relu_(h)
-        elif p == 0:
-            skinny.relu_dropout(native.RELU, h, None, h, p)
-        else:
-            skinny.relu_dropout(native.RELU_DROPOUT, h, None, h, p, seed=int(torch.randint(2 ** 62, ())))
-        ctx.save_for_backward(h)
+        ctx.save_for_backward(_relu_(h, p, skinny))
         return h
 
     @staticmethod
@@ -523,7 +549,7 @@ class CpuLayout:
             skinny = self.kernel.skinny_dropout(h, dropout) if _one_expert(self.batches) is None else None
         else:
             skinny = self.kernel.skinny_relu(h)
-        y = _ReLU.apply(h, self.kernel.pool, dropout, skinny)
+        y = _ReLU.apply(h, self.kernel.pool, dropout, skinny) if records_grad(h) else _relu_(h, dropout, skinny)
         return torch.nn.functional.dropout(y, dropout, training=True) if dropout and skinny is None else y
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -539,9 +565,9 @@ class CpuLayout:
             # and its Python (bfloat16, E = 1 at 64 tokens: a forward 1.4 ms through the plan, 1.1 this way; where
             # oneDNN's linear runs float32 the plan keeps it: 0.78x dense at 8,192 tokens, F.linear 0.96x).
             return one_expert_linear(x, weight, bias)
-        return _GroupedLinear.apply(x.contiguous(), weight, bias, self.batches, dnnl,
-                                    None if one else self.kernel.skinny_for(compute, x.device, weight),
-                                    self.kernel.pool, upcast, batched)
+        args = (x.contiguous(), weight, bias, self.batches, dnnl,
+                None if one else self.kernel.skinny_for(compute, x.device, weight), self.kernel.pool, upcast, batched)
+        return _GroupedLinear.apply(*args) if records_grad(x, weight, bias) else _linear(*args)
 
 
 @dataclass(frozen=True)
