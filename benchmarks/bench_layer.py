@@ -20,6 +20,7 @@ Usage: python benchmarks/bench_layer.py [--reps 5] [--experts ...] [--tokens ...
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -288,8 +289,8 @@ def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype, device
     if dtype != torch.float32:  # moeify's router stays float32 through .to(); transformers routes in float32 too
         modules = {name: m.to(dtype) for name, m in modules.items()}
         inputs = {name: t.to(dtype) for name, t in inputs.items()}
-    if num_experts == 1:  # on the dense FFN's own module: its weights, in the run's dtype; the router's in float32
-        modules[ROUTED] = RoutedDense(modules["dense"], modules["moeify"].router.weight)
+    if num_experts == 1:  # on a copy of the dense FFN (shared weights would be warm in cache for whichever runs second)
+        modules[ROUTED] = RoutedDense(copy.deepcopy(modules["dense"]), modules["moeify"].router.weight)
         inputs[ROUTED] = inputs["dense"]
     # Leaves that take their gradient in training (the forward runs without autograd): without it every layer would
     # skip its first linear's input gradient, a sixth of the work that routed_bound() counts.
