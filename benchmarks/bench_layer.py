@@ -48,6 +48,7 @@ RESOLVE_SECONDS, RESOLVE_REPS = 60.0, 200  # ... and more again while a target i
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU = torch.device("cpu")
+BATCHES = 4  # distinct inputs per point, one per round in turn (measure())
 GROUPED = "grouped_mm"  # the experts' GEMMs alone (GroupedGemms)
 ROUTED = "dense + router"  # at E = 1: the dense FFN and the least a Switch layer adds to it (RoutedDense)
 
@@ -125,7 +126,7 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def ops_per_step(module: nn.Module, x: torch.Tensor, backward: bool) -> int:
+def ops_per_step(module: nn.Module, x: tuple[torch.Tensor, ...], backward: bool) -> int:
     """The ops one step of module issues (forward, or forward and backward)."""
     with _Ops() as ops:
         step(module, x, backward)
@@ -185,25 +186,25 @@ def verdicts(e: int, tokens: int, ratios: dict[str, list[float]], h: float, o: f
 class GroupedGemms(nn.Module):
     """The experts' two GEMMs and ReLU over the rows they keep, by torch.nn.functional.grouped_mm used directly, on
     copies of the layer's expert weights: what the layer computes without routing, dispatch or combine. Its input is
-    the kept rows grouped by expert (rows(), computed once, outside the clock)."""
+    (rows, offsets): a batch's kept rows grouped by expert and each expert's end row (inputs(), outside the clock)."""
 
-    def __init__(self, layer: SwitchFFN, x: torch.Tensor) -> None:
+    def __init__(self, layer: SwitchFFN) -> None:
         super().__init__()
         self.w_in = nn.Parameter(layer.experts.w_in.detach().clone())  # (E, d_ff, d_model)
         self.w_out = nn.Parameter(layer.experts.w_out.detach().clone())  # (E, d_model, d_ff)
+
+    @staticmethod
+    def inputs(layer: SwitchFFN, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, offsets) of x's (T, d_model) tokens as the layer's float32 router keeps them."""
         with torch.no_grad():
             plan = dispatch(layer.router(x).expert_index, layer.num_experts, layer.capacity(x.shape[0]))
-        self.register_buffer("offsets", torch.tensor(plan.counts, device=x.device).cumsum(0).to(torch.int32))
-        self.token_index = plan.token_index
+        offsets = torch.tensor(plan.counts, device=x.device).cumsum(0).to(torch.int32)
+        return x.index_select(0, plan.token_index), offsets
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x's (T, d_model) rows that the experts keep, grouped by expert."""
-        return x.index_select(0, self.token_index)
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(grouped_mm(rows, self.w_in.transpose(1, 2), self.offsets))
+    def forward(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(grouped_mm(rows, self.w_in.transpose(1, 2), offsets))
         # grouped_mm's backward refuses the zero-stride gradient that .sum() hands back: as the cuda kernel does
-        return _ContiguousGrad.apply(grouped_mm(h, self.w_out.transpose(1, 2), self.offsets))
+        return _ContiguousGrad.apply(grouped_mm(h, self.w_out.transpose(1, 2), offsets))
 
 
 class RoutedDense(nn.Module):
@@ -258,52 +259,61 @@ def build(num_experts: int, tokens: int, device: torch.device):
     return modules
 
 
-def step(module: nn.Module, x: torch.Tensor, backward: bool, sync=lambda: None) -> float:
+def step(module: nn.Module, x: tuple[torch.Tensor, ...], backward: bool, sync=lambda: None) -> float:
+    """Seconds of one step of module on its arguments x (the first takes the gradient)."""
     module.zero_grad(set_to_none=True)
     sync()
     t0 = time.perf_counter()
     if backward:
-        x.grad = None  # a fresh gradient each step, as the layer below would receive it
-        module(x).sum().backward()
+        x[0].grad = None  # a fresh gradient each step, as the layer below would receive it
+        module(*x).sum().backward()
     else:
         with torch.no_grad():
-            module(x)
+            module(*x)
     sync()
     return time.perf_counter() - t0
 
 
 def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype, device: torch.device = CPU,
             resolve_seconds: float = RESOLVE_SECONDS) -> tuple[dict, tuple[int, int], dict]:
-    """Each round's seconds by module and mode, (kept tokens, experts used) of the routing, and on CUDA the ops
-    a step of each module issues by mode (on a GPU these layers' steps are bound by issuing them)."""
+    """Each round's seconds by module and mode, (kept tokens, experts used) of the routing that keeps the least, and on
+    CUDA the ops a step of each module issues by mode (on a GPU these layers' steps are bound by issuing them).
+
+    Round r feeds every module batch r % BATCHES: a model's layer sees new tokens every step, so the experts that
+    get tokens change. With one batch throughout, whatever a layer leaves for experts without tokens (memory released
+    or kept) would cost it nothing, where in training those experts get tokens a few steps later."""
     modules = build(num_experts, tokens, device)
-    x = torch.randn(1, tokens, D_MODEL, generator=torch.Generator().manual_seed(1)).to(device)
-    routed = routing(modules["moeify"], x)
-    with torch.no_grad():  # the comparison is only meaningful if both layers agree (in float32: bf16 may flip ties)
-        diff = (modules["moeify"](x) - modules["transformers"](x)).abs().max().item()
-    assert diff < 1e-4, f"moeify and transformers disagree by {diff} at E={num_experts}, T={tokens}"
-    inputs = dict.fromkeys(modules, x)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(1, tokens, D_MODEL, generator=g).to(device) for _ in range(BATCHES)]
+    routes = [routing(modules["moeify"], x) for x in xs]
+    routed = (min(kept for kept, _ in routes), min(used for _, used in routes))  # the least work: a lower bound
+    for x in xs:  # the comparison is only meaningful if both layers agree (in float32: bf16 may flip ties)
+        with torch.no_grad():
+            diff = (modules["moeify"](x) - modules["transformers"](x)).abs().max().item()
+        assert diff < 1e-4, f"moeify and transformers disagree by {diff} at E={num_experts}, T={tokens}"
+    inputs = {name: [(x,) for x in xs] for name in modules}
     if has_reference(dtype, device):  # the kept rows as moeify's float32 router chose them, before any cast
-        modules[GROUPED] = GroupedGemms(modules["moeify"], x[0])
-        inputs[GROUPED] = modules[GROUPED].rows(x[0])
+        modules[GROUPED] = GroupedGemms(modules["moeify"])
+        inputs[GROUPED] = [GroupedGemms.inputs(modules["moeify"], x[0]) for x in xs]
     if dtype != torch.float32:  # moeify's router stays float32 through .to(); transformers routes in float32 too
         modules = {name: m.to(dtype) for name, m in modules.items()}
-        inputs = {name: t.to(dtype) for name, t in inputs.items()}
+        inputs = {name: [(x[0].to(dtype), *x[1:]) for x in batches] for name, batches in inputs.items()}
     if num_experts == 1:  # on a copy of the dense FFN (shared weights would be warm in cache for whichever runs second)
         modules[ROUTED] = RoutedDense(copy.deepcopy(modules["dense"]), modules["moeify"].router.weight)
         inputs[ROUTED] = inputs["dense"]
     # Leaves that take their gradient in training (the forward runs without autograd): without it every layer would
     # skip its first linear's input gradient, a sixth of the work that routed_bound() counts.
-    inputs = {name: t.detach().requires_grad_() for name, t in inputs.items()}
+    inputs = {name: [(x[0].detach().requires_grad_(), *x[1:]) for x in batches] for name, batches in inputs.items()}
     sync = synchronizer(device)
     times: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwd+bwd": []} for n in modules}
     ops: dict[str, dict[str, int]] = {n: {} for n in modules}
     names = list(modules)
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
-        for name in names:  # warm-up
-            step(modules[name], inputs[name], backward, sync)
+        for name in names:  # warm-up, on every batch
+            for x in inputs[name]:
+                step(modules[name], x, backward, sync)
             if device.type == "cuda":
-                ops[name][mode] = ops_per_step(modules[name], inputs[name], backward)
+                ops[name][mode] = ops_per_step(modules[name], inputs[name][0], backward)
 
         def spent() -> float:
             return sum(sum(t[mode]) for t in times.values())
@@ -320,7 +330,7 @@ def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype, device
         while (r < reps and (r == 0 or spent() < resolve_seconds) or r < MAX_REPS and spent() < MIN_SECONDS
                or r < RESOLVE_REPS and spent() < resolve_seconds and unresolved()):
             for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order each round
-                times[name][mode].append(step(modules[name], inputs[name], backward, sync))
+                times[name][mode].append(step(modules[name], inputs[name][r % BATCHES], backward, sync))
             r += 1
     return times, routed, ops
 

@@ -92,17 +92,20 @@ def test_the_grouped_gemms_reference_computes_the_rows_the_layer_keeps(benchmark
 
     from moeify.config import RoutingConfig
     from moeify.layers import SwitchFFN
+    from moeify.layers.dispatch import dispatch
 
     bench_layer = benchmarks("bench_layer")
     torch.manual_seed(0)
     layer = SwitchFFN(16, 32, RoutingConfig(num_experts=4, capacity_factor=1.0, min_capacity=1), nn.ReLU()).train()
     x = torch.randn(24, 16)
-    reference = bench_layer.GroupedGemms(layer, x)
-    rows = reference.rows(x)
+    reference = bench_layer.GroupedGemms(layer)
+    rows, offsets = reference.inputs(layer, x)
     assert 0 < rows.shape[0] < 24  # some tokens dropped, so the selection matters
-    y = reference(rows)
-    gate = layer.router(x).gate[:, 0]
-    out = torch.zeros(24, 16).index_copy(0, reference.token_index, y * gate[reference.token_index, None])
+    y = reference(rows, offsets)
+    route = layer.router(x)
+    kept = dispatch(route.expert_index, 4, layer.capacity(24)).token_index
+    assert offsets.tolist() == torch.bincount(route.expert_index[kept, 0], minlength=4).cumsum(0).tolist()
+    out = torch.zeros(24, 16).index_copy(0, kept, y * route.gate[kept, 0, None])
     torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-6)
     y.sum().backward()  # grouped_mm's backward takes .sum()'s gradient
     assert reference.w_in.grad.shape == layer.experts.w_in.shape and reference.w_in.grad.abs().sum() > 0
@@ -123,6 +126,17 @@ def test_a_point_times_every_module_each_round(benchmarks, monkeypatch):
     assert bench_layer.has_reference(torch.float32, torch.device("cpu"))
     assert bench_layer.has_reference(torch.bfloat16, torch.device("cuda"))
     assert not any(bench_layer.has_reference(d, torch.device("cuda")) for d in (torch.float32, torch.float16))
+    # each round feeds every module the same batch, a new one from round to round (BATCHES of them in turn)
+    seen = []
+    monkeypatch.setattr(bench_layer, "step", lambda module, x, *a: seen.append((type(module).__name__, x[0])) or 1e-3)
+    bench_layer.measure(8, 64, 2 * bench_layer.BATCHES, torch.float32, resolve_seconds=1.0)
+    warm_up = 4 * bench_layer.BATCHES  # the forward's: each of the 4 modules on every batch, then the rounds
+    rounds = [seen[i:i + 4] for i in range(warm_up, warm_up + 4 * (bench_layer.BATCHES + 1), 4)]
+    firsts = [[x for name, x in r if name != "GroupedGemms"] for r in rounds]  # the reference takes the kept rows
+    assert all(torch.equal(xs[0], x) for xs in firsts for x in xs[1:])  # one batch per round...
+    assert not torch.equal(firsts[0][0], firsts[1][0]) and torch.equal(firsts[0][0], firsts[-1][0])  # ...in turn
+    monkeypatch.undo()
+    monkeypatch.setattr(bench_layer, "MIN_SECONDS", 0.0)
     # at E = 1 the dense FFN with a router runs too: the floor of the 1.15x-of-dense target
     times, _, _ = bench_layer.measure(1, 64, 2, torch.float32, resolve_seconds=0.5)
     assert set(times) == {"dense", "transformers", "moeify", "grouped_mm", bench_layer.ROUTED}
@@ -136,9 +150,9 @@ def test_ops_are_counted_per_step_with_backward_and_milliseconds_keep_two_digits
     bench_layer = benchmarks("bench_layer")
     dense = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 8, bias=False))
     x = torch.randn(4, 8)
-    forward, training = bench_layer.ops_per_step(dense, x, False), bench_layer.ops_per_step(dense, x, True)
+    forward, training = bench_layer.ops_per_step(dense, (x,), False), bench_layer.ops_per_step(dense, (x,), True)
     assert forward >= 3 and training > 2 * forward  # two GEMMs and a ReLU at least; backward adds their gradients
-    assert bench_layer.ops_per_step(dense, x, False) == forward  # the same step issues the same ops
+    assert bench_layer.ops_per_step(dense, (x,), False) == forward  # the same step issues the same ops
     assert [bench_layer.milliseconds(v) for v in (0.0412, 0.5, 1.04, 12.345)] == ["0.04", "0.50", "1.0", "12.3"]
 
 
@@ -151,10 +165,10 @@ def test_a_layer_training_step_gives_its_input_a_fresh_gradient(benchmarks):
     bench_layer = benchmarks("bench_layer")
     layer = nn.Linear(4, 3)
     x = torch.randn(2, 4).requires_grad_()
-    bench_layer.step(layer, x, backward=True)
+    bench_layer.step(layer, (x,), backward=True)
     want = layer.weight.detach().sum(0).expand(2, 4)  # d sum(x @ W.T + b) / dx
     assert torch.allclose(x.grad, want)
-    bench_layer.step(layer, x, backward=True)
+    bench_layer.step(layer, (x,), backward=True)
     assert torch.allclose(x.grad, want)  # replaced, not accumulated
 
 

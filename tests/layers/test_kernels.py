@@ -7,7 +7,7 @@ from torch import nn
 
 from moeify.config import MoEConfig, RoutingConfig
 from moeify.errors import MoeifyError
-from moeify.layers import Experts, SwitchFFN
+from moeify.layers import Experts, SwitchFFN, memory
 from moeify.layers.kernels import cpu, cuda, get_kernel, grouped_linear, native
 from moeify.layers.kernels.cpu import CpuKernel
 
@@ -122,6 +122,30 @@ def test_one_expert_taking_every_row_runs_its_gemms_alone(counts, bias, dtype, u
         assert torch.equal(y, want)
         grads = torch.autograd.grad(y.sum(), (x, w))
         assert all(torch.equal(got, need) for got, need in zip(grads, torch.autograd.grad(want.sum(), (x, w))))
+
+
+@pytest.mark.parametrize("counts, hands_back", [([3, 0, 5, 0, 1, 0, 0, 7], False), ([0, 0, 0, 9, 0, 0, 0, 0], True)],
+                         ids=["most experts with rows", "few"])
+def test_experts_without_rows_get_zero_gradients_written_or_handed_back(monkeypatch, counts, hands_back):
+    """Where few experts have rows, the weight gradient's other experts are zeroed by handing their pages back; where
+    most do, by writing zeros (a page handed back is zeroed again by the kernel when next written). Either way they
+    read as zero in a reused buffer that held other values."""
+    monkeypatch.setattr(memory, "_MIN_BYTES", 1)  # every buffer from the recycled mappings
+    memory.empty_cache()
+    kernel, handed = CpuKernel(native=False, dnnl=False), []
+    real = cpu.zero_pages_
+    monkeypatch.setattr(cpu, "zero_pages_", lambda t: handed.append(t.shape[0]) or real(t))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(len(counts), D_FF, D_MODEL, generator=g).requires_grad_()
+    x = torch.randn(sum(counts), D_MODEL, generator=g)
+    grouped_linear(torch.randn(8, D_MODEL), w, None, [1] * 8, kernel).sum().backward()  # fills a buffer everywhere
+    w.grad = None  # ...which goes back to the cache, and comes out again below
+    grouped_linear(x, w, None, counts, kernel).sum().backward()
+    want = torch.autograd.grad(grouped_linear(x, w, None, counts, "reference").sum(), w)[0]
+    torch.testing.assert_close(w.grad, want)
+    assert not w.grad[[c == 0 for c in counts]].any()
+    assert bool(handed) == hands_back
+    memory.empty_cache()
 
 
 @pytest.mark.parametrize("counts", [[70], [3, 0, 5, 0, 1, 0, 0, 7]], ids=["one expert", "empty experts"])
