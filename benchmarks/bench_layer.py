@@ -10,6 +10,7 @@ sequence, moeify per batch. The roofline is measured in the same run: this machi
 memory bandwidth; a point's bound is the larger of the FLOP time of capacity factor x the dense
 FFN's work and the time to move the expert weights (and in training their gradients). In training the input takes
 its gradient, as a layer's inside a model does: each step runs the six GEMMs (three weight reads) that the bounds count.
+Each round feeds every module a new batch (BATCHES of them in turn), as a model's layer sees new tokens every step.
 Each round runs them back to back (the order rotating); ratios are the median of the rounds' own ratios, with a
 95 % interval, as the host's speed drifts over seconds. Each point runs --reps rounds, or as many as fit in 60 s
 (one at least), more for short steps (until they took 3 s, up to 50), and more again while a target's interval
