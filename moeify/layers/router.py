@@ -59,10 +59,12 @@ class Router(nn.Module):
         truncated_normal_(self.weight, math.sqrt(scale / self.weight.shape[1]), generator)
 
     def forward(self, x: torch.Tensor) -> RouterOutput:  # x: (T, d_model)
+        # Autocast would run the linear in bf16/fp16. Its off-switch is entered only where it is on: a context that
+        # changes nothing costs ~2 us, 0.3 % of an E = 1 layer at 64 tokens.
         if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):  # autocast would run the linear in bf16/fp16
+            with torch.autocast(x.device.type, enabled=False):
                 return self._route(x)
-        return self._route(x)  # (entering a context that changes nothing costs ~2 us, a layer's 0.3 % at 64 tokens)
+        return self._route(x)
 
     def _route(self, x: torch.Tensor) -> RouterOutput:
         x = x.to(self.router_dtype)
