@@ -103,8 +103,8 @@ def bandwidth(device: torch.device, reps: int = 5) -> float:
     that a busy moment cannot lower the bounds that declare a target out of reach."""
     src, dst = torch.ones(64 << 20, device=device), torch.empty(64 << 20, device=device)
     rows, v = src.view(-1, 2048), torch.ones(2048, device=device)
-    copy = 2 * src.nbytes / min(timed(lambda: dst.copy_(src), device, reps))
-    return max(copy, src.nbytes / min(timed(lambda: torch.mv(rows, v), device, reps)))
+    copied = 2 * src.nbytes / min(timed(lambda: dst.copy_(src), device, reps))
+    return max(copied, src.nbytes / min(timed(lambda: torch.mv(rows, v), device, reps)))
 
 
 def op_floor(device: torch.device) -> float:
