@@ -148,6 +148,31 @@ def test_experts_without_rows_get_zero_gradients_written_or_handed_back(monkeypa
     memory.empty_cache()
 
 
+@pytest.mark.skipif(native.skinny() is None, reason="needs the native kernels (an x86 CPU and a C++ compiler)")
+@pytest.mark.parametrize("counts, runs", [([0, 0, 0, 9, 0, 0, 2, 0], [3, 2, 1]), ([0, 5, 0, 3], [1, 1])])
+def test_with_the_native_kernels_experts_without_rows_get_streamed_zeros(monkeypatch, counts, runs):
+    """With the native loops, each run of experts outside the plan's batches is zeroed by their streamed stores, at
+    any coverage (faster than both ways above), in a reused buffer that held other values; no page is handed back."""
+    monkeypatch.setattr(memory, "_MIN_BYTES", 1)
+    memory.empty_cache()
+    skinny, zeroed = native.skinny(), []
+    monkeypatch.setattr(cpu, "zero_pages_", lambda t: pytest.fail("a page handed back"))
+    real = type(skinny).zero_
+    monkeypatch.setattr(type(skinny), "zero_", lambda self, t: zeroed.append(t.shape[0]) or real(self, t))
+    kernel = CpuKernel(dnnl=False, batching="each")  # each expert with rows alone: the others are zeroed
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(len(counts), D_FF, D_MODEL, generator=g).requires_grad_()
+    x = torch.randn(sum(counts), D_MODEL, generator=g)
+    ones = [1] * len(counts)
+    grouped_linear(torch.randn(len(counts), D_MODEL), w, None, ones, kernel).sum().backward()  # fills a buffer everywhere
+    w.grad = None  # ...which goes back to the cache, and comes out again below
+    grouped_linear(x, w, None, counts, kernel).sum().backward()
+    want = torch.autograd.grad(grouped_linear(x, w, None, counts, "reference").sum(), w)[0]
+    torch.testing.assert_close(w.grad, want)
+    assert zeroed == runs
+    memory.empty_cache()
+
+
 @pytest.mark.parametrize("counts", [[70], [3, 0, 5, 0, 1, 0, 0, 7]], ids=["one expert", "empty experts"])
 def test_without_autograd_the_cpu_kernel_runs_no_function_node(monkeypatch, counts):
     """Under no_grad the plan's Functions are not built, and the results are the same bits."""

@@ -127,6 +127,24 @@ def test_released_buffers_are_freed_and_laid_out_again(kernel, monkeypatch):
     assert kernel.release() == 0
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("start, nbytes", [(0, 0), (5, 3), (1, 64), (0, 64), (13, 3 << 20), (64, (3 << 20) + 7)])
+def test_zero_writes_zeros_over_exactly_the_tensor(kernel, start, nbytes, threads):
+    """Streamed zeros from any address, over partial lines at either end, whole lines and megabytes split between
+    threads; the bytes either side keep their values."""
+    buffer = torch.randint(1, 256, (start + nbytes + 70,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    before = buffer.clone()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    part = buffer[start:start + nbytes]
+    try:
+        assert kernel.zero_(part) is part
+    finally:
+        torch.set_num_threads(previous)
+    assert not buffer[start:start + nbytes].any()
+    assert torch.equal(buffer[:start], before[:start]) and torch.equal(buffer[start + nbytes:], before[start + nbytes:])
+
+
 def test_bad_sizes_are_refused_not_computed(kernel):
     rows, empty = np.array([1], dtype=np.int64), np.zeros(1, dtype=np.int64)
     with pytest.raises(ValueError, match="refused op 0 with out=24, in=16"):

@@ -56,13 +56,15 @@ MKL_BATCH_ROWS = {"amx": {torch.float32: (512, 192)}}
 MKL_BATCH_MIN_EXPERTS = 16
 
 
-# From this fraction of experts with rows, the weight gradient's other experts are zeroed by writing zeros rather than
-# by handing their pages back to the kernel (memory.zero_pages_). A page handed back costs nothing now, but the kernel
-# zeroes it again when it is next written, a few steps later, when that expert gets tokens: on the AMX host at 4.4
-# GB/s (huge pages), against 13 GB/s for writing zeros. So the pages pay where few experts have rows (each is seldom
-# written again soon) and writing pays where most do. Training steps of t5-small's FFN at 64 tokens, float32, a new
-# batch each step (thirteenth session): E 64 (about 63 % of experts with rows) 49 ms writing against 61-83 handing
-# back; E 128 (about 39 %) 89 against 94-122; E 256 (about 22 %) 155 against 133-142.
+# Without the native loops (whose streamed zeros, at 50 GB/s on the AMX host, beat both ways below at every point
+# measured: E 64 / 64 float32 training 43 ms against 52 and 63, E 128 62 against 92 and 95, E 256 88 against 140 and
+# 118-157; docs/performance.md), from this fraction of experts with rows the weight gradient's other experts are
+# zeroed by writing zeros rather than by handing their pages back to the kernel (memory.zero_pages_). A page handed
+# back costs nothing now, but the kernel zeroes it again when it is next written, a few steps later, when that expert
+# gets tokens: on the AMX host at 4.4 GB/s (huge pages), against 13 GB/s for writing zeros. So the pages pay where few
+# experts have rows (each is seldom written again soon) and writing pays where most do. Training steps of t5-small's
+# FFN at 64 tokens, float32, a new batch each step (thirteenth session): E 64 (about 63 % of experts with rows) 49 ms
+# writing against 61-83 handing back; E 128 (about 39 %) 89 against 94-122; E 256 (about 22 %) 155 against 133-142.
 ZERO_BY_WRITING_MIN_COVERED = 0.3
 
 
@@ -450,9 +452,13 @@ def _backward(ctx, x, weight, grad_y):
     if gemms is not None:
         gemms.run()
     if grad_w is not None and not w_zero:
-        # Zero the uncovered experts, one call per run of them: by writing zeros where most experts have rows, else by
-        # handing their pages back (ZERO_BY_WRITING_MIN_COVERED).
-        zero = torch.Tensor.zero_ if sum(covered) >= ZERO_BY_WRITING_MIN_COVERED * len(covered) else zero_pages_
+        # Zero the uncovered experts, one call per run of them: with the native loops' streamed stores, else by
+        # writing zeros where most experts have rows and by handing their pages back where few do
+        # (ZERO_BY_WRITING_MIN_COVERED).
+        if skinny is not None:
+            zero = skinny.zero_
+        else:
+            zero = torch.Tensor.zero_ if sum(covered) >= ZERO_BY_WRITING_MIN_COVERED * len(covered) else zero_pages_
         e = 0
         while e < len(covered):
             start = e
