@@ -164,8 +164,9 @@ def test_with_the_native_kernels_experts_without_rows_get_streamed_zeros(monkeyp
     w = torch.randn(len(counts), D_FF, D_MODEL, generator=g).requires_grad_()
     x = torch.randn(sum(counts), D_MODEL, generator=g)
     ones = [1] * len(counts)
-    grouped_linear(torch.randn(len(counts), D_MODEL), w, None, ones, kernel).sum().backward()  # fills a buffer everywhere
-    w.grad = None  # ...which goes back to the cache, and comes out again below
+    # fills a buffer everywhere, which goes back to the cache, and comes out again below
+    grouped_linear(torch.randn(len(counts), D_MODEL), w, None, ones, kernel).sum().backward()
+    w.grad = None
     grouped_linear(x, w, None, counts, kernel).sum().backward()
     want = torch.autograd.grad(grouped_linear(x, w, None, counts, "reference").sum(), w)[0]
     torch.testing.assert_close(w.grad, want)

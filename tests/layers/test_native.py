@@ -132,7 +132,8 @@ def test_released_buffers_are_freed_and_laid_out_again(kernel, monkeypatch):
 def test_zero_writes_zeros_over_exactly_the_tensor(kernel, start, nbytes, threads):
     """Streamed zeros from any address, over partial lines at either end, whole lines and megabytes split between
     threads; the bytes either side keep their values."""
-    buffer = torch.randint(1, 256, (start + nbytes + 70,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    buffer = torch.randint(1, 256, (start + nbytes + 70,), dtype=torch.uint8, generator=g)
     before = buffer.clone()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
