@@ -13,6 +13,7 @@ $PY benchmarks/bench_kernels.py --experts 64 128 256 --tokens 64 256 --without r
 $PY benchmarks/bench_kernels.py --dtype bf16 --experts 64 128 256 --tokens 64 256 --without reference grouped_mm \
     --out benchmarks/results/bench_kernels_small_bf16.md  # the same in bfloat16
 $PY benchmarks/bench_skinny.py                    # the native kernels' ops against torch's, by rows per expert
+$PY benchmarks/bench_zeroing.py                   # zeroing the experts without tokens: each way, in training steps
 $PY benchmarks/bench_model.py                     # one training step of t5-small and its Switch-8 conversion
 $PY benchmarks/profile_step.py                    # where that step's time goes
 $PY benchmarks/bench_convert.py                   # conversion and loading: wall time and peak RSS

@@ -4,6 +4,7 @@ import importlib
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -70,8 +71,6 @@ def test_e1_is_out_of_reach_only_where_the_router_alone_misses_it(benchmarks):
 def test_the_routed_dense_floor_computes_the_one_expert_layer(benchmarks, dtype):
     """RoutedDense is the E = 1 layer's arithmetic (every gate is 1 and one expert takes every token) on the dense
     FFN's own weights, its router in float32 in any dtype; its backward reaches the router's weight."""
-    import torch
-
     bench_layer = benchmarks("bench_layer")
     dtype = getattr(torch, dtype)
     modules = bench_layer.build(1, 16, torch.device("cpu"))
@@ -87,7 +86,6 @@ def test_the_routed_dense_floor_computes_the_one_expert_layer(benchmarks, dtype)
 def test_the_grouped_gemms_reference_computes_the_rows_the_layer_keeps(benchmarks):
     """grouped_mm used directly on the kept rows, gated and put back in place, is the layer's output: the same rows,
     grouped by expert, on the same weights (capacity factor 1 drops some)."""
-    import torch
     from torch import nn
 
     from moeify.config import RoutingConfig
@@ -112,8 +110,6 @@ def test_the_grouped_gemms_reference_computes_the_rows_the_layer_keeps(benchmark
 
 
 def test_a_point_times_every_module_each_round(benchmarks, monkeypatch):
-    import torch
-
     bench_layer = benchmarks("bench_layer")
     monkeypatch.setattr(bench_layer, "MIN_SECONDS", 0.0)
     # 2 rounds at least (each ~0.1 s), more while a target is not resolved, up to 1 s
@@ -144,7 +140,6 @@ def test_a_point_times_every_module_each_round(benchmarks, monkeypatch):
 
 
 def test_ops_are_counted_per_step_with_backward_and_milliseconds_keep_two_digits_under_one(benchmarks):
-    import torch
     from torch import nn
 
     bench_layer = benchmarks("bench_layer")
@@ -159,7 +154,6 @@ def test_ops_are_counted_per_step_with_backward_and_milliseconds_keep_two_digits
 def test_a_layer_training_step_gives_its_input_a_fresh_gradient(benchmarks):
     """bench_layer's training step backpropagates into the input, as a layer inside a model does (the bounds count
     that GEMM), and each step's gradient is that step's alone, not a sum over steps."""
-    import torch
     from torch import nn
 
     bench_layer = benchmarks("bench_layer")
@@ -177,8 +171,6 @@ def test_the_native_kernels_benchmark_times_each_op_both_ways(benchmarks, tmp_pa
     one) and marks the rows that the cpu kernel gives the native loops (NATIVE_MAX_ROWS)."""
     import sys
 
-    import torch
-
     from moeify.layers.kernels import cpu, native
 
     if native.skinny() is None:
@@ -195,3 +187,22 @@ def test_the_native_kernels_benchmark_times_each_op_both_ways(benchmarks, tmp_pa
         limits = cpu.native_max_rows(native.skinny(), torch.float32, torch.float32, out_, in_)
         for cell, limit in zip(r[3:6], limits):  # forward, input grad, weight grad: "native / torch = ratio x[ *]"
             assert " / " in cell and " = " in cell and cell.rstrip(" |").endswith("*") == (int(r[2]) <= limit), cell
+
+
+def test_bench_zeroing_swaps_the_kernels_zeroing_and_puts_it_back(benchmarks):
+    """Each way of zeroing the experts without rows is what the cpu kernel's native zero_ does inside zeroing(), and
+    the shipped one is back after it, even when the step raised."""
+    from moeify.layers.kernels import native
+
+    bench = benchmarks("bench_zeroing")
+    shipped = native.Skinny.zero_
+    t = torch.ones(8)
+    for way, expected in bench.WAYS.items():
+        with bench.zeroing(way):
+            assert native.Skinny.zero_ is (expected or shipped)
+    with pytest.raises(RuntimeError), bench.zeroing("written (zero_)"):
+        raise RuntimeError("a step failed")
+    assert native.Skinny.zero_ is shipped
+    with bench.zeroing("written (zero_)"):
+        native.Skinny.zero_(None, t)
+    assert not t.any()

@@ -56,15 +56,14 @@ MKL_BATCH_ROWS = {"amx": {torch.float32: (512, 192)}}
 MKL_BATCH_MIN_EXPERTS = 16
 
 
-# Without the native loops (whose streamed zeros, at 50 GB/s on the AMX host, beat both ways below at every point
-# measured: E 64 / 64 float32 training 43 ms against 52 and 63, E 128 62 against 92 and 95, E 256 88 against 140 and
-# 118-157; docs/performance.md), from this fraction of experts with rows the weight gradient's other experts are
-# zeroed by writing zeros rather than by handing their pages back to the kernel (memory.zero_pages_). A page handed
-# back costs nothing now, but the kernel zeroes it again when it is next written, a few steps later, when that expert
-# gets tokens: on the AMX host at 4.4 GB/s (huge pages), against 13 GB/s for writing zeros. So the pages pay where few
-# experts have rows (each is seldom written again soon) and writing pays where most do. Training steps of t5-small's
-# FFN at 64 tokens, float32, a new batch each step (thirteenth session): E 64 (about 63 % of experts with rows) 49 ms
-# writing against 61-83 handing back; E 128 (about 39 %) 89 against 94-122; E 256 (about 22 %) 155 against 133-142.
+# How the weight gradient's experts without rows are zeroed (benchmarks/bench_zeroing.py on the AMX host: float32
+# training steps of t5-small's FFN at 64 tokens, a new batch each step). The native loops' streamed stores (49 GB/s
+# alone) took 44.0 / 63.1 / 89.3 ms a step at E 64 / 128 / 256; writing zeros with zero_ (16 GB/s) 1.19x / 1.47x /
+# 1.83x that; handing their pages back to the kernel (memory.zero_pages_: nothing at once, but the kernel zeroes each
+# page again when it is next written, when that expert gets tokens a few steps later) 1.45x / 1.52x / 1.34x. So the
+# streamed stores wherever the native loops load. Without them, writing zeros from this fraction of experts with rows
+# and handing pages back below it (thirteenth session, E 64 with about 63 % of experts with rows: 49 ms writing
+# against 61-83 handing back; E 256 with about 22 %: 155 against 133-142).
 ZERO_BY_WRITING_MIN_COVERED = 0.3
 
 

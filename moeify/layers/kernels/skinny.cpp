@@ -1422,9 +1422,9 @@ int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const
 
 // Writes nbytes zero bytes at p with non-temporal stores, which do not read the lines they overwrite first, split
 // between `threads` threads. A weight gradient's experts without rows are zeroed so every step: on the AMX machine
-// 50 GB/s with 2 threads against 16.6 GB/s for torch's zero_ (ordinary stores) and 10.3 for glibc's memset (one
-// thread; measured 2026-12-05, docs/performance.md). The lines it writes are not left in the cache. Returns 0, or -1
-// on bad arguments.
+// 50 GB/s with 2 threads against 16.6 GB/s for torch's zero_ (ordinary stores; benchmarks/bench_zeroing.py) and 10.3
+// for glibc 2.36's memset (one thread). The lines it writes are not left in the cache. Returns 0, or -1 on bad
+// arguments.
 int moeify_zero(void *p, long nbytes, int threads) {
   if (nbytes < 0 || (nbytes && !p)) return -1;
   char *c = static_cast<char *>(p);
