@@ -462,3 +462,42 @@ def test_experts_paired_with_a_gap_get_their_input_gradient_without_a_weight_cop
     assert strided and any(strided) == (dtype == torch.float32)
     for a, e in zip(*got):
         torch.testing.assert_close(a, e, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("counts, spans", [
+    ([90, 70, 80, 75], True),  # busiest 90 rows, the span 4 x 90 = 1.14x the rows
+    ([90, 0, 80, 75], False),  # an empty expert inside the span: 4 x 90 = 1.47x the rows
+    ([0, 90, 60, 70], True),  # the span covers the used experts only: 3 x 90 = 1.23x
+])
+def test_reduced_precision_spans_its_experts_where_bmm_takes_every_gemm(monkeypatch, counts, spans):
+    """Where reduced-precision bmm beats one mm per expert at any rows (MM_MIN_ROWS None, the AMX machine), experts
+    above the native forward's rows run as one bmm over their span, padded to the busiest, unless that pads more than
+    SPAN_MAX_PADDING; below those rows, in float32, or where bmm stops (MM_MIN_ROWS 64), the cost model's plan (pairs
+    here: with a 1024 x 1024 weight it counts a span's padding dearer than a second call)."""
+    kernel = CpuKernel(upcast=False, native=False, mkl_batch=False)
+    big = torch.empty(len(counts), 1024, 1024, dtype=torch.bfloat16)
+    monkeypatch.setitem(cpu.MM_MIN_ROWS, cpu.instruction_set(), None)
+    first = next(e for e, c in enumerate(counts) if c)
+    span = [cpu._Batch(first, 1, len(counts) - first, max(counts), 0)]
+    assert (kernel.layout(counts, big).batches == span) is spans
+    assert kernel.layout(counts, big.float()).batches != span  # float32: oneDNN's or the cost model's plan
+    monkeypatch.setattr(cpu, "native_max_rows", lambda *a: (90, 90, 90))  # the native loops take the busiest
+    assert kernel.layout(counts, big).batches != span
+    monkeypatch.undo()
+    monkeypatch.setitem(cpu.MM_MIN_ROWS, cpu.instruction_set(), 64)
+    assert kernel.layout(counts, big).batches != span
+    # and the span's bmm computes what the reference does
+    monkeypatch.setitem(cpu.MM_MIN_ROWS, cpu.instruction_set(), None)
+    bmm, real = [], torch.bmm
+    monkeypatch.setattr(cpu.torch, "bmm", lambda a, b, **kw: bmm.append(a.shape) or real(a, b, **kw))
+    w = torch.randn(len(counts), 32, 16).bfloat16()
+    x, gy = torch.randn(sum(counts), 16).bfloat16(), torch.randn(sum(counts), 32).bfloat16()
+    got = []
+    for k in (kernel, "reference"):
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        y = grouped_linear(*leaves, None, counts, k)
+        y.backward(gy)
+        got.append([y, *(t.grad for t in leaves)])
+    assert torch.Size([span[0].k, max(counts), 16]) in bmm  # the forward's bmm over the span (any plan, small weights)
+    for a, e in zip(*got):
+        torch.testing.assert_close(a.float(), e.float(), rtol=2e-2, atol=2e-2)

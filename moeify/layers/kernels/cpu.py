@@ -76,8 +76,15 @@ def instruction_set() -> str:
 
 
 # From this many bfloat16 rows per expert the forward runs one mm per expert instead of a bmm over a batch of experts
-# (1.1-1.7x faster at E <= 64; bmm is as fast up to ~64 rows).
-MM_MIN_ROWS = 64
+# (AVX-512: 1.1-1.7x faster at E <= 64; bmm is as fast up to ~64 rows). None: never. On the AMX machine oneDNN's bmm
+# hands its two threads whole experts, and ran every GEMM of the FFN faster than one mm per expert at 64-1,024 rows
+# (8 and 32 experts; 1.9-2.0x where out <= in, at 512-1,024 rows; docs/performance.md).
+MM_MIN_ROWS = {"avx512": 64, "avx2": 64, "amx": None}
+# There, where the busiest expert has more rows than the native forward takes, the experts run as one bmm over their
+# span padded to the busiest (CpuLayout._span_pays) while that pads their rows by at most this factor: bfloat16 at 8,192
+# tokens, forward 0.84x the pairs' time at E 8 (1.13x the rows) and 0.91x at E 32 (1.25x), training 0.92x and 1.00x;
+# at 1,024 tokens and from E 64, where the native loops take every expert, the span took 1.03-1.12x (fifteenth session).
+SPAN_MAX_PADDING = 1.3
 # Up to this many rows per expert the hand-written kernels of native.py run the op, where torch's paths pack the
 # weight, write its gradient at a third of the memory's rate, or copy oneDNN's result into place (float32 from 3
 # rows): per build of the kernels and (activations' dtype, weights' dtype), (where out > in, where out <= in) for the
@@ -319,6 +326,7 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None, batched=
     if few:
         _native(skinny, native.FORWARD, few, weight, (x, True), (weight, False), (y, True))
     gemms, biased = mkl.GemmBatch(mkl.function(), MKL_BATCH_MIN_EXPERTS) if batched else None, []
+    mm_from = MM_MIN_ROWS[instruction_set()]
     for b in batches:
         rows = slice(b.row, b.row + b.k * b.slots)
         if b.slots <= limit:  # computed natively above: no views of its rows (a few us each, per batch)
@@ -340,7 +348,7 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None, batched=
                 gemms.add(xb[j], weight[b.first + j * b.step], yb[j], transpose_b=True)
             biased += [(yb, b)] if bias is not None else []
             continue
-        if x.dtype != torch.float32 and (b.step > 1 or b.slots >= MM_MIN_ROWS):
+        if x.dtype != torch.float32 and (b.step > 1 or mm_from is not None and b.slots >= mm_from):
             # Reduced-precision bmm copies a transposed weight view whose experts are not adjacent (a pair
             # with a gap) into a contiguous temporary first: 16x slower than one mm per expert here.
             _linear_per_expert(xb, weight, bias, b, yb)
@@ -525,6 +533,8 @@ class CpuLayout:
             # AVX2, float32 forward + backward at 64-8192 tokens over 8-256 experts: 0.94-1.05x of pairs' time, where
             # the cost model's choice of one span took 1.13-1.29x at E 128 / 256, 1024 tokens (docs/performance.md).
             batching = "each"
+        elif batching == "auto" and self._span_pays(counts, weight):
+            batching = "span"
         self.batches = _plan(counts, weight.shape[1] * weight.shape[2], batching)
         self.rows = sum(b.k * b.slots for b in self.batches)
         # One unpadded batch (one expert, or a span of experts with equal counts) is the identity: then pad and unpad
@@ -550,6 +560,22 @@ class CpuLayout:
         last = np.minimum(np.arange(self.rows) - base[slot_expert], c[slot_expert] - 1)
         source = (starts[slot_expert] + last).clip(0, self.n - 1)  # (R,) row each slot copies
         self.source = torch.from_numpy(source).to(device)
+
+    def _span_pays(self, counts: list[int], weight: torch.Tensor) -> bool:
+        """Whether one bmm over the span of experts, padded to the busiest, beats the cost model's pairs: where
+        reduced-precision GEMMs take bmm at any rows (MM_MIN_ROWS None: pairs of experts apart run one mm each, at
+        half bmm's rate), the busiest expert has more rows than the native forward takes, and the padding stays
+        under SPAN_MAX_PADDING."""
+        if weight.dtype == torch.float32 or MM_MIN_ROWS[instruction_set()] is not None or self.kernel.upcasts(weight):
+            return False
+        used = [c for c in counts if c]
+        top = max(used, default=0)
+        skinny = self.kernel.skinny_for(weight.dtype, weight.device, weight)
+        if top <= native_max_rows(skinny, weight.dtype, weight.dtype, *weight.shape[1:])[0]:
+            return False
+        first = next(e for e, c in enumerate(counts) if c)
+        last = len(counts) - next(e for e, c in enumerate(reversed(counts)) if c)
+        return (last - first) * top <= SPAN_MAX_PADDING * self.n
 
     def pad(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:  # (N, d) -> (R, d)
         if rows is None:
