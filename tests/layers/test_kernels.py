@@ -232,6 +232,29 @@ def test_one_expert_on_torchs_gemms_is_the_dense_linear(monkeypatch, dtype):
     assert torch.equal(w.grad[0], torch.autograd.grad(want.sum(), w)[0][0])
 
 
+@pytest.mark.parametrize("rows, plan", [(5, False), (1024, True)])
+def test_one_expert_writes_into_recycled_buffers_where_its_output_is_large(monkeypatch, rows, plan):
+    """One expert on torch's GEMMs takes F.linear while its output is small, and the plan's one-expert mm, written
+    into a recycled buffer, from the buffers' size (4 MiB: 1,024 x 2,048 in bfloat16): F.linear's fresh output faults
+    its pages in at every step. Either way the dense F.linear's output and gradients, bit for bit."""
+    applied, real = [], cpu._GroupedLinear.apply
+    monkeypatch.setattr(cpu._GroupedLinear, "apply", lambda *a: applied.append(a[0].shape) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(*shape, generator=g).bfloat16().requires_grad_() for shape in ((rows, 64), (1, 2048, 64)))
+    kernel = CpuKernel(dnnl=False, upcast=False)
+    assert memory.pools((rows, 2048), torch.bfloat16, x.device) is plan
+    y = grouped_linear(x, w, None, [rows], kernel)
+    assert applied == ([torch.Size([rows, 64])] if plan else [])
+    want = nn.functional.linear(x, w[0])
+    assert torch.equal(y, want)
+    gy = torch.randn(rows, 2048, generator=g).bfloat16()
+    got, need = torch.autograd.grad(y, (x, w), gy), torch.autograd.grad(want, (x, w), gy)
+    assert all(torch.equal(a, b) for a, b in zip(got, need))
+    applied.clear()
+    assert torch.equal(grouped_linear(x, w, None, [rows], CpuKernel(dnnl=False, upcast=False, pool=False)), want)
+    assert not applied  # without the recycled buffers, F.linear at any size
+
+
 def test_auto_and_unknown_kernels():
     assert get_kernel("auto", torch.device("cpu")).name == "cpu"
     assert get_kernel("auto", torch.device("cuda")).name == "cuda"

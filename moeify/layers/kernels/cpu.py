@@ -603,12 +603,16 @@ class CpuLayout:
         one = _one_expert(self.batches) is not None
         upcast, compute = self.kernel.upcasts(x), self.kernel.compute(x)  # the kernel's paths are chosen for compute
         dnnl = self.kernel.dnnl_for(compute, x.device)
-        if weight.shape[0] == 1 and not upcast and dnnl is None:
+        if weight.shape[0] == 1 and not upcast and dnnl is None and not (
+                self.kernel.pool and memory.pools((x.shape[0], weight.shape[1]), x.dtype, x.device)):
             # One expert on torch's own GEMMs is the dense FFN: F.linear itself, without the plan's autograd Function
             # and its Python (bfloat16, E = 1 at 64 tokens: a forward 1.4 ms through the plan, 1.1 this way; where
             # oneDNN's linear runs float32 the plan keeps it: 0.78x dense at 8,192 tokens, F.linear 0.96x). In bfloat16
             # it still beats the plan's own one-expert GEMMs (E 1 / 64 tokens: forward 0.62 ms against 0.65, training
             # 2.32 against 2.51; thirteenth session), though in float32 F.linear's training step took 1.10-1.40x theirs.
+            # Not where the output is large enough for the recycled buffers: the plan's GEMMs write into those, where
+            # F.linear's fresh output faults its pages in (bfloat16, E 1 / 8,192 tokens: the plan's forward took 0.59x
+            # F.linear's time, training 0.79x; 1,024 tokens training 0.86x; fifteenth session). The same mm either way.
             return one_expert_linear(x, weight, bias)
         batched = self.kernel.mkl_batch_for(compute, weight.dtype, x.device)
         args = (x.contiguous(), weight, bias, self.batches, dnnl,
