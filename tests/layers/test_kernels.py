@@ -524,3 +524,33 @@ def test_reduced_precision_spans_its_experts_where_bmm_takes_every_gemm(monkeypa
     assert torch.Size([span[0].k, max(counts), 16]) in bmm  # the forward's bmm over the span (any plan, small weights)
     for a, e in zip(*got):
         torch.testing.assert_close(a.float(), e.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("out, inp", [(32, 16), (16, 32)])
+def test_the_weight_gradient_takes_the_output_gradient_laid_out_transposed(monkeypatch, out, inp):
+    """Where reduced-precision bmm runs at any rows (MM_MIN_ROWS None), the weight gradient's bmm reads g.T as laid
+    out by the native loops' transposing copy, one copy per batch of experts, and gives the reference's gradients."""
+    skinny = native.skinny()
+    if skinny is None:
+        pytest.skip("the native kernels do not build here")
+    monkeypatch.setitem(cpu.MM_MIN_ROWS, cpu.instruction_set(), None)
+    monkeypatch.setattr(cpu, "native_max_rows", lambda *a: (0, 0, 0))  # every GEMM on torch's bmm
+    copies, real = [], native.Skinny.transpose
+    monkeypatch.setattr(native.Skinny, "transpose", lambda self, s, d: copies.append(tuple(s.shape)) or real(self, s, d))
+    counts = [20, 0, 9, 14]
+    kernel = CpuKernel(upcast=False, batching="span", mkl_batch=False)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, out, inp, generator=g).bfloat16()
+    x, gy = torch.randn(sum(counts), inp, generator=g).bfloat16(), torch.randn(sum(counts), out, generator=g).bfloat16()
+    got = []
+    for k in (kernel, "reference"):
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        grouped_linear(*leaves, None, counts, k).backward(gy)
+        got.append([t.grad for t in leaves])
+    assert copies == [(4, 20, out)]  # the span's g, (experts, slots, out)
+    for a, e in zip(*got):
+        torch.testing.assert_close(a.float(), e.float(), rtol=2e-2, atol=2e-2)
+    copies.clear()
+    monkeypatch.setitem(cpu.MM_MIN_ROWS, cpu.instruction_set(), 64)  # where bmm is not the rule: the view, no copy
+    grouped_linear(x.clone().requires_grad_(), w.clone().requires_grad_(), None, counts, kernel).backward(gy)
+    assert not copies

@@ -327,3 +327,22 @@ def test_relu_without_dropout_and_its_gradient_equal_torchs(kernel, dtype):
     kernel.relu_dropout(native.RELU_GRAD, g, y, gh, 0.0)
     assert torch.equal(gh, torch.ops.aten.threshold_backward(g, want, 0))
     assert gh[0] == g[0] and gh[2] == 0 and gh[4] == g[4]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(1, 32, 32), (3, 70, 45), (2, 130, 64), (1, 1154, 96), (2, 0, 5), (1, 1, 33)])
+def test_transpose_lays_out_each_matrix_transposed(kernel, shape, dtype, threads):
+    """Every matrix of a batch transposed, in whole 32 x 32 pieces and the partial ones at both edges; nothing
+    written past the destination."""
+    src = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    batches, rows, cols = shape
+    buffer = torch.full((batches * rows * cols + 40,), 7, dtype=dtype)
+    dst = buffer[:batches * rows * cols].view(batches, cols, rows)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert kernel.transpose(src, dst) is dst
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(dst, src.transpose(1, 2)) and bool((buffer[dst.numel():] == 7).all())

@@ -416,6 +416,11 @@ def _backward(ctx, x, weight, grad_y):
     if few_w:
         _native(skinny, native.WEIGHT_GRAD, few_w, weight, (grad_y, True), (x, True), (grad_w, False))
     covered = [False] * weight.shape[0]
+    # Where reduced-precision bmm runs at any rows (MM_MIN_ROWS None: the AMX machine), the weight gradient's bmm takes
+    # g.T laid out by the native loops' transposing copy: oneDNN's bmm over the transposed view ran at half the rate
+    # (8 experts of 1,024 rows: 1,093 -> 2,632 GFLOP/s where out > in, 1,099 -> 2,077 where out <= in; the copy of
+    # 8 x 1,154 x 2,048 bfloat16 5.0 ms, torch's of the view 71; docs/performance.md).
+    lay_out = skinny is not None and x.dtype != torch.float32 and MM_MIN_ROWS[instruction_set()] is None
     # MKL's batched GEMM takes the input gradient only where out > in (MKL_BATCH_ROWS)
     gemms = mkl.GemmBatch(mkl.function(), MKL_BATCH_MIN_EXPERTS) if ctx.batched and weight.shape[1] > weight.shape[2] \
         else None
@@ -448,7 +453,10 @@ def _backward(ctx, x, weight, grad_y):
                     gx[j].copy_(dnnl(g[j], _as(weight[e], x.dtype).t(), None, "none", [], ""))
         if grad_w is not None and b.slots > w_rows:
             if (dnnl := _dnnl_at(ctx.dnnl, native.WEIGHT_GRAD, b.slots)) is None and grad_w.dtype == x.dtype:
-                torch.bmm(g.transpose(1, 2), xb, out=_experts_view(grad_w, b))
+                gt = g.transpose(1, 2)  # (k, out, slots)
+                if lay_out:
+                    gt = skinny.transpose(g, memory.empty(tuple(gt.shape), g.dtype, g.device, ctx.pool)[0])
+                torch.bmm(gt, xb, out=_experts_view(grad_w, b))
             elif dnnl is None:
                 _experts_view(grad_w, b).copy_(torch.bmm(g.transpose(1, 2), xb))
             else:

@@ -100,6 +100,10 @@ class Skinny:
         self.zero_fn = lib.moeify_zero
         self.zero_fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
         self.zero_fn.restype = ctypes.c_int
+        self.transpose_fn = lib.moeify_transpose
+        self.transpose_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                                      ctypes.c_int, ctypes.c_int]
+        self.transpose_fn.restype = ctypes.c_int
         self.release_fn = lib.moeify_release
         self.release_fn.argtypes = [ctypes.c_int]
         self.release_fn.restype = ctypes.c_long
@@ -131,6 +135,17 @@ class Skinny:
             raise ValueError("skinny kernel refused to zero")
         return t
 
+    def transpose(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        """dst = src.transpose(-2, -1) for contiguous CPU tensors of 2- or 4-byte elements, dst (..., cols, rows) of
+        src (..., rows, cols): 5-25x faster than torch's copy of the transposed view here. The GIL is released."""
+        assert src.is_contiguous() and dst.is_contiguous() and src.dtype == dst.dtype and src.device.type == "cpu"
+        assert dst.shape == (*src.shape[:-2], src.shape[-1], src.shape[-2]) and src.element_size() in (2, 4)
+        rows, cols = src.shape[-2:]
+        if self.transpose_fn(src.data_ptr(), dst.data_ptr(), src.numel() // max(rows * cols, 1), rows, cols,
+                             src.element_size(), torch.get_num_threads()):
+            raise ValueError("skinny kernel refused to transpose")
+        return dst
+
     def run(self, op: int, dtype: torch.dtype, rows: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray,
             out: int, in_: int, compute: torch.dtype | None = None) -> None:
         """For expert j: op FORWARD c[j] = a[j] @ b[j].T (x, w -> y), INPUT_GRAD c[j] = a[j] @ b[j] (g, w -> gx),
@@ -146,10 +161,17 @@ class Skinny:
 def _correct(kernel: Skinny) -> bool:
     """Each op and mode against torch on small cases with two experts (one of 7 rows: a partial block of rows), with
     an input width that bfloat16's pair dot product takes (96) and one it leaves to the conversion path (80), and a
-    weight wider out than in (the AMX forward's other blocking); the dropout ops; and zeroing."""
+    weight wider out than in (the AMX forward's other blocking); the dropout ops; zeroing; and transposing."""
     shapes = ((32, 80), (32, 96), (64, 32))
     return all(_correct_at(kernel, *mode, out, in_) for mode in MODES for out, in_ in shapes) and \
-        all(_dropout_correct(kernel, dtype) for dtype in DROPOUT_DTYPES) and _zero_correct(kernel)
+        all(_dropout_correct(kernel, dtype) for dtype in DROPOUT_DTYPES) and _zero_correct(kernel) and \
+        all(_transpose_correct(kernel, dtype) for dtype in (torch.bfloat16, torch.float32))
+
+
+def _transpose_correct(kernel: Skinny, dtype: torch.dtype) -> bool:
+    """Two matrices of 70 x 45: whole 32 x 32 pieces and partial ones at both edges."""
+    src = torch.arange(2 * 70 * 45, dtype=torch.float32).view(2, 70, 45).to(dtype)
+    return torch.equal(kernel.transpose(src, torch.empty(2, 45, 70, dtype=dtype)), src.transpose(1, 2))
 
 
 def _zero_correct(kernel: Skinny) -> bool:
