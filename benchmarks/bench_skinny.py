@@ -3,7 +3,8 @@
 64 experts of t5-small's two FFN shapes (out x in: 2048 x 512, 512 x 2048), 2 threads, one process, the two
 implementations interleaved, medians of --reps; modes float32, bfloat16, and float32 compute on bfloat16 weights (the
 cpu kernel's upcast, where torch has no fast bfloat16 GEMM). torch's path is the cpu kernel's own code without the
-native kernels (cpu._forward, cpu._backward over one batch of the 64 experts); for the ReLU on the (rows, out) output
+native GEMMs (cpu._forward, cpu._backward over one batch of the 64 experts; the backward with the library's transposing
+copy where the kernel uses it); for the ReLU on the (rows, out) output
 and its gradient (without dropout), torch's relu_ and threshold_backward. The row limits in
 moeify/layers/kernels/cpu.py (NATIVE_MAX_ROWS, per build of the kernels) and the dtypes of CpuKernel.skinny_relu come
 from this table.
@@ -12,6 +13,7 @@ Usage: python benchmarks/bench_skinny.py [--rows 1 2 4 ...] [--modes fp32 bf16 "
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +31,18 @@ SHAPES = [(2048, 512), (512, 2048)]
 MODES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
          "fp32 on bf16": (torch.float32, torch.bfloat16)}  # (activations, weights)
 OPS = ["forward", "input grad", "weight grad", "relu", "relu grad"]
+
+
+@contextlib.contextmanager
+def native_gemms_off():
+    """The cpu kernel's backward with none of its GEMMs on the native loops, but the library's other help on (the
+    transposing copy of the weight gradient's operand, where the kernel lays it out): its path above the native rows."""
+    real = cpu.native_max_rows
+    cpu.native_max_rows = lambda *args: (0, 0, 0)
+    try:
+        yield
+    finally:
+        cpu.native_max_rows = real
 
 
 def cases(kernel: native.Skinny, compute: torch.dtype, dtype: torch.dtype, out: int, in_: int, k: int):
@@ -52,9 +66,13 @@ def cases(kernel: native.Skinny, compute: torch.dtype, dtype: torch.dtype, out: 
     narrow = None if compute == dtype else x.to(dtype)  # the upcast forward's unwidened rows
 
     def backward(need_x):
-        ctx = SimpleNamespace(batches=batches, skinny=None, needs_input_grad=(need_x, not need_x, False), pool=True,
+        ctx = SimpleNamespace(batches=batches, skinny=kernel, needs_input_grad=(need_x, not need_x, False), pool=True,
                               dnnl=dnnl, has_bias=False, batched=batched)
-        return lambda: cpu._backward(ctx, x, w, gy)
+
+        def run():
+            with native_gemms_off():
+                cpu._backward(ctx, x, w, gy)
+        return run
     # ReLU in place on a (rows, out) output and its gradient: the native loops' bits against torch's relu_ and
     # threshold_backward, what cpu._ReLU runs without them (in place: after the first call both run on its output)
     h, hg = torch.randn(EXPERTS * k, out, generator=g).to(compute), torch.empty(EXPERTS * k, out, dtype=compute)

@@ -99,9 +99,10 @@ F32, BF16 = torch.float32, torch.bfloat16
 # native input gradient takes 0.74-0.80x the time at 8-16 rows where out > in and loses from 24 (1.14-1.32x); where out
 # <= in it is about even at 8-24 rows (1.01-1.06x) and ahead at 32-192 (0.92-0.96x at 32-128; bench_skinny, 2026-12-05,
 # tenth session), and in a layer's step at 16 rows 0.93-0.94x (E 64 / 1,024). Its bfloat16 weight gradient where out
-# <= in stops at 256 rows since torch's bmm reads g.T laid out (_backward): there the native one took 1.24x its time
-# at 384 rows (64 experts), and the E 32 / 8,192 training step, whose span has 320, 0.93x with the bmm (fifteenth
-# session; 1.00x at E 64 / 8,192, whose experts stay under it). Its float32 code is the AVX-512 build's,
+# <= in stops at 256 rows since torch's bmm reads g.T laid out (_backward): over 64 equal experts the native one took
+# 1.20-1.50x that bmm's time from 96 rows (bench_skinny), but in the layer below 256 rows the experts go in pairs apart,
+# and a limit of 64 there cost E 8 / 1,024 and E 64-128 / 8,192 training 1.02-1.04x; from 256 the E 32 / 8,192 step,
+# one span of 320 rows, took 0.93x (fifteenth session). Its float32 code is the AVX-512 build's,
 # with limits measured on the AMX machine's cores: the weight gradient wins to 128 / 128 rows on operands laid out for
 # it (0.60-0.93x torch's path at 64-128 rows, 1.01-1.04x at 192; eleventh session), the input gradient to 32 / 128
 # since it reads the weight in runs and from 56 rows copies strips of it out first (0.45-0.94x torch's path at 4-32
