@@ -1,7 +1,8 @@
 """Shared by the benchmarks: paired ratios and their confidence intervals; a rich table written again as Markdown (for
-the README) and JSON."""
+the README) and JSON; argument types that refuse nonsense."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -9,6 +10,29 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (experts, tokens, rounds): argparse reports anything else in one
+    line and exits with status 2, before any work."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
 
 
 def paired(times: list[float], base: list[float]) -> list[float]:

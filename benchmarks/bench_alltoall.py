@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _report import report
+from _report import positive_int, report
 
 SIZES = [4 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20, 32 << 20]  # bytes each rank sends in total
 
@@ -100,7 +100,7 @@ def predict(world: int, size: int, latency: float, overhead: float, bw: float) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=40)
+    parser.add_argument("--reps", type=positive_int, default=40)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_alltoall.md")
     args = parser.parse_args()
     points = [(w, s, t) for w in (2, 4) for s, t in measure(w, args.reps)]

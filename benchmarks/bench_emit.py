@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import report
+from _report import positive_int, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,13 +68,13 @@ def _measure(*child_args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--experts", type=positive_int, default=32)
     parser.add_argument("--worlds", default="8,16")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_emit.md")
     parser.add_argument("--child", choices=["make", "load", "export"], help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=positive_int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return _child(args)

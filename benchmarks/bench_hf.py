@@ -20,7 +20,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from _report import report
+from _report import positive_int, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,8 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--experts", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_hf.md")
     args = parser.parse_args()
 

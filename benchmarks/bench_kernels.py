@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import report
+from _report import positive_int, report
 from torch import nn
 
 from moeify.config import RoutingConfig
@@ -65,10 +65,10 @@ def step(m: SwitchFFN, rows: torch.Tensor, counts: list[int], kernel) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=positive_int, default=7)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--experts", type=positive_int, nargs="+", default=[8, 64])
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[1024, 4096])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_kernels.md")
     parser.add_argument("--without", nargs="+", default=[], choices=[n for n in VARIANTS if n != "cpu"],
                         help="variants to leave out (the reference loop takes minutes at E >= 128)")

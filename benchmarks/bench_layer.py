@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import interval, paired, report, verdict
+from _report import interval, paired, positive_float, positive_int, report, verdict
 from rich.console import Console
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -350,12 +350,12 @@ def machine(device: torch.device) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--experts", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 1024, 8192])
+    parser.add_argument("--reps", type=positive_int, default=5)
+    parser.add_argument("--experts", type=positive_int, nargs="+", default=[1, 8, 32, 64, 128, 256])
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[64, 1024, 8192])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--device", type=torch.device, default=CPU, help="cpu, or cuda for a GPU's figures")
-    parser.add_argument("--resolve-seconds", type=float, default=RESOLVE_SECONDS,
+    parser.add_argument("--resolve-seconds", type=positive_float, default=RESOLVE_SECONDS,
                         help="most seconds a point's rounds may take while a target is not resolved")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_layer.md")
     args = parser.parse_args()

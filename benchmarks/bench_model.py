@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import interval, paired, report, verdict
+from _report import interval, paired, positive_int, report, verdict
 from bench_layer import DTYPES, machine, synchronizer
 from transformers import SwitchTransformersForConditionalGeneration
 
@@ -100,10 +100,10 @@ def step(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="t5-small")
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=150)  # rounds: enough to resolve ~5 % on a busy host (~17 min)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--experts", type=positive_int, default=8)
+    parser.add_argument("--reps", type=positive_int, default=150)  # rounds: enough to resolve ~5 % on a busy host (~17 min)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_model.md")
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu, or cuda")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the models' dtype (routers: float32)")

@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import report  # noqa: E402
+from _report import positive_int, report  # noqa: E402
 
 import moeify  # noqa: E402
 from moeify.checkpoint.sources import load_dense  # noqa: E402
@@ -241,15 +241,15 @@ def report_quantization(rows, args, threads) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--reps", type=positive_int, default=7)
+    parser.add_argument("--experts", type=positive_int, nargs="+", default=[8, 32])
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="for PyTorch and onnxruntime alike [default: torch's]; 1 where other work shares the "
                              "cores (PyTorch's threads wait on each other when one is descheduled)")
     parser.add_argument("--parts", nargs="+", choices=["forward", "generate", "quantize"],
                         default=["forward", "generate"])
-    parser.add_argument("--new-tokens", type=int, default=32, help="generate: tokens per sequence")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="generate: tokens per sequence")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_onnx.md")
     parser.add_argument("--gen-out", type=Path, default=Path(__file__).parent / "results" / "bench_onnx_generate.md")
     parser.add_argument("--quant-out", type=Path,

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from _report import report
+from _report import positive_int, report
 
 from moeify.layers import memory
 from moeify.layers.kernels import cpu, native
@@ -99,9 +99,9 @@ def median_ms(fns, reps: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128])
+    parser.add_argument("--rows", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128])
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=positive_int, default=7)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_skinny.md")
     args = parser.parse_args()
     kernel = native.skinny()

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import report
+from _report import positive_int, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +54,8 @@ def _timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, default=32)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--experts", type=positive_int, default=32)
+    parser.add_argument("--reps", type=positive_int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_verify.md")
     args = parser.parse_args()
 

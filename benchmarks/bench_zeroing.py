@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import interval, paired, report
+from _report import interval, paired, positive_int, report
 from bench_layer import D_MODEL, build, step
 
 from moeify.layers import memory
@@ -105,9 +105,9 @@ def steps(num_experts: int, tokens: int, rounds: int) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--experts", type=positive_int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--tokens", type=positive_int, default=64)
+    parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_zeroing.md")
     args = parser.parse_args()
     torch.set_num_threads(2)

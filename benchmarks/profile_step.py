@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import report
+from _report import positive_int, report
 from bench_layer import DTYPES, machine, synchronizer
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -49,10 +49,10 @@ class ProfiledTrainer(Trainer):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="t5-small")
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--experts", type=positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu, or cuda")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the model's dtype (routers: float32)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "profile_step.md")

@@ -206,3 +206,23 @@ def test_bench_zeroing_swaps_the_kernels_zeroing_and_puts_it_back(benchmarks):
     with bench.zeroing("written (zero_)"):
         native.Skinny.zero_(None, t)
     assert not t.any()
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("bench_layer", ["--experts", "0"], "argument --experts: 0 is not at least 1"),
+    ("bench_layer", ["--resolve-seconds", "-1"], "argument --resolve-seconds: -1 is not above 0"),
+    ("bench_skinny", ["--rows", "8", "x"], "argument --rows: 'x' is not a whole number"),
+    ("bench_zeroing", ["--rounds", "-3"], "argument --rounds: -3 is not at least 1"),
+    ("bench_onnx", ["--batch", "0"], "argument --batch: 0 is not at least 1"),
+])
+def test_benchmarks_refuse_nonsense_arguments_in_one_line(benchmarks, monkeypatch, capsys, name, args, message):
+    """Before any work: argparse's usage line and one error line naming the argument, exit status 2."""
+    import sys
+
+    module = benchmarks(name)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *args])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(message) and err[-1].startswith(f"{name}.py: error:")
