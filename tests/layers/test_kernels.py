@@ -536,7 +536,8 @@ def test_the_weight_gradient_takes_the_output_gradient_laid_out_transposed(monke
     monkeypatch.setitem(cpu.MM_MIN_ROWS, cpu.instruction_set(), None)
     monkeypatch.setattr(cpu, "native_max_rows", lambda *a: (0, 0, 0))  # every GEMM on torch's bmm
     copies, real = [], native.Skinny.transpose
-    monkeypatch.setattr(native.Skinny, "transpose", lambda self, s, d: copies.append(tuple(s.shape)) or real(self, s, d))
+    monkeypatch.setattr(native.Skinny, "transpose",
+                        lambda self, s, d: copies.append(tuple(s.shape)) or real(self, s, d))
     counts = [20, 0, 9, 14]
     kernel = CpuKernel(upcast=False, batching="span", mkl_batch=False)
     g = torch.Generator().manual_seed(0)

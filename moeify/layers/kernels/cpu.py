@@ -423,7 +423,7 @@ def _backward(ctx, x, weight, grad_y):
     # Where reduced-precision bmm runs at any rows (MM_MIN_ROWS None: the AMX machine), the weight gradient's bmm takes
     # g.T laid out by the native loops' transposing copy: oneDNN's bmm over the transposed view ran at half the rate
     # (8 experts of 1,024 rows: 1,093 -> 2,632 GFLOP/s where out > in, 1,099 -> 2,077 where out <= in; the copy of
-    # 8 x 1,154 x 2,048 bfloat16 5.0 ms, torch's of the view 71; docs/performance.md).
+    # 8 x 1,154 x 2,048 bfloat16 3-9 ms, torch's of the view 63-72; docs/performance.md).
     lay_out = skinny is not None and x.dtype != torch.float32 and MM_MIN_ROWS[instruction_set()] is None
     # MKL's batched GEMM takes the input gradient only where out > in (MKL_BATCH_ROWS)
     gemms = mkl.GemmBatch(mkl.function(), MKL_BATCH_MIN_EXPERTS) if ctx.batched and weight.shape[1] > weight.shape[2] \
@@ -580,14 +580,12 @@ class CpuLayout:
         under SPAN_MAX_PADDING."""
         if weight.dtype == torch.float32 or MM_MIN_ROWS[instruction_set()] is not None or self.kernel.upcasts(weight):
             return False
-        used = [c for c in counts if c]
-        top = max(used, default=0)
+        used = [e for e, c in enumerate(counts) if c]
         skinny = self.kernel.skinny_for(weight.dtype, weight.device, weight)
-        if top <= native_max_rows(skinny, weight.dtype, weight.dtype, *weight.shape[1:])[0]:
+        top = max(counts, default=0)
+        if not used or top <= native_max_rows(skinny, weight.dtype, weight.dtype, *weight.shape[1:])[0]:
             return False
-        first = next(e for e, c in enumerate(counts) if c)
-        last = len(counts) - next(e for e, c in enumerate(reversed(counts)) if c)
-        return (last - first) * top <= SPAN_MAX_PADDING * self.n
+        return (used[-1] + 1 - used[0]) * top <= SPAN_MAX_PADDING * self.n
 
     def pad(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:  # (N, d) -> (R, d)
         if rows is None:
