@@ -5,8 +5,9 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from moeify.layers.kernels import Kernel, get_kernel
 
 
 class RouterOutput(NamedTuple):
@@ -58,19 +59,20 @@ class Router(nn.Module):
         """Paper init: truncated normal with std sqrt(scale / fan_in), cut at two std."""
         truncated_normal_(self.weight, math.sqrt(scale / self.weight.shape[1]), generator)
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:  # x: (T, d_model)
+    def forward(self, x: torch.Tensor, kernel: str | Kernel = "auto") -> RouterOutput:  # x: (T, d_model)
+        """`kernel` (MoEConfig.kernel) computes the logits: the cpu kernel's reads bfloat16 x as it lies."""
         # Autocast would run the linear in bf16/fp16. Its off-switch is entered only where it is on: a context that
         # changes nothing costs ~2 us, 0.3 % of an E = 1 layer at 64 tokens.
         if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                return self._route(x)
-        return self._route(x)
+                return self._route(x, kernel)
+        return self._route(x, kernel)
 
-    def _route(self, x: torch.Tensor) -> RouterOutput:
-        x = x.to(self.router_dtype)
+    def _route(self, x: torch.Tensor, kernel: str | Kernel) -> RouterOutput:
         if self.training and self.jitter > 0:
+            x = x.to(self.router_dtype)
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(x, self.weight)  # (T, E)
+        logits = get_kernel(kernel, x.device).router_logits(x, self.weight)  # (T, E) in the router dtype
         probs = torch.softmax(logits, dim=-1)  # (T, E)
         if self.top_k == 1:  # max: the first of tied maxima, as the paper's argmax
             gate, expert_index = probs.max(dim=-1, keepdim=True)  # (T, 1), (T, 1)

@@ -72,7 +72,7 @@ class SwitchFFN(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])  # (T, d_model), flattened (batch, position) order
         # The phase scopes name the phases in torch.profiler traces (benchmarks/profile_step.py).
         with phase("moeify::router"):
-            route = self.router(x)
+            route = self.router(x, self.routing.kernel)
         if self.keeps_every_token(x.shape[0]):
             # One expert with room for every token: the plan is the identity and each gate exactly 1 (a softmax
             # over one logit), so dispatch's sort and both row copies are skipped; the gate still multiplies, so

@@ -555,3 +555,50 @@ def test_the_weight_gradient_takes_the_output_gradient_laid_out_transposed(monke
     monkeypatch.setitem(cpu.MM_MIN_ROWS, cpu.instruction_set(), 64)  # where bmm is not the rule: the view, no copy
     grouped_linear(x.clone().requires_grad_(), w.clone().requires_grad_(), None, counts, kernel).backward(gy)
     assert not copies
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+def test_the_cpu_kernels_router_reads_bfloat16_natively_from_enough_tokens(monkeypatch):
+    """bfloat16 activations and a float32 weight of up to ROUTER_MAX_EXPERTS experts: the native loops' logits and
+    gradients, within float32's rounding of the reference's F.linear on x widened; otherwise (float32 x, more experts,
+    a width off 32, native=False, tracing) F.linear itself, bit for bit."""
+    skinny = native.skinny()
+    if skinny is None:
+        pytest.skip("the native kernels do not build here")
+    calls, real = [], native.Skinny.router_logits
+    monkeypatch.setattr(native.Skinny, "router_logits", lambda self, x, w: calls.append(x.shape[0]) or real(self, x, w))
+    g = torch.Generator().manual_seed(0)
+    tokens = 300
+    x = torch.randn(tokens, 64, generator=g).bfloat16()
+    w = torch.randn(8, 64, generator=g) * 0.1
+    gy = torch.randn(tokens, 8, generator=g)
+    got = []
+    for kernel in (CpuKernel(), get_kernel("reference", x.device)):
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        logits = kernel.router_logits(*leaves)
+        logits.backward(gy)
+        got.append([logits, *(t.grad for t in leaves)])
+    assert calls == [tokens] and got[1][0].dtype == got[0][0].dtype == torch.float32
+    for a, e in zip(*got):
+        torch.testing.assert_close(a.float(), e.float(), rtol=1e-2, atol=1e-4)  # x's gradient: bfloat16's rounding
+    with torch.no_grad():  # no autograd node: the same bits
+        assert torch.equal(CpuKernel().router_logits(x, w), got[0][0].detach())
+    calls.clear()
+    cases = [(x[:, :48], w[:, :48], CpuKernel()), (x.float(), w, CpuKernel()), (x, w, CpuKernel(native=False)),
+             (x, torch.randn(native.ROUTER_MAX_EXPERTS + 1, 64, generator=g), CpuKernel())]
+    for xs, ws, kernel in cases:
+        assert torch.equal(kernel.router_logits(xs, ws), nn.functional.linear(xs.float(), ws))
+    traced = torch.jit.trace(lambda a, b: CpuKernel().router_logits(a, b), (x, w), check_trace=False)
+    assert torch.equal(traced(x, w), nn.functional.linear(x.float(), w))
+    assert calls == []
+
+
+def test_the_switch_layer_routes_with_its_kernels_logits(monkeypatch):
+    """SwitchFFN hands its routing kernel to the router: the reference kernel's logits are F.linear's own."""
+    seen = []
+    real = cpu.CpuKernel.router_logits
+    monkeypatch.setattr(cpu.CpuKernel, "router_logits", lambda self, x, w: seen.append("cpu") or real(self, x, w))
+    for kernel in ("reference", "cpu"):
+        layer = SwitchFFN(16, 32, RoutingConfig(num_experts=4, kernel=kernel), nn.ReLU())
+        layer(torch.randn(2, 5, 16))
+    assert seen == ["cpu"]

@@ -346,3 +346,38 @@ def test_transpose_lays_out_each_matrix_transposed(kernel, shape, dtype, threads
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(dst, src.transpose(1, 2)) and bool((buffer[dst.numel():] == 7).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("tokens, experts, width", [(70, 8, 512), (5, 3, 32), (0, 16, 64), (33, 1, 96)])
+def test_the_router_logits_and_gradients_match_float64_in_the_same_bits_on_any_threads(kernel, dtype, tokens, experts,
+                                                                                         width):
+    """x @ w.T from x as it lies (bfloat16 or float32) in float32, grad @ w in x's dtype and grad.T @ x in float32:
+    within float32's rounding of float64's sums, and the same bits on one thread as on two."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, width, generator=g).to(dtype)
+    w, grad = torch.randn(experts, width, generator=g), torch.randn(tokens, experts, generator=g)
+    previous, runs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append((kernel.router_logits(x, w), *kernel.router_grads(grad, x, w, True, True)))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    logits, gx, gw = runs[0]
+    x64, w64, g64 = x.double(), w.double(), grad.double()
+    # sums of up to 512 products of unit size: float32 keeps them to about 1e-4
+    torch.testing.assert_close(logits.double(), x64 @ w64.T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gx, (g64 @ w64).to(dtype), rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-4)
+    torch.testing.assert_close(gw.double(), g64.T @ x64, rtol=1e-5, atol=1e-4)
+    assert gx.dtype == dtype and logits.dtype == gw.dtype == torch.float32
+    assert kernel.router_grads(grad, x, w, False, True)[0] is None
+    assert kernel.router_grads(grad, x, w, True, False)[1] is None
+
+
+def test_the_router_refuses_too_many_experts_or_a_ragged_width(kernel):
+    with pytest.raises(ValueError, match=r"refused the router's logits for \(17, 64\)"):
+        kernel.router_logits(torch.zeros(4, 64), torch.zeros(17, 64))
+    with pytest.raises(ValueError, match=r"refused the router's gradients for \(8, 40\)"):
+        kernel.router_grads(torch.zeros(4, 8), torch.zeros(4, 40), torch.zeros(8, 40), True, True)

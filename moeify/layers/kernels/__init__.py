@@ -34,6 +34,14 @@ class Kernel(Protocol):
         """The layout of rows with counts[e] for expert e, for GEMMs with experts' weights like `weight`, (E, out, in):
         its device, its dtype (the activations' too) and its size."""
 
+    def router_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The router's logits x @ weight.T, (T, E), in the weight's dtype, x widened to it (the router's precision)."""
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Every kernel's router logits but the cpu kernel's fast path: F.linear on x widened to the weight's dtype."""
+    return torch.nn.functional.linear(x.to(weight.dtype), weight)
+
 
 def get_kernel(kernel: str | Kernel, device: torch.device) -> Kernel:
     """The backend `kernel` names (an instance is used as it is: tests and benchmarks pass tuned ones)."""

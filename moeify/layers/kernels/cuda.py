@@ -13,7 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from moeify.layers.kernels import Counts, one_expert_linear
+from moeify.layers.kernels import Counts, one_expert_linear, router_logits
 from moeify.layers.kernels.reference import ReferenceLayout
 
 ALIGN_BYTES = 16
@@ -78,6 +78,7 @@ class CudaLayout:
 
 class CudaKernel:
     name = "cuda"
+    router_logits = staticmethod(router_logits)
 
     def layout(self, counts: Counts, weight: torch.Tensor) -> CudaLayout:
         return CudaLayout(counts, weight.device)

@@ -25,6 +25,7 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-trapping-mat
 # AMX build is the AVX-512 one plus the bfloat16 forward and weight gradient on AMX tiles.
 _AVX512 = ("-mavx512f", "-mavx512bf16", "-mfma")
 VARIANTS = {"amx": (*_AVX512, "-mamx-tile", "-mamx-bf16"), "avx512": _AVX512, "avx2": ("-mavx2", "-mfma")}
+ROUTER_MAX_EXPERTS = 16  # skinny.cpp's, for the router's logits
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2  # y = x @ w.T, gx = g @ w, gw = g.T @ x
 # y = relu(h) * keep / (1 - p); gh = (y > 0) * g / (1 - p); y = relu(h); gh = (y <= 0 ? 0 : g), as torch's
 RELU_DROPOUT, RELU_DROPOUT_GRAD, RELU, RELU_GRAD = 0, 1, 2, 3
@@ -104,6 +105,15 @@ class Skinny:
         self.transpose_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
                                       ctypes.c_int, ctypes.c_int]
         self.transpose_fn.restype = ctypes.c_int
+        self.router_fn = lib.moeify_router_logits
+        self.router_fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                                   ctypes.c_long, ctypes.c_long, ctypes.c_int]
+        self.router_fn.restype = ctypes.c_int
+        self.router_grads_fn = lib.moeify_router_grads
+        self.router_grads_fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                                         ctypes.c_int]
+        self.router_grads_fn.restype = ctypes.c_int
         self.release_fn = lib.moeify_release
         self.release_fn.argtypes = [ctypes.c_int]
         self.release_fn.restype = ctypes.c_long
@@ -148,6 +158,27 @@ class Skinny:
             raise ValueError("skinny kernel refused to transpose")
         return dst
 
+    def router_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T in float32 for x (T, d) in float32 or bfloat16 as it lies (no widened copy) and a float32
+        weight (E, d), E <= ROUTER_MAX_EXPERTS, d a multiple of 32; contiguous CPU tensors. The GIL is released."""
+        logits = torch.empty(x.shape[0], weight.shape[0])
+        if self.router_fn(DROPOUT_DTYPES[x.dtype], x.data_ptr(), weight.data_ptr(), logits.data_ptr(), *x.shape[:1],
+                          weight.shape[0], x.shape[1], torch.get_num_threads()):
+            raise ValueError(f"skinny kernel refused the router's logits for {tuple(weight.shape)}")
+        return logits
+
+    def router_grads(self, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool,
+                     need_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """router_logits' gradients from grad (T, E) float32: (grad @ weight in x's dtype, grad.T @ x in float32),
+        each None where not needed."""
+        gx = torch.empty_like(x) if need_x else None
+        gw = torch.empty_like(weight) if need_w else None
+        if self.router_grads_fn(DROPOUT_DTYPES[x.dtype], grad.data_ptr(), x.data_ptr(), weight.data_ptr(),
+                                None if gx is None else gx.data_ptr(), None if gw is None else gw.data_ptr(),
+                                x.shape[0], weight.shape[0], x.shape[1], torch.get_num_threads()):
+            raise ValueError(f"skinny kernel refused the router's gradients for {tuple(weight.shape)}")
+        return gx, gw
+
     def run(self, op: int, dtype: torch.dtype, rows: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray,
             out: int, in_: int, compute: torch.dtype | None = None) -> None:
         """For expert j: op FORWARD c[j] = a[j] @ b[j].T (x, w -> y), INPUT_GRAD c[j] = a[j] @ b[j] (g, w -> gx),
@@ -167,7 +198,18 @@ def _correct(kernel: Skinny) -> bool:
     shapes = ((32, 80), (32, 96), (64, 32))
     return all(_correct_at(kernel, *mode, out, in_) for mode in MODES for out, in_ in shapes) and \
         all(_dropout_correct(kernel, dtype) for dtype in DROPOUT_DTYPES) and _zero_correct(kernel) and \
-        all(_transpose_correct(kernel, dtype) for dtype in (torch.bfloat16, torch.float32))
+        all(_transpose_correct(kernel, dtype) for dtype in (torch.bfloat16, torch.float32)) and \
+        all(_router_correct(kernel, dtype) for dtype in DROPOUT_DTYPES)
+
+
+def _router_correct(kernel: Skinny, dtype: torch.dtype) -> bool:
+    """The router's logits and gradients for 5 experts (a partial group of 4) on small integers: exact in any order."""
+    x = (torch.arange(7 * 64, dtype=torch.float32).view(7, 64) % 5 - 2).to(dtype)
+    w = torch.arange(5 * 64, dtype=torch.float32).view(5, 64) % 3 - 1
+    g = torch.arange(7 * 5, dtype=torch.float32).view(7, 5) % 3 - 1
+    gx, gw = kernel.router_grads(g, x, w, True, True)
+    return torch.equal(kernel.router_logits(x, w), x.float() @ w.T) and torch.equal(gx, (g @ w).to(dtype)) and \
+        torch.equal(gw, g.T @ x.float())
 
 
 def _transpose_correct(kernel: Skinny, dtype: torch.dtype) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeify.layers.kernels import Counts, host_counts
+from moeify.layers.kernels import Counts, host_counts, router_logits
 
 
 class ReferenceLayout:
@@ -31,6 +31,7 @@ class ReferenceLayout:
 
 class ReferenceKernel:
     name = "reference"
+    router_logits = staticmethod(router_logits)
 
     def layout(self, counts: Counts, weight: torch.Tensor) -> ReferenceLayout:
         return ReferenceLayout(host_counts(counts))
