@@ -60,7 +60,7 @@ class Router(nn.Module):
         truncated_normal_(self.weight, math.sqrt(scale / self.weight.shape[1]), generator)
 
     def forward(self, x: torch.Tensor, kernel: str | Kernel = "auto") -> RouterOutput:  # x: (T, d_model)
-        """`kernel` (MoEConfig.kernel) computes the logits: the cpu kernel's reads bfloat16 x as it lies."""
+        """`kernel` (RoutingConfig.kernel) computes the logits: the cpu kernel's reads bfloat16 x as it lies."""
         # Autocast would run the linear in bf16/fp16. Its off-switch is entered only where it is on: a context that
         # changes nothing costs ~2 us, 0.3 % of an E = 1 layer at 64 tokens.
         if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):

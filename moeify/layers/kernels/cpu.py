@@ -632,8 +632,8 @@ class CpuLayout:
 
 class _RouterLogits(torch.autograd.Function):
     """x @ weight.T in float32 from bfloat16 x as it lies, and its gradients, on the native loops
-    (native.Skinny.router_logits): torch widens x into a float32 copy for the GEMM and again for the weight's
-    gradient."""
+    (native.Skinny.router_logits): torch's path widens x into a float32 copy (kept for the weight's gradient), runs a
+    GEMM of E columns, and computes the input's gradient in float32 to round it again."""
 
     @staticmethod
     def forward(ctx, x, weight, skinny):
