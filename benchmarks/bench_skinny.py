@@ -13,11 +13,11 @@ Usage: python benchmarks/bench_skinny.py [--rows 1 2 4 ...] [--modes fp32 bf16 "
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import torch
@@ -33,16 +33,10 @@ MODES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.
 OPS = ["forward", "input grad", "weight grad", "relu", "relu grad"]
 
 
-@contextlib.contextmanager
 def native_gemms_off():
     """The cpu kernel's backward with none of its GEMMs on the native loops, but the library's other help on (the
     transposing copy of the weight gradient's operand, where the kernel lays it out): its path above the native rows."""
-    real = cpu.native_max_rows
-    cpu.native_max_rows = lambda *args: (0, 0, 0)
-    try:
-        yield
-    finally:
-        cpu.native_max_rows = real
+    return mock.patch.object(cpu, "native_max_rows", lambda *args: (0, 0, 0))
 
 
 def cases(kernel: native.Skinny, compute: torch.dtype, dtype: torch.dtype, out: int, in_: int, k: int):
