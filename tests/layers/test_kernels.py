@@ -236,7 +236,9 @@ def test_one_expert_on_torchs_gemms_is_the_dense_linear(monkeypatch, dtype):
 def test_one_expert_writes_into_recycled_buffers_where_its_output_is_large(monkeypatch, rows, plan):
     """One expert on torch's GEMMs takes F.linear while its output is small, and the plan's one-expert mm, written
     into a recycled buffer, from the buffers' size (4 MiB: 1,024 x 2,048 in bfloat16): F.linear's fresh output faults
-    its pages in at every step. Either way the dense F.linear's output and gradients, bit for bit."""
+    its pages in at every step. Either way the dense F.linear's output and gradients, bit for bit, where the weight
+    gradient's operand is not laid out (the test below has that case)."""
+    monkeypatch.setitem(cpu.MM_MIN_ROWS, cpu.instruction_set(), 64)  # torch's GEMM on the view, as F.linear's
     applied, real = [], cpu._GroupedLinear.apply
     monkeypatch.setattr(cpu._GroupedLinear, "apply", lambda *a: applied.append(a[0].shape) or real(*a))
     g = torch.Generator().manual_seed(0)
@@ -526,10 +528,16 @@ def test_reduced_precision_spans_its_experts_where_bmm_takes_every_gemm(monkeypa
         torch.testing.assert_close(a.float(), e.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("out, inp", [(32, 16), (16, 32)])
-def test_the_weight_gradient_takes_the_output_gradient_laid_out_transposed(monkeypatch, out, inp):
-    """Where reduced-precision bmm runs at any rows (MM_MIN_ROWS None), the weight gradient's bmm reads g.T as laid
-    out by the native loops' transposing copy, one copy per batch of experts, and gives the reference's gradients."""
+@pytest.mark.parametrize("counts, out, inp, laid_out", [
+    ([20, 0, 9, 14], 32, 16, [(4, 20, 32)]),  # the span's g, (experts, slots, out)
+    ([20, 0, 9, 14], 16, 32, [(4, 20, 16)]),
+    ([256, 250], 64, 16, [(2, 256, 16), (2, 16, 64)]),  # x (experts, slots, in), then the (experts, in, out) result
+    ([1024], 2048, 64, [(1024, 64), (64, 2048)]),  # one expert, through the plan (its output 4 MiB)
+])
+def test_the_weight_gradient_takes_its_narrower_operand_laid_out_transposed(monkeypatch, counts, out, inp, laid_out):
+    """Where reduced-precision bmm runs at any rows (MM_MIN_ROWS None), the weight gradient's GEMM reads g.T as laid
+    out by the native loops' transposing copy, one copy per batch of experts; or, where copying x and the (in, out)
+    result moves at most half of g's elements, x.T @ g with both laid out. Either way the reference's gradients."""
     skinny = native.skinny()
     if skinny is None:
         pytest.skip("the native kernels do not build here")
@@ -538,17 +546,16 @@ def test_the_weight_gradient_takes_the_output_gradient_laid_out_transposed(monke
     copies, real = [], native.Skinny.transpose
     monkeypatch.setattr(native.Skinny, "transpose",
                         lambda self, s, d: copies.append(tuple(s.shape)) or real(self, s, d))
-    counts = [20, 0, 9, 14]
     kernel = CpuKernel(upcast=False, batching="span", mkl_batch=False)
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(4, out, inp, generator=g).bfloat16()
+    w = torch.randn(len(counts), out, inp, generator=g).bfloat16()
     x, gy = torch.randn(sum(counts), inp, generator=g).bfloat16(), torch.randn(sum(counts), out, generator=g).bfloat16()
     got = []
     for k in (kernel, "reference"):
         leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
         grouped_linear(*leaves, None, counts, k).backward(gy)
         got.append([t.grad for t in leaves])
-    assert copies == [(4, 20, out)]  # the span's g, (experts, slots, out)
+    assert copies == laid_out
     for a, e in zip(*got):
         torch.testing.assert_close(a.float(), e.float(), rtol=2e-2, atol=2e-2)
     copies.clear()

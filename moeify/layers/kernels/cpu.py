@@ -404,7 +404,7 @@ def _backward(ctx, x, weight, grad_y):
         elif need_w:
             grad_w = gradient_buffer(weight, ctx.pool)[0]
             if grad_w.dtype == x.dtype:
-                torch.mm(grad_y.t(), x, out=grad_w[0])
+                _weight_grad(grad_y, x, grad_w[0], skinny, ctx.pool)
             else:
                 grad_w[0].copy_(grad_y.t().mm(x))
         return (grad_x, grad_w,
@@ -420,11 +420,6 @@ def _backward(ctx, x, weight, grad_y):
     if few_w:
         _native(skinny, native.WEIGHT_GRAD, few_w, weight, (grad_y, True), (x, True), (grad_w, False))
     covered = [False] * weight.shape[0]
-    # Where reduced-precision bmm runs at any rows (MM_MIN_ROWS None: the AMX machine), the weight gradient's bmm takes
-    # g.T laid out by the native loops' transposing copy: oneDNN's bmm over the transposed view ran at half the rate
-    # (8 experts of 1,024 rows: 1,093 -> 2,632 GFLOP/s where out > in, 1,099 -> 2,077 where out <= in; the copy of
-    # 8 x 1,154 x 2,048 bfloat16 3-9 ms, torch's of the view 63-72; docs/performance.md).
-    lay_out = skinny is not None and x.dtype != torch.float32 and MM_MIN_ROWS[instruction_set()] is None
     # MKL's batched GEMM takes the input gradient only where out > in (MKL_BATCH_ROWS)
     gemms = mkl.GemmBatch(mkl.function(), MKL_BATCH_MIN_EXPERTS) if ctx.batched and weight.shape[1] > weight.shape[2] \
         else None
@@ -457,10 +452,7 @@ def _backward(ctx, x, weight, grad_y):
                     gx[j].copy_(dnnl(g[j], _as(weight[e], x.dtype).t(), None, "none", [], ""))
         if grad_w is not None and b.slots > w_rows:
             if (dnnl := _dnnl_at(ctx.dnnl, native.WEIGHT_GRAD, b.slots)) is None and grad_w.dtype == x.dtype:
-                gt = g.transpose(1, 2)  # (k, out, slots)
-                if lay_out:
-                    gt = skinny.transpose(g, memory.empty(tuple(gt.shape), g.dtype, g.device, ctx.pool)[0])
-                torch.bmm(gt, xb, out=_experts_view(grad_w, b))
+                _weight_grad(g, xb, _experts_view(grad_w, b), skinny, ctx.pool)
             elif dnnl is None:
                 _experts_view(grad_w, b).copy_(torch.bmm(g.transpose(1, 2), xb))
             else:
@@ -487,6 +479,39 @@ def _backward(ctx, x, weight, grad_y):
                 zero(grad_w[start:e])
             e += 1
     return grad_x, grad_w, grad_b
+
+
+def _lays_out(g: torch.Tensor, skinny: native.Skinny | None) -> bool:
+    """Whether the weight gradient's GEMMs take their transposed operand laid out by the native loops' transposing
+    copy: where reduced-precision GEMMs run bmm at any rows (MM_MIN_ROWS None: the AMX machine). oneDNN's GEMMs over
+    the transposed view ran at half the rate there (8 experts of 1,024 rows: 1,093 -> 2,632 GFLOP/s where out > in,
+    1,099 -> 2,077 where out <= in; one expert of 8,192 x 512 rows: 15.4 -> 9.2 ms; the copy of 8 x 1,154 x 2,048
+    bfloat16 3-9 ms, torch's of the view 63-72; docs/performance.md)."""
+    return skinny is not None and g.dtype != torch.float32 and MM_MIN_ROWS[instruction_set()] is None
+
+
+def _transposed(g: torch.Tensor, skinny: native.Skinny | None, pool: bool) -> torch.Tensor:
+    """g.transpose(-2, -1) for the weight gradient's GEMM: laid out where _lays_out, else the view."""
+    if not _lays_out(g, skinny):
+        return g.transpose(-2, -1)
+    shape = (*g.shape[:-2], g.shape[-1], g.shape[-2])
+    return skinny.transpose(g, memory.empty(shape, g.dtype, g.device, pool)[0])
+
+
+def _weight_grad(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor, skinny: native.Skinny | None,
+                 pool: bool) -> None:
+    """out (..., out, in) = g.T @ x for g (..., R, out) and x (..., R, in): one expert's GEMM, or a batch of experts'.
+    Where the operand is laid out, x.T @ g and its (..., in, out) result transposed into place instead, where those two
+    copies move at most half the elements of g's. bfloat16 on the AMX machine, t5's FFN (out 2,048 > in 512), in
+    interleaved training steps: one expert of 8,192 rows 0.91x the time (the copy of g took 7 ms from memory, of x
+    1.7, of the result 0.1-0.3); 8 experts of 1,163 rows (copies 0.69x g's) 1.00x; 32 of 307 rows (1.9x) 1.03x."""
+    gemm = torch.mm if g.dim() == 2 else torch.bmm
+    rows, n_out, n_in = g.shape[-2], g.shape[-1], x.shape[-1]
+    if 2 * (rows + n_out) * n_in > rows * n_out or not out.is_contiguous() or not _lays_out(g, skinny):
+        gemm(_transposed(g, skinny, pool), x, out=out)
+        return
+    t = memory.empty((*x.shape[:-2], n_in, n_out), g.dtype, g.device, pool)[0]
+    skinny.transpose(gemm(_transposed(x, skinny, pool), g, out=t), out)
 
 
 def _relu_(h: torch.Tensor, p: float, skinny: native.Skinny | None) -> torch.Tensor:
@@ -606,6 +631,16 @@ class CpuLayout:
         y = _ReLU.apply(h, self.kernel.pool, dropout, skinny) if records_grad(h) else _relu_(h, dropout, skinny)
         return torch.nn.functional.dropout(y, dropout, training=True) if dropout and skinny is None else y
 
+    def _pools_one(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """Whether one expert's linear has a tensor the recycled buffers would hold: its output, or in training its
+        input's gradient (bfloat16, E 1 / 1,024 tokens: the down projection's, 4 MiB; through the plan, whose
+        weight gradient also takes its operand laid out, the training step took 1.09-1.11x dense's time against
+        1.17-1.18x through F.linear; sixteenth session)."""
+        if not self.kernel.pool:
+            return False
+        shapes = [(x.shape[0], weight.shape[1])] + [tuple(x.shape)] * records_grad(x, weight, bias)
+        return any(memory.pools(shape, x.dtype, x.device) for shape in shapes)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # One expert taking every row stays off the native loops: its forward then computes what the dense FFN's
         # F.linear does, so a conversion to one expert preserves the model's outputs (bit for bit on AVX-512; on AVX2
@@ -613,8 +648,7 @@ class CpuLayout:
         one = _one_expert(self.batches) is not None
         upcast, compute = self.kernel.upcasts(x), self.kernel.compute(x)  # the kernel's paths are chosen for compute
         dnnl = self.kernel.dnnl_for(compute, x.device)
-        if weight.shape[0] == 1 and not upcast and dnnl is None and not (
-                self.kernel.pool and memory.pools((x.shape[0], weight.shape[1]), x.dtype, x.device)):
+        if weight.shape[0] == 1 and not upcast and dnnl is None and not self._pools_one(x, weight, bias):
             # One expert on torch's own GEMMs is the dense FFN: F.linear itself, without the plan's autograd Function
             # and its Python (bfloat16, E = 1 at 64 tokens: a forward 1.4 ms through the plan, 1.1 this way; where
             # oneDNN's linear runs float32 the plan keeps it: 0.78x dense at 8,192 tokens, F.linear 0.96x). In bfloat16
@@ -625,8 +659,10 @@ class CpuLayout:
             # F.linear's time, training 0.79x; 1,024 tokens training 0.86x; fifteenth session). The same mm either way.
             return one_expert_linear(x, weight, bias)
         batched = self.kernel.mkl_batch_for(compute, weight.dtype, x.device)
-        args = (x.contiguous(), weight, bias, self.batches, dnnl,
-                None if one else self.kernel.skinny_for(compute, x.device, weight), self.kernel.pool, upcast, batched)
+        # One expert of several stays off the native loops; an E = 1 layer keeps them for its weight gradient's
+        # transposing copy (_transposed), its GEMMs being torch's either way.
+        skinny = None if one and weight.shape[0] > 1 else self.kernel.skinny_for(compute, x.device, weight)
+        args = (x.contiguous(), weight, bias, self.batches, dnnl, skinny, self.kernel.pool, upcast, batched)
         return _GroupedLinear.apply(*args) if records_grad(x, weight, bias) else _linear(*args)
 
 
