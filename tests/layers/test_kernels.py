@@ -257,6 +257,27 @@ def test_one_expert_writes_into_recycled_buffers_where_its_output_is_large(monke
     assert not applied  # without the recycled buffers, F.linear at any size
 
 
+def test_one_expert_in_training_runs_the_plan_where_its_input_gradient_is_large(monkeypatch):
+    """A down projection whose output (1,024 x 512 bfloat16, 1 MiB) is under the recycled buffers' size but whose
+    input's gradient (1,024 x 2,048, 4 MiB) is not: F.linear where nothing records gradients, the plan in training.
+    Either way F.linear's output and gradients, bit for bit, with the weight gradient over the view."""
+    monkeypatch.setitem(cpu.MM_MIN_ROWS, cpu.instruction_set(), 64)  # torch's GEMM on the view, as F.linear's
+    applied, real = [], cpu._GroupedLinear.apply
+    monkeypatch.setattr(cpu._GroupedLinear, "apply", lambda *a: applied.append(a[0].shape) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(*shape, generator=g).bfloat16() for shape in ((1024, 2048), (1, 512, 2048)))
+    assert not memory.pools((1024, 512), torch.bfloat16, x.device) and memory.pools(tuple(x.shape), x.dtype, x.device)
+    kernel = CpuKernel(dnnl=False, upcast=False)
+    want = nn.functional.linear(x, w[0])
+    assert torch.equal(grouped_linear(x, w, None, [1024], kernel), want) and not applied
+    x.requires_grad_(), w.requires_grad_()
+    y = grouped_linear(x, w, None, [1024], kernel)
+    assert applied == [x.shape] and torch.equal(y, want)
+    gy = torch.randn(1024, 512, generator=g).bfloat16()
+    got, need = torch.autograd.grad(y, (x, w), gy), torch.autograd.grad(nn.functional.linear(x, w[0]), (x, w), gy)
+    assert all(torch.equal(a, b) for a, b in zip(got, need))
+
+
 def test_auto_and_unknown_kernels():
     assert get_kernel("auto", torch.device("cpu")).name == "cpu"
     assert get_kernel("auto", torch.device("cuda")).name == "cuda"
