@@ -549,6 +549,44 @@ def test_reduced_precision_spans_its_experts_where_bmm_takes_every_gemm(monkeypa
         torch.testing.assert_close(a.float(), e.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_a_span_of_many_reduced_precision_experts_runs_its_up_projection_natively_to_more_rows():
+    """SPAN_FORWARD_ROWS: on AMX one batch of at least 32 bfloat16 experts runs the forward where out > in natively to
+    352 rows per expert; fewer experts, several batches, out <= in, float32 and machines without the rule keep
+    NATIVE_MAX_ROWS' limit."""
+    amx, avx512 = (type("Skinny", (), {"variant": v})() for v in ("amx", "avx512"))
+    up, down = torch.empty(1, 64, 32, dtype=torch.bfloat16), torch.empty(1, 32, 64, dtype=torch.bfloat16)
+    span, pairs = [cpu._Batch(0, 1, 32, 300, 0)], [cpu._Batch(0, 1, 16, 300, 0), cpu._Batch(16, 1, 16, 300, 4800)]
+    bf16_up, bf16_down = (cpu.NATIVE_MAX_ROWS["amx"][cpu.BF16, cpu.BF16][0][i] for i in (0, 1))
+    assert (bf16_up, bf16_down) == (256, 192)
+    assert cpu._forward_rows(amx, torch.bfloat16, up, span) == 352
+    assert cpu._forward_rows(amx, torch.bfloat16, up, [cpu._Batch(0, 1, 31, 300, 0)]) == bf16_up
+    assert cpu._forward_rows(amx, torch.bfloat16, up, pairs) == bf16_up
+    assert cpu._forward_rows(amx, torch.bfloat16, down, span) == bf16_down
+    assert cpu._forward_rows(amx, torch.float32, up.float(), span) == cpu.NATIVE_MAX_ROWS["amx"][cpu.F32, cpu.F32][0][0]
+    assert cpu._forward_rows(avx512, torch.bfloat16, up, span) == 16  # NATIVE_MAX_ROWS' for the AVX-512 build
+    assert cpu._forward_rows(None, torch.bfloat16, up, span) == 0
+
+
+def test_a_span_of_many_bfloat16_experts_on_the_tiles_computes_the_references_output(monkeypatch):
+    """That forward on the AMX tiles, 32 experts padded to 300 rows: the reference's output within bfloat16 rounding,
+    with the native loops taking every expert."""
+    skinny = native.skinny()
+    if skinny is None or skinny.variant != "amx":
+        pytest.skip("the native kernels' AMX build does not run here")
+    ops, real = [], cpu._native
+    monkeypatch.setattr(cpu, "_native", lambda kernel, op, picked, *a: ops.append((op, len(picked[0])))
+                        or real(kernel, op, picked, *a))
+    counts = [300 - 2 * e for e in range(32)]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, 32, generator=g).bfloat16()
+    x = torch.randn(sum(counts), 32, generator=g).bfloat16()
+    kernel = CpuKernel(upcast=False, batching="span", mkl_batch=False)
+    got = grouped_linear(x, w, None, counts, kernel)
+    assert ops == [(cpu.native.FORWARD, 32)]
+    want = grouped_linear(x, w, None, counts, "reference")
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("counts, out, inp, laid_out", [
     ([20, 0, 9, 14], 32, 16, [(4, 20, 32)]),  # the span's g, (experts, slots, out)
     ([20, 0, 9, 14], 16, 32, [(4, 20, 16)]),

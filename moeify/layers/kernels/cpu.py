@@ -120,12 +120,32 @@ NATIVE_MAX_ROWS = {
 }
 
 
+# Where one batch of at least this many reduced-precision experts runs (a span, CpuLayout._span_pays), the forward
+# where out > in runs natively up to these rows per expert, padding included, rather than NATIVE_MAX_ROWS': against
+# oneDNN's bmm over 32 experts of equal rows the tiles took 0.72-0.73x its time at 192-352 rows (its bmm steps up at
+# 384: 1.25x). In the layer (t5's FFN, bfloat16, interleaved rounds, the span's plan either way): forward 0.88-0.91x
+# at E 32 / 8,192 and 9,216, E 48 / 12,288 and E 64 / 16,384, training 0.93-1.00x; at E 16 / 4,096 0.98x and 0.99x,
+# at E 8 / 2,048 1.04x and 1.03x, where the limit stays (sixteenth session). None: no such rule.
+SPAN_FORWARD_ROWS = {"avx512": None, "avx2": None, "amx": (32, 352)}
+
+
 def native_max_rows(skinny: native.Skinny | None, compute: torch.dtype, dtype: torch.dtype, out: int,
                     in_: int) -> tuple[int, int, int]:
     """Rows per expert up to which `skinny`'s kernels run the forward, the input gradient and the weight gradient of
     activations in `compute` on weights in `dtype`; zeros without kernels."""
     limits = NATIVE_MAX_ROWS[skinny.variant].get((compute, dtype)) if skinny else None
     return (0, 0, 0) if limits is None else tuple(limit[out <= in_] for limit in limits)
+
+
+def _forward_rows(skinny: native.Skinny | None, compute: torch.dtype, weight: torch.Tensor,
+                  batches: list[_Batch]) -> int:
+    """Rows per expert up to which the native loops run this forward: native_max_rows', or SPAN_FORWARD_ROWS' for one
+    batch of many reduced-precision experts where out > in."""
+    limit = native_max_rows(skinny, compute, weight.dtype, *weight.shape[1:])[0]
+    span = SPAN_FORWARD_ROWS[skinny.variant] if limit and compute != torch.float32 else None
+    if span and len(batches) == 1 and batches[0].k >= span[0] and weight.shape[1] > weight.shape[2]:
+        return max(limit, span[1])
+    return limit
 
 
 # Below this many rows per expert a float32-compute forward (below) that the native loops do not take (they run it
@@ -324,7 +344,7 @@ def _forward(x, weight, bias, batches, dnnl, skinny, pool, narrow=None, batched=
             return op(x, w_e, b_e, "none", [], "")
         y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)
         return torch.mm(x, w_e.t(), out=y) if b_e is None else torch.addmm(b_e, x, w_e.t(), out=y)
-    limit = native_max_rows(skinny, x.dtype, weight.dtype, *weight.shape[1:])[0]
+    limit = _forward_rows(skinny, x.dtype, weight, batches)
     few = _native_rows(batches, limit)
     y, _ = memory.empty((x.shape[0], weight.shape[1]), x.dtype, x.device, pool)  # (R, out)
     if few:
