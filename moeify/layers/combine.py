@@ -10,13 +10,32 @@ from moeify.layers.kernels import records_grad
 def _pooled_combine(y: torch.Tensor, gate: torch.Tensor, token_index: torch.Tensor | None, num_tokens: int,
                     accumulate: bool) -> torch.Tensor:
     """_PooledGatedCombine's forward without its autograd node."""
+    if token_index is not None and not accumulate:
+        return _gathered_combine(y, gate, token_index, num_tokens)
     gated = torch.mul(y, gate.unsqueeze(-1), out=memory.gradient_buffer(y)[0])
     if token_index is None:
         return gated
     out, is_zero = memory.empty((num_tokens, y.shape[-1]), y.dtype, y.device)
     if not is_zero:
         out.zero_()  # tokens with no kept choice stay exactly zero: the residual carries them
-    return out.index_add_(0, token_index, gated) if accumulate else out.index_copy_(0, token_index, gated)
+    return out.index_add_(0, token_index, gated)
+
+
+def _gathered_combine(y: torch.Tensor, gate: torch.Tensor, token_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Each token's one row of y times its gate, in token order, as a gather from y and a multiply in place; the
+    tokens with no kept row exactly zero. The same products as zeros, a multiply and index_copy_ into token order (the
+    same bits), in two passes over (T, d) instead of three: (8,192, 512) bfloat16 0.96 ms against 1.64, float32 1.24
+    against 2.12 (sixteenth session)."""
+    kept = token_index.shape[0]
+    row = torch.zeros(num_tokens, dtype=torch.long, device=y.device)  # each token's row of y (dropped ones: row 0)
+    row.index_copy_(0, token_index, torch.arange(kept, device=y.device))
+    token_gate = torch.zeros(num_tokens, dtype=gate.dtype, device=y.device).index_copy_(0, token_index, gate)
+    out = memory.empty((num_tokens, y.shape[-1]), y.dtype, y.device)[0]
+    torch.index_select(y, 0, row, out=out).mul_(token_gate.unsqueeze(-1))
+    if kept < num_tokens:  # zeros written over the dropped tokens' rows (0 times an infinite row of y is not zero)
+        dropped = torch.ones(num_tokens, dtype=torch.bool, device=y.device).index_fill_(0, token_index, False)
+        out.index_fill_(0, dropped.nonzero().squeeze(1), 0)
+    return out
 
 
 class _PooledGatedCombine(torch.autograd.Function):

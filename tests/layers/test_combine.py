@@ -46,3 +46,19 @@ def test_pooled_node_equals_plain_ops(monkeypatch, dtype, form):
         dropped[index] = False
         assert bool(pooled[dropped].eq(0).all())
     memory.empty_cache()
+
+
+def test_pooled_copy_leaves_dropped_tokens_exactly_zero_next_to_infinite_rows(monkeypatch):
+    """The pooled copy gathers each token's row and multiplies by its gate: a dropped token is written zeros after
+    that, so an infinite or NaN expert output elsewhere (0 x inf) never reaches the rows the residual carries."""
+    monkeypatch.setattr(memory, "_MIN_BYTES", 1)
+    memory.empty_cache()
+    y = torch.ones(3, 4)
+    y[0], y[2] = float("inf"), float("nan")
+    gate, index = torch.tensor([0.5, 0.25, 2.0]), torch.tensor([4, 1, 3])  # tokens 0 and 2 dropped
+    with torch.no_grad():
+        pooled = gated_combine(y, gate, index, 5, pool=True)
+        plain = gated_combine(y, gate, index, 5, pool=False)
+    assert torch.equal(pooled[[0, 2]], torch.zeros(2, 4)) and torch.equal(pooled[[1, 4]], plain[[1, 4]])
+    assert bool(pooled[3].isnan().all()) and bool(plain[3].isnan().all())
+    memory.empty_cache()
