@@ -501,13 +501,19 @@ def _backward(ctx, x, weight, grad_y):
     return grad_x, grad_w, grad_b
 
 
+def _bmm_at_any_rows(dtype: torch.dtype) -> bool:
+    """Whether GEMMs in `dtype` take bmm at any rows per expert here: reduced precision where MM_MIN_ROWS is None (the
+    AMX machine)."""
+    return dtype != torch.float32 and MM_MIN_ROWS[instruction_set()] is None
+
+
 def _lays_out(g: torch.Tensor, skinny: native.Skinny | None) -> bool:
     """Whether the weight gradient's GEMMs take their transposed operand laid out by the native loops' transposing
-    copy: where reduced-precision GEMMs run bmm at any rows (MM_MIN_ROWS None: the AMX machine). oneDNN's GEMMs over
-    the transposed view ran at half the rate there (8 experts of 1,024 rows: 1,093 -> 2,632 GFLOP/s where out > in,
-    1,099 -> 2,077 where out <= in; one expert of 8,192 x 512 rows: 15.4 -> 9.2 ms; the copy of 8 x 1,154 x 2,048
-    bfloat16 3-9 ms, torch's of the view 63-72; docs/performance.md)."""
-    return skinny is not None and g.dtype != torch.float32 and MM_MIN_ROWS[instruction_set()] is None
+    copy: where reduced-precision GEMMs run bmm at any rows (_bmm_at_any_rows). oneDNN's GEMMs over the transposed view
+    ran at half the rate there (8 experts of 1,024 rows: 1,093 -> 2,632 GFLOP/s where out > in, 1,099 -> 2,077 where
+    out <= in; one expert of 8,192 x 512 rows: 15.4 -> 9.2 ms; the copy of 8 x 1,154 x 2,048 bfloat16 3-9 ms, torch's
+    of the view 63-72; docs/performance.md)."""
+    return skinny is not None and _bmm_at_any_rows(g.dtype)
 
 
 def _transposed(g: torch.Tensor, skinny: native.Skinny | None, pool: bool) -> torch.Tensor:
@@ -623,7 +629,7 @@ class CpuLayout:
         reduced-precision GEMMs take bmm at any rows (MM_MIN_ROWS None: pairs of experts apart run one mm each, at
         half bmm's rate), the busiest expert has more rows than the native forward takes, and the padding stays
         under SPAN_MAX_PADDING."""
-        if weight.dtype == torch.float32 or MM_MIN_ROWS[instruction_set()] is not None or self.kernel.upcasts(weight):
+        if not _bmm_at_any_rows(weight.dtype) or self.kernel.upcasts(weight):
             return False
         used = [e for e, c in enumerate(counts) if c]
         skinny = self.kernel.skinny_for(weight.dtype, weight.device, weight)
@@ -658,7 +664,9 @@ class CpuLayout:
         1.17-1.18x through F.linear; sixteenth session)."""
         if not self.kernel.pool:
             return False
-        shapes = [(x.shape[0], weight.shape[1])] + [tuple(x.shape)] * records_grad(x, weight, bias)
+        shapes = [(x.shape[0], weight.shape[1])]
+        if records_grad(x, weight, bias):
+            shapes.append(tuple(x.shape))
         return any(memory.pools(shape, x.dtype, x.device) for shape in shapes)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
