@@ -278,6 +278,35 @@ def test_one_expert_in_training_runs_the_plan_where_its_input_gradient_is_large(
     assert all(torch.equal(a, b) for a, b in zip(got, need))
 
 
+@pytest.mark.parametrize("rows, linear", [(64, True), (32, False)])
+def test_one_float32_expert_without_gradients_takes_f_linear_where_the_plan_would_run_torchs_mm(monkeypatch, rows,
+                                                                                                linear):
+    """Where oneDNN takes float32 GEMMs, one expert's forward without autograd takes F.linear at rows whose forward
+    GEMM is torch's mm on the plan too (AMX: from 64 rows), and the plan (oneDNN's op) below; F.linear's bits either
+    way. With autograd recording, the plan at any rows (its backward)."""
+    if cpu.dnnl_op() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(cpu, "instruction_set", lambda: "amx")
+    planned, real = [], cpu._linear
+    monkeypatch.setattr(cpu, "_linear", lambda *a: planned.append(a[0].shape) or real(*a))
+    applied, real_apply = [], cpu._GroupedLinear.apply
+    monkeypatch.setattr(cpu._GroupedLinear, "apply", lambda *a: applied.append(a[0].shape) or real_apply(*a))
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, 512, generator=g), torch.randn(1, 2048, 512, generator=g)
+    kernel = CpuKernel()
+    assert not memory.pools((rows, 2048), torch.float32, x.device)
+    y = grouped_linear(x, w, None, [rows], kernel)
+    assert (planned == []) == linear and not applied
+    want = nn.functional.linear(x, w[0])
+    if linear:
+        assert torch.equal(y, want)
+    else:  # oneDNN's own sums
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    w.requires_grad_()
+    grouped_linear(x, w, None, [rows], kernel)
+    assert applied == [x.shape]
+
+
 def test_auto_and_unknown_kernels():
     assert get_kernel("auto", torch.device("cpu")).name == "cpu"
     assert get_kernel("auto", torch.device("cuda")).name == "cuda"

@@ -676,7 +676,10 @@ class CpuLayout:
         one = _one_expert(self.batches) is not None
         upcast, compute = self.kernel.upcasts(x), self.kernel.compute(x)  # the kernel's paths are chosen for compute
         dnnl = self.kernel.dnnl_for(compute, x.device)
-        if weight.shape[0] == 1 and not upcast and dnnl is None and not self._pools_one(x, weight, bias):
+        # The plan too would run this expert on torch's mm: oneDNN takes no float32 GEMM here, or this is a forward
+        # (nothing records gradients) at rows oneDNN's forward does not take.
+        on_mm = dnnl is None or _dnnl_at(dnnl, native.FORWARD, x.shape[0]) is None and not records_grad(x, weight, bias)
+        if weight.shape[0] == 1 and not upcast and on_mm and not self._pools_one(x, weight, bias):
             # One expert on torch's own GEMMs is the dense FFN: F.linear itself, without the plan's autograd Function
             # and its Python (bfloat16, E = 1 at 64 tokens: a forward 1.4 ms through the plan, 1.1 this way; where
             # oneDNN's linear runs float32 the plan keeps it: 0.78x dense at 8,192 tokens, F.linear 0.96x). In bfloat16
@@ -685,6 +688,8 @@ class CpuLayout:
             # Not where the output is large enough for the recycled buffers: the plan's GEMMs write into those, where
             # F.linear's fresh output faults its pages in (bfloat16, E 1 / 8,192 tokens: the plan's forward took 0.59x
             # F.linear's time, training 0.79x; 1,024 tokens training 0.86x; fifteenth session). The same mm either way.
+            # Where oneDNN runs float32 the plan keeps training (its backward) and the rows its forward gives oneDNN;
+            # a forward it would run on torch's mm comes here (E 1 / 64 tokens, AMX: 1.17x dense against 1.25x).
             return one_expert_linear(x, weight, bias)
         batched = self.kernel.mkl_batch_for(compute, weight.dtype, x.device)
         # One expert of several stays off the native loops; an E = 1 layer keeps them for its weight gradient's
