@@ -489,6 +489,12 @@ constexpr int OUTER_MV = 4;  // vectors of x's rows per pass over a block of wei
 // blocks go in blocks of 4 and 2.
 constexpr int OUTER_NB[OUTER_MV + 1] = {0, 8, 8, 6, 6};
 constexpr long OUTER_KC = 128;  // inputs per piece: a chunk's piece of xt (32 KB) stays in L1 for every weight block
+// ... unless the weight's rows span a page or more (4 KB), x has at most 32 rows and xt at most 256 KB: then each
+// weight row is read whole, in order. Pieces of rows 8 KB apart stream from memory at about half the rate per core (a
+// bare loop of the same loads: 6.5-7.1 GB/s against 12.7-13.3; rows 2 KB apart 7.5 against 12.7). 64 experts, 512 x
+// 2,048: 0.66-0.84x the time at 16 rows, 0.89-0.95x at 20-32; 2,048 x 512 (whole rows: xt out of L1) up to 1.10x
+// slower at 20 rows; with more rows a block's FMAs hide the pieces' reads (even at 48-64).
+constexpr long OUTER_WHOLE_ROWS = 32, OUTER_WHOLE_BYTES = 256 << 10, OUTER_WHOLE_MIN_IN = 1024;
 
 inline long outer_ld(long rows) { return ceil_to(rows, W); }  // xt's row: x's rows, padded to whole vectors
 
@@ -555,8 +561,10 @@ void outer_chunk(const float *xt, long ld, const float *w, long in, long k0, lon
 void outer_forward(const float *xt, const float *w, float *y, long rows, long out, long in, long o0, long o1,
                    float *st) {
   const long ld = outer_ld(rows), vecs = ld / W;
-  for (long k0 = 0; k0 < in; k0 += OUTER_KC) {
-    const long kc = in - k0 < OUTER_KC ? in - k0 : OUTER_KC;
+  const bool whole = in >= OUTER_WHOLE_MIN_IN && ld <= OUTER_WHOLE_ROWS && ld * in * 4 <= OUTER_WHOLE_BYTES;
+  const long piece = whole ? in : OUTER_KC;
+  for (long k0 = 0; k0 < in; k0 += piece) {
+    const long kc = in - k0 < piece ? in - k0 : piece;
     for (long m = 0; m < ld; m += OUTER_MV * W) {
       with_vecs<OUTER_MV>(int((ld - m) / W), [&](auto MV) {
         outer_chunk<decltype(MV)::value>(xt, ld, w, in, k0, kc, m, o0, o1, st);
