@@ -76,8 +76,9 @@ def test_the_widest_build_this_cpu_runs_is_the_one_loaded():
 # AVX-512 input gradient's partial sums in spans of columns (from 17 rows), and in two groups of rows (over 256);
 # the AMX input gradient's 2 x 2 blocks (from 32 rows: pairs of 16 rows and a single 16 last, partial); the AVX-512
 # float32 forward's outer products and weight gradient's laid-out operands (from 16 rows; the forward: a chunk of 64
-# rows and a partial one, 70 and 260)
-@pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5], [70, 17], [260, 1]])
+# rows and a partial one, 70 and 260; a tail of 1-4 rows as dot products after one or two whole vectors: 17, 18, 20,
+# 35)
+@pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5], [70, 17], [260, 1], [20, 35, 18]])
 # column tails of the blocks; in > 1024: the input gradient in two units (streamed, or in runs); 272 x 2048: the
 # float32 forward's units of 1 MB of weight on AVX2 and AMX (128 or 256 rows), the last one partial; out > in (AMX:
 # 2 x 2 blocks of tiles) in units of 128 rows with pairs of 16 and a single 16 last; the outer products' pieces of 128
@@ -99,13 +100,13 @@ def test_each_op_equals_the_product_up_to_rounding(kernel, mode, rows, out, inp)
 def test_the_bits_depend_on_neither_alignment_nor_threads(kernel, mode, out, inp):
     """Each output element is summed in a fixed order of indices: where operands lie, and how many threads share the
     work, change nothing."""
-    want, _ = _ops(kernel, mode, [7, 3, 16, 40, 60], out, inp)
+    want, _ = _ops(kernel, mode, [7, 3, 16, 40, 60, 18, 36], out, inp)
     threads = torch.get_num_threads()
     try:
         for offset in (1, 3, 8, 15):
             for count in (1, 3):
                 torch.set_num_threads(count)
-                got, _ = _ops(kernel, mode, [7, 3, 16, 40, 60], out, inp, offset)
+                got, _ = _ops(kernel, mode, [7, 3, 16, 40, 60, 18, 36], out, inp, offset)
                 assert all(torch.equal(a, e) for a, e in zip(got, want)), (offset, count)
     finally:
         torch.set_num_threads(threads)

@@ -477,10 +477,11 @@ inline void transpose16(__m512 r[16]) {
 // read x again for every four weight rows and sum lanes at the end; torch's GEMMs pack (transpose) the weight on
 // every call. Here x is laid out once per call, transposed (outer_pack), and each weight element is broadcast from
 // memory as it lies, once per 64 rows of x, against vectors of 16 rows of x: NB weight rows by MV vectors of rows in
-// registers, every output summed in one chain over the inputs. The accumulators go to a staging buffer, and from it
-// to y through 16 x 16 transposes, a line of y at a time, streamed (ordinary stores: up to 1.15x slower). 64 experts
-// at 32-64 rows: 0.63-0.88x torch's path, 0.66-0.74x the dot products' time (docs/performance.md). The input gradient
-// the same way (the weight's columns broadcast, walked down its rows) ran 1.3-2.4x the time of input_grad_runs.
+// registers, every output summed in one chain over the inputs (a tail's rows aside: OUTER_TAIL). The accumulators go
+// to a staging buffer, and from it to y through 16 x 16 transposes, a line of y at a time, streamed (ordinary stores:
+// up to 1.15x slower). 64 experts at 32-64 rows: 0.63-0.88x torch's path, 0.66-0.74x the dot products' time
+// (docs/performance.md). The input gradient the same way (the weight's columns broadcast, walked down its rows) ran
+// 1.3-2.4x the time of input_grad_runs.
 constexpr long OUTER_MIN_ROWS = 16;
 constexpr int OUTER_MV = 4;  // vectors of x's rows per pass over a block of weight rows (64 rows)
 // Weight rows per block by vectors of x's rows in the chunk (1-4): with 16-32 rows, 8 rows (8 or 16
@@ -497,6 +498,47 @@ constexpr long OUTER_KC = 128;  // inputs per piece: a chunk's piece of xt (32 K
 constexpr long OUTER_WHOLE_ROWS = 32, OUTER_WHOLE_BYTES = 256 << 10, OUTER_WHOLE_MIN_IN = 1024;
 
 inline long outer_ld(long rows) { return ceil_to(rows, W); }  // xt's row: x's rows, padded to whole vectors
+
+// Rows past one or two whole vectors of x's rows that the forward takes as dot products (outer_tail_rows) beside the
+// outer products, instead of a vector of their own that is mostly zeros: 1-4 of them, where the rest reads whole
+// weight rows (its xt within OUTER_WHOLE_BYTES). 64 experts, 2,048 x 512 and 512 x 2,048: 0.86-0.96x and 0.67-0.73x
+// the time at 17-20 rows, 0.85-0.90x and 0.74-0.81x at 33-36; tails of 5-8 rows up to 1.3x slower where out > in.
+// Their sums run in 16 lanes: a row's bits depend on its place among its expert's rows (never on alignment or threads).
+constexpr long OUTER_TAIL = 4;
+
+// How many of x's rows the forward's outer products leave to outer_tail_rows (0: none).
+inline long outer_tail(long rows, long in) {
+  const long t = rows % W, whole = rows - t;
+  return t <= OUTER_TAIL && whole >= W && whole <= OUTER_WHOLE_ROWS && whole * in * 4 <= OUTER_WHOLE_BYTES ? t : 0;
+}
+
+struct OuterTail {  // x's tail rows (T of them, each `in` long) and their rows of y (each `out` long)
+  const float *x;
+  float *y;
+  long out;
+};
+
+// y[j * out + r] = (x's tail row j) . (w's row r) for r < nb and j < T: R weight rows (R divides nb) against every tail
+// row at a time, 16 lanes of partial sums over the inputs, summed at the end; the block's weight rows are still in L1
+// from its outer products.
+template <int T, int R>
+void outer_tail_rows(const OuterTail &tail, const float *w, long in, long nb) {
+  for (long r = 0; r < nb; r += R) {
+    V acc[R][T];
+    for (int i = 0; i < R; i++)
+      for (int j = 0; j < T; j++) acc[i][j] = vzero();
+    for (long k = 0; k < in; k += W) {
+      V xv[T];
+      for (int j = 0; j < T; j++) xv[j] = _mm512_loadu_ps(tail.x + j * in + k);
+      for (int i = 0; i < R; i++) {
+        const V wv = _mm512_loadu_ps(w + (r + i) * in + k);
+        for (int j = 0; j < T; j++) acc[i][j] = vfma(wv, xv[j], acc[i][j]);
+      }
+    }
+    for (int i = 0; i < R; i++)
+      for (int j = 0; j < T; j++) tail.y[j * tail.out + r + i] = _mm512_reduce_add_ps(acc[i][j]);
+  }
+}
 
 // x (rows, in) into xt (in, outer_ld(rows)): column k of x is row k of xt, zeros past x's last row.
 void outer_pack(const float *x, float *xt, long rows, long in) {
@@ -534,33 +576,59 @@ void outer_block(const float *xt, long ld, const float *w, long in, long kc, con
 }
 
 // Blocks of NB weight rows from o while a whole one fits below o1, over inputs k0 .. k0 + kc, for the chunk of MV
-// vectors of x's rows at m; returns the first weight row left.
-template <int MV, int NB>
+// vectors of x's rows at m, and the tail's T rows (T > 0: whole weight rows, one chunk); returns the first weight row
+// left.
+template <int MV, int NB, int T>
 long outer_blocks(const float *xt, long ld, const float *w, long in, long k0, long kc, long m, long o, long o0, long o1,
-                  float *st) {
+                  float *st, const OuterTail &tail) {
   for (; o + NB <= o1; o += NB) {
     const float *wo = w + o * in + k0;
     outer_block<MV, NB>(xt + k0 * ld + m, ld, wo, in, kc, wo + NB * in, st + (o - o0) * ld + m, k0 == 0);
+    if constexpr (T > 0) outer_tail_rows<T, NB % 4 == 0 ? 4 : 2>({tail.x, tail.y + o, tail.out}, wo, in, NB);
   }
   return o;
 }
 
 // outer_blocks over all of o0 .. o1 for a chunk of MV vectors of rows: blocks of OUTER_NB[MV] weight rows, then of 4
 // and 2 for what is left (o1 - o0 and the blocks are even).
-template <int MV>
+template <int MV, int T = 0>
 void outer_chunk(const float *xt, long ld, const float *w, long in, long k0, long kc, long m, long o0, long o1,
-                 float *st) {
-  long o = outer_blocks<MV, OUTER_NB[MV]>(xt, ld, w, in, k0, kc, m, o0, o0, o1, st);
-  o = outer_blocks<MV, 4>(xt, ld, w, in, k0, kc, m, o, o0, o1, st);
-  outer_blocks<MV, 2>(xt, ld, w, in, k0, kc, m, o, o0, o1, st);
+                 float *st, const OuterTail &tail = {}) {
+  long o = outer_blocks<MV, OUTER_NB[MV], T>(xt, ld, w, in, k0, kc, m, o0, o0, o1, st, tail);
+  o = outer_blocks<MV, 4, T>(xt, ld, w, in, k0, kc, m, o, o0, o1, st, tail);
+  outer_blocks<MV, 2, T>(xt, ld, w, in, k0, kc, m, o, o0, o1, st, tail);
 }
 
-// y[:, o0 : o1] = x @ w[o0 : o1].T for one expert, from xt (outer_pack); st: the calling thread's staging buffer of
-// (o1 - o0) * outer_ld(rows) floats. o1 - o0 is a multiple of 16. Inputs in pieces of OUTER_KC, each piece for a chunk
-// of 64 rows of x (32 KB of xt) read from L1 by every block of weight rows; each chunk in blocks of its own width.
-void outer_forward(const float *xt, const float *w, float *y, long rows, long out, long in, long o0, long o1,
-                   float *st) {
-  const long ld = outer_ld(rows), vecs = ld / W;
+// y[:rows, o0 : o1] from the staging buffer's accumulators (o1 - o0 rows of ld): 16 x 16 transposes, whole lines of y
+// streamed.
+void outer_store(const float *st, float *y, long rows, long out, long ld, long o0, long o1) {
+  const long vecs = ld / W;
+  for (long r = 0; r < o1 - o0; r += W)
+    for (long v = 0; v < vecs; v++) {
+      __m512 a[W];
+      for (int i = 0; i < W; i++) a[i] = _mm512_load_ps(st + (r + i) * ld + v * W);
+      transpose16(a);  // a[j]: outputs o0 + r .. + 16 of x's row 16 v + j
+      const long valid = block_rows(rows, v * W);  // W is TILE_ROWS here
+      for (long j = 0; j < valid; j++) store(y + (v * W + j) * out + o0 + r, a[j], true);
+    }
+}
+
+// y[:, o0 : o1] = x @ w[o0 : o1].T for one expert, from xt (outer_pack; x for a tail's rows); st: the calling thread's
+// staging buffer of (o1 - o0) * outer_ld(rows) floats. o1 - o0 is a multiple of 16. Inputs in pieces of OUTER_KC, each
+// piece for a chunk of 64 rows of x (32 KB of xt) read from L1 by every block of weight rows; each chunk in blocks of
+// its own width. With a tail (outer_tail), one chunk over whole weight rows, each block's tail rows after its own.
+void outer_forward(const float *xt, const float *x, const float *w, float *y, long rows, long out, long in, long o0,
+                   long o1, float *st) {
+  const long tail = outer_tail(rows, in), ld = outer_ld(rows - tail), vecs = ld / W;
+  if (tail > 0) {  // one chunk of whole vectors, whole weight rows, the tail's rows beside them
+    const OuterTail t{x + (rows - tail) * in, y + (rows - tail) * out, out};
+    with_vecs<2>(int(vecs), [&](auto MV) {
+      with_vecs<OUTER_TAIL>(int(tail), [&](auto T) {
+        outer_chunk<decltype(MV)::value, decltype(T)::value>(xt, ld, w, in, 0, in, 0, o0, o1, st, t);
+      });
+    });
+    return outer_store(st, y, rows - tail, out, ld, o0, o1);
+  }
   const bool whole = in >= OUTER_WHOLE_MIN_IN && ld <= OUTER_WHOLE_ROWS && ld * in * 4 <= OUTER_WHOLE_BYTES;
   const long piece = whole ? in : OUTER_KC;
   for (long k0 = 0; k0 < in; k0 += piece) {
@@ -571,14 +639,7 @@ void outer_forward(const float *xt, const float *w, float *y, long rows, long ou
       });
     }
   }
-  for (long r = 0; r < o1 - o0; r += W)
-    for (long v = 0; v < vecs; v++) {
-      __m512 a[W];
-      for (int i = 0; i < W; i++) a[i] = _mm512_load_ps(st + (r + i) * ld + v * W);
-      transpose16(a);  // a[j]: outputs o0 + r .. + 16 of x's row 16 v + j
-      const long valid = block_rows(rows, v * W);  // W is TILE_ROWS here
-      for (long j = 0; j < valid; j++) store(y + (v * W + j) * out + o0 + r, a[j], true);
-    }
+  outer_store(st, y, rows, out, ld, o0, o1);
 }
 
 // The float32 weight gradient from OUTER_MIN_ROWS rows, gw = g.T x, on operands laid out once per call: g transposed
@@ -667,8 +728,9 @@ constexpr bool OUTER = false;
 constexpr long PANEL_MIN_ROWS = 0;
 constexpr long OUTER_MIN_ROWS = 0;
 inline long outer_ld(long rows) { return rows; }
+inline long outer_tail(long, long) { return 0; }
 void outer_pack(const float *, float *, long, long) {}
-void outer_forward(const float *, const float *, float *, long, long, long, long, long, float *) {}
+void outer_forward(const float *, const float *, const float *, float *, long, long, long, long, long, float *) {}
 void wgrad_pack_x(const float *, float *, long, long) {}
 void wgrad_packed(const float *, const float *, float *, long, long, long, long) {}
 #endif
@@ -1197,14 +1259,15 @@ void tiles_unit(const Task &t, const uint32_t *packed, long u) {
 // strips (weight gradient); none where its rows take the loops.
 long outer_packed(const Task &t, long rows) {
   if (!t.outer || rows < OUTER_MIN_ROWS) return 0;
-  return t.op == FORWARD ? t.in * outer_ld(rows) : t.out * outer_ld(rows) + rows * t.in;  // x.T; or g.T, x's strips
+  // x.T but the tail's rows; or g.T and x's strips
+  return t.op == FORWARD ? t.in * outer_ld(rows - outer_tail(rows, t.in)) : t.out * outer_ld(rows) + rows * t.in;
 }
 
 // Lays out expert e's operands for the outer products at p (outer_packed's floats).
 void outer_pack_expert(const Task &t, long e, float *p) {
   const long rows = t.rows[e];
   if (outer_packed(t, rows) == 0) return;
-  if (t.op == FORWARD) return outer_pack(static_cast<const float *>(t.a[e]), p, rows, t.in);
+  if (t.op == FORWARD) return outer_pack(static_cast<const float *>(t.a[e]), p, rows - outer_tail(rows, t.in), t.in);
   outer_pack(static_cast<const float *>(t.a[e]), p, rows, t.out);
   wgrad_pack_x(static_cast<const float *>(t.b[e]), p + t.out * outer_ld(rows), rows, t.in);
 }
@@ -1217,8 +1280,8 @@ void outer_unit(const Task &t, const float *p, float *st, long u) {
   const long o1 = o0 + t.unit < t.out ? o0 + t.unit : t.out;
   if (outer_packed(t, rows) == 0 || t.op == FORWARD && st == nullptr) return run_unit<float, float>(t, u);
   if (t.op == FORWARD)
-    return outer_forward(p, static_cast<const float *>(t.b[e]), static_cast<float *>(t.c[e]), rows, t.out, t.in, o0,
-                         o1, st);
+    return outer_forward(p, static_cast<const float *>(t.a[e]), static_cast<const float *>(t.b[e]),
+                         static_cast<float *>(t.c[e]), rows, t.out, t.in, o0, o1, st);
   wgrad_packed(p, p + t.out * outer_ld(rows), static_cast<float *>(t.c[e]), rows, t.in, o0, o1);
 }
 
