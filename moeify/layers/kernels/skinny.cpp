@@ -483,6 +483,10 @@ inline void transpose16(__m512 r[16]) {
 // (docs/performance.md). The input gradient the same way (the weight's columns broadcast, walked down its rows) ran
 // 1.3-2.4x the time of input_grad_runs.
 constexpr long OUTER_MIN_ROWS = 16;
+// ... and the forward from 8 where the weight's rows span a page or more (OUTER_WHOLE_MIN_IN): there the dot products'
+// pass, four weight rows against up to six rows of x (80 KB), outgrows L1. 64 experts, 512 x 2,048: 10-15 rows on the
+// outer products (16 rows, padded) took 0.64-0.77x the dot products' time, 8 rows 0.95x, 1-6 rows 1.3x.
+constexpr long OUTER_MIN_ROWS_LONG = 8;
 constexpr int OUTER_MV = 4;  // vectors of x's rows per pass over a block of weight rows (64 rows)
 // Weight rows per block by vectors of x's rows in the chunk (1-4): with 16-32 rows, 8 rows (8 or 16
 // accumulators) ran 0.91-0.95x the time of 12 or 16, and 4 rows 1.1-1.3x; with 48-64 rows, 6 (18 or 24 accumulators)
@@ -726,7 +730,7 @@ constexpr bool OUTER = true;
 #else  // AVX2 builds never take the outer products' path (OUTER): these only let work() compile
 constexpr bool OUTER = false;
 constexpr long PANEL_MIN_ROWS = 0;
-constexpr long OUTER_MIN_ROWS = 0;
+constexpr long OUTER_MIN_ROWS = 0, OUTER_MIN_ROWS_LONG = 0, OUTER_WHOLE_MIN_IN = 0;
 inline long outer_ld(long rows) { return rows; }
 inline long outer_tail(long, long) { return 0; }
 void outer_pack(const float *, float *, long, long) {}
@@ -1258,7 +1262,8 @@ void tiles_unit(const Task &t, const uint32_t *packed, long u) {
 // Floats of one expert's operands laid out for the outer products: x transposed (forward), or g transposed and x in
 // strips (weight gradient); none where its rows take the loops.
 long outer_packed(const Task &t, long rows) {
-  if (!t.outer || rows < OUTER_MIN_ROWS) return 0;
+  const bool long_rows = t.op == FORWARD && t.in >= OUTER_WHOLE_MIN_IN;
+  if (!t.outer || rows < (long_rows ? OUTER_MIN_ROWS_LONG : OUTER_MIN_ROWS)) return 0;
   // x.T but the tail's rows; or g.T and x's strips
   return t.op == FORWARD ? t.in * outer_ld(rows - outer_tail(rows, t.in)) : t.out * outer_ld(rows) + rows * t.in;
 }
