@@ -279,11 +279,9 @@ def test_one_expert_in_training_runs_the_plan_where_its_input_gradient_is_large(
 
 
 @pytest.mark.parametrize("rows, linear", [(64, True), (32, False)])
-def test_one_float32_expert_without_gradients_takes_f_linear_where_the_plan_would_run_torchs_mm(monkeypatch, rows,
-                                                                                                linear):
-    """Where oneDNN takes float32 GEMMs, one expert's forward without autograd takes F.linear at rows whose forward
-    GEMM is torch's mm on the plan too (AMX: from 64 rows), and the plan (oneDNN's op) below; F.linear's bits either
-    way. With autograd recording, the plan at any rows (its backward)."""
+def test_one_float32_expert_takes_f_linear_where_the_plan_would_run_torchs_mm(monkeypatch, rows, linear):
+    """Where oneDNN takes float32 GEMMs, one expert takes F.linear at rows where the plan would give oneDNN none of
+    its GEMMs (AMX: from 64 rows), forward and training, with F.linear's bits; below, the plan (oneDNN's op)."""
     if cpu.dnnl_op() is None:
         pytest.skip("this torch has no oneDNN linear")
     monkeypatch.setattr(cpu, "instruction_set", lambda: "amx")
@@ -293,18 +291,22 @@ def test_one_float32_expert_without_gradients_takes_f_linear_where_the_plan_woul
     monkeypatch.setattr(cpu._GroupedLinear, "apply", lambda *a: applied.append(a[0].shape) or real_apply(*a))
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(rows, 512, generator=g), torch.randn(1, 2048, 512, generator=g)
+    gy = torch.randn(rows, 2048, generator=g)
     kernel = CpuKernel()
     assert not memory.pools((rows, 2048), torch.float32, x.device)
+    want = nn.functional.linear(x, w[0])
     y = grouped_linear(x, w, None, [rows], kernel)
     assert (planned == []) == linear and not applied
-    want = nn.functional.linear(x, w[0])
-    if linear:
-        assert torch.equal(y, want)
-    else:  # oneDNN's own sums
-        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    w.requires_grad_()
-    grouped_linear(x, w, None, [rows], kernel)
-    assert applied == [x.shape]
+    x.requires_grad_(), w.requires_grad_()
+    y_grad = grouped_linear(x, w, None, [rows], kernel)
+    assert (applied == []) == linear
+    got = [y, y_grad.detach(), *torch.autograd.grad(y_grad, (x, w), gy)]
+    need = [want, want, *torch.autograd.grad(nn.functional.linear(x, w[0]), (x, w), gy)]
+    for a, b in zip(got, need):
+        if linear:
+            assert torch.equal(a, b)
+        else:  # oneDNN's own sums
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
 def test_auto_and_unknown_kernels():

@@ -676,9 +676,10 @@ class CpuLayout:
         one = _one_expert(self.batches) is not None
         upcast, compute = self.kernel.upcasts(x), self.kernel.compute(x)  # the kernel's paths are chosen for compute
         dnnl = self.kernel.dnnl_for(compute, x.device)
-        # The plan too would run this expert on torch's mm: oneDNN takes no float32 GEMM here, or this is a forward
-        # (nothing records gradients) at rows oneDNN's forward does not take.
-        on_mm = dnnl is None or _dnnl_at(dnnl, native.FORWARD, x.shape[0]) is None and not records_grad(x, weight, bias)
+        # The plan too would run this expert's GEMMs on torch's mm: oneDNN takes no float32 GEMM here, or none of
+        # those it would run at these rows (the forward; in training its two gradients too).
+        gemms = (native.FORWARD, native.INPUT_GRAD, native.WEIGHT_GRAD)[:3 if records_grad(x, weight, bias) else 1]
+        on_mm = dnnl is None or all(_dnnl_at(dnnl, gemm, x.shape[0]) is None for gemm in gemms)
         if weight.shape[0] == 1 and not upcast and on_mm and not self._pools_one(x, weight, bias):
             # One expert on torch's own GEMMs is the dense FFN: F.linear itself, without the plan's autograd Function
             # and its Python (bfloat16, E = 1 at 64 tokens: a forward 1.4 ms through the plan, 1.1 this way; where
@@ -688,8 +689,10 @@ class CpuLayout:
             # Not where the output is large enough for the recycled buffers: the plan's GEMMs write into those, where
             # F.linear's fresh output faults its pages in (bfloat16, E 1 / 8,192 tokens: the plan's forward took 0.59x
             # F.linear's time, training 0.79x; 1,024 tokens training 0.86x; fifteenth session). The same mm either way.
-            # Where oneDNN runs float32 the plan keeps training (its backward) and the rows its forward gives oneDNN;
-            # a forward it would run on torch's mm comes here (E 1 / 64 tokens, AMX: 1.17x dense against 1.25x).
+            # Where oneDNN runs float32, one expert comes here at rows where the plan would not give it a GEMM: there
+            # F.linear measured faster in training too (AMX, E 1 / 64 tokens: forward 1.15-1.17x dense against
+            # 1.18-1.25x through the plan, training 1.14-1.15x against 1.20-1.24x; 256 tokens training 1.07-1.08x
+            # against 1.09x; seventeenth session).
             return one_expert_linear(x, weight, bias)
         batched = self.kernel.mkl_batch_for(compute, weight.dtype, x.device)
         # One expert of several stays off the native loops; an E = 1 layer keeps them for its weight gradient's
