@@ -503,6 +503,10 @@ constexpr long OUTER_WHOLE_ROWS = 32, OUTER_WHOLE_BYTES = 256 << 10, OUTER_WHOLE
 
 inline long outer_ld(long rows) { return ceil_to(rows, W); }  // xt's row: x's rows, padded to whole vectors
 
+// Whether the forward may read whole weight rows against an xt of rows ld: at most OUTER_WHOLE_ROWS of them, and the
+// whole of xt within OUTER_WHOLE_BYTES.
+inline bool outer_whole_fits(long ld, long in) { return ld <= OUTER_WHOLE_ROWS && ld * in * 4 <= OUTER_WHOLE_BYTES; }
+
 // Rows past one or two whole vectors of x's rows that the forward takes as dot products (outer_tail_rows) beside the
 // outer products, instead of a vector of their own that is mostly zeros: 1-4 of them, where the rest reads whole
 // weight rows (its xt within OUTER_WHOLE_BYTES). 64 experts, 2,048 x 512 and 512 x 2,048: 0.86-0.96x and 0.67-0.73x
@@ -513,7 +517,7 @@ constexpr long OUTER_TAIL = 4;
 // How many of x's rows the forward's outer products leave to outer_tail_rows (0: none).
 inline long outer_tail(long rows, long in) {
   const long t = rows % W, whole = rows - t;
-  return t <= OUTER_TAIL && whole >= W && whole <= OUTER_WHOLE_ROWS && whole * in * 4 <= OUTER_WHOLE_BYTES ? t : 0;
+  return t <= OUTER_TAIL && whole >= W && outer_whole_fits(whole, in) ? t : 0;
 }
 
 struct OuterTail {  // x's tail rows (T of them, each `in` long) and their rows of y (each `out` long)
@@ -633,7 +637,7 @@ void outer_forward(const float *xt, const float *x, const float *w, float *y, lo
     });
     return outer_store(st, y, rows - tail, out, ld, o0, o1);
   }
-  const bool whole = in >= OUTER_WHOLE_MIN_IN && ld <= OUTER_WHOLE_ROWS && ld * in * 4 <= OUTER_WHOLE_BYTES;
+  const bool whole = in >= OUTER_WHOLE_MIN_IN && outer_whole_fits(ld, in);
   const long piece = whole ? in : OUTER_KC;
   for (long k0 = 0; k0 < in; k0 += piece) {
     const long kc = in - k0 < piece ? in - k0 : piece;
