@@ -540,6 +540,14 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor, skinny: na
     skinny.transpose(gemm(_transposed(x, skinny, pool), g, out=t), out)
 
 
+def _plan_runs_mm(dnnl: tuple | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the plan would run one expert's GEMMs on torch's mm: oneDNN takes no GEMM in x's dtype here
+    (CpuKernel.dnnl_for's None), or none of those the plan would run at x's rows (the forward; in training its two
+    gradients too)."""
+    gemms = (native.FORWARD, native.INPUT_GRAD, native.WEIGHT_GRAD)[:3 if records_grad(x, weight, bias) else 1]
+    return dnnl is None or all(_dnnl_at(dnnl, gemm, x.shape[0]) is None for gemm in gemms)
+
+
 def _relu_(h: torch.Tensor, p: float, skinny: native.Skinny | None) -> torch.Tensor:
     """_ReLU's forward without its autograd node: relu, then dropout(p) where skinny runs it, on h in place."""
     if skinny is None:
@@ -676,16 +684,14 @@ class CpuLayout:
         one = _one_expert(self.batches) is not None
         upcast, compute = self.kernel.upcasts(x), self.kernel.compute(x)  # the kernel's paths are chosen for compute
         dnnl = self.kernel.dnnl_for(compute, x.device)
-        # The plan too would run this expert's GEMMs on torch's mm: oneDNN takes no float32 GEMM here, or none of
-        # those it would run at these rows (the forward; in training its two gradients too).
-        gemms = (native.FORWARD, native.INPUT_GRAD, native.WEIGHT_GRAD)[:3 if records_grad(x, weight, bias) else 1]
-        on_mm = dnnl is None or all(_dnnl_at(dnnl, gemm, x.shape[0]) is None for gemm in gemms)
-        if weight.shape[0] == 1 and not upcast and on_mm and not self._pools_one(x, weight, bias):
+        if weight.shape[0] == 1 and not upcast and _plan_runs_mm(dnnl, x, weight, bias) and not self._pools_one(
+                x, weight, bias):
             # One expert on torch's own GEMMs is the dense FFN: F.linear itself, without the plan's autograd Function
             # and its Python (bfloat16, E = 1 at 64 tokens: a forward 1.4 ms through the plan, 1.1 this way; where
             # oneDNN's linear runs float32 the plan keeps it: 0.78x dense at 8,192 tokens, F.linear 0.96x). In bfloat16
             # it still beats the plan's own one-expert GEMMs (E 1 / 64 tokens: forward 0.62 ms against 0.65, training
-            # 2.32 against 2.51; thirteenth session), though in float32 F.linear's training step took 1.10-1.40x theirs.
+            # 2.32 against 2.51; thirteenth session; in float32 F.linear's training step took 1.10-1.40x theirs then,
+            # and measured faster since: below).
             # Not where the output is large enough for the recycled buffers: the plan's GEMMs write into those, where
             # F.linear's fresh output faults its pages in (bfloat16, E 1 / 8,192 tokens: the plan's forward took 0.59x
             # F.linear's time, training 0.79x; 1,024 tokens training 0.86x; fifteenth session). The same mm either way.
