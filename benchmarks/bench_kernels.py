@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import positive_int, report
+from _report import positive_int, report, round_orders
 from torch import nn
 
 from moeify.config import RoutingConfig
@@ -83,11 +83,11 @@ def main() -> None:
             times = {name: [] for name in variants}
             for name, kernel in variants.items():  # warm-up
                 step(m, rows_, counts, kernel)
-            names = list(variants)
-            for r in range(args.reps):
-                # The order rotates each repetition: whatever a variant leaves behind (the buffer pool's mappings,
-                # caches) then falls on every variant alike, not always on the one after it.
-                for name in names[r % len(names):] + names[:r % len(names)]:
+            orders = round_orders(list(variants))
+            for _ in range(args.reps):
+                # A fresh order each repetition: whatever a variant leaves behind (the buffer pool's mappings, caches)
+                # then falls on every variant alike, not always on the one after it.
+                for name in next(orders):
                     times[name].append(step(m, rows_, counts, variants[name]))
             base = statistics.median(times["cpu"])
             rows.append((str(e), str(tokens), f"{1e3 * base:.1f}",

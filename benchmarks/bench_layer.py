@@ -11,7 +11,7 @@ memory bandwidth; a point's bound is the larger of the FLOP time of capacity fac
 FFN's work and the time to move the expert weights (and in training their gradients). In training the input takes
 its gradient, as a layer's inside a model does: each step runs the six GEMMs (three weight reads) that the bounds count.
 Each round feeds every module a new batch (BATCHES of them in turn), as a model's layer sees new tokens every step.
-Each round runs them back to back (the order rotating); ratios are the median of the rounds' own ratios, with a
+Each round runs them back to back (in a fresh order); ratios are the median of the rounds' own ratios, with a
 95 % interval, as the host's speed drifts over seconds. Each point runs --reps rounds, or as many as fit in 60 s
 (one at least), more for short steps (until they took 3 s, up to 50), and more again while a target's interval
 still spans it (up to 60 s a point).
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import interval, paired, positive_float, positive_int, report, verdict
+from _report import interval, paired, positive_float, positive_int, report, round_orders, verdict
 from rich.console import Console
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -323,14 +323,14 @@ def measure(num_experts: int, tokens: int, reps: int, dtype: torch.dtype, device
             return any(verdict(paired(times["moeify"][mode], times[base][mode]), target) == "not resolved"
                        for base, target, _ in targets(num_experts))
 
-        r = 0
+        r, orders = 0, round_orders(names)
         # At least `reps` rounds (but one once they took resolve_seconds: torch's bfloat16 baselines on AVX2 take
         # 30-90 s a step at 8192 tokens), more while all of them took under MIN_SECONDS (a median of 3 steps of a
         # few ms moves by a quarter between runs on a shared host, and more rounds of them cost little), and more
         # again while a target's interval spans it: close calls get the rounds, clear ones do not.
         while (r < reps and (r == 0 or spent() < resolve_seconds) or r < MAX_REPS and spent() < MIN_SECONDS
                or r < RESOLVE_REPS and spent() < resolve_seconds and unresolved()):
-            for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order each round
+            for name in next(orders):
                 times[name][mode].append(step(modules[name], inputs[name][r % BATCHES], backward, sync))
             r += 1
     return times, routed, ops

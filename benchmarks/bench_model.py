@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import interval, paired, positive_int, report, verdict
+from _report import interval, paired, positive_int, report, round_orders, verdict
 from bench_layer import DTYPES, machine, synchronizer
 from transformers import SwitchTransformersForConditionalGeneration
 
@@ -122,12 +122,13 @@ def main() -> None:
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, m in built.items()}
     for name, m in built.items():  # warm-up: the optimizers' state, first allocations
         step(name, m, optimizers[name], batch, sync)
-    # Steps drift by up to 1.5x over seconds on a shared host, so each round runs the models back to back (the order
-    # rotating, so none always follows another's optimizer step) and the verdicts use that round's ratios.
+    # Steps drift by up to 1.5x over seconds on a shared host, so each round runs the models back to back (in a fresh
+    # order, so none always follows another's optimizer step) and the verdicts use that round's ratios.
     names = list(built)
     phases: dict[str, list[list[float]]] = {name: [] for name in names}
-    for rep in range(args.reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+    orders = round_orders(names)
+    for _ in range(args.reps):
+        for name in next(orders):
             phases[name].append(step(name, built[name], optimizers[name], batch, sync))
     times = {name: [sum(p) for p in ps] for name, ps in phases.items()}
 

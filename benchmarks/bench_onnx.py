@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import positive_int, report  # noqa: E402
+from _report import positive_int, report, round_orders  # noqa: E402
 
 import moeify  # noqa: E402
 from moeify.checkpoint.sources import load_dense  # noqa: E402
@@ -122,9 +122,9 @@ def measure(num_experts: int, batches: list[int], reps: int, threads: int, scrat
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
         for name, fn in runners.items():  # warm-up
             fn(x)
-        for r in range(reps):
-            names = list(runners)
-            for name in names[r % 3:] + names[:r % 3]:  # rotate the order each repetition
+        orders = round_orders(list(runners))
+        for _ in range(reps):
+            for name in next(orders):  # a fresh order each repetition
                 times[name].append(runners[name](x)[:2])
         with torch.no_grad():
             flops = forward_flops(model, x)

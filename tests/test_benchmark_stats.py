@@ -38,6 +38,21 @@ def test_verdicts_need_the_whole_interval_on_one_side(stats):
     assert stats.verdict([0.90, 0.95, 0.97, 0.98, 1.02], 1.0) == "not resolved"  # median under, one round over
 
 
+def test_round_orders_give_each_step_every_predecessor_and_repeat_with_the_seed(stats):
+    """A fresh permutation each round: over rounds every step follows every other one (a rotation would keep each
+    one's predecessor), and the same seed gives the same series."""
+    names = ["dense", "transformers", "moeify", "grouped_mm", "floor"]
+    orders = stats.round_orders(names)
+    rounds = [next(orders) for _ in range(60)]
+    assert all(sorted(order) == sorted(names) for order in rounds)
+    follows = {(a, b) for order in rounds for a, b in zip(order, order[1:])}
+    assert follows == {(a, b) for a in names for b in names if a != b}
+    again = stats.round_orders(names)
+    assert [next(again) for _ in range(60)] == rounds
+    other = stats.round_orders(names, seed=1)
+    assert [next(other) for _ in range(60)] != rounds
+
+
 def test_the_layer_benchmark_names_each_verdict(benchmarks):
     bench_layer = benchmarks("bench_layer")
     ratios = {"transformers": [0.30, 0.40, 0.45, 0.50, 0.55], "dense": [1.00, 1.05, 1.10, 1.12, 1.14]}

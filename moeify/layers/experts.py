@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from moeify.layers.kernels import Counts, Kernel, get_kernel
+from moeify.layers.kernels import Counts, Kernel, get_kernel, one_expert_linear
 from moeify.layers.router import truncated_normal_
 
 
@@ -58,14 +58,22 @@ class Experts(nn.Module):
         x.index_select(0, rows) instead, gathered together with the kernel's own padding."""
         assert len(counts) == self.num_experts, f"{len(counts)} counts for {self.num_experts} experts"
         layout = get_kernel(kernel, x.device).layout(counts, self.w_in)  # pad once, unpad once
-        x = layout.pad(x.to(self.w_in.dtype), rows)  # (R, d_model)
-        h = layout.linear(x, self.w_in, self.b_in)  # (R, d_ff)
+        if layout.dense:
+            # One expert on torch's own GEMMs: the dense FFN's F.linear called here, past the layout's pad, linear and
+            # unpad, whose Python runs between the GEMMs with cold caches (CpuLayout: its numbers).
+            linear = one_expert_linear
+            x = (x if rows is None else x.index_select(0, rows)).to(self.w_in.dtype)
+        else:
+            linear = layout.linear
+            x = layout.pad(x.to(self.w_in.dtype), rows)  # (R, d_model)
+        h = linear(x, self.w_in, self.b_in)  # (R, d_ff)
         if self.gated:
-            h = self.dropout(self.act(layout.linear(x, self.w_gate, self.b_gate)) * h)
+            h = self.dropout(self.act(linear(x, self.w_gate, self.b_gate)) * h)
         elif type(self.act) is nn.ReLU:
             # The kernel's own ReLU and dropout: in place and in one pass where it can (their backward needs only the
             # result). self.dropout holds the rate and follows train() / eval().
             h = layout.relu(h, self.dropout.p if self.dropout.training else 0.0)
         else:
             h = self.dropout(self.act(h))
-        return layout.unpad(layout.linear(h, self.w_out, self.b_out))  # (N, d_model)
+        y = linear(h, self.w_out, self.b_out)  # (R, d_model)
+        return y if layout.dense else layout.unpad(y)  # (N, d_model)

@@ -232,6 +232,65 @@ def test_one_expert_on_torchs_gemms_is_the_dense_linear(monkeypatch, dtype):
     assert torch.equal(w.grad[0], torch.autograd.grad(want.sum(), w)[0][0])
 
 
+@pytest.mark.parametrize("rows, grad, dnnl, dense", [(64, False, False, True), (64, True, False, True),
+                                                    (512, False, False, False), (512, True, False, False),
+                                                    (64, True, True, False)])
+def test_one_experts_ffn_runs_as_the_dense_ffn_where_every_linear_would_take_f_linear(monkeypatch, rows, grad, dnnl,
+                                                                                      dense):
+    """A layout of one expert is `dense` where both of an FFN's linears would take F.linear: torch's GEMMs (not
+    oneDNN's op, here from one row), and no tensor for the recycled buffers (4 MiB: the hidden (rows, 2,048) in
+    float32 from 512 rows). Then Experts runs F.linear itself, past the layout's pad, linear and unpad, and computes
+    the dense FFN's bits, forward and gradients; otherwise the layout's linear runs both."""
+    if dnnl and cpu.dnnl_op() is None:
+        pytest.skip("this torch has no oneDNN linear")
+    if rows == 512 and not memory.pools((rows, 2048), torch.float32, torch.device("cpu")):
+        pytest.skip("no recycled buffers here")
+    kernel = CpuKernel(dnnl_min_rows=1) if dnnl else CpuKernel(dnnl=False)
+    experts = Experts(1, 512, 2048, nn.ReLU())
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(0)).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        assert kernel.layout([rows], experts.w_in).dense is dense
+    linears, real = [], cpu.CpuLayout.linear
+    monkeypatch.setattr(cpu.CpuLayout, "linear", lambda self, *a: linears.append(a[0].shape[0]) or real(self, *a))
+    with torch.set_grad_enabled(grad):
+        want = nn.functional.linear(torch.relu(nn.functional.linear(x, experts.w_in[0])), experts.w_out[0])
+        y = experts(x, [rows], kernel)
+    assert linears == ([] if dense else [rows, rows])
+    if dense or not dnnl:  # torch's mm either way: the same bits
+        assert torch.equal(y, want)
+    else:  # oneDNN's own sums
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    if grad:
+        gy = torch.randn(rows, 512)
+        got = torch.autograd.grad(y, (x, experts.w_in, experts.w_out), gy)
+        need = torch.autograd.grad(want, (x, experts.w_in, experts.w_out), gy)
+        for a, b in zip(got, need):
+            assert torch.equal(a, b) if dense or not dnnl else torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, dtype, node", [(64, torch.float32, "ReluBackward0"),
+                                               (1024, torch.float32, "_ReLUBackward"),
+                                               (64, torch.bfloat16, "_ReLUBackward")], ids=str)
+def test_the_relu_records_torchs_node_unless_the_native_loops_or_recycled_buffers_run_it(rows, dtype, node):
+    """In training the layout's ReLU is torch's relu_ (its own autograd node, no Python in the step) unless the native
+    loops run it (bfloat16, where they build) or its gradient goes to a recycled buffer (from 4 MiB); the same
+    result and gradient either way."""
+    kernel = CpuKernel()
+    if dtype == torch.bfloat16 and kernel.skinny_relu(torch.zeros(1, 16, dtype=dtype)) is None:
+        node = "ReluBackward0"  # no native loops on this machine
+    if rows == 1024 and not memory.pools((rows, 2048), dtype, torch.device("cpu")):
+        node = "ReluBackward0"  # no recycled buffers here
+    g = torch.Generator().manual_seed(0)
+    leaf = torch.randn(rows, 2048, generator=g).to(dtype).requires_grad_()
+    h = leaf * 1  # a linear's fresh output
+    layout = kernel.layout([rows // 2, rows - rows // 2], torch.zeros(2, 2048, 512, dtype=dtype))
+    y = layout.relu(h)
+    assert type(y.grad_fn).__name__ == node
+    gy = torch.randn(rows, 2048, generator=g).to(dtype)
+    assert torch.equal(y, torch.relu(leaf))
+    assert torch.equal(torch.autograd.grad(y, leaf, gy)[0], torch.autograd.grad(torch.relu(leaf), leaf, gy)[0])
+
+
 @pytest.mark.parametrize("rows, plan", [(5, False), (1024, True)])
 def test_one_expert_writes_into_recycled_buffers_where_its_output_is_large(monkeypatch, rows, plan):
     """One expert on torch's GEMMs takes F.linear while its output is small, and the plan's one-expert mm, written

@@ -16,7 +16,11 @@ class Layout(Protocol):
     """One grouping of rows, reused for every linear of an expert FFN: pad once, linear(s), unpad once; relu() of a
     linear's output, then dropout with probability `dropout` when it is not 0 (where a layout can, in place and in
     one pass: a fresh activation the size of the FFN's hidden costs page faults). pad(x, rows) lays out
-    x.index_select(0, rows), in one gather where the layout moves rows anyway."""
+    x.index_select(0, rows), in one gather where the layout moves rows anyway. `dense`: one expert whose linears are
+    the dense FFN's own F.linear (one_expert_linear) and whose pad and unpad move no row, so a caller may run those
+    itself."""
+
+    dense: bool
 
     def pad(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor: ...
 

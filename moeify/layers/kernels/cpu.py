@@ -540,12 +540,25 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor, skinny: na
     skinny.transpose(gemm(_transposed(x, skinny, pool), g, out=t), out)
 
 
-def _plan_runs_mm(dnnl: tuple | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _one_on_torch(kernel: CpuKernel, rows: int, out: int, in_: int, like: torch.Tensor, grad: bool) -> bool:
+    """Whether one expert's linear, (rows, in_) -> (rows, out) in like's dtype and device (with its gradients where
+    `grad`), runs as the dense FFN's F.linear: computed in its own dtype, on GEMMs the plan would give torch's mm
+    (_plan_runs_mm), and with no tensor the recycled buffers would hold: its output, or in training its input's
+    gradient (bfloat16, E 1 / 1,024 tokens: the down projection's, 4 MiB; through the plan, whose weight gradient
+    also takes its operand laid out, the training step took 1.09-1.11x dense's time against 1.17-1.18x through
+    F.linear; sixteenth session)."""
+    if kernel.upcasts(like) or not _plan_runs_mm(kernel.dnnl_for(like.dtype, like.device), rows, grad):
+        return False
+    return not (kernel.pool and (memory.pools((rows, out), like.dtype, like.device)
+                                 or grad and memory.pools((rows, in_), like.dtype, like.device)))
+
+
+def _plan_runs_mm(dnnl: tuple | None, rows: int, grad: bool) -> bool:
     """Whether the plan would run one expert's GEMMs on torch's mm: oneDNN takes no GEMM in x's dtype here
     (CpuKernel.dnnl_for's None), or none of those the plan would run at x's rows (the forward; in training its two
     gradients too)."""
-    gemms = (native.FORWARD, native.INPUT_GRAD, native.WEIGHT_GRAD)[:3 if records_grad(x, weight, bias) else 1]
-    return dnnl is None or all(_dnnl_at(dnnl, gemm, x.shape[0]) is None for gemm in gemms)
+    gemms = (native.FORWARD, native.INPUT_GRAD, native.WEIGHT_GRAD)[:3 if grad else 1]
+    return dnnl is None or all(_dnnl_at(dnnl, gemm, rows) is None for gemm in gemms)
 
 
 def _relu_(h: torch.Tensor, p: float, skinny: native.Skinny | None) -> torch.Tensor:
@@ -594,8 +607,17 @@ class CpuLayout:
     def __init__(self, counts: list[int], weight: torch.Tensor, kernel: CpuKernel) -> None:
         self.kernel = kernel
         self.n = sum(counts)
+        self.dense = False
         if len(counts) == 1:  # one expert: its rows as they are, planned without numpy (E = 1 layers are small)
             self.batches, self.rows, self.identity = [_Batch(0, 1, 1, self.n, 0)] if self.n else [], self.n, True
+            # Where both of an FFN's linears (this weight's and its transpose's) would take the dense FFN's F.linear
+            # (_one_on_torch; autograd's gradients counted wherever it may record), that is decided here once, not
+            # per op: in a layer each decision's Python runs just after a GEMM, with cold caches, at about ten times
+            # its cost alone. With Experts calling F.linear itself (Layout.dense), float32 E 1 / 64 tokens: the
+            # forward 1.14-1.16x dense against 1.17-1.20x, two bench_layer runs each way (eighteenth session).
+            grad, (out, in_) = torch.is_grad_enabled(), weight.shape[1:]
+            self.dense = self.n > 0 and _one_on_torch(kernel, self.n, out, in_, weight, grad) and _one_on_torch(
+                kernel, self.n, in_, out, weight, grad)
             return
         device, batching = weight.device, kernel.batching
         if batching == "auto" and kernel.dnnl_for(kernel.compute(weight), device):
@@ -662,30 +684,22 @@ class CpuLayout:
             skinny = self.kernel.skinny_dropout(h, dropout) if _one_expert(self.batches) is None else None
         else:
             skinny = self.kernel.skinny_relu(h)
-        y = _ReLU.apply(h, self.kernel.pool, dropout, skinny) if records_grad(h) else _relu_(h, dropout, skinny)
+        # The custom node only where it does what torch's relu_ does not: the native loops, or its gradient in a recycled
+        # buffer. Elsewhere torch's own node, the same bits without the node's Python (float32, E 1 / 64 tokens: the
+        # layer's training step 1.09x dense against 1.14x, interleaved; eighteenth session).
+        pooled = not self.dense and self.kernel.pool and memory.pools(tuple(h.shape), h.dtype, h.device)
+        if records_grad(h) and (skinny is not None or pooled):
+            y = _ReLU.apply(h, self.kernel.pool, dropout, skinny)
+        else:
+            y = _relu_(h, dropout, skinny)
         return torch.nn.functional.dropout(y, dropout, training=True) if dropout and skinny is None else y
-
-    def _pools_one(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """Whether one expert's linear has a tensor the recycled buffers would hold: its output, or in training its
-        input's gradient (bfloat16, E 1 / 1,024 tokens: the down projection's, 4 MiB; through the plan, whose
-        weight gradient also takes its operand laid out, the training step took 1.09-1.11x dense's time against
-        1.17-1.18x through F.linear; sixteenth session)."""
-        if not self.kernel.pool:
-            return False
-        shapes = [(x.shape[0], weight.shape[1])]
-        if records_grad(x, weight, bias):
-            shapes.append(tuple(x.shape))
-        return any(memory.pools(shape, x.dtype, x.device) for shape in shapes)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # One expert taking every row stays off the native loops: its forward then computes what the dense FFN's
         # F.linear does, so a conversion to one expert preserves the model's outputs (bit for bit on AVX-512; on AVX2
         # oneDNN's and MKL's float32 sums run in different orders, within rounding).
-        one = _one_expert(self.batches) is not None
-        upcast, compute = self.kernel.upcasts(x), self.kernel.compute(x)  # the kernel's paths are chosen for compute
-        dnnl = self.kernel.dnnl_for(compute, x.device)
-        if weight.shape[0] == 1 and not upcast and _plan_runs_mm(dnnl, x, weight, bias) and not self._pools_one(
-                x, weight, bias):
+        if self.dense or weight.shape[0] == 1 and _one_on_torch(self.kernel, x.shape[0], weight.shape[1], x.shape[1],
+                                                                x, records_grad(x, weight, bias)):
             # One expert on torch's own GEMMs is the dense FFN: F.linear itself, without the plan's autograd Function
             # and its Python (bfloat16, E = 1 at 64 tokens: a forward 1.4 ms through the plan, 1.1 this way; where
             # oneDNN's linear runs float32 the plan keeps it: 0.78x dense at 8,192 tokens, F.linear 0.96x). In bfloat16
@@ -700,6 +714,10 @@ class CpuLayout:
             # 1.18-1.25x through the plan, training 1.14-1.15x against 1.20-1.24x; 256 tokens training 1.07-1.08x
             # against 1.09x; seventeenth session).
             return one_expert_linear(x, weight, bias)
+        one = _one_expert(self.batches) is not None
+        upcast = self.kernel.upcasts(x)
+        compute = torch.float32 if upcast else x.dtype  # the kernel's paths are chosen for compute
+        dnnl = self.kernel.dnnl_for(compute, x.device)
         batched = self.kernel.mkl_batch_for(compute, weight.dtype, x.device)
         # One expert of several stays off the native loops; an E = 1 layer keeps them for its weight gradient's
         # transposing copy (_transposed), its GEMMs being torch's either way.

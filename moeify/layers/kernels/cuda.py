@@ -43,6 +43,8 @@ def aligned(weight: torch.Tensor) -> bool:
 
 
 class CudaLayout:
+    dense = False
+
     def __init__(self, counts: Counts, device: torch.device) -> None:
         self.counts, self.device = counts, device
 

@@ -8,6 +8,8 @@ from moeify.layers.kernels import Counts, host_counts, router_logits
 
 
 class ReferenceLayout:
+    dense = False  # its linear stays the oracle's loop
+
     def __init__(self, counts: list[int]) -> None:
         self.counts = counts
 
