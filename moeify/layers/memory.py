@@ -124,7 +124,8 @@ def _take(nbytes: int) -> tuple[_Block, bool]:
 def pools(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
     """Whether `empty` takes a tensor of this shape, dtype and device from the recycled mappings (else torch.empty)."""
     nbytes = math.prod(shape) * dtype.itemsize
-    return _madvise is not None and (device if isinstance(device, torch.device) else torch.device(device)).type == "cpu" and nbytes >= max(_MIN_BYTES, 1)
+    device = device if isinstance(device, torch.device) else torch.device(device)  # no new object per call
+    return _madvise is not None and device.type == "cpu" and nbytes >= max(_MIN_BYTES, 1)
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,

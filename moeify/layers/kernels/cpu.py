@@ -684,9 +684,9 @@ class CpuLayout:
             skinny = self.kernel.skinny_dropout(h, dropout) if _one_expert(self.batches) is None else None
         else:
             skinny = self.kernel.skinny_relu(h)
-        # The custom node only where it does what torch's relu_ does not: the native loops, or its gradient in a recycled
-        # buffer. Elsewhere torch's own node, the same bits without the node's Python (float32, E 1 / 64 tokens: the
-        # layer's training step 1.09x dense against 1.14x, interleaved; eighteenth session).
+        # The custom node only where it does what torch's relu_ does not: the native loops, or its gradient in a
+        # recycled buffer. Elsewhere torch's own node, the same bits without the node's Python (float32, E 1 / 64
+        # tokens: the layer's training step 1.09x dense against 1.14x, interleaved; eighteenth session).
         pooled = not self.dense and self.kernel.pool and memory.pools(tuple(h.shape), h.dtype, h.device)
         if records_grad(h) and (skinny is not None or pooled):
             y = _ReLU.apply(h, self.kernel.pool, dropout, skinny)
