@@ -9,6 +9,18 @@ from torch import nn
 
 from moeify.layers.kernels import Kernel, get_kernel
 
+_SOFTMAX_VECTOR = 16  # floats in torch's widest CPU vector (AVX-512)
+
+
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """The router's softmax over experts of (T, E) logits. torch's softmax over a last dimension narrower than a
+    vector of 16 floats runs a scalar loop: over 8 experts and 8,192 tokens 0.54 ms, against 0.10 over the transposed
+    view's first dimension, whose gradient also takes half the time (from 16 experts: 0.07 ms the usual way). That
+    way for fewer experts: within an ulp of the other, not bit for bit (its exp is the vectorised one)."""
+    if logits.shape[-1] < _SOFTMAX_VECTOR and not torch.jit.is_tracing():
+        return torch.softmax(logits.t(), dim=0).t()
+    return torch.softmax(logits, dim=-1)
+
 
 class RouterOutput(NamedTuple):
     logits: torch.Tensor  # (T, E) in the router dtype
@@ -73,7 +85,7 @@ class Router(nn.Module):
             x = x.to(self.router_dtype)
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = get_kernel(kernel, x.device).router_logits(x, self.weight)  # (T, E) in the router dtype
-        probs = torch.softmax(logits, dim=-1)  # (T, E)
+        probs = softmax(logits)  # (T, E)
         if self.top_k == 1:  # max: the first of tied maxima, as the paper's argmax
             gate, expert_index = probs.max(dim=-1, keepdim=True)  # (T, 1), (T, 1)
         else:

@@ -291,6 +291,27 @@ def test_the_relu_records_torchs_node_unless_the_native_loops_or_recycled_buffer
     assert torch.equal(torch.autograd.grad(y, leaf, gy)[0], torch.autograd.grad(torch.relu(leaf), leaf, gy)[0])
 
 
+@pytest.mark.parametrize("rows, pooled", [(100, False), (4096, True)])
+def test_the_layouts_gathers_write_large_results_into_recycled_buffers(rows, pooled):
+    """pad's and unpad's gathers (padding, and the dispatch's rows with it) write a result of 4 MiB or more into a
+    recycled buffer, and add its gradient back into one: the same values and gradient bits as index_select's."""
+    if pooled and not memory.pools((rows, 1024), torch.float32, torch.device("cpu")):
+        pytest.skip("no recycled buffers here")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 1024, generator=g).requires_grad_()
+    index = torch.randint(0, rows, (rows,), generator=g)  # repeated rows, as padding's, sum their gradients
+    gy = torch.randn(rows, 1024, generator=g)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            y = cpu._gather(x, index, pool=True)
+            want = x.index_select(0, index)
+        assert torch.equal(y, want) and (y.data_ptr() in memory._live) is pooled
+        if grad:
+            got, need = torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(want, x, gy)[0]
+            assert torch.equal(got, need) and (got.data_ptr() in memory._live) is pooled
+    assert cpu._gather(x, index, pool=False).data_ptr() not in memory._live
+
+
 @pytest.mark.parametrize("rows, plan", [(5, False), (1024, True)])
 def test_one_expert_writes_into_recycled_buffers_where_its_output_is_large(monkeypatch, rows, plan):
     """One expert on torch's GEMMs takes F.linear while its output is small, and the plan's one-expert mm, written

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moeify.layers.router import Router, truncated_normal_
+from moeify.layers.router import softmax as router_softmax
 
 
 def test_router_runs_in_float32_for_bfloat16_inputs():
@@ -18,6 +19,24 @@ def test_router_runs_in_float32_for_bfloat16_inputs():
     assert torch.equal(out.expert_index, ref.argmax(-1, keepdim=True))
     torch.testing.assert_close(out.gate, torch.softmax(ref, -1).max(-1, keepdim=True).values)
 
+
+
+@pytest.mark.parametrize("experts", [1, 2, 8, 15, 16, 64])
+def test_the_routers_softmax_takes_the_transposed_view_below_a_vector_of_experts(experts):
+    """Below 16 experts the softmax runs over the transposed logits' first dimension (torch's last-dimension softmax
+    is a scalar loop there): within an ulp of torch's last-dimension softmax, values and gradients; from 16 experts it
+    is that softmax, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(300, experts, generator=g) * 4).requires_grad_()
+    grad = torch.randn(300, experts, generator=g)
+    probs = router_softmax(logits)
+    want = torch.softmax(logits, -1)
+    narrow = torch.softmax(logits.t(), 0).t()
+    assert torch.equal(probs, narrow if experts < 16 else want) and probs.shape == (300, experts)
+    torch.testing.assert_close(probs, want, rtol=2e-7, atol=2e-7)
+    got, need = (torch.autograd.grad(p, logits, grad)[0] for p in (probs, want))
+    torch.testing.assert_close(got, need, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got, need) or experts < 16
 
 
 def test_truncated_normal_has_the_truncated_distribution_and_one_draw_for_every_layout():

@@ -11,6 +11,7 @@ from moeify.config import expert_capacity
 from moeify.layers.dispatch import dispatch
 from moeify.layers.losses import load_balancing_loss
 from moeify.layers.router import Router
+from moeify.layers.router import softmax as router_softmax
 
 
 def test_capacity_counts_every_choice():
@@ -93,7 +94,7 @@ def old_top1_forward(layer, hidden):
     """The top-1 layer as it was before top-k existed: argmax, stable sort, first `capacity` kept, copy."""
     x = hidden.reshape(-1, hidden.shape[-1])
     logits = nn.functional.linear(x.float(), layer.router.weight)
-    gate, expert = torch.softmax(logits, -1).max(-1)
+    gate, expert = router_softmax(logits).max(-1)
     capacity = layer.capacity(x.shape[0])
     order = torch.argsort(expert, stable=True)
     routed = torch.bincount(expert, minlength=layer.num_experts)
