@@ -1263,20 +1263,23 @@ void tiles_unit(const Task &t, const uint32_t *packed, long u) {
     tiles_weight_grad(packed, static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, o0, o1);
 }
 
+// The forward's rows of x that its outer products take, laid out transposed: all but a tail's (outer_tail).
+inline long outer_rows(long rows, long in) { return rows - outer_tail(rows, in); }
+
 // Floats of one expert's operands laid out for the outer products: x transposed (forward), or g transposed and x in
 // strips (weight gradient); none where its rows take the loops.
 long outer_packed(const Task &t, long rows) {
   const bool long_rows = t.op == FORWARD && t.in >= OUTER_WHOLE_MIN_IN;
   if (!t.outer || rows < (long_rows ? OUTER_MIN_ROWS_LONG : OUTER_MIN_ROWS)) return 0;
   // x.T but the tail's rows; or g.T and x's strips
-  return t.op == FORWARD ? t.in * outer_ld(rows - outer_tail(rows, t.in)) : t.out * outer_ld(rows) + rows * t.in;
+  return t.op == FORWARD ? t.in * outer_ld(outer_rows(rows, t.in)) : t.out * outer_ld(rows) + rows * t.in;
 }
 
 // Lays out expert e's operands for the outer products at p (outer_packed's floats).
 void outer_pack_expert(const Task &t, long e, float *p) {
   const long rows = t.rows[e];
   if (outer_packed(t, rows) == 0) return;
-  if (t.op == FORWARD) return outer_pack(static_cast<const float *>(t.a[e]), p, rows - outer_tail(rows, t.in), t.in);
+  if (t.op == FORWARD) return outer_pack(static_cast<const float *>(t.a[e]), p, outer_rows(rows, t.in), t.in);
   outer_pack(static_cast<const float *>(t.a[e]), p, rows, t.out);
   wgrad_pack_x(static_cast<const float *>(t.b[e]), p + t.out * outer_ld(rows), rows, t.in);
 }
