@@ -58,13 +58,12 @@ constexpr int WG_VECS = 4;  // vectors of columns per block of the weight gradie
 // Rows of the weight gradient per unit: float32 on the AMX machine's cores in units of 64 rows took 0.87-0.95x the time
 // of 16-row units at 4-64 rows per expert (64 experts, measured).
 constexpr long WG_UNIT_ROWS = 64;
-constexpr long ROW_FORWARD_X_BYTES = 0;  // forward_rows below: measured on AVX2 only
 #ifdef __AMX_BF16__
-// Forward units of about 1 MB of weight on the AMX machine's cores: its float32 forward at E 128-256 with 1,024
-// tokens (4-10 rows per expert) took 0.79-0.82x the time of 16-row units (docs/performance.md).
-constexpr long FORWARD_UNIT_BYTES = 1 << 20;
+constexpr long ROW_FORWARD_X_BYTES = 0;  // forward_rows below: not measured on the AMX machine
 #else
-constexpr long FORWARD_UNIT_BYTES = 0;  // forward units of OUT_ROWS weight rows, as measured on the AVX-512 machine
+// AVX-512 without tiles (AMD EPYC, 2026-12-05): float32 2048 x 512 at 1-4 rows per expert 0.67-0.93x the interleaved
+// rows' time, bfloat16 (forward_rows_dp) 0.56-0.76x at 1-5 rows and 512 x 2048 at 2 rows 0.81x.
+constexpr long ROW_FORWARD_X_BYTES = 8192;
 #endif
 
 inline V vzero() { return _mm512_setzero_ps(); }
@@ -130,12 +129,10 @@ constexpr int WG_VECS = 2;
 constexpr long WG_UNIT_ROWS = 16;
 constexpr int IN_VECS = 1;  // unused: the input gradient streams
 constexpr bool STREAM_INPUT_GRAD = true;
-// The forward reads the weight row after row (forward_rows) for blocks of under KB rows of x taking at most this
-// many bytes (they are read again for each weight row, from L1), and hands out work in units of about this much
-// weight: each unit one sequential stream, with fewer hand-overs and prefetcher restarts (1.3-2.1x faster at 1-3 rows
-// per expert; docs/performance.md).
+// The forward reads the weight row after row (forward_rows) for experts of under KB rows of x taking at most this
+// many bytes (they are read again for each weight row, from L1): 1.3-2.1x faster at 1-3 rows per expert
+// (docs/performance.md).
 constexpr long ROW_FORWARD_X_BYTES = 8192;
-constexpr long FORWARD_UNIT_BYTES = 1 << 20;
 
 inline V vzero() { return _mm256_setzero_ps(); }
 inline V vset1(float f) { return _mm256_set1_ps(f); }
@@ -325,7 +322,8 @@ void weight_grad_block(const X *g, const X *x, T *gw, long rows, long out, long 
 
 // forward_block's result for four weight rows, reading them one after another (one sequential stream) with four
 // chains of sums per row: where the rows of x are few and short, interleaving four weight rows costs more in
-// prefetch misses than it saves in loads of x (ROW_FORWARD_X_BYTES).
+// prefetch misses than it saves in loads of x (ROW_FORWARD_X_BYTES). Only for an expert whose rows all fit one
+// block: the last block of a larger expert took 1.08-1.18x the time this way (its weight rows were just read).
 template <typename X, typename T, int K>
 void forward_rows(const X *x, const T *w, X *y, long out, long in, long o) {
   constexpr long AHEAD = 512;  // elements of the weight prefetched ahead: its next rows, past the end of this one
@@ -383,19 +381,49 @@ void forward_block_dp(const bf16 *x, const bf16 *w, bf16 *y, long out, long in, 
   }
   for (int k = 0; k < K; k++) store_sums4(y + k * out + o, acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
 }
+
+// forward_block_dp's result read row after row, as forward_rows, with two chains of sums per row. in must be a
+// multiple of 64.
+template <int K>
+void forward_rows_dp(const bf16 *x, const bf16 *w, bf16 *y, long out, long in, long o) {
+  constexpr long AHEAD = 1024;  // elements of the weight prefetched ahead
+  float s[4][K];
+  for (long r = 0; r < 4; r++) {
+    const bf16 *wr = w + (o + r) * in;
+    __m512 acc[K][2];
+    for (int k = 0; k < K; k++) acc[k][0] = acc[k][1] = _mm512_setzero_ps();
+    for (long i = 0; i < in; i += 64) {
+      __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + i), w1 = (__m512bh)_mm512_loadu_si512(wr + i + 32);
+      _mm_prefetch(reinterpret_cast<const char *>(wr + i + AHEAD), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char *>(wr + i + AHEAD + 32), _MM_HINT_T0);
+      for (int k = 0; k < K; k++) {
+        acc[k][0] = _mm512_dpbf16_ps(acc[k][0], (__m512bh)_mm512_loadu_si512(x + k * in + i), w0);
+        acc[k][1] = _mm512_dpbf16_ps(acc[k][1], (__m512bh)_mm512_loadu_si512(x + k * in + i + 32), w1);
+      }
+    }
+    for (int k = 0; k < K; k++) s[r][k] = _mm512_reduce_add_ps(_mm512_add_ps(acc[k][0], acc[k][1]));
+  }
+  for (int k = 0; k < K; k++)
+    for (int r = 0; r < 4; r++) store1(y + k * out + o + r, s[r][k]);
+}
 #else
 const bool HAS_DPBF16 = false;
 template <int K>
 void forward_block_dp(const bf16 *, const bf16 *, bf16 *, long, long, long) {}
+template <int K>
+void forward_rows_dp(const bf16 *, const bf16 *, bf16 *, long, long, long) {}
 #endif
 
 template <typename X, typename T, int K>
-void forward_any(const X *x, const T *w, X *y, long out, long in, long o) {
+void forward_any(const X *x, const T *w, X *y, long out, long in, long o, bool whole) {
+  // whole: these K rows are all of the expert's. A full block of KB rows keeps the interleaved form: row after row
+  // was 1.3-1.9x slower at 8-12 rows per expert
+  const bool by_rows = whole && K < KB && K * in * long(sizeof(X)) <= ROW_FORWARD_X_BYTES;
   if constexpr (sizeof(X) == 2 && sizeof(T) == 2) {
+    if (HAS_DPBF16 && by_rows && in % 64 == 0) return forward_rows_dp<K>(x, w, y, out, in, o);
     if (HAS_DPBF16 && in % 32 == 0) return forward_block_dp<K>(x, w, y, out, in, o);
   }
-  // a full block of KB rows keeps the interleaved form: row after row was 1.3-1.9x slower at 8-12 rows per expert
-  if (K < KB && K * in * long(sizeof(X)) <= ROW_FORWARD_X_BYTES) return forward_rows<X, T, K>(x, w, y, out, in, o);
+  if (by_rows) return forward_rows<X, T, K>(x, w, y, out, in, o);
   forward_block<X, T, K>(x, w, y, out, in, o);
 }
 
@@ -1161,7 +1189,55 @@ void tiles_input_grad_blocks(const uint32_t *, const bf16 *, bf16 *, long, long,
 void tiles_input_grad(const uint32_t *, const bf16 *, bf16 *, long, long, long, long, long) {}
 #endif
 
+// Rows of a bfloat16 operand laid out in pairs for the pair dot product (vdpbf16ps): uint32 k of pair q holds rows 2q
+// and 2q + 1's elements k (a zero for the second where rows is odd).
+inline long pair_rows(long rows) { return (rows + 1) / 2; }
+void pairs_pack(const bf16 *a, uint32_t *p, long rows, long cols) {
+  for (long q = 0; q < pair_rows(rows); q++) {
+    const bf16 *r0 = a + 2 * q * cols, *r1 = 2 * q + 1 < rows ? r0 + cols : nullptr;
+    uint32_t *pq = p + q * cols;
+    if (r1 == nullptr) {
+      for (long k = 0; k < cols; k++) pq[k] = r0[k];
+    } else {
+      for (long k = 0; k < cols; k++) pq[k] = uint32_t(r0[k]) | uint32_t(r1[k]) << 16;
+    }
+  }
+}
+
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+// The bfloat16 weight gradient on AVX-512 without tiles: gw[o + r, i0 : i0 + W C] for r < 4 from g and x laid out in
+// pairs of rows (pairs_pack), each vdpbf16ps adding two rows' products, where widening both to float32 took twice
+// the instructions (Zen 4 runs one 512-bit FMA per cycle). Streamed out, as weight_grad_block.
+constexpr bool PAIRS = true;
+template <int C>
+void pairs_weight_grad_block(const uint32_t *gp, const uint32_t *xp, bf16 *gw, long pairs, long out, long in, long o,
+                             long i0) {
+  __m512 acc[4][C];
+  for (int r = 0; r < 4; r++)
+    for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+  for (long q = 0; q < pairs; q++) {
+    __m512bh xv[C];
+    for (int c = 0; c < C; c++) xv[c] = (__m512bh)_mm512_loadu_si512(xp + q * in + i0 + W * c);
+    for (int r = 0; r < 4; r++) {
+      __m512bh gv = (__m512bh)_mm512_set1_epi32(int(gp[q * out + o + r]));
+      for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], gv, xv[c]);
+    }
+  }
+  for (int r = 0; r < 4; r++)
+    for (int c = 0; c < C; c++) store(gw + (o + r) * in + i0 + W * c, acc[r][c], true);
+}
+#else
+constexpr bool PAIRS = false;
+template <int C>
+void pairs_weight_grad_block(const uint32_t *, const uint32_t *, bf16 *, long, long, long, long, long) {}
+#endif
+
 enum Op { FORWARD = 0, INPUT_GRAD = 1, WEIGHT_GRAD = 2 };
+// The forward hands out work in units of about this much weight: each unit one sequential stream, with fewer
+// hand-overs and prefetcher restarts than units of OUT_ROWS rows. Measured on three machines: AVX2 (1.3-2.1x faster
+// at 1-3 rows per expert), AMX (float32 E 128-256 / 1,024 tokens, 4-10 rows per expert: 0.79-0.82x the time) and
+// AVX-512 on AMD EPYC (64 experts, 1-32 rows: float32 0.90-0.96x, bfloat16 0.60x at 8-16 rows where out > in).
+constexpr long FORWARD_UNIT_BYTES = 1 << 20;
 constexpr long OUT_ROWS = 16;  // weight rows per unit of the forward (or a multiple, above); WG_UNIT_ROWS's a multiple
 constexpr long IN_COLS = STREAM_INPUT_GRAD ? STREAM_COLS : RUN_COLS;  // input columns per unit (input gradient)
 
@@ -1176,6 +1252,7 @@ struct Task {
   long unit, per_expert;  // weight rows (forward, weight gradient) or input columns per unit; units per expert
   bool tiles;              // on AMX tiles (bfloat16, the AMX build), each expert as on_tiles says
   bool outer;              // float32 forward and weight gradient on packed operands (AVX-512), from OUTER_MIN_ROWS rows
+  bool pairs;              // the bfloat16 weight gradient on operands in pairs of rows (PAIRS)
 };
 
 // The calling thread's buffers (below): the tiles' or the outer products' packed operands, laid out by the calling
@@ -1194,8 +1271,9 @@ void run_unit(const Task &t, long u) {
     X *y = static_cast<X *>(t.c[e]);
     for (long o = j * t.unit; o < (j + 1) * t.unit && o < out; o += 4)
       for (long k = 0; k < rows; k += KB)
-        with_rows(int(rows - k < KB ? rows - k : KB),
-                  [&](auto K) { forward_any<X, T, decltype(K)::value>(x + k * in, w, y + k * out, out, in, o); });
+        with_rows(int(rows - k < KB ? rows - k : KB), [&](auto K) {
+          forward_any<X, T, decltype(K)::value>(x + k * in, w, y + k * out, out, in, o, rows <= KB);
+        });
   } else if (t.op == INPUT_GRAD) {  // a = g (rows, out), b = w (out, in), c = gx (rows, in)
     const X *g = static_cast<const X *>(t.a[e]);
     const T *w = static_cast<const T *>(t.b[e]);
@@ -1297,6 +1375,27 @@ void outer_unit(const Task &t, const float *p, float *st, long u) {
   wgrad_packed(p, p + t.out * outer_ld(rows), static_cast<float *>(t.c[e]), rows, t.in, o0, o1);
 }
 
+// uint32s of one expert's operands in pairs of rows for the weight gradient: g's, then x's.
+long pairs_packed(const Task &t, long rows) { return pair_rows(rows) * (t.out + t.in); }
+
+void pairs_pack_expert(const Task &t, long e, uint32_t *p) {
+  pairs_pack(static_cast<const bf16 *>(t.a[e]), p, t.rows[e], t.out);
+  pairs_pack(static_cast<const bf16 *>(t.b[e]), p + pair_rows(t.rows[e]) * t.out, t.rows[e], t.in);
+}
+
+// One unit of the weight gradient on pairs of rows: the unit's rows of gw from p (pairs_pack_expert's).
+void pairs_unit(const Task &t, const uint32_t *p, long u) {
+  const long e = u / t.per_expert, q = pair_rows(t.rows[e]), o0 = u % t.per_expert * t.unit;
+  const long o1 = o0 + t.unit < t.out ? o0 + t.unit : t.out;
+  bf16 *gw = static_cast<bf16 *>(t.c[e]);
+  for (long o = o0; o < o1; o += 4) {
+    long i0 = 0;
+    for (; i0 + WG_VECS * W <= t.in; i0 += WG_VECS * W)
+      pairs_weight_grad_block<WG_VECS>(p, p + q * t.out, gw, q, t.out, t.in, o, i0);
+    for (; i0 < t.in; i0 += W) pairs_weight_grad_block<1>(p, p + q * t.out, gw, q, t.out, t.in, o, i0);
+  }
+}
+
 // Uninitialised, 64-byte aligned uint32s (every element is written before it is read; zeroing the tiles' operands
 // would cost a pass over them).
 struct Free {
@@ -1333,11 +1432,12 @@ template <typename X, typename T>
 void work(Task &t, int threads) {
   long total = t.n * t.per_expert, staging = 0;
   std::vector<long> start;      // tiles, outer: each expert's first uint32 in packed
-  uint32_t *packed = nullptr;  // tiles, outer: every expert's small operands, laid out by tiles_pack_expert, outer_pack
-  if (t.tiles || t.outer) {
+  uint32_t *packed = nullptr;  // tiles, outer, pairs: every expert's small operands, laid out by its *_pack_expert
+  if (t.tiles || t.outer || t.pairs) {
     start.assign(t.n + 1, 0);
     for (long e = 0; e < t.n; e++) {
-      const long rows = t.rows[e], n = t.tiles ? tiles_packed(t, rows) : outer_packed(t, rows);
+      const long rows = t.rows[e];
+      const long n = t.tiles ? tiles_packed(t, rows) : t.outer ? outer_packed(t, rows) : pairs_packed(t, rows);
       start[e + 1] = start[e] + n;
       if (n && t.op == FORWARD) staging = staging > t.unit * outer_ld(rows) ? staging : t.unit * outer_ld(rows);
     }
@@ -1345,6 +1445,7 @@ void work(Task &t, int threads) {
     // without memory for the layout, the loops (any unit size) do the work
     t.tiles = t.tiles && packed != nullptr;
     t.outer = t.outer && packed != nullptr;
+    t.pairs = t.pairs && packed != nullptr;
   }
   // OpenMP from the process's libgomp: the team torch's own ops use, already awake between torch's ops. Threads of
   // our own would compete with that team's spinning workers for the same cores (1.3-2x slower, measured).
@@ -1364,6 +1465,11 @@ void work(Task &t, int threads) {
       float *st = reinterpret_cast<float *>(scratch(staging, SCRATCH_STAGING));
 #pragma omp for schedule(dynamic, 1) nowait
       for (long u = 0; u < total; u++) outer_unit(t, p + start[u / t.per_expert], st, u);
+    } else if (t.pairs) {  // bfloat16 by construction
+#pragma omp for schedule(dynamic, 1)
+      for (long e = 0; e < t.n; e++) pairs_pack_expert(t, e, packed + start[e]);
+#pragma omp for schedule(dynamic, 1) nowait
+      for (long u = 0; u < total; u++) pairs_unit(t, packed + start[u / t.per_expert], u);
     } else {
 #pragma omp for schedule(dynamic, 1) nowait
       for (long u = 0; u < total; u++) run_unit<X, T>(t, u);
@@ -1628,7 +1734,7 @@ int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const
   if (tiles && op != INPUT_GRAD) unit = op == FORWARD ? TILE_UNIT_ROWS : TILE_GRAD_ROWS;
   if (op != INPUT_GRAD && unit > out) unit = out;  // units of weight rows: at most all of them
   Task t{op, n, rows, a, b, c, out, in, unit, ((op == INPUT_GRAD ? in : out) + unit - 1) / unit, tiles,
-         OUTER && op != INPUT_GRAD && dtype == 0};
+         OUTER && op != INPUT_GRAD && dtype == 0, PAIRS && HAS_DPBF16 && op == WEIGHT_GRAD && dtype == 1};
   threads = threads > 0 ? threads : 1;
   if (dtype == 0) work<float, float>(t, threads);
   else if (dtype == 1) work<bf16, bf16>(t, threads);
