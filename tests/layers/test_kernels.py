@@ -675,7 +675,8 @@ def test_a_span_of_many_reduced_precision_experts_runs_its_up_projection_nativel
     assert cpu._forward_rows(amx, torch.bfloat16, down, span) == bf16_down
     assert cpu._forward_rows(amx, torch.float32, up.float(), span) == cpu.NATIVE_MAX_ROWS["amx"][cpu.F32, cpu.F32][0][0]
     # NATIVE_MAX_ROWS' for the AVX-512 build, which has no span rule
-    assert cpu._forward_rows(avx512, torch.bfloat16, up, span) == cpu.NATIVE_MAX_ROWS["avx512"][cpu.BF16, cpu.BF16][0][0]
+    avx512_up = cpu.NATIVE_MAX_ROWS["avx512"][cpu.BF16, cpu.BF16][0][0]
+    assert cpu._forward_rows(avx512, torch.bfloat16, up, span) == avx512_up
     assert cpu._forward_rows(None, torch.bfloat16, up, span) == 0
 
 

@@ -1431,7 +1431,7 @@ void release_scratch() {
 template <typename X, typename T>
 void work(Task &t, int threads) {
   long total = t.n * t.per_expert, staging = 0;
-  std::vector<long> start;      // tiles, outer: each expert's first uint32 in packed
+  std::vector<long> start;      // tiles, outer, pairs: each expert's first uint32 in packed
   uint32_t *packed = nullptr;  // tiles, outer, pairs: every expert's small operands, laid out by its *_pack_expert
   if (t.tiles || t.outer || t.pairs) {
     start.assign(t.n + 1, 0);
