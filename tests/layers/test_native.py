@@ -78,7 +78,8 @@ def test_the_widest_build_this_cpu_runs_is_the_one_loaded():
 # rows), and in two groups of rows (over 256); the AMX input gradient's 2 x 2 blocks (from 32 rows: pairs of 16 rows and
 # a single 16 last, partial); the AVX-512 float32 forward's outer products and weight gradient's laid-out operands (from
 # 16 rows; the forward: a chunk of 64 rows and a partial one, 70 and 260; a tail of 1-4 rows as dot products after one
-# or two whole vectors: 17, 18, 20, 35)
+# or two whole vectors: 17, 18, 20, 35); the bfloat16 weight gradient on rows in pairs (AVX-512 without tiles), an odd
+# count's last pair half zero
 @pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5], [70, 17], [260, 1], [20, 35, 18]])
 # column tails of the blocks; in > 1024: the input gradient in two units (streamed, or in runs); 272 x 2048: the
 # forward's units of 1 MB of weight (128 or 256 rows), the last one partial; out > in (AMX:
