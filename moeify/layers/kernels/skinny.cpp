@@ -1262,6 +1262,17 @@ struct Task {
 enum Scratch { SCRATCH_PACKED, SCRATCH_INTERLEAVED, SCRATCH_STAGING, SCRATCHES };
 uint32_t *scratch(long n, Scratch which);
 
+// A unit's weight gradient, rows o0 .. o1 of gw, as the blocks block(C, o, i0) computes: 4 rows by C vectors of
+// columns from column i0, C = WG_VECS, then 1 for the columns left.
+template <typename F>
+void weight_grad_blocks(long o0, long o1, long in, F block) {
+  for (long o = o0; o < o1; o += 4) {
+    long i0 = 0;
+    for (; i0 + WG_VECS * W <= in; i0 += WG_VECS * W) block(std::integral_constant<int, WG_VECS>(), o, i0);
+    for (; i0 < in; i0 += W) block(std::integral_constant<int, 1>(), o, i0);
+  }
+}
+
 // One unit: t.unit output rows (forward, weight gradient) or input columns (input gradient) of one expert.
 template <typename X, typename T>
 void run_unit(const Task &t, long u) {
@@ -1291,12 +1302,10 @@ void run_unit(const Task &t, long u) {
     const X *g = static_cast<const X *>(t.a[e]);
     const X *x = static_cast<const X *>(t.b[e]);
     T *gw = static_cast<T *>(t.c[e]);
-    for (long o = j * t.unit; o < (j + 1) * t.unit && o < out; o += 4) {
-      long i0 = 0;
-      for (; i0 + WG_VECS * W <= in; i0 += WG_VECS * W)
-        weight_grad_block<X, T, WG_VECS>(g, x, gw, rows, out, in, o, i0);
-      for (; i0 < in; i0 += W) weight_grad_block<X, T, 1>(g, x, gw, rows, out, in, o, i0);
-    }
+    const long o1 = (j + 1) * t.unit < out ? (j + 1) * t.unit : out;
+    weight_grad_blocks(j * t.unit, o1, in, [&](auto C, long o, long i0) {
+      weight_grad_block<X, T, decltype(C)::value>(g, x, gw, rows, out, in, o, i0);
+    });
   }
 }
 
@@ -1389,12 +1398,9 @@ void pairs_unit(const Task &t, const uint32_t *p, long u) {
   const long e = u / t.per_expert, q = pair_rows(t.rows[e]), o0 = u % t.per_expert * t.unit;
   const long o1 = o0 + t.unit < t.out ? o0 + t.unit : t.out;
   bf16 *gw = static_cast<bf16 *>(t.c[e]);
-  for (long o = o0; o < o1; o += 4) {
-    long i0 = 0;
-    for (; i0 + WG_VECS * W <= t.in; i0 += WG_VECS * W)
-      pairs_weight_grad_block<WG_VECS>(p, p + q * t.out, gw, q, t.out, t.in, o, i0);
-    for (; i0 < t.in; i0 += W) pairs_weight_grad_block<1>(p, p + q * t.out, gw, q, t.out, t.in, o, i0);
-  }
+  weight_grad_blocks(o0, o1, t.in, [&](auto C, long o, long i0) {
+    pairs_weight_grad_block<decltype(C)::value>(p, p + q * t.out, gw, q, t.out, t.in, o, i0);
+  });
 }
 
 // Uninitialised, 64-byte aligned uint32s (every element is written before it is read; zeroing the tiles' operands
