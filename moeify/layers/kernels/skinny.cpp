@@ -58,13 +58,6 @@ constexpr int WG_VECS = 4;  // vectors of columns per block of the weight gradie
 // Rows of the weight gradient per unit: float32 on the AMX machine's cores in units of 64 rows took 0.87-0.95x the time
 // of 16-row units at 4-64 rows per expert (64 experts, measured).
 constexpr long WG_UNIT_ROWS = 64;
-#ifdef __AMX_BF16__
-constexpr long ROW_FORWARD_X_BYTES = 0;  // forward_rows below: not measured on the AMX machine
-#else
-// AVX-512 without tiles (AMD EPYC, 2026-12-05): float32 2048 x 512 at 1-4 rows per expert 0.67-0.93x the interleaved
-// rows' time, bfloat16 (forward_rows_dp) 0.56-0.76x at 1-5 rows and 512 x 2048 at 2 rows 0.81x.
-constexpr long ROW_FORWARD_X_BYTES = 8192;
-#endif
 
 inline V vzero() { return _mm512_setzero_ps(); }
 inline V vset1(float f) { return _mm512_set1_ps(f); }
@@ -129,10 +122,6 @@ constexpr int WG_VECS = 2;
 constexpr long WG_UNIT_ROWS = 16;
 constexpr int IN_VECS = 1;  // unused: the input gradient streams
 constexpr bool STREAM_INPUT_GRAD = true;
-// The forward reads the weight row after row (forward_rows) for experts of under KB rows of x taking at most this
-// many bytes (they are read again for each weight row, from L1): 1.3-2.1x faster at 1-3 rows per expert
-// (docs/performance.md).
-constexpr long ROW_FORWARD_X_BYTES = 8192;
 
 inline V vzero() { return _mm256_setzero_ps(); }
 inline V vset1(float f) { return _mm256_set1_ps(f); }
@@ -175,13 +164,31 @@ inline void store_sums4(T *p, V a, V b, V c, V d) {
   for (int r = 0; r < 4; r++) store1(p + r, s[r]);
 }
 
-// The next four weight rows' line at column i: the forward reads four rows side by side, short streams that the
-// hardware prefetcher does not follow far enough ahead. Once per 64-byte line; a prefetch never faults, past the
-// end included.
+// Software prefetch of the weight where the loops read it as short streams side by side (four rows at a time in the
+// forward, a few lines of each row in the input gradient), which the hardware prefetcher does not follow far enough
+// ahead. On the AMD machines (AVX-512 without tiles, and the AVX2 build timed there too; 2026-12-06) a prefetch into
+// L1 (T0) held the forward to 7-9 GB/s of weight per core, the L1's misses in flight being the limit; into L2 (T1)
+// two blocks ahead, 18 GB/s (a plain read streams 20-23): 64 experts' forward at 1-12 rows 0.44-0.77x the time,
+// float32 and bfloat16, and row after row no longer paid (removed). The input gradient also keeps a near prefetch
+// into L1 (RUN_NEAR): with the far one alone, bfloat16 at 512 x 2,048 and 8-16 rows took 1.1-1.2x. The AMX build
+// keeps what was measured on its machine (T0 one block ahead; T1 there was within noise).
+#ifdef __AMX_BF16__
+constexpr _mm_hint WEIGHT_HINT = _MM_HINT_T0;
+constexpr long FORWARD_AHEAD = 4;  // weight rows: one block of the forward
+constexpr long RUN_NEAR = 0;
+#else
+constexpr _mm_hint WEIGHT_HINT = _MM_HINT_T1;
+constexpr long FORWARD_AHEAD = 8;
+constexpr long RUN_NEAR = 8;  // weight rows ahead into L1 in the input gradient (input_grad_chunk)
+#endif
+
+// The line at column i of the four weight rows FORWARD_AHEAD past row o. Once per 64-byte line; a prefetch never
+// faults, past the end included.
 template <typename T>
 inline void prefetch_next(const T *w, long in, long o, long i) {
   if ((i * sizeof(T)) % 64) return;
-  for (int r = 4; r < 8; r++) _mm_prefetch(reinterpret_cast<const char *>(w + (o + r) * in + i), _MM_HINT_T0);
+  for (long r = FORWARD_AHEAD; r < FORWARD_AHEAD + 4; r++)
+    _mm_prefetch(reinterpret_cast<const char *>(w + (o + r) * in + i), WEIGHT_HINT);
 }
 
 // Operand types: X for the activations (x, y and their gradients), T for the weight and its gradient.
@@ -259,8 +266,11 @@ inline void input_grad_chunk(const X *g, const T *w, float *p, long out, long in
     V wv[C];
     for (int c = 0; c < C; c++) wv[c] = load(w + o * in + i + W * c);
     if (fetch)
-      for (long line = 0; line < C * W * long(sizeof(T)); line += 64)
-        _mm_prefetch(reinterpret_cast<const char *>(w + (o + RUN_AHEAD) * in + i) + line, _MM_HINT_T0);
+      for (long line = 0; line < C * W * long(sizeof(T)); line += 64) {
+        _mm_prefetch(reinterpret_cast<const char *>(w + (o + RUN_AHEAD) * in + i) + line, WEIGHT_HINT);
+        if constexpr (RUN_NEAR > 0)
+          _mm_prefetch(reinterpret_cast<const char *>(w + (o + RUN_NEAR) * in + i) + line, _MM_HINT_T0);
+      }
     for (int k = 0; k < K; k++) {
       V gv = vset1(scalar(g[k * out + o]));
       for (int c = 0; c < C; c++) acc[k][c] = vfma(gv, wv[c], acc[k][c]);
@@ -320,42 +330,6 @@ void weight_grad_block(const X *g, const X *x, T *gw, long rows, long out, long 
     for (int c = 0; c < C; c++) store(gw + (o + r) * in + i0 + W * c, acc[r][c], true);
 }
 
-// forward_block's result for four weight rows, reading them one after another (one sequential stream) with four
-// chains of sums per row: where the rows of x are few and short, interleaving four weight rows costs more in
-// prefetch misses than it saves in loads of x (ROW_FORWARD_X_BYTES). Only for an expert whose rows all fit one
-// block: the last block of a larger expert took 1.08-1.18x the time this way (its weight rows were just read).
-template <typename X, typename T, int K>
-void forward_rows(const X *x, const T *w, X *y, long out, long in, long o) {
-  constexpr long AHEAD = 512;  // elements of the weight prefetched ahead: its next rows, past the end of this one
-  for (long r = o; r < o + 4; r++) {
-    const T *wr = w + r * in;
-    V acc[K][4];
-    for (int k = 0; k < K; k++)
-      for (int c = 0; c < 4; c++) acc[k][c] = vzero();
-    long i = 0;
-    for (; i + 4 * W <= in; i += 4 * W) {
-      V w0 = load(wr + i), w1 = load(wr + i + W), w2 = load(wr + i + 2 * W), w3 = load(wr + i + 3 * W);
-      for (long line = 0; line < 4 * W * long(sizeof(T)); line += 64)  // a float32 step spans two lines
-        _mm_prefetch(reinterpret_cast<const char *>(wr + i + AHEAD) + line, _MM_HINT_T0);
-      for (int k = 0; k < K; k++) {
-        acc[k][0] = vfma(load(x + k * in + i), w0, acc[k][0]);
-        acc[k][1] = vfma(load(x + k * in + i + W), w1, acc[k][1]);
-        acc[k][2] = vfma(load(x + k * in + i + 2 * W), w2, acc[k][2]);
-        acc[k][3] = vfma(load(x + k * in + i + 3 * W), w3, acc[k][3]);
-      }
-    }
-    for (; i < in; i += W) {
-      V wv = load(wr + i);
-      for (int k = 0; k < K; k++) acc[k][0] = vfma(load(x + k * in + i), wv, acc[k][0]);
-    }
-    for (int k = 0; k < K; k++) {
-      float s[4];
-      sums4(acc[k][0], acc[k][1], acc[k][2], acc[k][3], s);
-      store1(y + k * out + r, (s[0] + s[1]) + (s[2] + s[3]));
-    }
-  }
-}
-
 #ifdef __AVX512BF16__
 // A static initializer may run before libgcc has read the CPU model: read it first.
 const bool HAS_DPBF16 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
@@ -381,49 +355,17 @@ void forward_block_dp(const bf16 *x, const bf16 *w, bf16 *y, long out, long in, 
   }
   for (int k = 0; k < K; k++) store_sums4(y + k * out + o, acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
 }
-
-// forward_block_dp's result read row after row, as forward_rows, with two chains of sums per row. in must be a
-// multiple of 64.
-template <int K>
-void forward_rows_dp(const bf16 *x, const bf16 *w, bf16 *y, long out, long in, long o) {
-  constexpr long AHEAD = 1024;  // elements of the weight prefetched ahead
-  float s[4][K];
-  for (long r = 0; r < 4; r++) {
-    const bf16 *wr = w + (o + r) * in;
-    __m512 acc[K][2];
-    for (int k = 0; k < K; k++) acc[k][0] = acc[k][1] = _mm512_setzero_ps();
-    for (long i = 0; i < in; i += 64) {
-      __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + i), w1 = (__m512bh)_mm512_loadu_si512(wr + i + 32);
-      _mm_prefetch(reinterpret_cast<const char *>(wr + i + AHEAD), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char *>(wr + i + AHEAD + 32), _MM_HINT_T0);
-      for (int k = 0; k < K; k++) {
-        acc[k][0] = _mm512_dpbf16_ps(acc[k][0], (__m512bh)_mm512_loadu_si512(x + k * in + i), w0);
-        acc[k][1] = _mm512_dpbf16_ps(acc[k][1], (__m512bh)_mm512_loadu_si512(x + k * in + i + 32), w1);
-      }
-    }
-    for (int k = 0; k < K; k++) s[r][k] = _mm512_reduce_add_ps(_mm512_add_ps(acc[k][0], acc[k][1]));
-  }
-  for (int k = 0; k < K; k++)
-    for (int r = 0; r < 4; r++) store1(y + k * out + o + r, s[r][k]);
-}
 #else
 const bool HAS_DPBF16 = false;
 template <int K>
 void forward_block_dp(const bf16 *, const bf16 *, bf16 *, long, long, long) {}
-template <int K>
-void forward_rows_dp(const bf16 *, const bf16 *, bf16 *, long, long, long) {}
 #endif
 
 template <typename X, typename T, int K>
-void forward_any(const X *x, const T *w, X *y, long out, long in, long o, bool whole) {
-  // whole: these K rows are all of the expert's. A full block of KB rows keeps the interleaved form: row after row
-  // was 1.3-1.9x slower at 8-12 rows per expert
-  const bool by_rows = whole && K < KB && K * in * long(sizeof(X)) <= ROW_FORWARD_X_BYTES;
+void forward_any(const X *x, const T *w, X *y, long out, long in, long o) {
   if constexpr (sizeof(X) == 2 && sizeof(T) == 2) {
-    if (HAS_DPBF16 && by_rows && in % 64 == 0) return forward_rows_dp<K>(x, w, y, out, in, o);
     if (HAS_DPBF16 && in % 32 == 0) return forward_block_dp<K>(x, w, y, out, in, o);
   }
-  if (by_rows) return forward_rows<X, T, K>(x, w, y, out, in, o);
   forward_block<X, T, K>(x, w, y, out, in, o);
 }
 
@@ -1284,7 +1226,7 @@ void run_unit(const Task &t, long u) {
     for (long o = j * t.unit; o < (j + 1) * t.unit && o < out; o += 4)
       for (long k = 0; k < rows; k += KB)
         with_rows(int(rows - k < KB ? rows - k : KB), [&](auto K) {
-          forward_any<X, T, decltype(K)::value>(x + k * in, w, y + k * out, out, in, o, rows <= KB);
+          forward_any<X, T, decltype(K)::value>(x + k * in, w, y + k * out, out, in, o);
         });
   } else if (t.op == INPUT_GRAD) {  // a = g (rows, out), b = w (out, in), c = gx (rows, in)
     const X *g = static_cast<const X *>(t.a[e]);
