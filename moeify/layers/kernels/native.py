@@ -193,9 +193,9 @@ class Skinny:
 
 def _correct(kernel: Skinny) -> bool:
     """Each op and mode against torch on small cases with two experts (one of 7 rows: a partial block of rows), with
-    input widths that bfloat16's pair dot product takes (96; 128, which the expert of 3 rows reads row after row) and
-    one it leaves to the conversion path (80), and a weight wider out than in (the AMX forward's other blocking); the
-    dropout ops; zeroing; and transposing."""
+    input widths that bfloat16's pair dot products take (96: a group of 32 columns after two in the input gradient;
+    128) and one they leave to the conversion path (80), and a weight wider out than in (the AMX forward's other
+    blocking); the dropout ops; zeroing; and transposing."""
     shapes = ((32, 80), (32, 96), (32, 128), (64, 32))
     return all(_correct_at(kernel, *mode, out, in_) for mode in MODES for out, in_ in shapes) and \
         all(_dropout_correct(kernel, dtype) for dtype in DROPOUT_DTYPES) and _zero_correct(kernel) and \

@@ -182,6 +182,20 @@ constexpr long FORWARD_AHEAD = 8;
 constexpr long RUN_NEAR = 8;  // weight rows ahead into L1 in the input gradient (input_grad_chunk)
 #endif
 
+#ifdef __AVX512BF16__
+// A static initializer may run before libgcc has read the CPU model: read it first.
+const bool HAS_DPBF16 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
+#else
+const bool HAS_DPBF16 = false;
+#endif
+// The bfloat16 gradients on the pair dot product (pairs_weight_grad_block, input_grad_chunk_dp) where the build has it
+// and no tiles: the AMX build's gradients run on its tiles, and these were not measured there.
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+constexpr bool PAIRS = true;
+#else
+constexpr bool PAIRS = false;
+#endif
+
 // The line at column i of the four weight rows FORWARD_AHEAD past row o. Once per 64-byte line; a prefetch never
 // faults, past the end included.
 template <typename T>
@@ -280,6 +294,57 @@ inline void input_grad_chunk(const X *g, const T *w, float *p, long out, long in
     for (int c = 0; c < C; c++) store(p + k * ldp + W * c, acc[k][c], false);
 }
 
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+// input_grad_chunk for bfloat16 on the pair dot product, over G groups of 32 columns: weight rows o and o + 1 are
+// interleaved element by element as they are read (an unpack within each 128-bit lane), so each vdpbf16ps adds
+// g[k, o] w[o, i] + g[k, o + 1] w[o + 1, i] into 16 sums, half the arithmetic instructions of widening both and no
+// widening. A group's sums lie in two vectors in the unpack's order (pairs_in_order puts them back); p keeps that
+// order between calls. o1 - o0 even.
+template <int K, int G>
+inline void input_grad_chunk_dp(const bf16 *g, const bf16 *w, float *p, long out, long in, long ldp, long o0, long o1,
+                                long i, bool first, bool fetch) {
+  __m512 acc[K][2 * G];
+  for (int k = 0; k < K; k++)
+    for (int c = 0; c < 2 * G; c++) acc[k][c] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(p + k * ldp + 16 * c);
+  for (long o = o0; o < o1; o += 2) {
+    __m512i pw[2 * G];
+    for (int q = 0; q < G; q++) {
+      __m512i a = _mm512_loadu_si512(w + o * in + i + 32 * q), b = _mm512_loadu_si512(w + (o + 1) * in + i + 32 * q);
+      pw[2 * q] = _mm512_unpacklo_epi16(a, b);
+      pw[2 * q + 1] = _mm512_unpackhi_epi16(a, b);
+    }
+    if (fetch)
+      for (long r = o; r < o + 2; r++)
+        for (long line = 0; line < G * 64; line += 64) {
+          _mm_prefetch(reinterpret_cast<const char *>(w + (r + RUN_AHEAD) * in + i) + line, WEIGHT_HINT);
+          _mm_prefetch(reinterpret_cast<const char *>(w + (r + RUN_NEAR) * in + i) + line, _MM_HINT_T0);
+        }
+    for (int k = 0; k < K; k++) {
+      int32_t pair;  // g[k, o] and g[k, o + 1]
+      memcpy(&pair, g + k * out + o, 4);
+      __m512bh gv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int c = 0; c < 2 * G; c++) acc[k][c] = _mm512_dpbf16_ps(acc[k][c], gv, (__m512bh)pw[c]);
+    }
+  }
+  for (int k = 0; k < K; k++)
+    for (int c = 0; c < 2 * G; c++) _mm512_storeu_ps(p + k * ldp + 16 * c, acc[k][c]);
+}
+
+// One group's sums from input_grad_chunk_dp's order to the columns' (32 of them from sums at s) into gx. In the
+// unpack's order, lane 4 b + r of the first vector holds column 8 b + r and of the second 8 b + 4 + r (b < 4, r < 4).
+inline void pairs_in_order(const float *s, bf16 *gx) {
+  static const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  static const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  __m512 lo = _mm512_loadu_ps(s), hi = _mm512_loadu_ps(s + 16);
+  store(gx, _mm512_permutex2var_ps(lo, first, hi), false);
+  store(gx + 16, _mm512_permutex2var_ps(lo, second, hi), false);
+}
+#else
+template <int K, int G>
+inline void input_grad_chunk_dp(const bf16 *, const bf16 *, float *, long, long, long, long, long, long, bool, bool) {}
+inline void pairs_in_order(const float *, bf16 *) {}
+#endif
+
 // gx[k, i0 : i0 + cols] = sum over o of g[k, o] * w[o, i0 : i0 + cols] for k < rows (AVX-512): the weight read in
 // blocks of RUN_ROWS rows, a run of each row's columns at a time (from cache again for each block of KB rows of g
 // after the first), with the partial sums of every row kept in `part` between blocks. Strips of four vectors of
@@ -288,6 +353,10 @@ inline void input_grad_chunk(const X *g, const T *w, float *p, long out, long in
 template <typename X, typename T>
 void input_grad_runs(const X *g, const T *w, X *gx, long rows, long out, long in, long i0, long cols) {
   constexpr long CHUNK = IN_VECS * W, MOST_ROWS = RUN_PART / CHUNK;
+  // bfloat16 on pairs of weight rows: then every chunk is whole groups of 32 columns (units and spans are multiples
+  // of 64 columns)
+  constexpr bool BF16 = PAIRS && std::is_same_v<X, bf16> && std::is_same_v<T, bf16>;
+  const bool pairs = BF16 && HAS_DPBF16 && in % 32 == 0;
   alignas(64) float part[RUN_PART];
   for (long r0 = 0; r0 < rows; r0 += MOST_ROWS) {
     const long rn = rows - r0 < MOST_ROWS ? rows - r0 : MOST_ROWS;
@@ -301,13 +370,28 @@ void input_grad_runs(const X *g, const T *w, X *gx, long rows, long out, long in
           with_rows(int(rn - k0 < KB ? rn - k0 : KB), [&](auto K) {
             for (long c = 0; c < sn; c += CHUNK)
               with_vecs(int(sn - c < CHUNK ? (sn - c) / W : IN_VECS), [&](auto C) {
-                input_grad_chunk<X, T, decltype(K)::value, decltype(C)::value>(
-                    gr + k0 * out, w, part + k0 * sn + c, out, in, sn, o0, o1, i0 + s0 + c, o0 == 0, k0 == 0);
+                constexpr int KN = decltype(K)::value, CN = decltype(C)::value;
+                float *p = part + k0 * sn + c;
+                if constexpr (BF16 && CN % 2 == 0) {
+                  if (pairs)
+                    return input_grad_chunk_dp<KN, CN / 2>(gr + k0 * out, w, p, out, in, sn, o0, o1, i0 + s0 + c,
+                                                           o0 == 0, k0 == 0);
+                }
+                input_grad_chunk<X, T, KN, CN>(gr + k0 * out, w, p, out, in, sn, o0, o1, i0 + s0 + c, o0 == 0,
+                                               k0 == 0);
               });
           });
       }
-      for (long k = 0; k < rn; k++)
-        for (long i = 0; i < sn; i += W) store(gx + (r0 + k) * in + i0 + s0 + i, load(part + k * sn + i), false);
+      for (long k = 0; k < rn; k++) {
+        X *row = gx + (r0 + k) * in + i0 + s0;
+        if constexpr (BF16) {
+          if (pairs) {
+            for (long i = 0; i < sn; i += 32) pairs_in_order(part + k * sn + i, row + i);
+            continue;
+          }
+        }
+        for (long i = 0; i < sn; i += W) store(row + i, load(part + k * sn + i), false);
+      }
     }
   }
 }
@@ -331,9 +415,6 @@ void weight_grad_block(const X *g, const X *x, T *gw, long rows, long out, long 
 }
 
 #ifdef __AVX512BF16__
-// A static initializer may run before libgcc has read the CPU model: read it first.
-const bool HAS_DPBF16 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16"));
-
 // forward_block for bfloat16 with the CPU's pair dot product (vdpbf16ps): 32 elements per instruction, no
 // conversion. in must be a multiple of 32.
 template <int K>
@@ -356,7 +437,6 @@ void forward_block_dp(const bf16 *x, const bf16 *w, bf16 *y, long out, long in, 
   for (int k = 0; k < K; k++) store_sums4(y + k * out + o, acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
 }
 #else
-const bool HAS_DPBF16 = false;
 template <int K>
 void forward_block_dp(const bf16 *, const bf16 *, bf16 *, long, long, long) {}
 #endif
@@ -1151,7 +1231,6 @@ void pairs_pack(const bf16 *a, uint32_t *p, long rows, long cols) {
 // pairs of rows (pairs_pack), each vdpbf16ps adding two rows' products, where widening both to float32 took twice
 // the arithmetic instructions and the widening besides (0.52-0.74x its time at 8-128 rows on the AMD EPYC).
 // Streamed out, as weight_grad_block.
-constexpr bool PAIRS = true;
 template <int C>
 void pairs_weight_grad_block(const uint32_t *gp, const uint32_t *xp, bf16 *gw, long pairs, long out, long in, long o,
                              long i0) {
@@ -1170,7 +1249,6 @@ void pairs_weight_grad_block(const uint32_t *gp, const uint32_t *xp, bf16 *gw, l
     for (int c = 0; c < C; c++) store(gw + (o + r) * in + i0 + W * c, acc[r][c], true);
 }
 #else
-constexpr bool PAIRS = false;
 template <int C>
 void pairs_weight_grad_block(const uint32_t *, const uint32_t *, bf16 *, long, long, long, long, long) {}
 #endif
