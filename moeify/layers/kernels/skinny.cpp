@@ -168,10 +168,11 @@ inline void store_sums4(T *p, V a, V b, V c, V d) {
 // forward, a few lines of each row in the input gradient), which the hardware prefetcher does not follow far enough
 // ahead. On the AMD machines (AVX-512 without tiles, and the AVX2 build timed there too; 2026-12-06) a prefetch into
 // L1 (T0) held the forward to 7-9 GB/s of weight per core, the L1's misses in flight being the limit; into L2 (T1)
-// two blocks ahead, 18 GB/s (a plain read streams 20-23): 64 experts' forward at 1-12 rows 0.44-0.77x the time,
-// float32 and bfloat16, and row after row no longer paid (removed). The input gradient also keeps a near prefetch
-// into L1 (RUN_NEAR): with the far one alone, bfloat16 at 512 x 2,048 and 8-16 rows took 1.1-1.2x. The AMX build
-// keeps what was measured on its machine (T0 one block ahead; T1 there was within noise).
+// two blocks ahead, 18 GB/s (a plain read streams 20-23): 64 experts' forward at 1-16 rows mostly 0.5-0.9x the time,
+// float32 and bfloat16, and reading the weight row after row for few rows no longer paid (removed). The input
+// gradient also keeps a near prefetch into L1 (RUN_NEAR): with the far one alone, bfloat16 at 512 x 2,048 and 8-16
+// rows took 1.1-1.2x. The AMX build keeps what was measured on its machine (T0 one block ahead; T1 there was within
+// noise).
 #ifdef __AMX_BF16__
 constexpr _mm_hint WEIGHT_HINT = _MM_HINT_T0;
 constexpr long FORWARD_AHEAD = 4;  // weight rows: one block of the forward
@@ -333,8 +334,8 @@ inline void input_grad_chunk_dp(const bf16 *g, const bf16 *w, float *p, long out
 // One group's sums from input_grad_chunk_dp's order to the columns' (32 of them from sums at s) into gx. In the
 // unpack's order, lane 4 b + r of the first vector holds column 8 b + r and of the second 8 b + 4 + r (b < 4, r < 4).
 inline void pairs_in_order(const float *s, bf16 *gx) {
-  static const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  static const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   __m512 lo = _mm512_loadu_ps(s), hi = _mm512_loadu_ps(s + 16);
   store(gx, _mm512_permutex2var_ps(lo, first, hi), false);
   store(gx + 16, _mm512_permutex2var_ps(lo, second, hi), false);
