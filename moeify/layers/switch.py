@@ -64,8 +64,10 @@ class SwitchFFN(nn.Module):
 
     def keeps_every_token(self, num_tokens: int) -> bool:
         """Whether routing is the identity for a batch of `num_tokens`: one expert, top-1, no token dropped."""
+        if self.num_experts != 1 or self.top_k != 1:  # every layer with experts asks: no capacity to compute
+            return False
         capacity = self.capacity(num_tokens)
-        return self.num_experts == 1 and self.top_k == 1 and (capacity is None or capacity >= num_tokens)
+        return capacity is None or capacity >= num_tokens
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
