@@ -72,14 +72,14 @@ def test_the_widest_build_this_cpu_runs_is_the_one_loaded():
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-# blocks of 4 / 6 rows (8 streamed): whole, partial, none; experts of fewer rows than a block read the weight row after
-# row where those rows are short (1, 2, 5; float32 and bfloat16's pair dot product where in is a multiple of 64); AMX
+# blocks of 4 / 6 rows (8 streamed): whole, partial, none (1, 2, 5: an expert of fewer rows than a block); AMX
 # tiles of 16 rows, 64 per pass: a second pass; the AVX-512 input gradient's partial sums in spans of columns (from 17
 # rows), and in two groups of rows (over 256); the AMX input gradient's 2 x 2 blocks (from 32 rows: pairs of 16 rows and
 # a single 16 last, partial); the AVX-512 float32 forward's outer products and weight gradient's laid-out operands (from
 # 16 rows; the forward: a chunk of 64 rows and a partial one, 70 and 260; a tail of 1-4 rows as dot products after one
 # or two whole vectors: 17, 18, 20, 35); the bfloat16 weight gradient on rows in pairs (AVX-512 without tiles), an odd
-# count's last pair half zero
+# count's last pair half zero, and its input gradient on pairs of weight rows (widths a multiple of 32 below: chunks of
+# one group of 32 columns at 32, of two at 64 and 2048; the other widths take the widened loops)
 @pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5], [70, 17], [260, 1], [20, 35, 18]])
 # column tails of the blocks; in > 1024: the input gradient in two units (streamed, or in runs); 272 x 2048: the
 # forward's units of 1 MB of weight (128 or 256 rows), the last one partial; out > in (AMX:

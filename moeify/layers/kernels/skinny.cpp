@@ -269,6 +269,17 @@ constexpr long RUN_ROWS = 16;     // weight rows per block
 constexpr long RUN_AHEAD = 32;    // weight rows prefetched ahead
 constexpr long RUN_PART = 16384;  // floats of partial sums a unit holds (64 KB, on the stack)
 
+// The bytes [i, i + bytes) of the weight rows RUN_AHEAD (into L2 where WEIGHT_HINT says so) and RUN_NEAR (into L1)
+// past row o: the runs of the input gradient (input_grad_chunk, input_grad_chunk_dp).
+template <typename T>
+inline void prefetch_run(const T *w, long in, long o, long i, long bytes) {
+  for (long line = 0; line < bytes; line += 64) {
+    _mm_prefetch(reinterpret_cast<const char *>(w + (o + RUN_AHEAD) * in + i) + line, WEIGHT_HINT);
+    if constexpr (RUN_NEAR > 0)
+      _mm_prefetch(reinterpret_cast<const char *>(w + (o + RUN_NEAR) * in + i) + line, _MM_HINT_T0);
+  }
+}
+
 // input_grad_runs' work on one chunk of C vectors of columns at i for K rows of g, over weight rows o0 <= o < o1: the
 // chain of sums of each output element continues from p (partial sums, row stride ldp) unless first.
 template <typename X, typename T, int K, int C>
@@ -280,12 +291,7 @@ inline void input_grad_chunk(const X *g, const T *w, float *p, long out, long in
   for (long o = o0; o < o1; o++) {
     V wv[C];
     for (int c = 0; c < C; c++) wv[c] = load(w + o * in + i + W * c);
-    if (fetch)
-      for (long line = 0; line < C * W * long(sizeof(T)); line += 64) {
-        _mm_prefetch(reinterpret_cast<const char *>(w + (o + RUN_AHEAD) * in + i) + line, WEIGHT_HINT);
-        if constexpr (RUN_NEAR > 0)
-          _mm_prefetch(reinterpret_cast<const char *>(w + (o + RUN_NEAR) * in + i) + line, _MM_HINT_T0);
-      }
+    if (fetch) prefetch_run(w, in, o, i, C * W * long(sizeof(T)));
     for (int k = 0; k < K; k++) {
       V gv = vset1(scalar(g[k * out + o]));
       for (int c = 0; c < C; c++) acc[k][c] = vfma(gv, wv[c], acc[k][c]);
@@ -315,11 +321,7 @@ inline void input_grad_chunk_dp(const bf16 *g, const bf16 *w, float *p, long out
       pw[2 * q + 1] = _mm512_unpackhi_epi16(a, b);
     }
     if (fetch)
-      for (long r = o; r < o + 2; r++)
-        for (long line = 0; line < G * 64; line += 64) {
-          _mm_prefetch(reinterpret_cast<const char *>(w + (r + RUN_AHEAD) * in + i) + line, WEIGHT_HINT);
-          _mm_prefetch(reinterpret_cast<const char *>(w + (r + RUN_NEAR) * in + i) + line, _MM_HINT_T0);
-        }
+      for (long r = o; r < o + 2; r++) prefetch_run(w, in, r, i, G * 64);
     for (int k = 0; k < K; k++) {
       int32_t pair;  // g[k, o] and g[k, o + 1]
       memcpy(&pair, g + k * out + o, 4);
