@@ -79,14 +79,16 @@ def test_the_widest_build_this_cpu_runs_is_the_one_loaded():
 # 16 rows; the forward: a chunk of 64 rows and a partial one, 70 and 260; a tail of 1-4 rows as dot products after one
 # or two whole vectors: 17, 18, 20, 35); the bfloat16 weight gradient on rows in pairs (AVX-512 without tiles), an odd
 # count's last pair half zero, and its input gradient on pairs of weight rows (widths a multiple of 32 below: chunks of
-# one group of 32 columns at 32, of two at 64 and 2048; the other widths take the widened loops)
+# one group of 32 columns at 32, of two at 64 and 2048; the other widths take the widened loops); its forward as outer
+# products on pairs (from 25 rows, inputs a multiple of 32 up to 1,024: 32, 64, 96; 35 and 48 rows padded to vectors
+# of 16, 70 and 260 in chunks of 64; blocks of 6-8 weight rows with 4 (112) and 2 left)
 @pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5], [70, 17], [260, 1], [20, 35, 18]])
 # column tails of the blocks; in > 1024: the input gradient in two units (streamed, or in runs); 272 x 2048: the
 # forward's units of 1 MB of weight (128 or 256 rows), the last one partial; out > in (AMX:
 # 2 x 2 blocks of tiles) in units of 128 rows with pairs of 16 and a single 16 last; the outer products' pieces of 128
 # inputs, the last one partial (1040), and blocks of 6-8 weight rows with 4 and 2 left (96, 272)
 @pytest.mark.parametrize("out, inp", [(16, 16), (48, 80), (64, 32), (96, 48), (32, 208), (16, 1040), (272, 2048),
-                                      (80, 64), (272, 64)])
+                                      (80, 64), (272, 64), (112, 96)])
 def test_each_op_equals_the_product_up_to_rounding(kernel, mode, rows, out, inp):
     got, want = _ops(kernel, mode, rows, out, inp)
     for a, e in zip(got, want):

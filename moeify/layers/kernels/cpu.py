@@ -114,14 +114,16 @@ F32, BF16 = torch.float32, torch.bfloat16
 # plain AVX-512 build's forwards were measured again on an AMD EPYC with AVX-512 and the bfloat16 dot product but no
 # tiles (bench_skinny, 2026-12-05, nineteenth session): float32 on the outer products 0.57-0.85x torch's path to 128
 # rows where out > in, 0.62-0.93x to 96 where out <= in (0.97x at 128); bfloat16 in units of 1 MB of weight, with
-# the weight prefetched into L2 (twentieth session), 0.34-0.98x to 64 rows where out > in (1.14x at 96) and 0.56-0.96x
-# to 96 where out <= in (1.14x at 128); the bfloat16 weight gradient on the pair dot product 0.37-0.80x to 16 rows
-# where out > in (1.00x at 24) and 0.54-0.88x to 32 where out <= in (1.00x at 48); the bfloat16 input gradient on the
+# the weight prefetched into L2 (twentieth session), 0.56-0.96x to 96 where out <= in (1.14x at 128), and where out >
+# in as outer products on the pair dot product from 25 rows (twenty-first session) 0.59-0.86x to 160 rows (0.93x at
+# 192; 1.00x at 256 in another run; the dot products had stopped at 64, 1.14x at 96); the bfloat16 weight gradient
+# on the pair dot product 0.37-0.80x to 16 rows where out > in (1.00x at 24) and 0.54-0.88x to 32 where out <= in
+# (1.00x at 48); the bfloat16 input gradient on the
 # pair dot product (twentieth session) 0.34-0.94x to 32 rows where out > in (1.05x at 48) and 0.52-0.90x to 24 where
 # out <= in (1.04x at 32). The float32 input gradient's limits held there (measured on the first AVX-512 machine, with
 # the column strips that the runs replaced).
 NATIVE_MAX_ROWS = {
-    "avx512": {(F32, F32): ((128, 96), (48, 128), (128, 64)), (BF16, BF16): ((64, 96), (32, 24), (16, 32))},
+    "avx512": {(F32, F32): ((128, 96), (48, 128), (128, 64)), (BF16, BF16): ((160, 96), (32, 24), (16, 32))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},
     "amx": {(F32, F32): ((256, 96), (32, 128), (128, 128)), (BF16, BF16): ((256, 192), (16, 192), (256, 256))},
 }

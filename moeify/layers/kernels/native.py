@@ -192,10 +192,11 @@ class Skinny:
 
 
 def _correct(kernel: Skinny) -> bool:
-    """Each op and mode against torch on small cases with two experts (one of 7 rows: a partial block of rows), with
-    input widths that bfloat16's pair dot products take (96: in the input gradient a chunk of two groups of 32
-    columns, then one of a single group; 128) and one they leave to the conversion path (80), and a weight wider out
-    than in (the AMX forward's other blocking); the dropout ops; zeroing; and transposing."""
+    """Each op and mode against torch on small cases with three experts (7 rows: a partial block of rows; 3; 40: the
+    outer products of the float32 and, on the pair dot product, the bfloat16 forward), with input widths that
+    bfloat16's pair dot products take (96: in the input gradient a chunk of two groups of 32 columns, then one of a
+    single group; 128) and one they leave to the conversion path (80), and a weight wider out than in (the AMX forward's
+    other blocking); the dropout ops; zeroing; and transposing."""
     shapes = ((32, 80), (32, 96), (32, 128), (64, 32))
     return all(_correct_at(kernel, *mode, out, in_) for mode in MODES for out, in_ in shapes) and \
         all(_dropout_correct(kernel, dtype) for dtype in DROPOUT_DTYPES) and _zero_correct(kernel) and \
@@ -238,19 +239,20 @@ def _dropout_correct(kernel: Skinny, dtype: torch.dtype) -> bool:
 
 
 def _correct_at(kernel: Skinny, compute: torch.dtype, dtype: torch.dtype, out: int, in_: int) -> bool:
-    w = (torch.arange(2 * out * in_, dtype=torch.float32).view(2, out, in_) % 7 - 3).to(dtype)
-    x = (torch.arange(2 * 7 * in_, dtype=torch.float32).view(2, 7, in_) % 5 - 2).to(compute)
-    g = (torch.arange(2 * 7 * out, dtype=torch.float32).view(2, 7, out) % 3 - 1).to(compute)
-    y, gx, gw = torch.empty(2, 7, out, dtype=compute), torch.empty_like(x), torch.empty_like(w)
-    rows = np.array([7, 3], dtype=np.int64)
-    ptrs = [np.array([t[0].data_ptr(), t[1].data_ptr()], dtype=np.int64) for t in (x, w, y, g, gx, gw)]
+    rows = np.array([7, 3, 40], dtype=np.int64)
+    n, top = len(rows), int(rows.max())
+    w = (torch.arange(n * out * in_, dtype=torch.float32).view(n, out, in_) % 7 - 3).to(dtype)
+    x = (torch.arange(n * top * in_, dtype=torch.float32).view(n, top, in_) % 5 - 2).to(compute)
+    g = (torch.arange(n * top * out, dtype=torch.float32).view(n, top, out) % 3 - 1).to(compute)
+    y, gx, gw = torch.empty(n, top, out, dtype=compute), torch.empty_like(x), torch.empty_like(w)
+    ptrs = [np.array([t[e].data_ptr() for e in range(n)], dtype=np.int64) for t in (x, w, y, g, gx, gw)]
     kernel.run(FORWARD, dtype, rows, ptrs[0], ptrs[1], ptrs[2], out, in_, compute)
     kernel.run(INPUT_GRAD, dtype, rows, ptrs[3], ptrs[1], ptrs[4], out, in_, compute)
     kernel.run(WEIGHT_GRAD, dtype, rows, ptrs[3], ptrs[0], ptrs[5], out, in_, compute)
     w, gw = w.to(compute), gw.to(compute)
     # small integers: every dtype computes them exactly
-    return all(torch.equal(y[e, :n], x[e, :n] @ w[e].T) and torch.equal(gx[e, :n], g[e, :n] @ w[e])
-               and torch.equal(gw[e], g[e, :n].T @ x[e, :n]) for e, n in enumerate(rows))
+    return all(torch.equal(y[e, :k], x[e, :k] @ w[e].T) and torch.equal(gx[e, :k], g[e, :k] @ w[e])
+               and torch.equal(gw[e], g[e, :k].T @ x[e, :k]) for e, k in enumerate(rows))
 
 
 def probe(variant: str | None = None) -> Skinny | None:

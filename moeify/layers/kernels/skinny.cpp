@@ -661,8 +661,9 @@ void outer_chunk(const float *xt, long ld, const float *w, long in, long k0, lon
 }
 
 // y[:rows, o0 : o1] from the staging buffer's accumulators (o1 - o0 rows of ld): 16 x 16 transposes, whole lines of y
-// streamed.
-void outer_store(const float *st, float *y, long rows, long out, long ld, long o0, long o1) {
+// (float32, or bfloat16 rounded once) streamed.
+template <typename Y>
+void outer_store(const float *st, Y *y, long rows, long out, long ld, long o0, long o1) {
   const long vecs = ld / W;
   for (long r = 0; r < o1 - o0; r += W)
     for (long v = 0; v < vecs; v++) {
@@ -794,6 +795,91 @@ void outer_pack(const float *, float *, long, long) {}
 void outer_forward(const float *, const float *, const float *, float *, long, long, long, long, long, float *) {}
 void wgrad_pack_x(const float *, float *, long, long) {}
 void wgrad_packed(const float *, const float *, float *, long, long, long, long) {}
+#endif
+
+#if defined(__AVX512BF16__) && !defined(__AMX_BF16__)
+// The bfloat16 forward as outer products on the pair dot product, y.T = w x.T, as the float32 one above: x laid out
+// once per call, transposed in pairs of its columns (each uint32 of xt holds x[m, 2p] and x[m, 2p + 1]), and each pair
+// of a weight row (w[o, 2p], w[o, 2p + 1]) broadcast from memory as it lies against vectors of 16 rows of x, so that
+// one vdpbf16ps adds both products into each of 16 rows' sums. The dot products (forward_block_dp) sum 16 lanes per
+// output at the end, about a sixth of their instructions at 512 inputs. xt is read whole for each block of weight rows
+// (from L2: 128 KB at 64 rows and 512 inputs), each weight row once per 64 rows of x. Rows are padded to whole vectors
+// of 16 (a vector of zeros for a tail, which the float32 form takes as dot products instead). 64 experts on Zen 4,
+// against the dot products: 2,048 x 512 0.68-0.85x the time at 25-128 rows (1.0x at 24, which pads to 32; 1.06-1.11x
+// at 16), 1,024 x 1,024 0.78-0.84x at 32-96; 512 x 2,048 0.86-0.99x at 32-128 and 1.24x at 24, where the lanes' sums
+// are a quarter of the share: there the dot products stay (docs/performance.md).
+constexpr long PAIR_OUTER_MIN_ROWS = 25;
+constexpr long PAIR_OUTER_MAX_IN = 1024;
+
+// x (rows, in) into xt (in / 2 rows of outer_ld(rows) uint32s): xt[p * ld + m] = x[m, 2p : 2p + 2], zeros past x's
+// last row. in a multiple of 32.
+void pair_outer_pack(const bf16 *x, uint32_t *xt, long rows, long in) {
+  const long ld = outer_ld(rows), pairs = in / 2;
+  for (long m = 0; m < ld; m += W)
+    for (long p = 0; p < pairs; p += W) {
+      __m512 r[W];  // 16 rows' 16 pairs, as floats for transpose16 (moved, never computed with)
+      for (int i = 0; i < W; i++)
+        r[i] = m + i < rows ? _mm512_castsi512_ps(_mm512_loadu_si512(x + (m + i) * in + 2 * p)) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int i = 0; i < W; i++) _mm512_store_ps(reinterpret_cast<float *>(xt + (p + i) * ld + m), r[i]);
+    }
+}
+
+// st[r * ld + 16 v + j] = sum over pairs p < in / 2 of w[r, 2p : 2p + 2] . xt[p * ld + 16 v + j] for r < NB, v < MV;
+// the NB weight rows after these (`next`) prefetched a line of each per 16 pairs.
+template <int MV, int NB>
+void pair_outer_block(const uint32_t *xt, long ld, const bf16 *w, long in, const bf16 *next, float *st) {
+  __m512 acc[NB][MV];
+  for (int r = 0; r < NB; r++)
+    for (int v = 0; v < MV; v++) acc[r][v] = _mm512_setzero_ps();
+  for (long k0 = 0; k0 < in; k0 += 2 * W) {
+    for (int r = 0; r < NB; r++) _mm_prefetch(reinterpret_cast<const char *>(next + r * in + k0), _MM_HINT_T0);
+    for (long k = k0; k < k0 + 2 * W; k += 2) {
+      __m512bh xv[MV];
+      for (int v = 0; v < MV; v++) xv[v] = (__m512bh)_mm512_load_si512(xt + k / 2 * ld + v * W);
+      for (int r = 0; r < NB; r++) {
+        int32_t pair;  // w[r, k] and w[r, k + 1]
+        memcpy(&pair, w + r * in + k, 4);
+        const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);
+        for (int v = 0; v < MV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xv[v], b);
+      }
+    }
+  }
+  for (int r = 0; r < NB; r++)
+    for (int v = 0; v < MV; v++) _mm512_store_ps(st + r * ld + v * W, acc[r][v]);
+}
+
+// pair_outer_block over weight rows o0 .. o1 (even) for the chunk of MV vectors of x's rows at m: blocks of
+// OUTER_NB[MV] rows, then of 4 and 2.
+template <int MV>
+void pair_outer_chunk(const uint32_t *xt, long ld, const bf16 *w, long in, long m, long o0, long o1, float *st) {
+  long o = o0;
+  auto blocks = [&](auto NB) {
+    for (; o + NB <= o1; o += NB) {
+      const bf16 *wo = w + o * in;
+      pair_outer_block<MV, decltype(NB)::value>(xt + m, ld, wo, in, wo + NB * in, st + (o - o0) * ld + m);
+    }
+  };
+  blocks(std::integral_constant<int, OUTER_NB[MV]>());
+  blocks(std::integral_constant<int, 4>());
+  blocks(std::integral_constant<int, 2>());
+}
+
+// y[:, o0 : o1] = x @ w[o0 : o1].T for one expert, from xt (pair_outer_pack's), through st (the calling thread's
+// staging buffer of (o1 - o0) * outer_ld(rows) floats) to y as outer_store does, each output rounded once.
+void pair_outer_forward(const uint32_t *xt, const bf16 *w, bf16 *y, long rows, long out, long in, long o0, long o1,
+                        float *st) {
+  const long ld = outer_ld(rows);
+  for (long m = 0; m < ld; m += OUTER_MV * W)
+    with_vecs<OUTER_MV>(int((ld - m) / W), [&](auto MV) {
+      pair_outer_chunk<decltype(MV)::value>(xt, ld, w, in, m, o0, o1, st);
+    });
+  outer_store(st, y, rows, out, ld, o0, o1);
+}
+#else  // builds without the pair dot product never take this path (Task::pair_outer)
+constexpr long PAIR_OUTER_MIN_ROWS = 0, PAIR_OUTER_MAX_IN = 0;
+void pair_outer_pack(const bf16 *, uint32_t *, long, long) {}
+void pair_outer_forward(const uint32_t *, const bf16 *, bf16 *, long, long, long, long, long, float *) {}
 #endif
 
 #ifdef __AMX_BF16__
@@ -1277,6 +1363,7 @@ struct Task {
   bool tiles;              // on AMX tiles (bfloat16, the AMX build), each expert as on_tiles says
   bool outer;              // float32 forward and weight gradient on packed operands (AVX-512), from OUTER_MIN_ROWS rows
   bool pairs;              // the bfloat16 weight gradient on operands in pairs of rows (PAIRS)
+  bool pair_outer;         // the bfloat16 forward as outer products on pairs (with outer: its packing and staging)
 };
 
 // The calling thread's buffers (below): the tiles' or the outer products' packed operands, laid out by the calling
@@ -1377,9 +1464,10 @@ void tiles_unit(const Task &t, const uint32_t *packed, long u) {
 // The forward's rows of x that its outer products take, laid out transposed: all but a tail's (outer_tail).
 inline long outer_rows(long rows, long in) { return rows - outer_tail(rows, in); }
 
-// Floats of one expert's operands laid out for the outer products: x transposed (forward), or g transposed and x in
-// strips (weight gradient); none where its rows take the loops.
+// Floats of one expert's operands laid out for the outer products: x transposed (forward; for pair_outer uint32 pairs
+// of x's columns), or g transposed and x in strips (weight gradient); none where its rows take the loops.
 long outer_packed(const Task &t, long rows) {
+  if (t.pair_outer) return rows >= PAIR_OUTER_MIN_ROWS ? t.in / 2 * outer_ld(rows) : 0;  // x in pairs, transposed
   const bool long_rows = t.op == FORWARD && t.in >= OUTER_WHOLE_MIN_IN;
   if (!t.outer || rows < (long_rows ? OUTER_MIN_ROWS_LONG : OUTER_MIN_ROWS)) return 0;
   // x.T but the tail's rows; or g.T and x's strips
@@ -1390,17 +1478,24 @@ long outer_packed(const Task &t, long rows) {
 void outer_pack_expert(const Task &t, long e, float *p) {
   const long rows = t.rows[e];
   if (outer_packed(t, rows) == 0) return;
+  if (t.pair_outer)
+    return pair_outer_pack(static_cast<const bf16 *>(t.a[e]), reinterpret_cast<uint32_t *>(p), rows, t.in);
   if (t.op == FORWARD) return outer_pack(static_cast<const float *>(t.a[e]), p, outer_rows(rows, t.in), t.in);
   outer_pack(static_cast<const float *>(t.a[e]), p, rows, t.out);
   wgrad_pack_x(static_cast<const float *>(t.b[e]), p + t.out * outer_ld(rows), rows, t.in);
 }
 
-// One unit of a float32 forward or weight gradient on packed operands: the unit's weight rows for every row of its
-// expert, by outer_forward or wgrad_packed from p (outer_pack_expert's), or by the loops for experts with few rows
-// (or, forward, without a staging buffer).
+// One unit of a float32 forward or weight gradient, or a bfloat16 forward (pair_outer), on packed operands: the unit's
+// weight rows for every row of its expert, by outer_forward, pair_outer_forward or wgrad_packed from p
+// (outer_pack_expert's), or by the loops for experts with few rows (or, forward, without a staging buffer).
 void outer_unit(const Task &t, const float *p, float *st, long u) {
   const long e = u / t.per_expert, rows = t.rows[e], o0 = u % t.per_expert * t.unit;
   const long o1 = o0 + t.unit < t.out ? o0 + t.unit : t.out;
+  if (t.pair_outer) {
+    if (outer_packed(t, rows) == 0 || st == nullptr) return run_unit<bf16, bf16>(t, u);
+    return pair_outer_forward(reinterpret_cast<const uint32_t *>(p), static_cast<const bf16 *>(t.b[e]),
+                              static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, o0, o1, st);
+  }
   if (outer_packed(t, rows) == 0 || t.op == FORWARD && st == nullptr) return run_unit<float, float>(t, u);
   if (t.op == FORWARD)
     return outer_forward(p, static_cast<const float *>(t.a[e]), static_cast<const float *>(t.b[e]),
@@ -1488,7 +1583,7 @@ void work(Task &t, int threads) {
 #pragma omp for schedule(dynamic, 1) nowait
       for (long u = 0; u < total; u++) tiles_unit(t, packed + start[u / t.per_expert], u);
       tiles_release();
-    } else if (t.outer) {  // float32 (X and T) by construction
+    } else if (t.outer) {  // float32 (X and T) by construction, or bfloat16's pair_outer forward
       float *p = reinterpret_cast<float *>(packed);
 #pragma omp for schedule(dynamic, 1)
       for (long e = 0; e < t.n; e++) outer_pack_expert(t, e, p + start[e]);
@@ -1764,7 +1859,9 @@ int moeify_skinny(int op, int dtype, long n, const long *rows, const void *const
   if (tiles && op != INPUT_GRAD) unit = op == FORWARD ? TILE_UNIT_ROWS : TILE_GRAD_ROWS;
   if (op != INPUT_GRAD && unit > out) unit = out;  // units of weight rows: at most all of them
   Task t{op, n, rows, a, b, c, out, in, unit, ((op == INPUT_GRAD ? in : out) + unit - 1) / unit, tiles,
-         OUTER && op != INPUT_GRAD && dtype == 0, PAIRS && HAS_DPBF16 && op == WEIGHT_GRAD && dtype == 1};
+         OUTER && op != INPUT_GRAD && dtype == 0, PAIRS && HAS_DPBF16 && op == WEIGHT_GRAD && dtype == 1,
+         PAIRS && HAS_DPBF16 && op == FORWARD && dtype == 1 && in % 32 == 0 && in <= PAIR_OUTER_MAX_IN};
+  t.outer = t.outer || t.pair_outer;
   threads = threads > 0 ? threads : 1;
   if (dtype == 0) work<float, float>(t, threads);
   else if (dtype == 1) work<bf16, bf16>(t, threads);
