@@ -226,13 +226,16 @@ def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, mode, ou
     without them, up to rounding. "fp32 on bf16" is bfloat16 with float32 compute (upcast)."""
     compute, dtype = MODES[mode]
     upcast = compute != dtype
+    # the build first: its load-time probe runs the ops too, and is not what this test counts
+    limits = cpu.native_max_rows(native.skinny(), compute, dtype, out, inp)
     calls = []
     real = native.Skinny.run
     monkeypatch.setattr(native.Skinny, "run", lambda self, op, dt, rows, *a: calls.append((op, sorted(rows)))
                         or real(self, op, dt, rows, *a))
-    counts = [2, 0, 7, 30, 60, 150, 5, 5]  # pairs of 150, 30, 5 and 2 slots: each mode's limits split them
+    counts = [2, 0, 7, 30, 60, 330, 5, 5]  # pairs of 330, 30, 5 and 2 slots: each mode's limits split them
     g = torch.Generator().manual_seed(0)
-    x, w, gy = (torch.randn(*s, generator=g).to(dtype) for s in ((259, inp), (8, out, inp), (259, out)))
+    n = sum(counts)
+    x, w, gy = (torch.randn(*s, generator=g).to(dtype) for s in ((n, inp), (8, out, inp), (n, out)))
 
     def step(kernel):
         leaves = [t.detach().requires_grad_() for t in (x, w)]
@@ -240,7 +243,6 @@ def test_the_cpu_kernel_takes_them_for_few_rows_per_expert(monkeypatch, mode, ou
         return [leaves[0].grad, leaves[1].grad]
 
     slots = sorted(b.slots for b in cpu._plan(counts, out * inp, "pairs") for _ in range(b.k))
-    limits = cpu.native_max_rows(native.skinny(), compute, dtype, out, inp)
     with_native = step(CpuKernel(batching="pairs", upcast=upcast))
     expected = [(op, [s for s in slots if s <= limits[op]]) for op in (native.FORWARD, native.INPUT_GRAD,
                                                                        native.WEIGHT_GRAD)]

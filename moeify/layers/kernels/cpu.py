@@ -113,7 +113,11 @@ F32, BF16 = torch.float32, torch.bfloat16
 # where out > in; 0.74-0.83x at 16-64 and 0.94-0.96x at 80-96 where out <= in, 1.03x at 128; eleventh session). The
 # plain AVX-512 build's forwards were measured again on an AMD EPYC with AVX-512 and the bfloat16 dot product but no
 # tiles (bench_skinny, 2026-12-05, nineteenth session): float32 on the outer products 0.57-0.85x torch's path to 128
-# rows where out > in, 0.62-0.93x to 96 where out <= in (0.97x at 128); bfloat16 in units of 1 MB of weight, with
+# rows where out > in (0.89-0.95x at 128-320 in the twenty-first session), 0.62-0.93x to 96 where out <= in (0.97x at
+# 128); the float32 weight gradient there 0.69-0.81x where out > in and 0.85-0.92x where out <= in at 96-320 rows
+# (twenty-first session: raising the forward's limit where out > in and the weight gradient's from 128 / 64 to 320 /
+# 320 took E 64 / 8,192 training 0.98x (forward) and 0.95x (weight gradient) the time, E 32 / 8,192 training 0.95x,
+# E 8 / 1,024 0.97x, E 128 / 8,192 0.99x); bfloat16 in units of 1 MB of weight, with
 # the weight prefetched into L2 (twentieth session), 0.56-0.96x to 96 where out <= in (1.14x at 128), and where out >
 # in as outer products on the pair dot product from 25 rows (twenty-first session) 0.59-0.86x to 160 rows (0.93x at
 # 192; 1.00x at 256 in another run; the dot products had stopped at 64, 1.14x at 96); the bfloat16 weight gradient
@@ -123,7 +127,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 # out <= in (1.04x at 32). The float32 input gradient's limits held there (measured on the first AVX-512 machine, with
 # the column strips that the runs replaced).
 NATIVE_MAX_ROWS = {
-    "avx512": {(F32, F32): ((128, 96), (48, 128), (128, 64)), (BF16, BF16): ((160, 96), (32, 24), (16, 32))},
+    "avx512": {(F32, F32): ((320, 96), (48, 128), (320, 320)), (BF16, BF16): ((160, 96), (32, 24), (16, 32))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},
     "amx": {(F32, F32): ((256, 96), (32, 128), (128, 128)), (BF16, BF16): ((256, 192), (16, 192), (256, 256))},
 }
