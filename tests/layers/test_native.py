@@ -80,9 +80,10 @@ def test_the_widest_build_this_cpu_runs_is_the_one_loaded():
 # or two whole vectors: 17, 18, 20, 35); the bfloat16 weight gradient on rows in pairs (AVX-512 without tiles), an odd
 # count's last pair half zero, and its input gradient on pairs of weight rows (widths a multiple of 32 below: chunks of
 # one group of 32 columns at 32, of two at 64 and 2048; the other widths take the widened loops); its forward as outer
-# products on pairs (from 25 rows, inputs a multiple of 32 up to 1,024: 32, 64, 96; 35 and 48 rows padded to vectors
-# of 16, 70 and 260 in chunks of 64; blocks of 6-8 weight rows with 4 (112) and 2 left)
-@pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5], [70, 17], [260, 1], [20, 35, 18]])
+# products on pairs (from 25 rows, inputs a multiple of 32 up to 1,024: 32, 64, 96; whole vectors at 48, tails of 1-8
+# rows as dot products at 33, 35, 70, 88 and 260, the last two beside chunks of 64 rows and a partial one; blocks of
+# 6-8 weight rows with 4 (112) and 2 left)
+@pytest.mark.parametrize("rows", [[1], [6, 7], [13, 0, 2], [48, 5], [70, 17], [260, 1], [20, 35, 18], [33, 88]])
 # column tails of the blocks; in > 1024: the input gradient in two units (streamed, or in runs); 272 x 2048: the
 # forward's units of 1 MB of weight (128 or 256 rows), the last one partial; out > in (AMX:
 # 2 x 2 blocks of tiles) in units of 128 rows with pairs of 16 and a single 16 last; the outer products' pieces of 128

@@ -193,7 +193,8 @@ class Skinny:
 
 def _correct(kernel: Skinny) -> bool:
     """Each op and mode against torch on small cases with three experts (7 rows: a partial block of rows; 3; 40: the
-    outer products of the float32 and, on the pair dot product, the bfloat16 forward), with input widths that
+    outer products of the float32 and, on the pair dot product, the bfloat16 forward, the latter's 32 rows and a tail
+    of 8 as dot products), with input widths that
     bfloat16's pair dot products take (96: in the input gradient a chunk of two groups of 32 columns, then one of a
     single group; 128) and one they leave to the conversion path (80), and a weight wider out than in (the AMX forward's
     other blocking); the dropout ops; zeroing; and transposing."""

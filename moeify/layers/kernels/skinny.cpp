@@ -804,12 +804,45 @@ void wgrad_packed(const float *, const float *, float *, long, long, long, long)
 // one vdpbf16ps adds both products into each of 16 rows' sums. The dot products (forward_block_dp) sum 16 lanes per
 // output at the end, about a sixth of their instructions at 512 inputs. xt is read whole for each block of weight rows
 // (from L2: 128 KB at 64 rows and 512 inputs), each weight row once per 64 rows of x. Rows are padded to whole vectors
-// of 16 (a vector of zeros for a tail, which the float32 form takes as dot products instead). 64 experts on Zen 4,
+// of 16, but for a tail of 1-8 rows past whole vectors, taken as dot products beside each block's outer products, as
+// the float32 form does (PAIR_OUTER_TAIL). 64 experts on Zen 4,
 // against the dot products: 2,048 x 512 0.68-0.85x the time at 25-128 rows (1.0x at 24, which pads to 32; 1.06-1.11x
 // at 16), 1,024 x 1,024 0.78-0.84x at 32-96; 512 x 2,048 0.86-0.99x at 32-128 and 1.24x at 24, where the lanes' sums
 // are a quarter of the share: there the dot products stay (docs/performance.md).
 constexpr long PAIR_OUTER_MIN_ROWS = 25;
 constexpr long PAIR_OUTER_MAX_IN = 1024;
+// Rows past whole vectors that the pair forward takes as dot products beside the outer products (pair_tail_rows)
+// rather than padded to a vector: against the padding, 2,048 x 512 with tails of 1-4 rows 0.77-0.86x the time, 5-8
+// rows 0.87-0.97x (33-72 rows; 1,024 x 1,024 0.75-0.86x at 1-4).
+constexpr long PAIR_OUTER_TAIL = 8;
+
+// How many of x's rows the pair forward leaves to pair_tail_rows (0: none).
+inline long pair_outer_tail(long rows) {
+  const long t = rows % W;
+  return t <= PAIR_OUTER_TAIL && rows - t >= W ? t : 0;
+}
+
+// y[j * out + r] = (x's tail row j) . (w's row r) for r < nb and j < T, R weight rows at a time, on the pair dot
+// product in 16 lanes summed at the end; the block's weight rows are still in L1 from its outer products. A row's bits
+// depend on its place among its expert's rows (a tail's or a vector's), never on alignment or threads.
+template <int T, int R>
+void pair_tail_rows(const bf16 *x, bf16 *y, long out, const bf16 *w, long in, long nb) {
+  for (long r = 0; r < nb; r += R) {
+    __m512 acc[R][T];
+    for (int i = 0; i < R; i++)
+      for (int j = 0; j < T; j++) acc[i][j] = _mm512_setzero_ps();
+    for (long k = 0; k < in; k += 2 * W) {
+      __m512bh xv[T];
+      for (int j = 0; j < T; j++) xv[j] = (__m512bh)_mm512_loadu_si512(x + j * in + k);
+      for (int i = 0; i < R; i++) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (r + i) * in + k);
+        for (int j = 0; j < T; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[j], wv);
+      }
+    }
+    for (int i = 0; i < R; i++)
+      for (int j = 0; j < T; j++) store1(y + j * out + r + i, _mm512_reduce_add_ps(acc[i][j]));
+  }
+}
 
 // x (rows, in) into xt (in / 2 rows of outer_ld(rows) uint32s): xt[p * ld + m] = x[m, 2p : 2p + 2], zeros past x's
 // last row. in a multiple of 32.
@@ -850,14 +883,16 @@ void pair_outer_block(const uint32_t *xt, long ld, const bf16 *w, long in, const
 }
 
 // pair_outer_block over weight rows o0 .. o1 (even) for the chunk of MV vectors of x's rows at m: blocks of
-// OUTER_NB[MV] rows, then of 4 and 2.
-template <int MV>
-void pair_outer_chunk(const uint32_t *xt, long ld, const bf16 *w, long in, long m, long o0, long o1, float *st) {
+// OUTER_NB[MV] rows, then of 4 and 2; each block's T tail rows (tx, their rows of y at ty) after it.
+template <int MV, int T = 0>
+void pair_outer_chunk(const uint32_t *xt, long ld, const bf16 *w, long in, long m, long o0, long o1, float *st,
+                      const bf16 *tx = nullptr, bf16 *ty = nullptr, long out = 0) {
   long o = o0;
   auto blocks = [&](auto NB) {
     for (; o + NB <= o1; o += NB) {
       const bf16 *wo = w + o * in;
       pair_outer_block<MV, decltype(NB)::value>(xt + m, ld, wo, in, wo + NB * in, st + (o - o0) * ld + m);
+      if constexpr (T > 0) pair_tail_rows<T, NB % 4 == 0 && T <= 4 ? 4 : 2>(tx, ty + o, out, wo, in, NB);
     }
   };
   blocks(std::integral_constant<int, OUTER_NB[MV]>());
@@ -867,19 +902,24 @@ void pair_outer_chunk(const uint32_t *xt, long ld, const bf16 *w, long in, long 
 
 // y[:, o0 : o1] = x @ w[o0 : o1].T for one expert, from xt (pair_outer_pack's), through st (the calling thread's
 // staging buffer of (o1 - o0) * outer_ld(rows) floats) to y as outer_store does, each output rounded once.
-void pair_outer_forward(const uint32_t *xt, const bf16 *w, bf16 *y, long rows, long out, long in, long o0, long o1,
-                        float *st) {
-  const long ld = outer_ld(rows);
+void pair_outer_forward(const uint32_t *xt, const bf16 *x, const bf16 *w, bf16 *y, long rows, long out, long in,
+                        long o0, long o1, float *st) {
+  const long tail = pair_outer_tail(rows), whole = rows - tail, ld = outer_ld(whole);
   for (long m = 0; m < ld; m += OUTER_MV * W)
     with_vecs<OUTER_MV>(int((ld - m) / W), [&](auto MV) {
-      pair_outer_chunk<decltype(MV)::value>(xt, ld, w, in, m, o0, o1, st);
+      if (m > 0 || tail == 0) return pair_outer_chunk<decltype(MV)::value>(xt, ld, w, in, m, o0, o1, st);
+      with_vecs<PAIR_OUTER_TAIL>(int(tail), [&](auto T) {  // the first chunk's blocks take the tail's rows too
+        pair_outer_chunk<decltype(MV)::value, decltype(T)::value>(xt, ld, w, in, m, o0, o1, st, x + whole * in,
+                                                                  y + whole * out, out);
+      });
     });
-  outer_store(st, y, rows, out, ld, o0, o1);
+  outer_store(st, y, whole, out, ld, o0, o1);
 }
 #else  // builds without the pair dot product never take this path (Task::pair_outer)
 constexpr long PAIR_OUTER_MIN_ROWS = 0, PAIR_OUTER_MAX_IN = 0;
 void pair_outer_pack(const bf16 *, uint32_t *, long, long) {}
-void pair_outer_forward(const uint32_t *, const bf16 *, bf16 *, long, long, long, long, long, float *) {}
+inline long pair_outer_tail(long) { return 0; }
+void pair_outer_forward(const uint32_t *, const bf16 *, const bf16 *, bf16 *, long, long, long, long, long, float *) {}
 #endif
 
 #ifdef __AMX_BF16__
@@ -1467,7 +1507,8 @@ inline long outer_rows(long rows, long in) { return rows - outer_tail(rows, in);
 // Floats of one expert's operands laid out for the outer products: x transposed (forward; for pair_outer uint32 pairs
 // of x's columns), or g transposed and x in strips (weight gradient); none where its rows take the loops.
 long outer_packed(const Task &t, long rows) {
-  if (t.pair_outer) return rows >= PAIR_OUTER_MIN_ROWS ? t.in / 2 * outer_ld(rows) : 0;  // x in pairs, transposed
+  if (t.pair_outer)  // x in pairs, transposed, but a tail's rows
+    return rows >= PAIR_OUTER_MIN_ROWS ? t.in / 2 * outer_ld(rows - pair_outer_tail(rows)) : 0;
   const bool long_rows = t.op == FORWARD && t.in >= OUTER_WHOLE_MIN_IN;
   if (!t.outer || rows < (long_rows ? OUTER_MIN_ROWS_LONG : OUTER_MIN_ROWS)) return 0;
   // x.T but the tail's rows; or g.T and x's strips
@@ -1479,7 +1520,8 @@ void outer_pack_expert(const Task &t, long e, float *p) {
   const long rows = t.rows[e];
   if (outer_packed(t, rows) == 0) return;
   if (t.pair_outer)
-    return pair_outer_pack(static_cast<const bf16 *>(t.a[e]), reinterpret_cast<uint32_t *>(p), rows, t.in);
+    return pair_outer_pack(static_cast<const bf16 *>(t.a[e]), reinterpret_cast<uint32_t *>(p),
+                           rows - pair_outer_tail(rows), t.in);
   if (t.op == FORWARD) return outer_pack(static_cast<const float *>(t.a[e]), p, outer_rows(rows, t.in), t.in);
   outer_pack(static_cast<const float *>(t.a[e]), p, rows, t.out);
   wgrad_pack_x(static_cast<const float *>(t.b[e]), p + t.out * outer_ld(rows), rows, t.in);
@@ -1493,8 +1535,9 @@ void outer_unit(const Task &t, const float *p, float *st, long u) {
   const long o1 = o0 + t.unit < t.out ? o0 + t.unit : t.out;
   if (t.pair_outer) {
     if (outer_packed(t, rows) == 0 || st == nullptr) return run_unit<bf16, bf16>(t, u);
-    return pair_outer_forward(reinterpret_cast<const uint32_t *>(p), static_cast<const bf16 *>(t.b[e]),
-                              static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, o0, o1, st);
+    return pair_outer_forward(reinterpret_cast<const uint32_t *>(p), static_cast<const bf16 *>(t.a[e]),
+                              static_cast<const bf16 *>(t.b[e]), static_cast<bf16 *>(t.c[e]), rows, t.out, t.in, o0,
+                              o1, st);
   }
   if (outer_packed(t, rows) == 0 || t.op == FORWARD && st == nullptr) return run_unit<float, float>(t, u);
   if (t.op == FORWARD)
