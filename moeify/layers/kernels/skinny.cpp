@@ -805,10 +805,10 @@ void wgrad_packed(const float *, const float *, float *, long, long, long, long)
 // output at the end, about a sixth of their instructions at 512 inputs. xt is read whole for each block of weight rows
 // (from L2: 128 KB at 64 rows and 512 inputs), each weight row once per 64 rows of x. Rows are padded to whole vectors
 // of 16, but for a tail of 1-8 rows past whole vectors, taken as dot products beside each block's outer products, as
-// the float32 form does (PAIR_OUTER_TAIL). 64 experts on Zen 4,
-// against the dot products: 2,048 x 512 0.68-0.85x the time at 25-128 rows (1.0x at 24, which pads to 32; 1.06-1.11x
-// at 16), 1,024 x 1,024 0.78-0.84x at 32-96; 512 x 2,048 0.86-0.99x at 32-128 and 1.24x at 24, where the lanes' sums
-// are a quarter of the share: there the dot products stay (docs/performance.md).
+// the float32 form does (PAIR_OUTER_TAIL). 64 experts on Zen 4, padded, against the dot products: 2,048 x 512
+// 0.68-0.85x the time at 25-128 rows (1.0x at 24, which pads to 32; 1.06-1.11x at 16), 1,024 x 1,024 0.78-0.84x at
+// 32-96; 512 x 2,048 0.86-0.99x at 32-128 and 1.24x at 24, where the lanes' sums are a quarter of the share: there the
+// dot products stay (docs/performance.md).
 constexpr long PAIR_OUTER_MIN_ROWS = 25;
 constexpr long PAIR_OUTER_MAX_IN = 1024;
 // Rows past whole vectors that the pair forward takes as dot products beside the outer products (pair_tail_rows)
