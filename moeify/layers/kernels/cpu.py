@@ -117,15 +117,14 @@ F32, BF16 = torch.float32, torch.bfloat16
 # 128); the float32 weight gradient there 0.69-0.81x where out > in and 0.85-0.92x where out <= in at 96-320 rows
 # (twenty-first session: raising the forward's limit where out > in and the weight gradient's from 128 / 64 to 320 /
 # 320 took E 64 / 8,192 training 0.98x (forward) and 0.95x (weight gradient) the time, E 32 / 8,192 training 0.95x,
-# E 8 / 1,024 0.97x, E 128 / 8,192 0.99x); bfloat16 in units of 1 MB of weight, with
-# the weight prefetched into L2 (twentieth session), 0.56-0.96x to 96 where out <= in (1.14x at 128), and where out >
-# in as outer products on the pair dot product from 25 rows (twenty-first session) 0.59-0.86x to 160 rows (0.93x at
-# 192; 1.00x at 256 in another run; the dot products had stopped at 64, 1.14x at 96); the bfloat16 weight gradient
-# on the pair dot product 0.37-0.80x to 16 rows where out > in (1.00x at 24) and 0.54-0.88x to 32 where out <= in
-# (1.00x at 48); the bfloat16 input gradient on the
-# pair dot product (twentieth session) 0.34-0.94x to 32 rows where out > in (1.05x at 48) and 0.52-0.90x to 24 where
-# out <= in (1.04x at 32). The float32 input gradient's limits held there (measured on the first AVX-512 machine, with
-# the column strips that the runs replaced).
+# E 8 / 1,024 0.97x, E 128 / 8,192 0.99x); bfloat16 in units of 1 MB of weight, with the weight prefetched into L2
+# (twentieth session), 0.56-0.96x to 96 where out <= in (1.14x at 128), and where out > in as outer products on the
+# pair dot product from 25 rows (twenty-first session) 0.59-0.86x to 160 rows (0.93x at 192; 1.00x at 256 in another
+# run; the dot products had stopped at 64, 1.14x at 96); the bfloat16 weight gradient on the pair dot product
+# 0.37-0.80x to 16 rows where out > in (1.00x at 24) and 0.54-0.88x to 32 where out <= in (1.00x at 48); the bfloat16
+# input gradient on the pair dot product (twentieth session) 0.34-0.94x to 32 rows where out > in (1.05x at 48) and
+# 0.52-0.90x to 24 where out <= in (1.04x at 32). The float32 input gradient's limits held there (measured on the
+# first AVX-512 machine, with the column strips that the runs replaced).
 NATIVE_MAX_ROWS = {
     "avx512": {(F32, F32): ((320, 96), (48, 128), (320, 320)), (BF16, BF16): ((160, 96), (32, 24), (16, 32))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},

@@ -194,10 +194,9 @@ class Skinny:
 def _correct(kernel: Skinny) -> bool:
     """Each op and mode against torch on small cases with three experts (7 rows: a partial block of rows; 3; 40: the
     outer products of the float32 and, on the pair dot product, the bfloat16 forward, the latter's 32 rows and a tail
-    of 8 as dot products), with input widths that
-    bfloat16's pair dot products take (96: in the input gradient a chunk of two groups of 32 columns, then one of a
-    single group; 128) and one they leave to the conversion path (80), and a weight wider out than in (the AMX forward's
-    other blocking); the dropout ops; zeroing; and transposing."""
+    of 8 as dot products), with input widths that bfloat16's pair dot products take (96: in the input gradient a chunk
+    of two groups of 32 columns, then one of a single group; 128) and one they leave to the conversion path (80), and a
+    weight wider out than in (the AMX forward's other blocking); the dropout ops; zeroing; and transposing."""
     shapes = ((32, 80), (32, 96), (32, 128), (64, 32))
     return all(_correct_at(kernel, *mode, out, in_) for mode in MODES for out, in_ in shapes) and \
         all(_dropout_correct(kernel, dtype) for dtype in DROPOUT_DTYPES) and _zero_correct(kernel) and \
