@@ -59,21 +59,33 @@ class Experts(nn.Module):
         assert len(counts) == self.num_experts, f"{len(counts)} counts for {self.num_experts} experts"
         layout = get_kernel(kernel, x.device).layout(counts, self.w_in)  # pad once, unpad once
         if layout.dense:
-            # One expert on torch's own GEMMs: the dense FFN's F.linear called here, past the layout's pad, linear and
-            # unpad, whose Python runs between the GEMMs with cold caches (CpuLayout: its numbers).
-            linear = one_expert_linear
-            x = (x if rows is None else x.index_select(0, rows)).to(self.w_in.dtype)
-        else:
-            linear = layout.linear
-            x = layout.pad(x.to(self.w_in.dtype), rows)  # (R, d_model)
-        h = linear(x, self.w_in, self.b_in)  # (R, d_ff)
+            return self._dense(x if rows is None else x.index_select(0, rows))
+        x = layout.pad(x.to(self.w_in.dtype), rows)  # (R, d_model)
+        h = layout.linear(x, self.w_in, self.b_in)  # (R, d_ff)
         if self.gated:
-            h = self.dropout(self.act(linear(x, self.w_gate, self.b_gate)) * h)
+            h = self.dropout(self.act(layout.linear(x, self.w_gate, self.b_gate)) * h)
         elif type(self.act) is nn.ReLU:
             # The kernel's own ReLU and dropout: in place and in one pass where it can (their backward needs only the
             # result). self.dropout holds the rate and follows train() / eval().
             h = layout.relu(h, self.dropout.p if self.dropout.training else 0.0)
         else:
             h = self.dropout(self.act(h))
-        y = linear(h, self.w_out, self.b_out)  # (R, d_model)
-        return y if layout.dense else layout.unpad(y)  # (N, d_model)
+        return layout.unpad(layout.linear(h, self.w_out, self.b_out))  # (N, d_model)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """One expert taking every row as the dense FFN computes it, with torch's own ops and nothing between them:
+        F.linear on the weights' views, ReLU in place, dropout. Not the layout's ReLU: in bfloat16 that is the native
+        loops' behind a Python autograd node, whose cost at a dense-sized hidden outweighs their faster pass (E 1 / 64
+        tokens, interleaved: the training step 1.21x dense against 1.25x; the forward as before)."""
+        w_in = self.w_in
+        if x.dtype != w_in.dtype:
+            x = x.to(w_in.dtype)
+        h = one_expert_linear(x, w_in, self.b_in)  # (N, d_ff)
+        if self.gated:
+            h = self.act(one_expert_linear(x, self.w_gate, self.b_gate)) * h
+        else:
+            h = torch.relu_(h) if type(self.act) is nn.ReLU else self.act(h)
+        dropout = self.dropout
+        if dropout.training and dropout.p:
+            h = dropout(h)
+        return one_expert_linear(h, self.w_out, self.b_out)  # (N, d_model)

@@ -123,9 +123,10 @@ def _take(nbytes: int) -> tuple[_Block, bool]:
 
 def pools(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
     """Whether `empty` takes a tensor of this shape, dtype and device from the recycled mappings (else torch.empty)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    device = device if isinstance(device, torch.device) else torch.device(device)  # no new object per call
-    return _madvise is not None and device.type == "cpu" and nbytes >= max(_MIN_BYTES, 1)
+    # The size first: most asks are small, and a layer's Python runs between GEMMs with cold caches.
+    if _madvise is None or math.prod(shape) * dtype.itemsize < max(_MIN_BYTES, 1):
+        return False
+    return (device if isinstance(device, torch.device) else torch.device(device)).type == "cpu"
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from moeify.config import RoutingConfig
+from moeify.layers import memory
 from moeify.layers.combine import gated_combine
 from moeify.layers.dispatch import Dispatch, StaticDispatch, dispatch, dispatch_static
 from moeify.layers.experts import Experts
@@ -64,27 +65,33 @@ class SwitchFFN(nn.Module):
 
     def keeps_every_token(self, num_tokens: int) -> bool:
         """Whether routing is the identity for a batch of `num_tokens`: one expert, top-1, no token dropped."""
-        if self.num_experts != 1 or self.top_k != 1:  # every layer with experts asks: no capacity to compute
+        r = self.routing
+        if r.num_experts != 1 or r.top_k != 1:  # every layer with experts asks: no capacity to compute
             return False
-        capacity = self.capacity(num_tokens)
+        capacity = r.capacity(num_tokens, self.training)
         return capacity is None or capacity >= num_tokens
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d_model), flattened (batch, position) order
+        kernel = get_kernel(self.routing.kernel, x.device)  # once: its parts and the combine take the instance
         # The phase scopes name the phases in torch.profiler traces (benchmarks/profile_step.py).
         with phase("moeify::router"):
-            route = self.router(x, self.routing.kernel)
+            route = self.router(x, kernel)
         if self.keeps_every_token(x.shape[0]):
             # One expert with room for every token: the plan is the identity and each gate exactly 1 (a softmax
             # over one logit), so dispatch's sort and both row copies are skipped; the gate still multiplies, so
             # the router's gradient is what the general path gives.
             with phase("moeify::experts"):
-                y = self.experts(x, [x.shape[0]], self.routing.kernel)
+                y = self.experts(x, [x.shape[0]], kernel)
             with phase("moeify::combine"):
-                out = gated_combine(y, route.gate.view(-1).to(y.dtype), None, x.shape[0], pool=self._pool(y))
-            return out.view(*shape[:-1], -1)
-        if self.device_dispatch and get_kernel(self.routing.kernel, x.device).name == "cuda":
+                gate = route.gate.to(y.dtype)  # (T, 1)
+                if kernel.pool and memory.pools(tuple(y.shape), y.dtype, y.device):
+                    return gated_combine(y, gate.view(-1), None, x.shape[0], pool=True).view(*shape[:-1], -1)
+                # Where gated_combine would not pool, its product without its Python (E 1 / 64 tokens: 1-1.5 % of the
+                # forward, interleaved)
+                return (y * gate).view(*shape[:-1], -1)
+        if self.device_dispatch and kernel.name == "cuda":
             return self._static_forward(x, route).view(*shape[:-1], -1)
         with phase("moeify::dispatch"):
             plan = dispatch(route.expert_index, self.num_experts, self.capacity(x.shape[0]))
@@ -95,14 +102,8 @@ class SwitchFFN(nn.Module):
             # copy, in token order as the static plan below does for the GPU, saves three small ops here but cost an
             # E 8 / 8,192-token bfloat16 training step 5 % on the CPU, five interleaved pairs.)
             gate = route.gate.t().reshape(-1).index_select(0, plan.assignment).to(y.dtype)  # (K,)
-            out = gated_combine(y, gate, plan.token_index, x.shape[0], accumulate=self.top_k > 1, pool=self._pool(y))
+            out = gated_combine(y, gate, plan.token_index, x.shape[0], accumulate=self.top_k > 1, pool=kernel.pool)
         return out.view(*shape[:-1], y.shape[-1])
-
-    def _pool(self, like: torch.Tensor) -> bool:
-        """Whether the kernel takes its large buffers from the recycled cache (moeify.layers.memory), for the
-        combine's too: a fresh (8,192, 512) float32 tensor faults its pages in at every step (glibc returns them
-        between steps), 3.7 ms of an E 8 forward to zero it against 0.3 on warm pages."""
-        return getattr(get_kernel(self.routing.kernel, like.device), "pool", False)
 
     def _static_forward(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         """forward's arithmetic over every assignment (static shapes): dropped ones enter as zeros and leave

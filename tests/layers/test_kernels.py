@@ -291,6 +291,29 @@ def test_the_relu_records_torchs_node_unless_the_native_loops_or_recycled_buffer
     assert torch.equal(torch.autograd.grad(y, leaf, gy)[0], torch.autograd.grad(torch.relu(leaf), leaf, gy)[0])
 
 
+def test_a_dense_expert_runs_torchs_relu_in_bfloat16_too():
+    """One expert on the dense path (Layout.dense) is the dense FFN's ops in every dtype: in bfloat16 torch's relu_
+    and its own autograd node, not the native loops behind a Python one; the dense FFN's bits, forward and gradients."""
+    g = torch.Generator().manual_seed(0)
+    experts = Experts(1, 64, 256, nn.ReLU()).bfloat16()
+    x = torch.randn(64, 64, generator=g).bfloat16().requires_grad_()
+    kernel = CpuKernel()
+    assert kernel.layout([64], experts.w_in).dense
+    y = experts(x, [64], kernel)
+    nodes, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        nodes.add(type(node).__name__)
+        todo += [n for n, _ in node.next_functions if n is not None]
+    assert "ReluBackward0" in nodes and "_ReLUBackward" not in nodes
+    want = nn.functional.linear(torch.relu(nn.functional.linear(x, experts.w_in[0])), experts.w_out[0])
+    assert torch.equal(y, want)
+    gy = torch.randn(64, 64, generator=g).bfloat16()
+    for a, b in zip(torch.autograd.grad(y, (x, experts.w_in, experts.w_out), gy),
+                    torch.autograd.grad(want, (x, experts.w_in, experts.w_out), gy)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("rows, pooled", [(100, False), (4096, True)])
 def test_the_layouts_gathers_write_large_results_into_recycled_buffers(rows, pooled):
     """pad's and unpad's gathers (padding, and the dispatch's rows with it) write a result of 4 MiB or more into a
@@ -770,6 +793,27 @@ def test_the_cpu_kernels_router_reads_bfloat16_natively_from_enough_tokens(monke
     traced = torch.jit.trace(lambda a, b: CpuKernel().router_logits(a, b), (x, w), check_trace=False)
     assert torch.equal(traced(x, w), nn.functional.linear(x.float(), w))
     assert calls == []
+
+
+def test_one_experts_router_takes_torchs_logits_below_its_machines_rows(monkeypatch):
+    """One expert's logits: torch's F.linear on x widened (bit for bit) below ROUTER_ONE_MIN_ROWS for this machine
+    class, the native loops from there; a machine class without an entry, and several experts, from any row."""
+    if native.skinny() is None:
+        pytest.skip("the native kernels do not build here")
+    calls, real = [], native.Skinny.router_logits
+    monkeypatch.setattr(native.Skinny, "router_logits", lambda self, x, w: calls.append(x.shape[0]) or real(self, x, w))
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(40, 64, generator=g).bfloat16(), torch.randn(2, 64, generator=g)
+    monkeypatch.setattr(cpu, "ROUTER_ONE_MIN_ROWS", {cpu.instruction_set(): 32})
+    for rows, experts in ((31, 1), (32, 1), (8, 2)):
+        got = CpuKernel().router_logits(x[:rows], w[:experts])
+        if rows < 32 and experts == 1:
+            assert torch.equal(got, nn.functional.linear(x[:rows].float(), w[:experts]))
+    assert calls == [32, 8]
+    calls.clear()
+    monkeypatch.setattr(cpu, "ROUTER_ONE_MIN_ROWS", {})
+    CpuKernel().router_logits(x[:1], w[:1])
+    assert calls == [1]
 
 
 def test_the_switch_layer_routes_with_its_kernels_logits(monkeypatch):

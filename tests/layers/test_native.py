@@ -172,12 +172,15 @@ def test_the_amx_build_is_tried_where_torch_reports_tiles_or_cannot_say(monkeypa
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", check, raising=False)
     native.torch_reports_amx.cache_clear()
+    cpu.instruction_set.cache_clear()
     assert native.candidates() == builds
     # the tables tuned per machine class take the AMX ones only where torch says so
     assert cpu.instruction_set() == ("amx" if torch_says is True else "avx512")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cpu.instruction_set.cache_clear()
     assert native.candidates() == ["avx2"] and cpu.instruction_set() == "avx2"
     native.torch_reports_amx.cache_clear()  # the next test sees this machine's own answer
+    cpu.instruction_set.cache_clear()
 
 
 @pytest.fixture

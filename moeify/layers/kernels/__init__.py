@@ -33,6 +33,7 @@ class Layout(Protocol):
 
 class Kernel(Protocol):
     name: str
+    pool: bool  # whether its large buffers (and the combine's) come from moeify.layers.memory's recycled ones
 
     def layout(self, counts: Counts, weight: torch.Tensor) -> Layout:
         """The layout of rows with counts[e] for expert e, for GEMMs with experts' weights like `weight`, (E, out, in):

@@ -67,9 +67,11 @@ MKL_BATCH_MIN_EXPERTS = 16
 ZERO_BY_WRITING_MIN_COVERED = 0.3
 
 
+@functools.cache
 def instruction_set() -> str:
     """The key of the tables tuned per machine class: "avx2" where torch's widest CPU path is AVX2, "amx" where it is
-    AVX-512 and torch reports AMX tiles, else "avx512" (where most of them were measured)."""
+    AVX-512 and torch reports AMX tiles, else "avx512" (where most of them were measured). Asked once: a layer's
+    decisions ask it several times a step."""
     if torch.backends.cpu.get_cpu_capability() == "AVX2":
         return "avx2"
     return "amx" if native.torch_reports_amx() else "avx512"
@@ -552,17 +554,18 @@ def _weight_grad(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor, skinny: na
     skinny.transpose(gemm(_transposed(x, skinny, pool), g, out=t), out)
 
 
-def _one_on_torch(kernel: CpuKernel, rows: int, out: int, in_: int, like: torch.Tensor, grad: bool) -> bool:
+def _one_on_torch(kernel: CpuKernel, rows: int, out: int, in_: int, like: torch.Tensor, grad: bool,
+                  ffn: bool = False) -> bool:
     """Whether one expert's linear, (rows, in_) -> (rows, out) in like's dtype and device (with its gradients where
     `grad`), runs as the dense FFN's F.linear: computed in its own dtype, on GEMMs the plan would give torch's mm
     (_plan_runs_mm), and with no tensor the recycled buffers would hold: its output, or in training its input's
     gradient (bfloat16, E 1 / 1,024 tokens: the down projection's, 4 MiB; through the plan, whose weight gradient
     also takes its operand laid out, the training step took 1.09-1.11x dense's time against 1.17-1.18x through
-    F.linear; sixteenth session)."""
+    F.linear; sixteenth session). `ffn`: whether both of an FFN's linears do, this one and its transpose's
+    ((rows, out) -> (rows, in_)): the same test with the other output."""
     if kernel.upcasts(like) or not _plan_runs_mm(kernel.dnnl_for(like.dtype, like.device), rows, grad):
         return False
-    return not (kernel.pool and (memory.pools((rows, out), like.dtype, like.device)
-                                 or grad and memory.pools((rows, in_), like.dtype, like.device)))
+    return not (kernel.pool and memory.pools((rows, max(out, in_) if grad or ffn else out), like.dtype, like.device))
 
 
 def _plan_runs_mm(dnnl: tuple | None, rows: int, grad: bool) -> bool:
@@ -647,23 +650,39 @@ class _ReLU(torch.autograd.Function):
         return out, None, None, None
 
 
+class DenseLayout:
+    """One expert whose FFN runs as the dense FFN (Layout.dense): its rows as they are, torch's F.linear and ReLU.
+    Experts runs that itself; these methods serve grouped_linear and tests."""
+
+    dense = True
+
+    def pad(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return x if rows is None else x.index_select(0, rows)
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return one_expert_linear(x, weight, bias)
+
+    def relu(self, h: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        h = torch.relu_(h)
+        return torch.nn.functional.dropout(h, dropout, training=True) if dropout else h
+
+
+_DENSE = DenseLayout()
+
+
 class CpuLayout:
     """Maps rows grouped by expert, (N, d), to the padded rows of a plan, (R, d), and back."""
+
+    dense = False
 
     def __init__(self, counts: list[int], weight: torch.Tensor, kernel: CpuKernel) -> None:
         self.kernel = kernel
         self.n = sum(counts)
-        self.dense = False
         if len(counts) == 1:  # one expert: its rows as they are, planned without numpy (E = 1 layers are small)
             self.batches, self.rows, self.identity = [_Batch(0, 1, 1, self.n, 0)] if self.n else [], self.n, True
-            # Where both of an FFN's linears (this weight's and its transpose's) would take the dense FFN's F.linear
-            # (_one_on_torch; autograd's gradients counted wherever it may record), that is decided here once, not
-            # per op: in a layer each decision's Python runs just after a GEMM, with cold caches, at about ten times
-            # its cost alone. With Experts calling F.linear itself (Layout.dense), float32 E 1 / 64 tokens: the
-            # forward 1.14-1.16x dense against 1.17-1.20x, two bench_layer runs each way (eighteenth session).
-            grad, (out, in_) = torch.is_grad_enabled(), weight.shape[1:]
-            self.dense = self.n > 0 and _one_on_torch(kernel, self.n, out, in_, weight, grad) and _one_on_torch(
-                kernel, self.n, in_, out, weight, grad)
             return
         device, batching = weight.device, kernel.batching
         if batching == "auto" and kernel.dnnl_for(kernel.compute(weight), device):
@@ -733,8 +752,7 @@ class CpuLayout:
         # The custom node only where it does what torch's relu_ does not: the native loops, or its gradient in a
         # recycled buffer. Elsewhere torch's own node, the same bits without the node's Python (float32, E 1 / 64
         # tokens: the layer's training step 1.09x dense against 1.14x, interleaved; eighteenth session).
-        # (A dense layout's hidden is below the buffers' size: that is part of being dense.)
-        pooled = not self.dense and self.kernel.pool and memory.pools(tuple(h.shape), h.dtype, h.device)
+        pooled = self.kernel.pool and memory.pools(tuple(h.shape), h.dtype, h.device)
         if records_grad(h) and (skinny is not None or pooled):
             y = _ReLU.apply(h, self.kernel.pool, dropout, skinny)
         else:
@@ -745,8 +763,8 @@ class CpuLayout:
         # One expert taking every row stays off the native loops: its forward then computes what the dense FFN's
         # F.linear does, so a conversion to one expert preserves the model's outputs (bit for bit on AVX-512; on AVX2
         # oneDNN's and MKL's float32 sums run in different orders, within rounding).
-        if self.dense or weight.shape[0] == 1 and _one_on_torch(self.kernel, x.shape[0], weight.shape[1], x.shape[1],
-                                                                x, records_grad(x, weight, bias)):
+        if weight.shape[0] == 1 and _one_on_torch(self.kernel, x.shape[0], weight.shape[1], x.shape[1], x,
+                                                  records_grad(x, weight, bias)):
             # One expert on torch's own GEMMs is the dense FFN: F.linear itself, without the plan's autograd Function
             # and its Python (bfloat16, E = 1 at 64 tokens: a forward 1.4 ms through the plan, 1.1 this way; where
             # oneDNN's linear runs float32 the plan keeps it: 0.78x dense at 8,192 tokens, F.linear 0.96x). In bfloat16
@@ -788,6 +806,14 @@ class _RouterLogits(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         return (*ctx.skinny.router_grads(grad.contiguous(), x, weight, *ctx.needs_input_grad[:2]), None)
+
+
+# Per machine class, from this many tokens the native loops compute a one-expert router's logits. Below it on the AMD
+# EPYC (avx512) torch's GEMV is as fast and its autograd has no Python (bfloat16 x, d_model 512, alone: 64 tokens
+# forward 8.2 us against 8.5, training 85 against 110; at 96 tokens torch's forward takes 61 us against 9, training 106
+# against 104; with 2-16 experts the native loops are faster from 16 tokens). On the AMX machine the native logits
+# made an E 1 / 64-token layer's forward 0.96x (fifteenth session): every row there.
+ROUTER_ONE_MIN_ROWS = {"avx512": 96}
 
 
 @dataclass(frozen=True)
@@ -862,8 +888,17 @@ class CpuKernel:
             return None
         return native.skinny()
 
-    def layout(self, counts: Counts, weight: torch.Tensor) -> CpuLayout:
-        return CpuLayout(host_counts(counts), weight, self)
+    def layout(self, counts: Counts, weight: torch.Tensor) -> CpuLayout | DenseLayout:
+        counts = host_counts(counts)
+        # Where both of an FFN's linears (this weight's and its transpose's) would take the dense FFN's F.linear
+        # (_one_on_torch; autograd's gradients counted wherever it may record), that is decided here once, not per op:
+        # in a layer each decision's Python runs just after a GEMM, with cold caches, at about ten times its cost
+        # alone. With Experts calling F.linear itself (Layout.dense), float32 E 1 / 64 tokens: the forward 1.14-1.16x
+        # dense against 1.17-1.20x, two bench_layer runs each way (eighteenth session).
+        if len(counts) == 1 and counts[0] and _one_on_torch(self, counts[0], *weight.shape[1:], weight,
+                                                            torch.is_grad_enabled(), ffn=True):
+            return _DENSE
+        return CpuLayout(counts, weight, self)
 
     def router_logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The router's logits: on the native loops for bfloat16 x and a float32 weight of up to
@@ -871,9 +906,11 @@ class CpuKernel:
         layers on the AMX machine, against F.linear (interleaved, fifteenth session): forward 0.92-0.93x at E 1 and 8
         / 8,192 tokens, 0.96x at 64 and 1,024; training 0.94-0.99x. float32 x needs no copy, and keeps torch's bits."""
         # The dtype first: a float32 layer's router then asks nothing else (its Python runs after a GEMM, cold).
-        skinny = x.dtype == torch.bfloat16 and self.native and not torch.jit.is_tracing() and \
-            not torch.compiler.is_compiling() and weight.dtype == torch.float32 and x.device.type == "cpu" and \
-            x.dim() == 2 and weight.shape[0] <= native.ROUTER_MAX_EXPERTS and x.shape[1] % 32 == 0 and native.skinny()
+        skinny = x.dtype == torch.bfloat16 and self.native and (
+            weight.shape[0] > 1 or x.shape[0] >= ROUTER_ONE_MIN_ROWS.get(instruction_set(), 0)) and \
+            not torch.jit.is_tracing() and not torch.compiler.is_compiling() and weight.dtype == torch.float32 and \
+            x.device.type == "cpu" and x.dim() == 2 and weight.shape[0] <= native.ROUTER_MAX_EXPERTS and \
+            x.shape[1] % 32 == 0 and native.skinny()
         if not skinny:
             return router_logits(x, weight)
         x, weight = x.contiguous(), weight.contiguous()

@@ -80,6 +80,7 @@ class CudaLayout:
 
 class CudaKernel:
     name = "cuda"
+    pool = False
     router_logits = staticmethod(router_logits)
 
     def layout(self, counts: Counts, weight: torch.Tensor) -> CudaLayout:

@@ -33,6 +33,7 @@ class ReferenceLayout:
 
 class ReferenceKernel:
     name = "reference"
+    pool = False
     router_logits = staticmethod(router_logits)
 
     def layout(self, counts: Counts, weight: torch.Tensor) -> ReferenceLayout:
