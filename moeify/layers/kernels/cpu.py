@@ -125,10 +125,14 @@ F32, BF16 = torch.float32, torch.bfloat16
 # run; the dot products had stopped at 64, 1.14x at 96); the bfloat16 weight gradient on the pair dot product
 # 0.37-0.80x to 16 rows where out > in (1.00x at 24) and 0.54-0.88x to 32 where out <= in (1.00x at 48); the bfloat16
 # input gradient on the pair dot product (twentieth session) 0.34-0.94x to 32 rows where out > in (1.05x at 48) and
-# 0.52-0.90x to 24 where out <= in (1.04x at 32). The float32 input gradient's limits held there (measured on the
-# first AVX-512 machine, with the column strips that the runs replaced).
+# 0.52-0.90x to 24 where out <= in (1.04x at 32); with blocks of 128 weight rows from 12 rows (skinny.cpp's
+# PAIR_RUN_ROWS, twenty-second session) 0.45-0.93x to 96 rows where out > in (0.98x at 128, 1.01x at 160) and
+# 0.48-0.96x to 96 where out <= in (1.02x at 128): in the layer, limits of 96 / 96 against 32 / 24 took E 256 / 8,192
+# training 0.90x the time, E 128 / 8,192 0.93x, E 32 / 1,024 0.90x; E 64 / 8,192 (about 128 rows per expert) and
+# E 8 / 1,024 0.98-1.01x, with 128 / 96 or 160 / 128 too. The float32 input gradient's limits held there (measured
+# on the first AVX-512 machine, with the column strips that the runs replaced).
 NATIVE_MAX_ROWS = {
-    "avx512": {(F32, F32): ((320, 96), (48, 128), (320, 320)), (BF16, BF16): ((160, 96), (32, 24), (16, 32))},
+    "avx512": {(F32, F32): ((320, 96), (48, 128), (320, 320)), (BF16, BF16): ((160, 96), (96, 96), (16, 32))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},
     "amx": {(F32, F32): ((256, 96), (32, 128), (128, 128)), (BF16, BF16): ((256, 192), (16, 192), (256, 256))},
 }
