@@ -123,7 +123,10 @@ F32, BF16 = torch.float32, torch.bfloat16
 # (twentieth session), 0.56-0.96x to 96 where out <= in (1.14x at 128), and where out > in as outer products on the
 # pair dot product from 25 rows (twenty-first session) 0.59-0.86x to 160 rows (0.93x at 192; 1.00x at 256 in another
 # run; the dot products had stopped at 64, 1.14x at 96); the bfloat16 weight gradient on the pair dot product
-# 0.37-0.80x to 16 rows where out > in (1.00x at 24) and 0.54-0.88x to 32 where out <= in (1.00x at 48); the bfloat16
+# 0.37-0.80x to 16 rows where out > in (1.00x at 24) and 0.54-0.88x to 32 where out <= in (1.00x at 48); in the
+# twenty-second session's run 0.83-0.96x at 32-192 rows where out > in and 0.94-1.02x at 48-160 where out <= in, and
+# in the layer limits of 160 / 96 against 16 / 32 took bfloat16 training E 128 / 8,192 0.95-0.96x the time, E 256 /
+# 8,192 0.96x, E 32 / 1,024 0.93x, elsewhere (E 8-64, 1,024-8,192 tokens) 0.99-1.01x; the bfloat16
 # input gradient on the pair dot product (twentieth session) 0.34-0.94x to 32 rows where out > in (1.05x at 48) and
 # 0.52-0.90x to 24 where out <= in (1.04x at 32); with blocks of 128 weight rows from 12 rows (skinny.cpp's
 # PAIR_RUN_ROWS, twenty-second session) 0.45-0.93x to 96 rows where out > in (0.98x at 128, 1.01x at 160) and
@@ -132,7 +135,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 # E 8 / 1,024 0.98-1.01x, with 128 / 96 or 160 / 128 too. The float32 input gradient's limits held there (measured
 # on the first AVX-512 machine, with the column strips that the runs replaced).
 NATIVE_MAX_ROWS = {
-    "avx512": {(F32, F32): ((320, 96), (48, 128), (320, 320)), (BF16, BF16): ((160, 96), (96, 96), (16, 32))},
+    "avx512": {(F32, F32): ((320, 96), (48, 128), (320, 320)), (BF16, BF16): ((160, 96), (96, 96), (160, 96))},
     "avx2": {(F32, F32): ((32, 24), (16, 32), (32, 32)), (F32, BF16): ((16, 24), (8, 8), (16, 8))},
     "amx": {(F32, F32): ((256, 96), (32, 128), (128, 128)), (BF16, BF16): ((256, 192), (16, 192), (256, 256))},
 }
