@@ -373,10 +373,10 @@ void input_grad_runs(const X *g, const T *w, X *gx, long rows, long out, long in
   for (long r0 = 0; r0 < rows; r0 += MOST_ROWS) {
     const long rn = rows - r0 < MOST_ROWS ? rows - r0 : MOST_ROWS;
     const long span = RUN_PART / rn / CHUNK * CHUNK;  // columns whose partial sums for rn rows fit in part
+    const long block = pairs && rn >= PAIR_RUN_MIN_ROWS ? PAIR_RUN_ROWS : RUN_ROWS;  // weight rows per block
     const X *gr = g + r0 * out;
     for (long s0 = 0; s0 < cols; s0 += span) {
       const long sn = cols - s0 < span ? cols - s0 : span;
-      const long block = pairs && rn >= PAIR_RUN_MIN_ROWS ? PAIR_RUN_ROWS : RUN_ROWS;
       for (long o0 = 0; o0 < out; o0 += block) {
         const long o1 = o0 + block < out ? o0 + block : out;
         for (long k0 = 0; k0 < rn; k0 += KB)
