@@ -912,10 +912,11 @@ class CpuKernel:
         native.ROUTER_MAX_EXPERTS experts (never while tracing or compiling), else F.linear on x widened. In bfloat16
         layers on the AMX machine, against F.linear (interleaved, fifteenth session): forward 0.92-0.93x at E 1 and 8
         / 8,192 tokens, 0.96x at 64 and 1,024; training 0.94-0.99x. float32 x needs no copy, and keeps torch's bits."""
-        # The dtype first: a float32 layer's router then asks nothing else (its Python runs after a GEMM, cold).
-        skinny = x.dtype == torch.bfloat16 and self.native and (
+        # The dtype first: a float32 layer's router then asks nothing else (its Python runs after a GEMM, cold). Tracing
+        # before any shape: a traced shape compared in Python warns, and would bake this call's choice into the trace.
+        skinny = x.dtype == torch.bfloat16 and self.native and not torch.jit.is_tracing() and (
             weight.shape[0] > 1 or x.shape[0] >= ROUTER_ONE_MIN_ROWS.get(instruction_set(), 0)) and \
-            not torch.jit.is_tracing() and not torch.compiler.is_compiling() and weight.dtype == torch.float32 and \
+            not torch.compiler.is_compiling() and weight.dtype == torch.float32 and \
             x.device.type == "cpu" and x.dim() == 2 and weight.shape[0] <= native.ROUTER_MAX_EXPERTS and \
             x.shape[1] % 32 == 0 and native.skinny()
         if not skinny:
